@@ -1,0 +1,72 @@
+"""Test helpers: TCP/UDP conversations crafted with scapy (tests only, never the per-packet path)."""
+
+from __future__ import annotations
+
+import functools
+import ssl
+from dataclasses import dataclass, field
+
+from scapy.all import IP, TCP, UDP, IPv6, IPv6ExtHdrHopByHop, raw  # type: ignore[import-untyped]
+
+
+@functools.lru_cache(maxsize=64)
+def python_hello(name: str | None, alpn: tuple[str, ...] | None = None) -> bytes:
+    """A real ClientHello written by Python's ssl module (OpenSSL) into a memory BIO."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    conn = ctx.wrap_bio(incoming, outgoing, server_hostname=name)
+    try:
+        conn.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+@dataclass
+class Conversation:
+    """One TCP connection; `client()`/`server()` return raw IP packets with consistent sequence numbers."""
+
+    client_ip: str = "198.18.0.2"
+    server_ip: str = "198.18.2.2"
+    client_port: int = 40000
+    server_port: int = 443
+    v6: bool = False
+    hop_by_hop: bool = False
+    seq: list[int] = field(default_factory=lambda: [1000, 5000])
+
+    def _ip(self, src: str, dst: str):  # type: ignore[no-untyped-def]
+        if self.v6:
+            base = IPv6(src=src, dst=dst)
+            return base / IPv6ExtHdrHopByHop() if self.hop_by_hop else base
+        return IP(src=src, dst=dst)
+
+    def _packet(self, d: int, flags: str, payload: bytes = b"") -> bytes:
+        src, dst = (self.client_ip, self.server_ip) if d == 0 else (self.server_ip, self.client_ip)
+        sport, dport = (self.client_port, self.server_port) if d == 0 else (self.server_port, self.client_port)
+        seq = self.seq[d]
+        pkt = self._ip(src, dst) / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=self.seq[1 - d])
+        if payload:
+            pkt = pkt / payload
+        self.seq[d] = (seq + len(payload) + (1 if "S" in flags or "F" in flags else 0)) & 0xFFFFFFFF
+        return raw(pkt)
+
+    def handshake(self) -> list[bytes]:
+        return [self._packet(0, "S"), self._packet(1, "SA"), self._packet(0, "A")]
+
+    def client(self, payload: bytes = b"", flags: str = "PA") -> bytes:
+        return self._packet(0, flags, payload)
+
+    def server(self, payload: bytes = b"", flags: str = "PA") -> bytes:
+        return self._packet(1, flags, payload)
+
+    def segments(self, d: int, payload: bytes, mss: int) -> list[bytes]:
+        return [self._packet(d, "PA", payload[i : i + mss]) for i in range(0, len(payload), mss)]
+
+
+def udp(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
+    ip = IPv6(src=src, dst=dst) if ":" in src else IP(src=src, dst=dst)
+    return raw(ip / UDP(sport=sport, dport=dport) / payload)

@@ -1,0 +1,245 @@
+"""The TLS ClientHello parser: the part of a TSPU-style censor that reads the server name.
+
+One contract, as in mitmproxy's `parse_client_hello`: given the bytes of one direction of a TCP
+connection from its start, `parse_client_hello` returns
+- a `ClientHello` when the whole handshake message is there,
+- `None` when the bytes so far are a valid beginning and more are needed,
+- raises `TLSParseError` (a `ValueError`) when the bytes are not a ClientHello or are malformed.
+No other exception escapes, whatever the input (the tests fuzz this).
+
+A handshake message may span several TLS records; they are joined. `first_record_only=True` is the
+2021 device's view (censor-behaviors §6): it reads only the first record of a segment, so a
+ClientHello split over two records, or over two TCP segments, is never complete for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from struct import unpack_from
+
+from throttle.errors import ParseError
+
+__all__ = ["ClientHello", "TLSParseError", "parse_client_hello", "is_tls_record", "is_grease"]
+
+CONTENT_CHANGE_CIPHER_SPEC = 20
+CONTENT_HANDSHAKE = 22
+HANDSHAKE_CLIENT_HELLO = 1
+EXT_SERVER_NAME = 0
+EXT_ALPN = 16
+EXT_SUPPORTED_VERSIONS = 43
+EXT_ECH = 0xFE0D
+MAX_RECORD = 16384 + 2048  # TLSCiphertext bound (RFC 8446 §5.2); plaintext hellos are smaller
+MAX_HELLO = 65536  # no ClientHello in the wild comes near; bounds what a censor buffers
+
+
+class TLSParseError(ParseError):
+    """The bytes are not a TLS ClientHello, or it is malformed."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHello:
+    sni: str | None  # the (outer) server name as sent, not normalised; None without SNI
+    alpn: tuple[str, ...]
+    versions: tuple[int, ...]  # supported_versions without GREASE, else (legacy_version,)
+    legacy_version: int
+    has_ech: bool  # an encrypted_client_hello extension: `sni` is the outer name
+    grease: bool  # the client sent GREASE values (RFC 8701)
+    length: int  # bytes of the stream the hello occupied, record headers included
+    records: int  # how many TLS records the handshake message spanned
+
+
+def is_grease(value: int) -> bool:
+    return (value & 0x0F0F) == 0x0A0A and (value >> 8) == (value & 0xFF)
+
+
+def is_tls_record(data: bytes | memoryview) -> bool:
+    """Whether `data` starts like any TLS record header (what opens the 2021 inspection window)."""
+    return len(data) >= 3 and 20 <= data[0] <= 23 and data[1] == 3 and data[2] <= 4
+
+
+def parse_client_hello(data: bytes | memoryview, *, first_record_only: bool = False) -> ClientHello | None:
+    """Parse a ClientHello at the start of `data` (see the module docstring for the contract)."""
+    n = len(data)
+    pos = 0
+    records = 0
+    message = b""
+    need = -1  # total handshake message length once its 4-byte header is known
+    while need < 0 or len(message) < need:
+        if first_record_only and records == 1:
+            return None
+        if n - pos < 5:
+            _check_prefix(data, pos, n)
+            return None
+        ctype = data[pos]
+        if ctype != CONTENT_HANDSHAKE:
+            raise TLSParseError(f"record type {ctype} is not a handshake (22)")
+        if data[pos + 1] != 3 or data[pos + 2] > 4:
+            raise TLSParseError(f"record version {data[pos + 1]:#x}{data[pos + 2]:02x} is not TLS")
+        (rlen,) = unpack_from("!H", data, pos + 3)
+        if rlen == 0 or rlen > MAX_RECORD:
+            raise TLSParseError(f"record length {rlen} is out of range")
+        if n - pos - 5 < rlen:
+            if first_record_only:
+                return None
+            # Take what is there to validate the handshake header early, then wait for more.
+            part = bytes(data[pos + 5 : n])
+            _check_handshake_header(message + part)
+            return None
+        message += bytes(data[pos + 5 : pos + 5 + rlen])
+        pos += 5 + rlen
+        records += 1
+        if need < 0 and len(message) >= 4:
+            need = 4 + _check_handshake_header(message)
+    return _parse_body(memoryview(message)[4:need], pos - (len(message) - need), records)
+
+
+def _check_prefix(data: bytes | memoryview, pos: int, n: int) -> None:
+    """Reject a short tail early when even its first bytes cannot start a handshake record."""
+    if pos < n and data[pos] != CONTENT_HANDSHAKE:
+        raise TLSParseError(f"record type {data[pos]} is not a handshake (22)")
+    if pos + 1 < n and data[pos + 1] != 3:
+        raise TLSParseError("record version is not TLS")
+
+
+def _check_handshake_header(message: bytes) -> int:
+    if message and message[0] != HANDSHAKE_CLIENT_HELLO:
+        raise TLSParseError(f"handshake type {message[0]} is not a ClientHello (1)")
+    if len(message) < 4:
+        return -1
+    length = int.from_bytes(message[1:4], "big")
+    if length > MAX_HELLO:
+        raise TLSParseError(f"ClientHello length {length} is implausible")
+    if length < 38:
+        raise TLSParseError(f"ClientHello length {length} is too short")
+    return length
+
+
+def _parse_body(body: memoryview, consumed: int, records: int) -> ClientHello:
+    end = len(body)
+    if end < 38:
+        raise TLSParseError("ClientHello body is too short")
+    (legacy_version,) = unpack_from("!H", body, 0)
+    pos = 34  # version + random
+    sid_len = body[pos]
+    if sid_len > 32:
+        raise TLSParseError(f"session id length {sid_len} is over 32")
+    pos += 1 + sid_len
+    if pos + 2 > end:
+        raise TLSParseError("cipher suites run past the hello")
+    (cs_len,) = unpack_from("!H", body, pos)
+    if cs_len < 2 or cs_len % 2:
+        raise TLSParseError(f"cipher suites length {cs_len} is invalid")
+    pos += 2
+    if pos + cs_len > end:
+        raise TLSParseError("cipher suites run past the hello")
+    grease = False
+    for i in range(pos, pos + cs_len, 2):
+        if body[i] == body[i + 1] and body[i] & 0x0F == 0x0A:
+            grease = True
+            break
+    pos += cs_len
+    if pos >= end:
+        raise TLSParseError("compression methods run past the hello")
+    comp_len = body[pos]
+    if comp_len < 1:
+        raise TLSParseError("no compression methods")
+    pos += 1 + comp_len
+    if pos > end:
+        raise TLSParseError("compression methods run past the hello")
+    sni: str | None = None
+    alpn: tuple[str, ...] = ()
+    versions: tuple[int, ...] = ()
+    has_ech = False
+    if pos < end:  # extensions are optional (RFC 5246 §7.4.1.2)
+        if pos + 2 > end:
+            raise TLSParseError("extensions length runs past the hello")
+        (ext_total,) = unpack_from("!H", body, pos)
+        pos += 2
+        if pos + ext_total != end:
+            raise TLSParseError("extensions do not fill the hello exactly")
+        seen: set[int] = set()
+        while pos < end:
+            if pos + 4 > end:
+                raise TLSParseError("extension header runs past the hello")
+            etype, elen = unpack_from("!HH", body, pos)
+            pos += 4
+            if pos + elen > end:
+                raise TLSParseError(f"extension {etype} runs past the hello")
+            if etype in seen:
+                raise TLSParseError(f"extension {etype} appears twice")
+            seen.add(etype)
+            ext = body[pos : pos + elen]
+            if etype == EXT_SERVER_NAME:
+                sni = _server_name(ext)
+            elif etype == EXT_ALPN:
+                alpn = _alpn(ext)
+            elif etype == EXT_SUPPORTED_VERSIONS:
+                versions, g = _versions(ext)
+                grease = grease or g
+            elif etype == EXT_ECH:
+                has_ech = True
+            elif is_grease(etype):
+                grease = True
+            pos += elen
+    return ClientHello(
+        sni=sni,
+        alpn=alpn,
+        versions=versions or (legacy_version,),
+        legacy_version=legacy_version,
+        has_ech=has_ech,
+        grease=grease,
+        length=consumed,
+        records=records,
+    )
+
+
+def _server_name(ext: memoryview) -> str | None:
+    if len(ext) == 0:
+        return None  # a server's empty acknowledgement; not in a ClientHello, but harmless
+    if len(ext) < 2:
+        raise TLSParseError("server_name list length is missing")
+    (list_len,) = unpack_from("!H", ext, 0)
+    if list_len + 2 != len(ext):
+        raise TLSParseError("server_name list does not fill the extension")
+    pos, end = 2, len(ext)
+    name = None
+    while pos < end:
+        if pos + 3 > end:
+            raise TLSParseError("server_name entry runs past the extension")
+        name_type = ext[pos]
+        (nlen,) = unpack_from("!H", ext, pos + 1)
+        pos += 3
+        if pos + nlen > end:
+            raise TLSParseError("server name runs past the extension")
+        # Only host_name (0) is a name; the 2021 devices skipped other types too (§6).
+        if name_type == 0 and name is None:
+            if nlen == 0:
+                raise TLSParseError("empty server name")
+            name = bytes(ext[pos : pos + nlen]).decode("latin-1")
+        pos += nlen
+    return name
+
+
+def _alpn(ext: memoryview) -> tuple[str, ...]:
+    if len(ext) < 2:
+        raise TLSParseError("ALPN list length is missing")
+    (list_len,) = unpack_from("!H", ext, 0)
+    if list_len + 2 != len(ext):
+        raise TLSParseError("ALPN list does not fill the extension")
+    out = []
+    pos, end = 2, len(ext)
+    while pos < end:
+        plen = ext[pos]
+        pos += 1
+        if plen == 0 or pos + plen > end:
+            raise TLSParseError("ALPN protocol name runs past the extension")
+        out.append(bytes(ext[pos : pos + plen]).decode("latin-1"))
+        pos += plen
+    return tuple(out)
+
+
+def _versions(ext: memoryview) -> tuple[tuple[int, ...], bool]:
+    if len(ext) < 1 or ext[0] + 1 != len(ext) or ext[0] % 2:
+        raise TLSParseError("supported_versions list is malformed")
+    vals = [unpack_from("!H", ext, i)[0] for i in range(1, len(ext), 2)]
+    return tuple(v for v in vals if not is_grease(v)), any(is_grease(v) for v in vals)
