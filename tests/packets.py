@@ -70,3 +70,25 @@ class Conversation:
 def udp(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
     ip = IPv6(src=src, dst=dst) if ":" in src else IP(src=src, dst=dst)
     return raw(ip / UDP(sport=sport, dport=dport) / payload)
+
+
+VECTORS = __import__("pathlib").Path(__file__).resolve().parent / "vectors"
+
+
+@functools.lru_cache(maxsize=None)
+def client_segments(capture: str) -> tuple[bytes, ...]:
+    """The TCP payloads the opener of the (single) connection in a captured vector sent, in order."""
+    from scapy.all import IP as _IP, IPv6 as _IPv6, TCP as _TCP  # type: ignore[import-untyped]
+
+    from throttle.pcap import read_packets
+
+    opener = None
+    out = []
+    for _, data in read_packets(VECTORS / capture):
+        pkt = _IP(data) if data[0] >> 4 == 4 else _IPv6(data)
+        tcp = pkt[_TCP]
+        if opener is None and tcp.flags & 0x02 and not tcp.flags & 0x10:
+            opener = (pkt.src, tcp.sport)
+        if (pkt.src, tcp.sport) == opener and bytes(tcp.payload):
+            out.append(bytes(tcp.payload))
+    return tuple(out)

@@ -1,0 +1,117 @@
+"""The command line. The only place errors become messages and exit codes.
+
+Exit codes: 0 success, 1 an expectation failed, 2 bad input or a missing tool (the message says
+which and how to fix it), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from throttle import __version__
+from throttle.errors import ThrottleError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="A lab simulator of selective throttling censorship (SNI-triggered slowdowns).",
+)
+
+SCENARIO_DIRS = (Path(__file__).resolve().parent.parent / "scenarios", Path(__file__).resolve().parent / "scenarios")
+DEFAULT_SCENARIO = "twitter-2021-03-10"
+
+
+def find_scenario(name_or_path: str) -> Path:
+    """A scenario file by path, or a bundled one by name (`twitter-2021-03-10`)."""
+    p = Path(name_or_path)
+    if p.exists() or p.suffix == ".toml" or "/" in name_or_path:
+        return p
+    for d in SCENARIO_DIRS:
+        candidate = d / f"{name_or_path}.toml"
+        if candidate.exists():
+            return candidate
+    raise ThrottleError(f"{name_or_path}: no such scenario file or bundled scenario name")
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"throttle: {message}", err=True)
+    return typer.Exit(code)
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [len(h) for h in header]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+@app.command()
+def classify(
+    capture: Path = typer.Argument(..., help="A pcap or pcapng file (tcpdump -w, tshark, Wireshark)."),
+    scenario: str = typer.Option(DEFAULT_SCENARIO, "--scenario", "-s", help="Scenario file or bundled name."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per flow per line."),
+    reassemble: Optional[bool] = typer.Option(
+        None, "--reassemble/--no-reassemble",
+        help="Override the scenario's model: reassemble split ClientHellos (a modern censor) or not (the 2021 device).",
+    ),
+) -> None:
+    """Run a capture through the censor engine offline: one row per flow. No root needed."""
+    import dataclasses
+
+    from throttle.classify import classify_file, iter_rows
+    from throttle.scenario import load_scenario
+
+    try:
+        scen = load_scenario(find_scenario(scenario))
+        if reassemble is not None:
+            scen = dataclasses.replace(scen, model=dataclasses.replace(scen.model, reassemble=reassemble))
+        reports = classify_file(capture, scen)
+    except ThrottleError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        for r in reports:
+            typer.echo(json.dumps(r.to_json(), sort_keys=True))
+        return
+    header = ["client", "server", "proto", "name", "source", "rule", "verdict", "pkts", "effect"]
+    typer.echo(format_table(header, list(iter_rows(reports))))
+    limited = sum(r.verdict == "limited" for r in reports)
+    typer.echo(f"\n{len(reports)} flows, {limited} limited under {scen.name} ({scen.path})")
+
+
+@app.command()
+def demo() -> None:
+    """The bundled demonstration (until the live lab exists: an offline classification)."""
+    from throttle.demo import run_demo
+
+    try:
+        code = run_demo()
+    except ThrottleError as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(f"throttle {__version__}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    try:
+        app(args=argv, prog_name="throttle")
+    except KeyboardInterrupt:
+        typer.echo("throttle: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
