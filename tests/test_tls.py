@@ -43,6 +43,8 @@ def test_captured_hellos(capture: str, sni: str | None, segments: int) -> None:
 def test_client_details() -> None:
     chromium = parse_client_hello(b"".join(client_segments("chromium-pbs.twimg.com.pcap")))
     assert chromium is not None and chromium.grease and "h2" in chromium.alpn
+    # Chromium sends a GREASE encrypted_client_hello extension: the SNI read is the outer name.
+    assert chromium.has_ech and chromium.sni == "pbs.twimg.com"
     assert 0x0304 in chromium.versions
     tls12 = parse_client_hello(client_segments("curl-tls12-www.microsoft.com.pcap")[0])
     assert tls12 is not None and tls12.versions == (0x0303,)
