@@ -88,6 +88,30 @@ def classify(
 
 
 @app.command()
+def censor(
+    scenario: str = typer.Option(..., "--scenario", "-s", help="Scenario file or bundled name."),
+    netns: str = typer.Option("throttle-censor", "--netns", help="Network namespace the censor runs in (the lab's by default)."),
+    queue: int = typer.Option(0, "--queue", help="Netfilter queue number."),
+    inside_if: Optional[str] = typer.Option(
+        None, "--inside-if", help="Interface of the censored side; connections opened from it are eligible (§4). "
+        "Default in the lab: to-client."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No periodic counters."),
+) -> None:
+    """Run the censor live, in the foreground, until Ctrl-C (SIGINT) or SIGTERM."""
+    from throttle.hook import run_censor
+    from throttle.scenario import load_scenario
+
+    try:
+        scen = load_scenario(find_scenario(scenario))
+        if inside_if is None and netns.endswith("-censor"):
+            inside_if = "to-client"
+        code = run_censor(scen, netns=netns, queue=queue, inside_if=inside_if, quiet=quiet)
+    except ThrottleError as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(code)
+
+
+@app.command()
 def demo() -> None:
     """The bundled demonstration (until the live lab exists: an offline classification)."""
     from throttle.demo import run_demo

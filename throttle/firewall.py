@@ -1,0 +1,103 @@
+"""The firewall rules that send undecided and limited flows to the censor's queue.
+
+Rules live in one chain of our own per address family (`THROTTLE_Q<n>` in the mangle table),
+jumped to from FORWARD, and are created inside a context manager that always removes them.
+
+    -m connmark --mark BIT/BIT -j RETURN      a decided flow: the kernel forwards it, no Python
+    -m mark --mark BIT/BIT -j CONNMARK ...    the engine just decided it (verdict REPEAT with the
+    -m mark --mark BIT/BIT -j RETURN          mark): remember that on the conntrack entry
+    -p tcp -j NFQUEUE --queue-bypass          everything else goes to Python; with no process
+    -p udp -j NFQUEUE --queue-bypass          bound to the queue, the kernel passes it (fail-open)
+
+Commands are argument lists run with `-w` (wait for the xtables lock), never shell strings.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from throttle.errors import ThrottleError
+
+DECIDED_MARK = 0x40000000
+TABLE = "mangle"
+
+
+@dataclass(frozen=True)
+class Firewall:
+    queue: int = 0
+    mark: int = DECIDED_MARK
+    hook_chain: str = "FORWARD"
+    match: tuple[str, ...] = ()  # extra matches on the jump (gateway mode: interfaces)
+
+    @property
+    def chain(self) -> str:
+        return f"THROTTLE_Q{self.queue}"
+
+    def rules(self) -> list[list[str]]:
+        m = f"{self.mark:#x}/{self.mark:#x}"
+        q = ["-j", "NFQUEUE", "--queue-num", str(self.queue), "--queue-bypass"]
+        return [
+            ["-m", "connmark", "--mark", m, "-j", "RETURN"],
+            ["-m", "mark", "--mark", m, "-j", "CONNMARK", "--save-mark", "--nfmask", hex(self.mark), "--ctmask", hex(self.mark)],
+            ["-m", "mark", "--mark", m, "-j", "RETURN"],
+            ["-p", "tcp", *q],
+            ["-p", "udp", *q],
+        ]
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if path is None:
+        raise ThrottleError(f"{name} is missing: apt-get install iptables (or run scripts/setup)")
+    return path
+
+
+def _run(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(list(argv), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        err = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
+        if "NFQUEUE" in " ".join(argv) and ("No chain/target/match" in err or "Protocol not supported" in err):
+            raise ThrottleError("the kernel has no NFQUEUE support (xt_NFQUEUE / nfnetlink_queue): load it with modprobe nfnetlink_queue xt_NFQUEUE")
+        raise ThrottleError(f"{' '.join(argv)}: {err}")
+    return result
+
+
+def _remove(tool: str, fw: Firewall) -> None:
+    base = [tool, "-w", "-t", TABLE]
+    while _run([*base, "-D", fw.hook_chain, *fw.match, "-j", fw.chain], check=False).returncode == 0:
+        pass
+    _run([*base, "-F", fw.chain], check=False)
+    _run([*base, "-X", fw.chain], check=False)
+
+
+@contextmanager
+def installed(fw: Firewall) -> Iterator[Firewall]:
+    """Install the queue rules for IPv4 and IPv6 in the current namespace; always remove them."""
+    tools = [_tool("iptables"), _tool("ip6tables")]
+    for tool in tools:  # rules left by a censor that was killed: start clean
+        _remove(tool, fw)
+    try:
+        for tool in tools:
+            base = [tool, "-w", "-t", TABLE]
+            _run([*base, "-N", fw.chain])
+            for rule in fw.rules():
+                _run([*base, "-A", fw.chain, *rule])
+            _run([*base, "-I", fw.hook_chain, "1", *fw.match, "-j", fw.chain])
+        yield fw
+    finally:
+        for tool in tools:
+            _remove(tool, fw)
+
+
+def listed(fw: Firewall) -> str:
+    """The current rules of our chain (for status and tests)."""
+    out = []
+    for tool in ("iptables", "ip6tables"):
+        path = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
+        if path:
+            out.append(_run([path, "-w", "-t", TABLE, "-S"], check=False).stdout)
+    return "".join(out)
