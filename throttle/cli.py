@@ -96,6 +96,8 @@ def censor(
         None, "--inside-if", help="Interface of the censored side; connections opened from it are eligible (§4). "
         "Default in the lab: to-client."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No periodic counters."),
+    bypass: bool = typer.Option(
+        True, "--bypass/--no-bypass", help="Hand decided flows back to the kernel (default), or keep every packet in Python (a benchmark baseline)."),
 ) -> None:
     """Run the censor live, in the foreground, until Ctrl-C (SIGINT) or SIGTERM."""
     from throttle.hook import run_censor
@@ -105,7 +107,7 @@ def censor(
         scen = load_scenario(find_scenario(scenario))
         if inside_if is None and netns.endswith("-censor"):
             inside_if = "to-client"
-        code = run_censor(scen, netns=netns, queue=queue, inside_if=inside_if, quiet=quiet)
+        code = run_censor(scen, netns=netns, queue=queue, inside_if=inside_if, quiet=quiet, bypass=bypass)
     except ThrottleError as exc:
         raise _fail(str(exc)) from None
     raise typer.Exit(code)
@@ -121,6 +123,15 @@ def demo() -> None:
     except ThrottleError as exc:
         raise _fail(str(exc)) from None
     raise typer.Exit(code)
+
+
+def _register_lab() -> None:
+    from throttle.cli_lab import lab_app
+
+    app.add_typer(lab_app, name="lab")
+
+
+_register_lab()
 
 
 @app.command()

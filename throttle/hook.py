@@ -64,7 +64,8 @@ class Hook:
     """Runs one engine against one queue until stopped. Construct inside the target namespace."""
 
     def __init__(self, scenario: Scenario, *, queue: int = 0, inside_ifindex: int | None = None,
-                 on_event: Callable[[Any], None] | None = None, fw: Firewall | None = None) -> None:
+                 on_event: Callable[[Any], None] | None = None, fw: Firewall | None = None,
+                 bypass: bool = True) -> None:
         self.scenario = scenario
         self.engine = Engine(scenario.model, scenario.rules)
         self.queue = queue
@@ -72,6 +73,7 @@ class Hook:
         self.on_event = on_event
         self.fw = fw or Firewall(queue=queue)
         self.stats = HookStats()
+        self.bypass = bypass  # False keeps every packet in Python (a benchmark baseline)
         self._held: set[Any] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -90,10 +92,10 @@ class Hook:
             stats.errors += 1
             pkt.accept()
             return
-        if verdict == Verdict.ACCEPT:
+        if verdict == Verdict.ACCEPT or verdict == Verdict.BYPASS and not self.bypass:
             stats.accepted += 1
             pkt.accept()
-        elif verdict == Verdict.BYPASS:
+        elif verdict == Verdict.BYPASS and self.bypass:
             stats.bypassed += 1
             pkt.set_mark(pkt.get_mark() | DECIDED_MARK)
             pkt.repeat()
@@ -198,13 +200,13 @@ def ifindex(name: str) -> int | None:
 
 def describe(stats: HookStats) -> str:
     return (f"{stats.queued} pkts queued: {stats.accepted} passed, {stats.dropped} dropped, "
-            f"{stats.held} delayed ({stats.holding} held now), {stats.bypassed} flows handed to the kernel; "
+            f"{stats.held} delayed ({stats.holding} held now), {stats.bypassed} packets marked to hand their flow to the kernel; "
             f"flows limited {stats.flows_limited}, passed {stats.flows_passed}"
             + (f"; {stats.errors} engine errors" if stats.errors else ""))
 
 
 def run_censor(scenario: Scenario, *, netns: str | None, queue: int, inside_if: str | None,
-               quiet: bool = False) -> int:
+               quiet: bool = False, bypass: bool = True) -> int:
     """The `throttle censor` command: enter the namespace, hook, run until SIGINT/SIGTERM."""
     check_requirements()
     if netns:
@@ -214,7 +216,7 @@ def run_censor(scenario: Scenario, *, netns: str | None, queue: int, inside_if: 
     index = ifindex(inside_if) if inside_if else None
     if inside_if and index is None:
         raise ThrottleError(f"no interface {inside_if} in {'namespace ' + netns if netns else 'this namespace'}")
-    hook = Hook(scenario, queue=queue, inside_ifindex=index)
+    hook = Hook(scenario, queue=queue, inside_ifindex=index, bypass=bypass)
     where = f"namespace {netns}" if netns else "this namespace"
 
     def ready() -> None:
