@@ -1,0 +1,142 @@
+"""The NFQUEUE adapter with fake packets: verdict plumbing, holds as loop timers, no kernel."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from throttle.errors import ThrottleError
+from throttle.firewall import DECIDED_MARK, Firewall
+from throttle.hook import Hook, check_requirements
+from throttle.scenario import load_scenario, parse_scenario
+
+from .packets import Conversation, python_hello
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class FakePacket:
+    """What netfilterqueue hands the callback, reduced to what the hook uses."""
+
+    def __init__(self, payload: bytes, indev: int = 1) -> None:
+        self.payload = payload
+        self.indev = indev
+        self.mark = 0
+        self.verdict: str | None = None
+        self.verdict_at: float | None = None
+        self.retained = False
+
+    def get_payload(self) -> bytes:
+        return self.payload
+
+    def get_mark(self) -> int:
+        return self.mark
+
+    def set_mark(self, mark: int) -> None:
+        self.mark = mark
+
+    def retain(self) -> None:
+        self.retained = True
+
+    def _set(self, verdict: str) -> None:
+        assert self.verdict is None, "a packet got two verdicts"
+        self.verdict = verdict
+        self.verdict_at = asyncio.get_running_loop().time()
+
+    def accept(self) -> None:
+        self._set("accept")
+
+    def drop(self) -> None:
+        self._set("drop")
+
+    def repeat(self) -> None:
+        self._set("repeat")
+
+
+def feed(hook: Hook, payloads: list[bytes], indev: int = 1) -> list[FakePacket]:
+    packets = [FakePacket(p, indev) for p in payloads]
+    for p in packets:
+        hook._on_packet(p)
+    hook._after_batch()
+    return packets
+
+
+async def _with_loop(hook: Hook) -> None:
+    hook._loop = asyncio.get_running_loop()
+
+
+def test_verdicts_reach_the_packets() -> None:
+    async def main() -> None:
+        hook = Hook(load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml"), inside_ifindex=1)
+        await _with_loop(hook)
+        conv = Conversation()
+        feed(hook, conv.handshake() + [conv.client(python_hello("pbs.twimg.com"))])
+        packets = feed(hook, [conv.client(b"x" * 1400) for _ in range(30)])
+        assert {p.verdict for p in packets} == {"accept", "drop"}
+        assert hook.stats.dropped == sum(p.verdict == "drop" for p in packets)
+        assert hook.stats.flows_limited == 1
+        # An unmatched flow is decided after its window and handed to the kernel: mark + repeat.
+        other = Conversation(client_port=41000)
+        feed(hook, other.handshake() + [other.client(b"\xaa" * 200)])
+        (p,) = feed(hook, [other.client(b"y" * 100)])
+        assert p.verdict == "repeat" and p.mark & DECIDED_MARK
+
+    asyncio.run(main())
+
+
+def test_no_bypass_keeps_flows_in_python() -> None:
+    async def main() -> None:
+        hook = Hook(load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml"), bypass=False)
+        await _with_loop(hook)
+        conv = Conversation()
+        packets = feed(hook, conv.handshake() + [conv.client(b"\xaa" * 200), conv.client(b"z")])
+        assert {p.verdict for p in packets} == {"accept"} and not any(p.mark for p in packets)
+
+    asyncio.run(main())
+
+
+def test_holds_are_loop_timers_released_in_order() -> None:
+    text = '[[rule]]\nname = "s"\nmatch = ["*"]\naction = "shape"\nrate = "80kbit"\nburst = "600"\nqueue_delay = "5s"\n'
+
+    async def main() -> None:
+        hook = Hook(parse_scenario(text))
+        await _with_loop(hook)
+        conv = Conversation()
+        feed(hook, conv.handshake() + [conv.client(python_hello("a.example"))])  # within the 600 B burst
+        start = asyncio.get_running_loop().time()
+        packets = feed(hook, [conv.client(b"x" * 960) for _ in range(3)])  # 1,000 B at 10 kB/s: 0.1 s each
+        assert all(p.verdict is None and p.retained for p in packets)
+        assert hook.stats.holding == 3
+        await asyncio.sleep(0.45)
+        assert [p.verdict for p in packets] == ["accept"] * 3
+        waits = [p.verdict_at - start for p in packets]
+        assert waits == sorted(waits) and waits[0] >= 0.09
+        assert hook.stats.holding == 0
+
+    asyncio.run(main())
+
+
+def test_an_engine_bug_costs_a_verdict_not_a_packet(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        hook = Hook(load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml"))
+        await _with_loop(hook)
+        monkeypatch.setattr(hook.engine, "process", lambda *a: 1 / 0)
+        (p,) = feed(hook, [b"\x45" + bytes(39)])
+        assert p.verdict == "accept" and hook.stats.errors == 1
+
+    asyncio.run(main())
+
+
+def test_requirements_name_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    with pytest.raises(ThrottleError, match="needs root"):
+        check_requirements()
+
+
+def test_firewall_rules_are_fail_open_and_skip_decided_flows() -> None:
+    rules = [" ".join(r) for r in Firewall(queue=3).rules()]
+    assert rules[0].startswith("-m connmark --mark 0x40000000/0x40000000 -j RETURN")
+    assert all("--queue-bypass" in r and "--queue-num 3" in r for r in rules if "NFQUEUE" in r)
+    assert Firewall(queue=3).chain == "THROTTLE_Q3"
