@@ -92,3 +92,23 @@ def client_segments(capture: str) -> tuple[bytes, ...]:
         if (pkt.src, tcp.sport) == opener and bytes(tcp.payload):
             out.append(bytes(tcp.payload))
     return tuple(out)
+
+
+def mutate(data: bytes, ops: list[tuple[str, int, int]]) -> bytes:
+    """Apply fuzzing edits (flip a bit, set, insert or delete a byte, truncate) to a valid message."""
+    buf = bytearray(data)
+    for op, pos, value in ops:
+        if not buf and op != "insert":
+            continue
+        i = pos % (len(buf) + (op == "insert"))
+        if op == "flip":
+            buf[i] ^= 1 << (value % 8)
+        elif op == "set":
+            buf[i] = value
+        elif op == "insert":
+            buf.insert(i, value)
+        elif op == "delete":
+            del buf[i]
+        else:
+            del buf[i:]
+    return bytes(buf)

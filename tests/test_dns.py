@@ -20,6 +20,8 @@ from throttle.dns import (
 )
 from throttle.errors import ParseError
 
+from .packets import mutate
+
 
 def v4(text: str) -> bytes:
     return ipaddress.IPv4Address(text).packed
@@ -399,24 +401,6 @@ _mutation = st.tuples(
     st.integers(0, 255),
 )
 
-
-def mutate(data: bytes, ops: list[tuple[str, int, int]]) -> bytes:
-    buf = bytearray(data)
-    for op, pos, value in ops:
-        if not buf and op != "insert":
-            continue
-        i = pos % (len(buf) + (op == "insert"))
-        if op == "flip":
-            buf[i] ^= 1 << (value % 8)
-        elif op == "set":
-            buf[i] = value
-        elif op == "insert":
-            buf.insert(i, value)
-        elif op == "delete":
-            del buf[i]
-        else:
-            del buf[i:]
-    return bytes(buf)
 
 
 @settings(max_examples=1500, deadline=None)

@@ -15,6 +15,8 @@ from throttle.http import (
     parse_http_host,
 )
 
+from .packets import mutate
+
 GET = (
     b"GET /index.html HTTP/1.1\r\nHost: example.org\r\nUser-Agent: curl/8.5.0\r\n"
     b"Accept: */*\r\n\r\n"
@@ -322,24 +324,6 @@ _mutation = st.tuples(
     st.sampled_from([0, 9, 10, 13, 32, 58, 64, 91, 93, 47, 0x41, 0x7F, 0xFF]) | st.integers(0, 255),
 )
 
-
-def mutate(data: bytes, ops: list[tuple[str, int, int]]) -> bytes:
-    buf = bytearray(data)
-    for op, pos, value in ops:
-        if not buf and op != "insert":
-            continue
-        i = pos % (len(buf) + (op == "insert"))
-        if op == "flip":
-            buf[i] ^= 1 << (value % 8)
-        elif op == "set":
-            buf[i] = value
-        elif op == "insert":
-            buf.insert(i, value)
-        elif op == "delete":
-            del buf[i]
-        else:
-            del buf[i:]
-    return bytes(buf)
 
 
 @settings(max_examples=1500, deadline=None)
