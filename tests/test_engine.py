@@ -381,3 +381,22 @@ def test_mangled_real_packets_never_raise(data) -> None:
         cut = data.draw(st.integers(0, len(p)))
         verdict, _ = e.process(bytes(p[:cut]) if data.draw(st.booleans()) else bytes(p), 1.0)
         assert isinstance(verdict, Verdict)
+
+
+def test_sticky_rule_limits_later_flows_to_the_address_without_sni() -> None:
+    # §20, Turkey 2022: after one triggering connection, later ones to that address are slowed too.
+    text = '[[rule]]\nname = "tr"\nmatch = ["*.twimg.com"]\nrate = "130kbit"\nsticky = "60s"\n'
+    s = parse_scenario(text)
+    e = Engine(s.model, s.rules)
+    open_tls(e, None, client_port=40001)  # before any trigger: not limited
+    open_tls(e, "pbs.twimg.com", client_port=40002)
+    later = Conversation(client_port=40003)
+    run(e, later.handshake(), now=30.0)
+    other = Conversation(client_port=40004, server_ip="198.18.2.3")
+    run(e, other.handshake(), now=30.0)
+    expired = Conversation(client_port=40005)
+    run(e, expired.handshake(), now=62.0)
+    first, trigger, sticky, elsewhere, late = e.flows()
+    assert first.state != State.LIMITED and trigger.state == State.LIMITED
+    assert (sticky.state, sticky.name_source) == (State.LIMITED, "sticky")
+    assert elsewhere.state != State.LIMITED and late.state != State.LIMITED

@@ -206,6 +206,7 @@ class Engine:
         self._inside = tuple(model.inside)
         self._sources = frozenset(model.name_sources)
         self._address_rules = tuple(r for r in self.rules if r.addresses and not r.patterns)
+        self._sticky: dict[bytes, tuple[Rule, float]] = {}  # server address -> (rule, until)
         self._budget = model.window_packets
         self._max_inspected = model.window_packets + model.window_extension
 
@@ -364,6 +365,11 @@ class Engine:
                 flow.name_source = "address"
                 self._decide(flow, rule, now)
                 break
+        if flow.state == State.INSPECTING and self._sticky:
+            sticky = self._sticky.get(flow.server)
+            if sticky is not None and sticky[1] > now:
+                flow.name_source = "sticky"  # §20: an earlier flow to this address triggered
+                self._decide(flow, sticky[0], now)
         if flow.state == State.INSPECTING and proto == UDP and not self._udp_inspectable(flow):
             self._close_inspection(flow, now)
         return flow, d
@@ -570,6 +576,10 @@ class Engine:
         else:
             flow.state = State.LIMITED
             flow.rule = rule
+            if rule.sticky > 0 and flow.name_source != "sticky":  # only a real trigger re-arms it
+                self._sticky[flow.server] = (rule, now + rule.sticky)
+                if len(self._sticky) > self.model.max_flows:
+                    self._sticky = {a: v for a, v in self._sticky.items() if v[1] > now}
         self._events.append(FlowDecided(flow, now))
 
     # ---- enforcement ---------------------------------------------------------------------

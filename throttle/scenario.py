@@ -59,6 +59,7 @@ class Rule:
     after_bytes: int = 0  # payload bytes a flow carries in a direction before it is limited
     queue_delay: float = 1.0  # shaper: the longest a packet is held before it is dropped instead
     queue_bytes: int = 0  # shaper: a bound in bytes instead (0: use queue_delay)
+    sticky: float = 0.0  # seconds a triggering flow's server address stays limited, SNI or not (§20)
 
     def matches_name(self, name: str) -> bool:
         return any(p.test(name) for p in self.patterns)
@@ -195,6 +196,7 @@ def _rule(r: _Reader, t: Any, i: int) -> Rule:
         after_bytes=r.conv(t, f"{k}.after_bytes", parse_size, d.after_bytes),
         queue_delay=r.conv(t, f"{k}.queue_delay", parse_duration, d.queue_delay),
         queue_bytes=r.conv(t, f"{k}.queue_bytes", parse_size, d.queue_bytes),
+        sticky=r.conv(t, f"{k}.sticky", parse_duration, d.sticky),
     )
 
 
