@@ -95,6 +95,8 @@ def censor(
     inside_if: Optional[str] = typer.Option(
         None, "--inside-if", help="Interface of the censored side; connections opened from it are eligible (§4). "
         "Default in the lab: to-client."),
+    outside_if: Optional[str] = typer.Option(
+        None, "--outside-if", help="Interface towards the servers (for the eBPF fast path). Default in the lab: to-server."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No periodic counters."),
     bypass: bool = typer.Option(
         True, "--bypass/--no-bypass", help="Hand decided flows back to the kernel (default), or keep every packet in Python (a benchmark baseline)."),
@@ -105,9 +107,11 @@ def censor(
 
     try:
         scen = load_scenario(find_scenario(scenario))
-        if inside_if is None and netns.endswith("-censor"):
-            inside_if = "to-client"
-        code = run_censor(scen, netns=netns, queue=queue, inside_if=inside_if, quiet=quiet, bypass=bypass)
+        if netns.endswith("-censor"):  # the lab's names (throttle.lab)
+            inside_if = inside_if or "to-client"
+            outside_if = outside_if or "to-server"
+        code = run_censor(scen, netns=netns, queue=queue, inside_if=inside_if, outside_if=outside_if,
+                          quiet=quiet, bypass=bypass)
     except ThrottleError as exc:
         raise _fail(str(exc)) from None
     raise typer.Exit(code)

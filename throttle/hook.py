@@ -6,6 +6,10 @@ BYPASS as a mark plus REPEAT, so the firewall stores the mark on the conntrack e
 forwards the rest of that flow without queueing it (see `throttle.firewall`). No thread, no sleep
 per packet. The queue is bound fail-open (`--queue-bypass`): if this process dies, traffic flows
 unlimited instead of stopping.
+
+Where the kernel allows it, decided flows also go into the eBPF fast path (`throttle.fastpath`):
+their later packets are redirected at tc ingress, before netfilter and conntrack, so a flow the
+censor does not limit costs it nothing at all. The conntrack mark stays as the fallback.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from throttle.engine import Engine, FlowDecided, Verdict
+from throttle.engine import TCP, UDP, Engine, FlowDecided, FlowEnded, State, Verdict
 from throttle.errors import ThrottleError
 from throttle.firewall import DECIDED_MARK, Firewall, installed
 from throttle.scenario import Scenario
@@ -56,6 +60,7 @@ class HookStats:
     bypassed: int = 0
     errors: int = 0
     holding: int = 0
+    fast_flows: int = 0  # flows handed to the eBPF fast path
     flows_limited: int = 0
     flows_passed: int = 0
 
@@ -65,7 +70,7 @@ class Hook:
 
     def __init__(self, scenario: Scenario, *, queue: int = 0, inside_ifindex: int | None = None,
                  on_event: Callable[[Any], None] | None = None, fw: Firewall | None = None,
-                 bypass: bool = True) -> None:
+                 bypass: bool = True, outside_if: str | None = None, inside_if: str | None = None) -> None:
         self.scenario = scenario
         self.engine = Engine(scenario.model, scenario.rules)
         self.queue = queue
@@ -74,6 +79,10 @@ class Hook:
         self.fw = fw or Firewall(queue=queue)
         self.stats = HookStats()
         self.bypass = bypass  # False keeps every packet in Python (a benchmark baseline)
+        self.inside_if = inside_if
+        self.outside_if = outside_if
+        self.fastpath: Any = None  # a FastPath once run() has attached one
+        self.fastpath_note: str | None = None  # why there is none
         self._held: set[Any] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -123,9 +132,35 @@ class Hook:
                     self.stats.flows_limited += 1
                 else:
                     self.stats.flows_passed += 1
+                    if self.fastpath is not None and self.bypass:
+                        self._to_fastpath(ev.flow)
+            elif isinstance(ev, FlowEnded) and self.fastpath is not None and ev.reason != "idle":
+                # Idle flows are not ended here: their packets skip us, so the engine's idea of
+                # idle is wrong for them. The fast path expires its own idle entries.
+                self._fastpath_call(self.fastpath.remove_flow, ev.flow.proto, ev.flow.client,
+                                    ev.flow.client_port, ev.flow.server, ev.flow.server_port)
             if self.on_event is not None:
                 self.on_event(ev)
         self._schedule_timer()
+
+    def _to_fastpath(self, flow: Any) -> None:
+        if flow.state != State.PASSED or flow.proto not in (TCP, UDP) or flow.server_port == 53:
+            return
+        # The client (opener) sits behind the inside interface, unless it opened from outside.
+        client_if, server_if = self.inside_if, self.outside_if
+        if not flow.eligible:
+            client_if, server_if = server_if, client_if
+        if self._fastpath_call(self.fastpath.add_flow, flow.proto, flow.client, flow.client_port,
+                               flow.server, flow.server_port, client_if, server_if):
+            self.stats.fast_flows += 1
+
+    def _fastpath_call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except ThrottleError as exc:  # the mark path still bypasses the flow
+            self.stats.errors += 1
+            self.fastpath_note = str(exc)
+            return None
 
     def _schedule_timer(self) -> None:
         at = self.engine.next_timer()
@@ -142,6 +177,23 @@ class Hook:
         self._after_batch()
 
     # ---- running -------------------------------------------------------------------------
+    _last_expire = 0.0
+
+    def _attach_fastpath(self) -> None:
+        if not self.bypass or not (self.inside_if and self.outside_if):
+            self.fastpath_note = "no fast path: it needs both --inside-if and --outside-if"
+            return
+        from throttle import fastpath
+
+        reason = fastpath.available()
+        if reason is not None:
+            self.fastpath_note = f"no fast path ({reason}); decided flows bypass through conntrack marks"
+            return
+        try:
+            self.fastpath = fastpath.FastPath([self.inside_if, self.outside_if])
+        except ThrottleError as exc:
+            self.fastpath_note = f"no fast path ({exc}); decided flows bypass through conntrack marks"
+
     async def run(self, ready: Callable[[], None] | None = None,
                   tick: Callable[[HookStats], None] | None = None, tick_every: float = 1.0) -> None:
         nfq_module = check_requirements()
@@ -168,6 +220,7 @@ class Hook:
             nfq.run(block=False)
             self._after_batch()
 
+        self._attach_fastpath()
         try:
             with installed(self.fw):
                 self._loop.add_reader(sock.fileno(), readable)
@@ -180,11 +233,17 @@ class Hook:
                         pass
                     if tick is not None:
                         tick(self.stats)
+                    if self.fastpath is not None and self._loop.time() - self._last_expire > 10:
+                        self._last_expire = self._loop.time()
+                        self._fastpath_call(self.fastpath.expire, self.scenario.model.idle_timeout)
                 self._loop.remove_reader(sock.fileno())
         finally:
             for pkt in list(self._held):  # never lose a packet on the way out
                 pkt.accept()
             self._held.clear()
+            if self.fastpath is not None:
+                self.fastpath.close()
+                self.fastpath = None
             sock.close()
             nfq.unbind()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -200,13 +259,14 @@ def ifindex(name: str) -> int | None:
 
 def describe(stats: HookStats) -> str:
     return (f"{stats.queued} pkts queued: {stats.accepted} passed, {stats.dropped} dropped, "
-            f"{stats.held} delayed ({stats.holding} held now), {stats.bypassed} packets marked to hand their flow to the kernel; "
+            f"{stats.held} delayed ({stats.holding} held now), {stats.bypassed} packets marked to hand their flow to the kernel, "
+            f"{stats.fast_flows} flows on the fast path; "
             f"flows limited {stats.flows_limited}, passed {stats.flows_passed}"
             + (f"; {stats.errors} engine errors" if stats.errors else ""))
 
 
 def run_censor(scenario: Scenario, *, netns: str | None, queue: int, inside_if: str | None,
-               quiet: bool = False, bypass: bool = True) -> int:
+               outside_if: str | None = None, quiet: bool = False, bypass: bool = True) -> int:
     """The `throttle censor` command: enter the namespace, hook, run until SIGINT/SIGTERM."""
     check_requirements()
     if netns:
@@ -216,12 +276,15 @@ def run_censor(scenario: Scenario, *, netns: str | None, queue: int, inside_if: 
     index = ifindex(inside_if) if inside_if else None
     if inside_if and index is None:
         raise ThrottleError(f"no interface {inside_if} in {'namespace ' + netns if netns else 'this namespace'}")
-    hook = Hook(scenario, queue=queue, inside_ifindex=index, bypass=bypass)
+    hook = Hook(scenario, queue=queue, inside_ifindex=index, bypass=bypass, inside_if=inside_if, outside_if=outside_if)
     where = f"namespace {netns}" if netns else "this namespace"
 
     def ready() -> None:
         print(f"throttle censor: {scenario.name} active in {where} (queue {queue}, fail-open); Ctrl-C stops it",
               file=sys.stderr, flush=True)
+        if not quiet:
+            fast = "eBPF fast path on" if hook.fastpath is not None else hook.fastpath_note
+            print(f"throttle censor: {fast}", file=sys.stderr, flush=True)
 
     last = [0.0]
 
