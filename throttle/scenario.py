@@ -23,7 +23,8 @@ SCOPES = ("flow", "client", "rule")
 ACTIONS = ("police", "shape")
 NAME_SOURCES = ("tls", "http", "dns")
 OUTCOMES = ("throttled", "normal", "blocked")
-PROTOCOLS = ("https", "http", "tls")
+PROTOCOLS = ("https", "http", "tls")  # curl over TLS, curl over plain HTTP, the raw TLS client
+EVASIONS = ("none", "split", "pad", "scramble", "ccs", "dot", "fake")  # throttle.evasion, §7
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +77,8 @@ class Probe:
     address: str | None = None  # connect here instead of resolving `host`
     expect: str = "throttled"
     control: bool = False
+    evasion: str = "none"  # protocol "tls" only: how the raw client disguises its ClientHello (§7)
+    timeout: float = 0.0  # seconds before the probe is judged blocked; 0: from size and rate
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +231,16 @@ def _probe(r: _Reader, t: Any, i: int) -> Probe:
         address=address,
         expect=r.choice(t, f"{k}.expect", OUTCOMES, d.expect),
         control=r.get(t, f"{k}.control", bool, default=d.control),
+        evasion=_evasion(r, t, k),
+        timeout=r.conv(t, f"{k}.timeout", parse_duration, d.timeout),
     )
+
+
+def _evasion(r: _Reader, t: dict[str, Any], k: str) -> str:
+    evasion = r.choice(t, f"{k}.evasion", EVASIONS, "none")
+    if evasion != "none" and t.get("protocol") != "tls":
+        r.fail(f"{k}.evasion", 'needs protocol = "tls" (the raw client); curl cannot disguise its hello')
+    return evasion
 
 
 _TYPE_WORDS = {str: "a string", bool: "true or false", list: "a list", int: "a whole number", dict: "a table"}
