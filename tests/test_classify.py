@@ -104,7 +104,7 @@ def test_missing_capture_and_bad_scenario(tmp_path: Path) -> None:
     assert result.stderr.strip() == f'throttle: {broken}: rule[1].rate: "13O kbit" is not a rate; write e.g. 130kbit'
 
 
-def test_demo_runs() -> None:
-    result = throttle("demo")
+def test_offline_demo_runs() -> None:
+    result = throttle("demo", "--offline")
     assert result.returncode == 0, result.stderr
     assert "Chromium" in result.stdout and result.stdout.count("THROTTLED") == 17

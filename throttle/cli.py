@@ -118,12 +118,109 @@ def censor(
 
 
 @app.command()
-def demo() -> None:
-    """The bundled demonstration (until the live lab exists: an offline classification)."""
-    from throttle.demo import run_demo
+def run(
+    scenario: str = typer.Argument(..., help="Scenario file or bundled name (see `throttle scenarios list`)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
+    keep: bool = typer.Option(False, "--keep", help="Leave the lab up afterwards."),
+    lab_name: str = typer.Option("throttle", "--lab", help="Name of the lab to use (namespaces NAME-client ...)."),
+) -> None:
+    """Run a scenario in the lab: censor on, every probe with real clients, judged by measured speed."""
+    from throttle.runner import run_scenario
+    from throttle.scenario import load_scenario
+    from throttle.views import Progress, footnote, result_table, stdout_console
 
     try:
-        code = run_demo()
+        scen = load_scenario(find_scenario(scenario))
+        progress = Progress(f"{scen.name}: {scen.title}")
+        progress.phase(f"{scen.name}: {len(scen.probes)} probes")
+        with progress.shown():
+            report = run_scenario(scen, lab_name=lab_name, keep=keep, on_update=progress.update, on_phase=progress.phase)
+    except ThrottleError as exc:
+        raise _fail(str(exc)) from None
+    out = stdout_console()
+    out.print(result_table(report))
+    out.print(footnote(report), style="dim", highlight=False)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        out.print(f"results written to {json_out}", style="dim")
+    raise typer.Exit(0 if report.passed else 1)
+
+
+scenarios_app = typer.Typer(help="The bundled scenarios: list, show, validate.", no_args_is_help=True)
+app.add_typer(scenarios_app, name="scenarios")
+
+
+@scenarios_app.command("list")
+def scenarios_list() -> None:
+    """The bundled scenarios, one line each."""
+    from throttle.scenario import load_scenario
+
+    rows = []
+    for d in SCENARIO_DIRS:
+        for path in sorted(d.glob("*.toml")):
+            try:
+                s = load_scenario(path)
+                rows.append([s.name, str(len(s.probes)), s.title])
+            except ThrottleError as exc:
+                rows.append([path.stem, "-", f"BROKEN: {exc}"])
+    typer.echo(format_table(["name", "probes", "summary"], rows))
+
+
+@scenarios_app.command("show")
+def scenarios_show(name: str = typer.Argument(..., help="Bundled name or file.")) -> None:
+    """One scenario: what it models, its sources, model, rules and probes."""
+    from throttle.scenario import load_scenario
+    from throttle.units import format_rate, format_size
+
+    try:
+        s = load_scenario(find_scenario(name))
+    except ThrottleError as exc:
+        raise _fail(str(exc)) from None
+    typer.secho(f"{s.name}: {s.title}", bold=True)
+    typer.echo(f"file: {s.path}\n")
+    if s.description:
+        typer.echo(s.description.strip() + "\n")
+    typer.echo("sources:")
+    for src in s.sources:
+        typer.echo(f"  - {src}")
+    m = s.model
+    typer.echo(f"\nmodel: {'reassembling' if m.reassemble else 'no reassembly (2021 device)'}, window "
+               f"{m.window_packets}+{m.window_extension} packets, give up at {m.give_up_bytes} B, names from "
+               f"{', '.join(m.name_sources)}, idle timeout {m.idle_timeout:.0f} s")
+    typer.echo("\nrules:")
+    for r in s.rules:
+        what = ", ".join([p.text for p in r.patterns] + [str(a) for a in r.addresses])
+        extra = f", after {format_size(r.after_bytes)}" if r.after_bytes else ""
+        extra += f", sticky {r.sticky:.0f} s" if r.sticky else ""
+        typer.echo(f"  {r.name}: {what} -> {r.action} at {format_rate(r.rate)}, burst {format_size(r.burst)}, "
+                   f"{r.direction}, per {r.scope}{extra}")
+    typer.echo("\nprobes:")
+    rows = [[p.name, p.host, p.direction, format_size(p.size), p.protocol + (f"/{p.evasion}" if p.evasion != "none" else ""),
+             p.expect + (" (control)" if p.control else "")] for p in s.probes]
+    typer.echo(format_table(["probe", "host", "direction", "size", "protocol", "expect"], rows))
+
+
+@scenarios_app.command("validate")
+def scenarios_validate(path: Path = typer.Argument(..., help="A scenario file.")) -> None:
+    """Check a scenario file with the loader's own messages."""
+    from throttle.scenario import load_scenario
+
+    try:
+        s = load_scenario(path)
+    except ThrottleError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"{path}: ok ({s.name}: {len(s.rules)} rules, {len(s.probes)} probes)")
+
+
+@app.command()
+def demo(
+    offline: bool = typer.Option(False, "--offline", help="No lab, no root: classify a bundled capture instead."),
+) -> None:
+    """The demonstration: Twitter slowed live in the lab, about a minute (needs root)."""
+    from throttle.demo import run_demo, run_live_demo
+
+    try:
+        code = run_demo() if offline else run_live_demo()
     except ThrottleError as exc:
         raise _fail(str(exc)) from None
     raise typer.Exit(code)

@@ -1,8 +1,12 @@
 """`throttle demo`: the bundled demonstration.
 
-Until the live lab exists this is an offline one: a capture of nine real connections (curl,
-openssl, Python and Chromium talking TLS to a lab server; see tests/vectors/README.md) is run through
-three censors, and a table shows which connections each would have throttled and why.
+Live (the default, needs root): the `twitter-2021-03-10` scenario in the lab, with a Twitter
+photo upload, a reddit.com upload caught by the `*t.co*` bug and a control upload side by side,
+their speeds redrawn every second for about a minute, then the table.
+
+Offline (`--offline`, no root): a capture of nine real connections (curl, openssl, Python and
+Chromium talking TLS to a lab server; see tests/vectors/README.md) is run through three censors,
+and a table shows which connections each would have throttled and why.
 """
 
 from __future__ import annotations
@@ -28,6 +32,42 @@ def _models() -> list[tuple[str, Scenario]]:
 
 def _cell(r: FlowReport) -> str:
     return "THROTTLED" if r.verdict == "limited" else "-"
+
+
+DEMO_SIZE = 960 * 1024  # about a minute at 130 kbit/s
+
+
+def live_probes(scenario: Scenario) -> tuple:
+    from throttle.scenario import Probe
+
+    return (
+        Probe(name="twitter-photo", host="pbs.twimg.com", direction="upload", size=DEMO_SIZE, expect="throttled"),
+        Probe(name="reddit-upload", host="reddit.com", direction="upload", size=DEMO_SIZE, expect="throttled"),
+        Probe(name="control", host="example.org", direction="upload", size=DEMO_SIZE, expect="normal", control=True),
+    )
+
+
+def run_live_demo(lab_name: str = "throttle") -> int:
+    from throttle.runner import run_scenario
+    from throttle.views import Progress, footnote, result_table, stdout_console
+
+    scenario = load_scenario(SCENARIOS / "twitter-2021-03-10.toml")
+    scenario = dataclasses.replace(scenario, probes=live_probes(scenario))
+    out = stdout_console()
+    out.print(f"[bold]throttle demo[/bold]: Russia slows Twitter, 2021-03-10. Three uploads of "
+              f"{DEMO_SIZE // 1024} KB from the lab's client, through a censor that reads the TLS server name.")
+    progress = Progress("speeds now (updated every second)")
+    with progress.shown():
+        report = run_scenario(scenario, lab_name=lab_name, on_update=progress.update, on_phase=progress.phase)
+    out.print(result_table(report))
+    out.print(footnote(report), style="dim", highlight=False)
+    explanation = (
+        'pbs.twimg.com matched *.twimg.com; reddit.com matched *t.co* ("reddi[t.co]m"), the substring bug '
+        "of the first day; example.org matched nothing and went at full speed.\n"
+        "Next: throttle scenarios list · throttle run twitter-2021-04-02 · throttle demo --offline"
+    )
+    out.print(explanation, markup=False, highlight=False)
+    return 0 if report.passed else 1
 
 
 def run_demo(capture: Path | None = None) -> int:
