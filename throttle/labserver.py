@@ -2,7 +2,7 @@
 
 HTTPS on 443 answers any SNI with a certificate for that name signed by the lab CA (issued on
 demand in the SNI callback and cached), plain HTTP on 80; both on IPv4 and IPv6, every address.
-Routes, the same on both ports:
+Routes, the same on both web ports:
 
     POST/PUT any path     read and discard the body as it streams (Content-Length, chunked,
                           Expect: 100-continue); reply {"received": N, "seconds": T}
@@ -10,11 +10,16 @@ Routes, the same on both ports:
     GET /info             JSON: the SNI, Host, client and server addresses of this request
     GET /                 a small page
 
+A raw sink on TCP 8443, for the evasion client (`throttle.evasion`): it counts every byte until
+the client shuts down its write side, then replies `received N\n` and closes. It never parses
+TLS: as in the record-and-replay measurements (censor-behaviors §16), everything after the
+ClientHello may be junk and the flow is still judged by the hello alone (§3).
+
 One thread per connection (ThreadingHTTPServer): TLS reads and writes release the GIL, so a single
 upload runs at hundreds of Mbit/s; bodies go through one 64 KiB buffer and are never held whole.
 The pid file is written only once every socket is bound, so its presence means "ready".
 
-    python -m throttle.labserver --ca-dir DIR --state-dir DIR [--pid-file FILE]
+    python -m throttle.labserver --ca-dir DIR --state-dir DIR [--pid-file FILE] [--sink-port N]
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import os
 import re
 import signal
 import socket
+import socketserver
 import ssl
 import sys
 import threading
@@ -286,6 +292,47 @@ class LabServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+class SinkHandler(socketserver.BaseRequestHandler):
+    """Count bytes to EOF, answer `received N`; what the bytes are does not matter (module doc)."""
+
+    timeout = 300  # as Handler: a policed flow can stall for a long time, but not forever
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        sock.settimeout(self.timeout)
+        buf = memoryview(bytearray(CHUNK))
+        total = 0
+        while True:
+            n = sock.recv_into(buf)
+            if not n:
+                break
+            total += n
+        sock.sendall(f"received {total}\n".encode())
+
+
+class SinkServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256
+    scheme = "sink"
+
+    def __init__(self, host: str, port: int) -> None:
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, port), SinkHandler)
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            sys.stderr.write(f"{client_address[0]} sink: {type(exc).__name__}: {exc}\n")
+        else:
+            super().handle_error(request, client_address)
+
+
 def serve(args: argparse.Namespace) -> None:
     ca_dir = Path(args.ca_dir)
     state = Path(args.state_dir)
@@ -296,10 +343,12 @@ def serve(args: argparse.Namespace) -> None:
             certs.context_for(name)  # issue the scenario's names ahead of the first handshake
         except (ValueError, ssl.SSLError) as exc:
             sys.stderr.write(f"labserver: no certificate for {name!r}: {exc}\n")
-    servers = []
+    servers: list[socketserver.BaseServer] = []
     for host in args.listen:
         servers.append(LabServer(host, args.https_port, certs))
         servers.append(LabServer(host, args.http_port, None))
+        if args.sink_port:
+            servers.append(SinkServer(host, args.sink_port))
     for srv in servers:
         threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True).start()
     pid_file = Path(args.pid_file) if args.pid_file else state / "labserver.pid"
@@ -308,6 +357,7 @@ def serve(args: argparse.Namespace) -> None:
     os.replace(tmp, pid_file)
     sys.stderr.write(
         f"labserver: pid {os.getpid()} serving https:{args.https_port} http:{args.http_port} "
+        f"sink:{args.sink_port or 'off'} "
         f"on {', '.join(args.listen)}\n"
     )
     stop = threading.Event()
@@ -334,6 +384,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--name", action="append", default=[], help="a name to issue a certificate for at start (repeatable)")
     p.add_argument("--https-port", type=int, default=443)
     p.add_argument("--http-port", type=int, default=80)
+    p.add_argument("--sink-port", type=int, default=8443, help="the raw byte-counting sink; 0: none")
     args = p.parse_args(argv)
     if args.listen is None:
         args.listen = ["0.0.0.0", "::"]
