@@ -400,3 +400,15 @@ def test_sticky_rule_limits_later_flows_to_the_address_without_sni() -> None:
     assert first.state != State.LIMITED and trigger.state == State.LIMITED
     assert (sticky.state, sticky.name_source) == (State.LIMITED, "sticky")
     assert elsewhere.state != State.LIMITED and late.state != State.LIMITED
+
+
+@pytest.mark.parametrize("prefix", ["ccs", "fake"])
+def test_reassembling_model_reads_past_a_ccs_record_or_a_decoy_hello(prefix: str) -> None:
+    """§7's ccs and fake tricks: a censor that reads the stream still finds the real hello."""
+    lead = b"\x14\x03\x03\x00\x01\x01" if prefix == "ccs" else python_hello("example.org")
+    # In one segment, the 2021 device reads only the first record: both hide the real hello there.
+    for reassemble, expected in ((False, False), (True, True)):
+        e = engine(reassemble=reassemble)
+        conv = Conversation()
+        run(e, conv.handshake() + [conv.client(lead + python_hello("pbs.twimg.com"))])
+        assert (only_flow(e).state == State.LIMITED) is expected, (prefix, reassemble)

@@ -67,7 +67,7 @@ class _Side:
     __slots__ = (
         "packets", "bytes", "payload", "dropped_packets", "dropped_bytes", "delayed_packets",
         "delayed_bytes", "delay_total", "budget", "extended", "inspected", "buffer", "next_seq",
-        "pending", "closed", "fin",
+        "pending", "closed", "fin", "tls_offset",
     )
 
     def __init__(self, budget: int) -> None:
@@ -83,6 +83,7 @@ class _Side:
         self.pending: dict[int, bytes] = {}  # out-of-order segments by sequence number
         self.closed = False  # inspection of this direction is over
         self.fin = False
+        self.tls_offset = 0  # reassembling model: where the next unread TLS record starts
 
 
 class Flow:
@@ -441,7 +442,14 @@ class Engine:
         side.inspected += 1
         side.budget -= 1
         first = side.inspected == 1
-        name, source, recognised = self._find_name(data)
+        if self.model.reassemble and "tls" in self._sources and tls.is_tls_record(data):
+            for name in self._stream_names(side, data):
+                if flow.state != State.INSPECTING:
+                    return
+                self._name_found(flow, name, "sni", now)
+            name, source, recognised = None, "sni", True
+        else:
+            name, source, recognised = self._find_name(data)
         if recognised and not side.extended:
             side.extended = True
             side.budget += self.model.window_extension
@@ -455,6 +463,33 @@ class Engine:
             self._name_found(flow, name, source, now)
         if side.budget <= 0 or side.inspected >= self._max_inspected:
             side.closed = True
+
+    def _stream_names(self, side: _Side, data: bytes) -> list[str]:
+        """Reassembling model: the SNI of every ClientHello completed in the stream since last time.
+
+        Records before a hello (a ChangeCipherSpec, a decoy hello) are stepped over, so neither
+        the `ccs` nor the `fake` trick of §7 hides the real hello from a censor that reads the
+        stream ("" stands for a hello without SNI)."""
+        names = []
+        pos = side.tls_offset
+        while len(data) - pos >= 5 and tls.is_tls_record(data[pos : pos + 3]):
+            if data[pos] != tls.CONTENT_HANDSHAKE:
+                end = pos + 5 + (data[pos + 3] << 8 | data[pos + 4])
+                if end > len(data):
+                    break
+                pos = end
+                continue
+            try:
+                hello = tls.parse_client_hello(data[pos:])
+            except tls.TLSParseError:
+                pos = len(data)  # not a hello: nothing further in this stream is read
+                break
+            if hello is None:
+                break
+            names.append(hello.sni or "")
+            pos += hello.length
+        side.tls_offset = pos
+        return names
 
     def _find_name(self, data: bytes) -> tuple[str | None, str, bool]:
         """(name or None, its source, whether the bytes were recognised as TLS or HTTP)."""

@@ -166,7 +166,7 @@ class Runner:
         address = self._address(probe)
         if probe.protocol == "tls":
             argv = [sys.executable, "-m", "throttle.evasion", "--address", address, "--port", str(SINK_PORT),
-                    "--size", str(probe.size), "--evasion", probe.evasion, "--timeout", f"{timeout:.0f}", "--json"]
+                    "--size", str(probe.size), "--evasion", probe.evasion, "--timeout", f"{max(timeout, 1):.0f}", "--json"]
             if probe.sni is False:
                 argv.append("--no-sni")
             else:
@@ -183,7 +183,7 @@ class Runner:
             base = f"{scheme}://{name}"
             resolve = ["--resolve", f"{name}:{port}:{address}"]
         ports = self._ports(probe)
-        argv = ["curl", family, "-o", "/dev/null", "--max-time", f"{timeout:.0f}",
+        argv = ["curl", family, "-o", "/dev/null", "--max-time", f"{max(timeout, 1):.0f}",
                 "--local-port", f"{ports[0]}-{ports[1]}", "-w",
                 "\nRESULT %{http_code} %{size_upload} %{size_download} %{time_total}\n", *resolve]
         if probe.direction == "upload":

@@ -19,10 +19,10 @@ from struct import unpack_from
 from typing import Callable
 
 from throttle.errors import ThrottleError
+from throttle.scenario import EVASIONS  # one list: what scenario files may name
 
 __all__ = ["EVASIONS", "FAKE_SNI", "Segment", "client_hello", "plan", "replace_sni", "segment_count", "sni_span"]
 
-EVASIONS = ("none", "split", "pad", "scramble", "ccs", "dot", "fake")
 FAKE_SNI = "example.org"  # the innocent name of the `fake` trick's decoy hello
 PAUSE = 0.05  # seconds after a write: on an idle connection the next write is a new segment
 PAD_MIN = 1600  # the `pad` hello must not fit one 1,500-byte packet, whatever the MSS
