@@ -109,10 +109,11 @@ def reference_rate(scenario: Scenario) -> float:
 def judge(run: ProbeRun, rate: float, control_speed: float | None) -> str:
     if not run.completed:
         return "blocked"
-    slow = run.speed < SPEED_FACTOR * rate if rate > 0 else True
-    if control_speed is not None and not run.probe.control:
-        slow = slow and run.speed < control_speed / CONTROL_FACTOR
-    return "throttled" if slow else "normal"
+    below_rate = run.speed < SPEED_FACTOR * rate if rate > 0 else True
+    if run.probe.control:  # the control is judged by the rate alone (a rate of 0 freezes, not slows)
+        return "throttled" if rate > 0 and below_rate else "normal"
+    below_control = control_speed is None or run.speed < control_speed / CONTROL_FACTOR
+    return "throttled" if below_rate and below_control else "normal"
 
 
 def default_timeout(probe: Probe, rate: float) -> float:
@@ -185,7 +186,7 @@ class Runner:
         ports = self._ports(probe)
         argv = ["curl", family, "-o", "/dev/null", "--max-time", f"{max(timeout, 1):.0f}",
                 "--local-port", f"{ports[0]}-{ports[1]}", "-w",
-                "\nRESULT %{http_code} %{size_upload} %{size_download} %{time_total}\n", *resolve]
+                "\nRESULT %{http_code} %{size_upload} %{size_download} %{time_total} %{time_pretransfer}\n", *resolve]
         if probe.direction == "upload":
             argv += ["-T", str(self._upload_file(probe.size)), f"{base}/upload"]
         else:
@@ -251,16 +252,22 @@ class Runner:
         except OSError as exc:
             run.error, run.done = str(exc), True
             return
+        # One thread reads the progress stream (curl's stderr, the raw client's stdout); this one
+        # reads the other to its end. A watchdog kills a client that outlives its own timeout.
         reader = threading.Thread(target=self._read_progress, args=(run, proc), daemon=True)
         reader.start()
+        watchdog = threading.Timer(timeout + 15, proc.kill)
+        watchdog.start()
         try:
-            out, _ = proc.communicate(timeout=timeout + 15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
+            other = proc.stderr if run.probe.protocol == "tls" else proc.stdout
+            out = other.read() if other is not None else b""  # type: ignore[union-attr]
+            proc.wait()
+        finally:
+            watchdog.cancel()
+        if proc.returncode is not None and proc.returncode < 0:
             run.error = "no answer before the timeout"
-        reader.join(timeout=2)
-        self._finish(run, out.decode(errors="replace"), proc.returncode)
+        reader.join(timeout=5)
+        self._finish(run, "" if run.probe.protocol == "tls" else out.decode(errors="replace"), proc.returncode)
 
     def _read_progress(self, run: ProbeRun, proc: subprocess.Popen[bytes]) -> None:
         """curl's progress meter (stderr, lines ended by CR), or the evasion client's JSON lines."""
@@ -295,15 +302,6 @@ class Runner:
             if run.probe.protocol != "tls" and run.probe.direction == "upload":
                 continue  # uploads: the `ss` poller reports what the server acknowledged
             self._progress(run, value)
-        if run.probe.protocol == "tls":
-            rest = stream.read()
-            for line in rest.splitlines():
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if event.get("event") == "done":
-                    run._final = event  # type: ignore[attr-defined]
 
     def _finish(self, run: ProbeRun, out: str, code: int | None) -> None:
         probe = run.probe
@@ -315,11 +313,14 @@ class Runner:
                 run.error = run.error or (final or {}).get("error", f"the client exited with {code}")
                 run.seconds = time.monotonic() - run.started
         else:
-            m = re.search(r"RESULT (\d+) (\d+) (\d+) ([\d.]+)", out)
+            m = re.search(r"RESULT (\d+) (\d+) (\d+) ([\d.]+) ([\d.]+)", out)
             if m and code == 0 and m.group(1) == "200":
-                up, down, total = int(m.group(2)), int(m.group(3)), float(m.group(4))
+                up, down, total, setup = int(m.group(2)), int(m.group(3)), float(m.group(4)), float(m.group(5))
                 run.bytes = up if probe.direction == "upload" else down
-                run.seconds, run.completed = total, True
+                # Goodput of the transfer itself: connection and TLS set-up are not the payload's
+                # time (a small request on a fast path would look slow otherwise).
+                run.seconds = total - setup if total > setup > 0 else total
+                run.completed = True
             else:
                 run.seconds = time.monotonic() - run.started
                 run.error = run.error or (f"curl exit {code}" + (" (timeout)" if code == 28 else "")
