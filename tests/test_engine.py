@@ -412,3 +412,16 @@ def test_reassembling_model_reads_past_a_ccs_record_or_a_decoy_hello(prefix: str
         conv = Conversation()
         run(e, conv.handshake() + [conv.client(lead + python_hello("pbs.twimg.com"))])
         assert (only_flow(e).state == State.LIMITED) is expected, (prefix, reassemble)
+
+
+def test_a_new_connection_on_an_old_5_tuple_is_inspected_afresh() -> None:
+    """The end of a bypassed flow is never seen; a SYN on its 5-tuple starts a new flow."""
+    e = engine()
+    old = Conversation()
+    run(e, old.handshake() + [old.client(b"\xaa" * 200)])  # decided: passed
+    assert only_flow(e).state == State.PASSED
+    new = Conversation()  # same ports and addresses
+    run(e, new.handshake() + [new.client(python_hello("pbs.twimg.com"))], now=5.0)
+    flow = only_flow(e)
+    assert flow.state == State.LIMITED and flow.first_seen == 5.0
+    assert any(isinstance(ev, FlowEnded) and ev.reason == "reused" for ev in e.drain_events())

@@ -137,6 +137,7 @@ def test_requirements_name_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_firewall_rules_are_fail_open_and_skip_decided_flows() -> None:
     rules = [" ".join(r) for r in Firewall(queue=3).rules()]
-    assert rules[0].startswith("-m connmark --mark 0x40000000/0x40000000 -j RETURN")
+    assert rules[0] == "-p tcp --syn -j CONNMARK --set-xmark 0x0/0x40000000"  # new connections: undecided
+    assert rules[1].startswith("-m connmark --mark 0x40000000/0x40000000 -j RETURN")
     assert all("--queue-bypass" in r and "--queue-num 3" in r for r in rules if "NFQUEUE" in r)
     assert Firewall(queue=3).chain == "THROTTLE_Q3"

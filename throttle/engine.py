@@ -240,7 +240,12 @@ class Engine:
         entry = self._table.get(key)
         if entry is not None:
             flow, d = entry
-            if flow.state == State.PASSED:
+            if proto == TCP and len(packet) > l4 + 13 and packet[l4 + 13] & 0x12 == 0x02 and (
+                    flow.sides[0].payload or flow.state):
+                # A new connection on the 5-tuple of an old one (its end unseen): start afresh.
+                self._end(flow, now, "reused")
+                entry = None
+            elif flow.state == State.PASSED:
                 # The fast path: a decided flow. Counters, recency, and back to the kernel.
                 flow.last_seen = now
                 self._lru.move_to_end(flow.id)

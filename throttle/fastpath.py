@@ -186,6 +186,7 @@ class Asm:
 # size, so the packet copy starts 2 bytes past an 8-byte boundary and the IP header lands on one).
 S_KEY = -48  # 40 bytes: the map key being built
 S_HITS_KEY = -56  # u32 0: the key of the hit counter
+S_FLAGS = -52  # 1 byte: TCP flags
 S_ETH = -126  # 14 bytes of Ethernet header, then the IP header (and the ports) at S_IP
 S_IP = S_ETH + 14  # -112: 20 bytes IPv4 + 4, or 40 bytes IPv6 + 4, up to -68
 ETH_LEN = 14
@@ -245,6 +246,23 @@ def program(flows_fd: int, hits_fd: int) -> bytes:
     a.jmp("jne", R8, 17, "pass")
     a.label("proto")
     a.stx(1, R10, S_KEY, R8)
+    # A SYN always takes the normal path: a new connection that reuses a decided flow's 5-tuple
+    # must be inspected afresh (the censor ends the old flow when it sees the SYN).
+    a.jmp("jne", R8, 6, "lookup")
+    a.mov(R2, ETH_LEN + 20 + 13)
+    a.jmp("jeq", R9, 4, "flags")
+    a.mov(R2, ETH_LEN + 40 + 13)
+    a.label("flags")
+    a.movr(R1, R6)
+    a.movr(R3, R10)
+    a.alu("add", R3, S_FLAGS)
+    a.mov(R4, 1)
+    a.call(FN_SKB_LOAD_BYTES)
+    a.jmp("jne", R0, 0, "pass")
+    a.ldx(1, R1, R10, S_FLAGS)
+    a.alu("and", R1, 0x02)
+    a.jmp("jne", R1, 0, "pass")
+    a.label("lookup")
     a.ld_map_fd(R1, flows_fd)
     a.movr(R2, R10)
     a.alu("add", R2, S_KEY)

@@ -3,6 +3,7 @@
 Rules live in one chain of our own per address family (`THROTTLE_Q<n>` in the mangle table),
 jumped to from FORWARD, and are created inside a context manager that always removes them.
 
+    -p tcp --syn -j CONNMARK (clear BIT)      a new connection is never a decided one
     -m connmark --mark BIT/BIT -j RETURN      a decided flow: the kernel forwards it, no Python
     -m mark --mark BIT/BIT -j CONNMARK ...    the engine just decided it (verdict REPEAT with the
     -m mark --mark BIT/BIT -j RETURN          mark): remember that on the conntrack entry
@@ -41,6 +42,9 @@ class Firewall:
         m = f"{self.mark:#x}/{self.mark:#x}"
         q = ["-j", "NFQUEUE", "--queue-num", str(self.queue), "--queue-bypass"]
         return [
+            # A new connection forgets the decision of an old one with the same 5-tuple (whose
+            # end the censor may never have seen, its packets having bypassed it).
+            ["-p", "tcp", "--syn", "-j", "CONNMARK", "--set-xmark", f"0x0/{self.mark:#x}"],
             ["-m", "connmark", "--mark", m, "-j", "RETURN"],
             ["-m", "mark", "--mark", m, "-j", "CONNMARK", "--save-mark", "--nfmask", hex(self.mark), "--ctmask", hex(self.mark)],
             ["-m", "mark", "--mark", m, "-j", "RETURN"],
