@@ -1,0 +1,83 @@
+"""`throttle run` on every bundled scenario, as a user runs it: real clients, judged by speed.
+
+One lab (`nsrun`) serves every scenario and is always taken down. Each scenario must meet all
+of its probes' expectations; the JSON report is checked, not the exit code alone.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import require_lab_prerequisites
+
+pytestmark = pytest.mark.netns
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIOS = sorted(p.stem for p in (ROOT / "scenarios").glob("*.toml"))
+LAB = "nsrun"
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[object]:
+    require_lab_prerequisites()
+    from throttle.lab import Lab
+
+    lab = Lab(LAB)
+    lab.down()
+    try:
+        lab.up([])
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_bundled_scenario_meets_its_expectations(lab: object, scenario: str, tmp_path: Path) -> None:
+    out = tmp_path / "run.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "throttle", "run", scenario, "--lab", LAB, "--keep", "--json", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )
+    print(result.stdout)
+    assert out.exists(), result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    failed = [f"{p['name']}: expected {p['expected']}, observed {p['observed']} "
+              f"({p['speed_bytes_per_second'] * 8 / 1000:.1f} kbit/s{', ' + p['error'] if p['error'] else ''})"
+              for p in report["probes"] if not p["passed"]]
+    assert not failed, "\n".join(failed)
+    assert report["passed"] and result.returncode == 0
+    assert any(p["control"] and p["observed"] == "normal" for p in report["probes"])
+
+
+def test_demo_runs_in_under_two_minutes_and_shows_the_slowdown() -> None:
+    require_lab_prerequisites()
+    import re
+    import time
+
+    from throttle.lab import Lab
+
+    if Lab("throttle").status().get("up"):
+        pytest.fail("a lab named throttle is up: the demo would reuse it; take it down first (throttle lab down)")
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "throttle", "demo"], capture_output=True, text=True, cwd=ROOT,
+                            timeout=300)
+    elapsed = time.monotonic() - start
+    print(result.stdout)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert elapsed < 120, f"the demo took {elapsed:.0f} s"
+    speeds = {}
+    for line in result.stdout.splitlines():
+        m = re.search(r"│ (twitter-photo|reddit-upload|control)\s.*?([\d.]+) (kbit|Mbit|Gbit)/s", line)
+        if m:
+            speeds[m.group(1)] = float(m.group(2)) * {"kbit": 1e3, "Mbit": 1e6, "Gbit": 1e9}[m.group(3)]
+    assert set(speeds) == {"twitter-photo", "reddit-upload", "control"}, result.stdout
+    for name in ("twitter-photo", "reddit-upload"):
+        assert 100e3 <= speeds[name] <= 160e3, f"{name}: {speeds[name] / 1e3:.0f} kbit/s"
+    assert speeds["control"] > 10e6
+    assert not Lab("throttle").status().get("up"), "the demo left its lab up"
