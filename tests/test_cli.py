@@ -1,0 +1,54 @@
+"""The command line as a user meets it: scenarios list/show/validate, errors without tracebacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def throttle(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "throttle", *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+def test_scenarios_list_names_every_bundled_file() -> None:
+    result = throttle("scenarios", "list")
+    assert result.returncode == 0
+    for path in (ROOT / "scenarios").glob("*.toml"):
+        assert path.stem in result.stdout
+    assert "BROKEN" not in result.stdout
+
+
+def test_scenarios_show_prints_sources_rules_and_probes() -> None:
+    result = throttle("scenarios", "show", "twitter-2021-03-10")
+    assert result.returncode == 0
+    assert "censor-behaviors.md §1" in result.stdout and "*t.co*" in result.stdout
+    assert "police at 130.0 kbit/s" in result.stdout and "reddit.com" in result.stdout
+
+
+def test_validate(tmp_path: Path) -> None:
+    good = throttle("scenarios", "validate", str(ROOT / "scenarios/turkey-2022.toml"))
+    assert good.returncode == 0 and "ok" in good.stdout
+    broken = tmp_path / "x.toml"
+    broken.write_text('[[rule]]\nmatch = ["*.twimg.com"]\nrate = "130kbit"\nscope = "planet"\n')
+    bad = throttle("scenarios", "validate", str(broken))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip() == f'throttle: {broken}: rule[1].scope: "planet" is not one of flow, client, rule'
+
+
+def test_run_with_a_broken_or_missing_scenario_fails_before_touching_anything(tmp_path: Path) -> None:
+    broken = tmp_path / "y.toml"
+    broken.write_text('[[rule]]\nmatch = ["a"]\nrate = "fast"\n')
+    result = throttle("run", str(broken))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f'throttle: {broken}: rule[1].rate: "fast" is not a rate; write e.g. 130kbit'
+    missing = throttle("run", "no-such-scenario")
+    assert missing.returncode == 2 and "no such scenario" in missing.stderr
+
+
+def test_censor_needs_an_existing_namespace() -> None:
+    result = throttle("censor", "--scenario", "twitter-2021-03-10", "--netns", "no-such-ns-censor")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no-such-ns-censor" in result.stderr or "root" in result.stderr
