@@ -98,6 +98,9 @@ def censor(
     outside_if: Optional[str] = typer.Option(
         None, "--outside-if", help="Interface towards the servers (for the eBPF fast path). Default in the lab: to-server."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No periodic counters."),
+    metrics_listen: Optional[str] = typer.Option(
+        None, "--metrics-listen", help="Serve Prometheus metrics on ADDR:PORT (default 127.0.0.1:9464, reachable from "
+        "the host even inside the lab), or off."),
     bypass: bool = typer.Option(
         True, "--bypass/--no-bypass", help="Hand decided flows back to the kernel (default), or keep every packet in Python (a benchmark baseline)."),
 ) -> None:
@@ -111,7 +114,7 @@ def censor(
             inside_if = inside_if or "to-client"
             outside_if = outside_if or "to-server"
         code = run_censor(scen, netns=netns, queue=queue, inside_if=inside_if, outside_if=outside_if,
-                          quiet=quiet, bypass=bypass)
+                          quiet=quiet, bypass=bypass, metrics_listen=metrics_listen)
     except ThrottleError as exc:
         raise _fail(str(exc)) from None
     raise typer.Exit(code)

@@ -70,7 +70,8 @@ class Hook:
 
     def __init__(self, scenario: Scenario, *, queue: int = 0, inside_ifindex: int | None = None,
                  on_event: Callable[[Any], None] | None = None, fw: Firewall | None = None,
-                 bypass: bool = True, outside_if: str | None = None, inside_if: str | None = None) -> None:
+                 bypass: bool = True, outside_if: str | None = None, inside_if: str | None = None,
+                 metrics: Any = None) -> None:
         self.scenario = scenario
         self.engine = Engine(scenario.model, scenario.rules)
         self.queue = queue
@@ -83,6 +84,7 @@ class Hook:
         self.outside_if = outside_if
         self.fastpath: Any = None  # a FastPath once run() has attached one
         self.fastpath_note: str | None = None  # why there is none
+        self.metrics = metrics  # a throttle.metrics.Metrics, or None
         self._held: set[Any] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -99,6 +101,8 @@ class Hook:
             verdict, release = self.engine.process(pkt.get_payload(), now, inside)
         except Exception:  # noqa: BLE001 - a bug must cost a verdict, never a packet
             stats.errors += 1
+            if self.metrics is not None:
+                self.metrics.hook_error()
             pkt.accept()
             return
         if verdict == Verdict.ACCEPT or verdict == Verdict.BYPASS and not self.bypass:
@@ -141,6 +145,8 @@ class Hook:
                                     ev.flow.client_port, ev.flow.server, ev.flow.server_port)
             if self.on_event is not None:
                 self.on_event(ev)
+            if self.metrics is not None:
+                self.metrics.on_event(ev)
         self._schedule_timer()
 
     def _to_fastpath(self, flow: Any) -> None:
@@ -153,6 +159,13 @@ class Hook:
         if self._fastpath_call(self.fastpath.add_flow, flow.proto, flow.client, flow.client_port,
                                flow.server, flow.server_port, client_if, server_if):
             self.stats.fast_flows += 1
+            if self.metrics is not None:
+                from throttle.fastpath import flow_key
+
+                self.metrics.fast_flow_added(
+                    flow_key(flow.proto, flow.client, flow.client_port, flow.server, flow.server_port), "upload")
+                self.metrics.fast_flow_added(
+                    flow_key(flow.proto, flow.server, flow.server_port, flow.client, flow.client_port), "download")
 
     def _fastpath_call(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -233,6 +246,9 @@ class Hook:
                         pass
                     if tick is not None:
                         tick(self.stats)
+                    if self.metrics is not None:
+                        fast = self._fastpath_call(self.fastpath.flow_bytes) if self.fastpath is not None else None
+                        self.metrics.tick(self.engine, len(self._held), fast)
                     if self.fastpath is not None and self._loop.time() - self._last_expire > 10:
                         self._last_expire = self._loop.time()
                         self._fastpath_call(self.fastpath.expire, self.scenario.model.idle_timeout)
@@ -265,10 +281,41 @@ def describe(stats: HookStats) -> str:
             + (f"; {stats.errors} engine errors" if stats.errors else ""))
 
 
+DEFAULT_METRICS = "127.0.0.1:9464"
+
+
+def start_metrics(listen: str | None) -> tuple[Any, str | None]:
+    """The exporter's HTTP server, bound now, in this (the host's) namespace: it stays reachable
+    from the host after the process enters the lab's namespace. `listen` None means the default,
+    where a busy port is only a warning; "off" means none."""
+    from throttle.metrics import Metrics
+
+    if listen == "off":
+        return None, None
+    explicit = listen is not None
+    addr, _, port = (listen or DEFAULT_METRICS).rpartition(":")
+    addr = addr.strip("[]") or "127.0.0.1"
+    if not port.isdigit():
+        raise ThrottleError(f"--metrics-listen {listen}: write ADDR:PORT, e.g. 127.0.0.1:9464, or off")
+    metrics = Metrics()
+    try:
+        from prometheus_client import start_http_server
+
+        start_http_server(int(port), addr=addr, registry=metrics.registry)
+    except OSError as exc:
+        message = f"cannot serve metrics on {addr}:{port} ({exc.strerror}); choose another with --metrics-listen ADDR:PORT"
+        if explicit:
+            raise ThrottleError(message) from None
+        return None, message
+    return metrics, f"metrics at http://{addr}:{port}/metrics" if ":" not in addr else f"metrics at http://[{addr}]:{port}/metrics"
+
+
 def run_censor(scenario: Scenario, *, netns: str | None, queue: int, inside_if: str | None,
-               outside_if: str | None = None, quiet: bool = False, bypass: bool = True) -> int:
+               outside_if: str | None = None, quiet: bool = False, bypass: bool = True,
+               metrics_listen: str | None = None) -> int:
     """The `throttle censor` command: enter the namespace, hook, run until SIGINT/SIGTERM."""
     check_requirements()
+    metrics, metrics_note = start_metrics(metrics_listen)
     if netns:
         from throttle import netns as ns
 
@@ -276,7 +323,8 @@ def run_censor(scenario: Scenario, *, netns: str | None, queue: int, inside_if: 
     index = ifindex(inside_if) if inside_if else None
     if inside_if and index is None:
         raise ThrottleError(f"no interface {inside_if} in {'namespace ' + netns if netns else 'this namespace'}")
-    hook = Hook(scenario, queue=queue, inside_ifindex=index, bypass=bypass, inside_if=inside_if, outside_if=outside_if)
+    hook = Hook(scenario, queue=queue, inside_ifindex=index, bypass=bypass, inside_if=inside_if, outside_if=outside_if,
+                metrics=metrics)
     where = f"namespace {netns}" if netns else "this namespace"
 
     def ready() -> None:
@@ -285,6 +333,8 @@ def run_censor(scenario: Scenario, *, netns: str | None, queue: int, inside_if: 
         if not quiet:
             fast = "eBPF fast path on" if hook.fastpath is not None else hook.fastpath_note
             print(f"throttle censor: {fast}", file=sys.stderr, flush=True)
+            if metrics_note:
+                print(f"throttle censor: {metrics_note}", file=sys.stderr, flush=True)
 
     last = [0.0]
 
