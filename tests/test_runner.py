@@ -69,3 +69,9 @@ def test_commands(tmp_path: Path) -> None:
     assert raw[raw.index("--evasion") + 1] == "split" and raw[raw.index("--sni") + 1] == "pbs.twimg.com"
     v6 = runner.command(Probe(name="e", host="x.example", address="2001:2:0:2::3"), 10)
     assert "-6" in v6 and v6[v6.index("--resolve") + 1] == "x.example:443:2001:2:0:2::3"
+
+
+def test_rate_zero_scenarios_only_block() -> None:
+    # §19's freeze has no rate to be slowed to: a completed transfer is normal, however small.
+    assert judge(run_of(400_000.0, size=8192), 0.0, 5e6) == "normal"
+    assert judge(run_of(400_000.0, completed=False), 0.0, 5e6) == "blocked"

@@ -109,9 +109,11 @@ def reference_rate(scenario: Scenario) -> float:
 def judge(run: ProbeRun, rate: float, control_speed: float | None) -> str:
     if not run.completed:
         return "blocked"
-    below_rate = run.speed < SPEED_FACTOR * rate if rate > 0 else True
-    if run.probe.control:  # the control is judged by the rate alone (a rate of 0 freezes, not slows)
-        return "throttled" if rate > 0 and below_rate else "normal"
+    if rate <= 0:  # rules that only freeze (rate 0, §19) block flows; they cannot slow one
+        return "normal"
+    below_rate = run.speed < SPEED_FACTOR * rate
+    if run.probe.control:  # the control is judged by the rate alone
+        return "throttled" if below_rate else "normal"
     below_control = control_speed is None or run.speed < control_speed / CONTROL_FACTOR
     return "throttled" if below_rate and below_control else "normal"
 
