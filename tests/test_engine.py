@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from scapy.layers.dns import DNS, DNSQR, DNSRR  # type: ignore[import-untyped]
 
 from throttle.engine import Engine, FlowDecided, FlowEnded, Limited, State, Verdict
-from throttle.scenario import Model, load_scenario, parse_scenario
+from throttle.scenario import load_scenario, parse_scenario
 
 from .packets import Conversation, python_hello, udp
 

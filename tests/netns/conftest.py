@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import pytest
@@ -47,3 +52,30 @@ def lab() -> Iterator[Lab]:
     finally:
         lab.down()
 
+
+
+@contextmanager
+def running_censor(scenario: str, lab_name: str, *extra: str) -> Iterator[subprocess.Popen[str]]:
+    """`throttle censor` as a user runs it, in a lab's censor namespace; stopped with SIGINT.
+
+    After the block, `proc.tail` holds what it printed on the way out (its final counters)."""
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "throttle", "censor", "--scenario", scenario, "--netns", f"{lab_name}-censor",
+         "--quiet", "--metrics-listen", "off", *extra],
+        stderr=subprocess.PIPE, text=True, cwd=root,
+    )
+    try:
+        line = proc.stderr.readline()  # type: ignore[union-attr]
+        assert "active in namespace" in line, line + proc.stderr.read()  # type: ignore[union-attr]
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                pytest.fail("the censor did not stop within 15 s of SIGINT")
+        proc.tail = proc.stderr.read() if proc.stderr else ""  # type: ignore[attr-defined]

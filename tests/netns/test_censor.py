@@ -10,15 +10,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from .conftest import require_lab_prerequisites
+from .conftest import require_lab_prerequisites, running_censor
 
 pytestmark = pytest.mark.netns
 
@@ -52,27 +50,8 @@ def lab() -> Iterator[object]:
         lab.down()
 
 
-@contextmanager
-def censor(scenario: str, lab_name: str = LAB) -> Iterator[subprocess.Popen[str]]:
-    """`throttle censor` as a user runs it, in the lab's censor namespace; stopped with SIGINT."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "throttle", "censor", "--scenario", str(ROOT / "scenarios" / f"{scenario}.toml"),
-         "--netns", f"{lab_name}-censor", "--quiet"],
-        stderr=subprocess.PIPE, text=True, cwd=ROOT,
-    )
-    try:
-        line = proc.stderr.readline()  # type: ignore[union-attr]
-        assert "active in namespace" in line, line + proc.stderr.read()  # type: ignore[union-attr]
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                pytest.fail("the censor did not stop within 15 s of SIGINT")
-            proc.tail = proc.stderr.read()  # type: ignore[attr-defined, union-attr]
+def censor(scenario: str, lab_name: str = LAB):  # type: ignore[no-untyped-def]
+    return running_censor(str(ROOT / "scenarios" / f"{scenario}.toml"), lab_name)
 
 
 def rules(lab_name: str = LAB) -> str:

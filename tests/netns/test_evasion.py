@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from .conftest import require_lab_prerequisites
+from .conftest import require_lab_prerequisites, running_censor
 
 pytestmark = pytest.mark.netns
 
@@ -53,27 +51,8 @@ def lab() -> Iterator[object]:
         lab.down()
 
 
-@contextmanager
-def censor(scenario: str) -> Iterator[subprocess.Popen[str]]:
-    """`throttle censor` in the lab's censor namespace, in the foreground; stopped with SIGINT."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "throttle", "censor", "--scenario", str(ROOT / "scenarios" / f"{scenario}.toml"),
-         "--netns", f"{LAB}-censor", "--quiet"],
-        stderr=subprocess.PIPE, text=True, cwd=ROOT,
-    )
-    try:
-        line = proc.stderr.readline()  # type: ignore[union-attr]
-        assert "active in namespace" in line, line + proc.stderr.read()  # type: ignore[union-attr]
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                pytest.fail("the censor did not stop within 15 s of SIGINT")
+def censor(scenario: str):  # type: ignore[no-untyped-def]
+    return running_censor(str(ROOT / "scenarios" / f"{scenario}.toml"), LAB)
 
 
 def client(lab, evasion: str, sni: str = "pbs.twimg.com", address: str = SERVER, timeout: float = 40) -> subprocess.Popen[str]:
