@@ -126,8 +126,13 @@ def run(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
     keep: bool = typer.Option(False, "--keep", help="Leave the lab up afterwards."),
     lab_name: str = typer.Option("throttle", "--lab", help="Name of the lab to use (namespaces NAME-client ...)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also capture the run and write the figures of "
+                                        "`throttle bench` (one repeat) to this folder."),
 ) -> None:
     """Run a scenario in the lab: censor on, every probe with real clients, judged by measured speed."""
+    if plot is not None:
+        bench(scenario, repeat=1, out=plot, lab_name=lab_name)
+        return
     from throttle.runner import run_scenario
     from throttle.scenario import load_scenario
     from throttle.views import Progress, footnote, result_table, stdout_console
@@ -147,6 +152,40 @@ def run(
         json_out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
         out.print(f"results written to {json_out}", style="dim")
     raise typer.Exit(0 if report.passed else 1)
+
+
+@app.command()
+def bench(
+    scenario: str = typer.Argument(..., help="Scenario file or bundled name."),
+    repeat: int = typer.Option(3, "--repeat", "-n", min=1, help="How many times to run every probe."),
+    out: Path = typer.Option(Path("results"), "--out", "-o", help="Folder for results.json/.csv, summary.md and the PNGs."),
+    lab_name: str = typer.Option("throttle", "--lab", help="Name of the lab to use."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed recorded for reproduction (random if not given)."),
+) -> None:
+    """Run a scenario N times with captures on both sides of the censor; write results and plots."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from throttle.benchrun import bench as run_bench
+    from throttle.scenario import load_scenario
+    from throttle.views import stderr_console, stdout_console
+
+    try:
+        scen = load_scenario(find_scenario(scenario))
+        out.mkdir(parents=True, exist_ok=True)
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} repeats"),
+                      TimeElapsedColumn(), console=stderr_console()) as bar:
+            task = bar.add_task(f"{scen.name}", total=repeat)
+
+            def progress(done: int, total: int, text: str) -> None:
+                bar.update(task, completed=done, total=total, description=f"{scen.name}: {text}"[:90])
+
+            result = run_bench(scen, repeat, out, lab_name=lab_name, progress=progress, seed=seed)
+    except ThrottleError as exc:
+        raise _fail(str(exc)) from None
+    console = stdout_console()
+    console.print((out / "summary.md").read_text(), markup=False, highlight=False)
+    console.print("written: " + ", ".join(str(p) for p in result.files.values()), style="dim", highlight=False)
+    raise typer.Exit(0 if result.passed else 1)
 
 
 scenarios_app = typer.Typer(help="The bundled scenarios: list, show, validate.", no_args_is_help=True)
