@@ -138,7 +138,7 @@ class Runner:
     """Runs one scenario's probes in a lab whose censor already runs (see `run_scenario`)."""
 
     def __init__(self, scenario: Scenario, lab: Any, workdir: Path,
-                 on_update: Callable[[list[ProbeRun]], None] | None = None) -> None:
+                 on_update: Callable[[list[ProbeRun]], None] | None = None, busy_controls: bool = False) -> None:
         from throttle import lab as labmod
 
         self.scenario = scenario
@@ -149,6 +149,9 @@ class Runner:
         self.rate = reference_rate(scenario)
         self.runs = [ProbeRun(p) for p in scenario.probes]
         self._lock = threading.Lock()
+        # Demo mode: repeat the control transfers while the other probes run, so the control's
+        # speed stays visible (live view, exporter) instead of being over in the first second.
+        self.busy_controls = busy_controls
 
     # ---- commands -----------------------------------------------------------------------
     def _address(self, probe: Probe) -> str:
@@ -165,7 +168,7 @@ class Runner:
                     left -= len(chunk)
         return path
 
-    def command(self, probe: Probe, timeout: float) -> list[str]:
+    def command(self, probe: Probe, timeout: float, fixed_port: bool = True) -> list[str]:
         address = self._address(probe)
         if probe.protocol == "tls":
             argv = [sys.executable, "-m", "throttle.evasion", "--address", address, "--port", str(SINK_PORT),
@@ -186,8 +189,8 @@ class Runner:
             base = f"{scheme}://{name}"
             resolve = ["--resolve", f"{name}:{port}:{address}"]
         ports = self._ports(probe)
-        argv = ["curl", family, "-o", "/dev/null", "--max-time", f"{max(timeout, 1):.0f}",
-                "--local-port", f"{ports[0]}-{ports[1]}", "-w",
+        port_args = ["--local-port", f"{ports[0]}-{ports[1]}"] if fixed_port else []
+        argv = ["curl", family, "-o", "/dev/null", "--max-time", f"{max(timeout, 1):.0f}", *port_args, "-w",
                 "\nRESULT %{http_code} %{size_upload} %{size_download} %{time_total} %{time_pretransfer}\n", *resolve]
         if probe.direction == "upload":
             argv += ["-T", str(self._upload_file(probe.size)), f"{base}/upload"]
@@ -244,10 +247,10 @@ class Runner:
             self.on_update(self.runs)
 
     # ---- running ------------------------------------------------------------------------
-    def run_probe(self, run: ProbeRun) -> None:
+    def run_probe(self, run: ProbeRun, fixed_port: bool = True) -> None:
         probe = run.probe
         timeout = default_timeout(probe, self.rate)
-        argv = self.command(probe, timeout)
+        argv = self.command(probe, timeout, fixed_port)
         run.started = time.monotonic()
         try:
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
@@ -332,6 +335,23 @@ class Runner:
         if self.on_update is not None:
             self.on_update(self.runs)
 
+    def _keep_controls_busy(self, controls: list[ProbeRun], until: threading.Event) -> None:
+        """Run the controls again and again until `until` is set; the first runs stay the judged ones."""
+        while not until.is_set():
+            for shown in controls:
+                again = ProbeRun(shown.probe)
+                self.run_probe(again, fixed_port=False)
+                if again.completed:
+                    with self._lock:
+                        shown.current_speed = again.speed
+                        shown.done = False  # drawn as running while it repeats
+                    if self.on_update is not None:
+                        self.on_update(self.runs)
+            until.wait(0.5)
+        for shown in controls:
+            shown.done = True
+            shown.current_speed = 0.0
+
     def _parallel(self) -> bool:
         return all(r.scope == "flow" and r.sticky == 0 for r in self.scenario.rules)
 
@@ -346,6 +366,10 @@ class Runner:
         for run in controls:
             self.run_probe(run)
         control_speed = max((r.speed for r in controls if r.completed), default=None)
+        others_done = threading.Event()
+        busy = threading.Thread(target=self._keep_controls_busy, args=(controls, others_done), daemon=True)
+        if self.busy_controls and controls:
+            busy.start()
         if self._parallel():
             threads = [threading.Thread(target=self.run_probe, args=(r,), daemon=True) for r in others]
             for t in threads:
@@ -355,6 +379,9 @@ class Runner:
         else:
             for run in others:
                 self.run_probe(run)
+        others_done.set()
+        if busy.is_alive():
+            busy.join(timeout=30)
         stop.set()
         poller.join(timeout=5)
         for run in self.runs:
@@ -393,7 +420,7 @@ class CensorProcess:
 
 def run_scenario(scenario: Scenario, *, lab_name: str = "throttle", keep: bool = False,
                  on_update: Callable[[list[ProbeRun]], None] | None = None,
-                 on_phase: Callable[[str], None] | None = None) -> RunReport:
+                 on_phase: Callable[[str], None] | None = None, busy_controls: bool = False) -> RunReport:
     """Lab up (or reused), censor on, probes, censor off, lab down unless kept or already up."""
     from throttle.lab import Lab
 
@@ -411,7 +438,7 @@ def run_scenario(scenario: Scenario, *, lab_name: str = "throttle", keep: bool =
             phase(f"starting the censor with {scenario.name}")
             with CensorProcess(scenario.path, lab.ns("censor")):
                 phase("running the probes")
-                return Runner(scenario, lab, Path(tmp), on_update).run()
+                return Runner(scenario, lab, Path(tmp), on_update, busy_controls).run()
     finally:
         if not keep and not was_up:
             phase("taking the lab down")

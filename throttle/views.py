@@ -40,8 +40,13 @@ def live_table(runs: list[ProbeRun], title: str, top: float) -> Table:
                     ("speed", {"justify": "right"}), ("", {}), ("state", {})):
         table.add_column(col, **kw)
     for r in runs:
-        speed = r.current_speed if not r.done else r.speed
-        state = "waiting" if not r.started else ("done" if r.completed else "failed") if r.done else "running"
+        speed = r.current_speed if not r.done and r.current_speed else r.speed if r.done else r.current_speed
+        if not r.started:
+            state = "waiting"
+        elif r.done:
+            state = "done" if r.completed else "failed"
+        else:
+            state = "repeating" if r.probe.control and r.completed else "running"
         table.add_row(r.probe.name, r.probe.host, r.probe.direction, format_size(r.bytes),
                       format_rate(speed) if r.started else "", _bar(speed, top), state)
     return table

@@ -65,8 +65,26 @@ def test_demo_runs_in_under_two_minutes_and_shows_the_slowdown() -> None:
     if Lab("throttle").status().get("up"):
         pytest.fail("a lab named throttle is up: the demo would reuse it; take it down first (throttle lab down)")
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "throttle", "demo"], capture_output=True, text=True, cwd=ROOT,
-                            timeout=300)
+    demo = subprocess.Popen([sys.executable, "-m", "throttle", "demo"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    # Midway, the exporter (on the host's loopback) shows the slowed uploads and the control.
+    time.sleep(35)
+    try:
+        import urllib.request
+
+        with urllib.request.urlopen("http://127.0.0.1:9464/metrics", timeout=5) as response:
+            page = response.read().decode()
+    finally:
+        out, err = demo.communicate(timeout=240)
+    result = subprocess.CompletedProcess(demo.args, demo.returncode, out, err)
+    gauges = {}
+    for line in page.splitlines():
+        m = re.match(r'throttle_achieved_bytes_per_second\{direction="upload",name="([^"]+)",rule="([^"]+)"\} (\S+)', line)
+        if m:
+            gauges[m.group(1)] = float(m.group(3))
+    print("exporter mid-demo (bytes/s):", gauges)
+    assert 0.7 * 16250 <= gauges["pbs.twimg.com"] <= 1.3 * 16250
+    assert gauges["other"] > 20 * 16250  # the control, repeated while the others crawl
     elapsed = time.monotonic() - start
     print(result.stdout)
     assert result.returncode == 0, result.stderr[-2000:]
