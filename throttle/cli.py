@@ -90,13 +90,15 @@ def classify(
 @app.command()
 def censor(
     scenario: str = typer.Option(..., "--scenario", "-s", help="Scenario file or bundled name."),
-    netns: str = typer.Option("throttle-censor", "--netns", help="Network namespace the censor runs in (the lab's by default)."),
+    netns: Optional[str] = typer.Option(
+        None, "--netns", help="Network namespace to run in. Default: the lab's throttle-censor, unless --inside and "
+        "--outside name interfaces of this machine (gateway mode)."),
     queue: int = typer.Option(0, "--queue", help="Netfilter queue number."),
     inside_if: Optional[str] = typer.Option(
-        None, "--inside-if", help="Interface of the censored side; connections opened from it are eligible (§4). "
-        "Default in the lab: to-client."),
+        None, "--inside", "--inside-if", help="Interface of the censored side; connections opened from it are eligible "
+        "(censor-behaviors §4). In the lab: to-client."),
     outside_if: Optional[str] = typer.Option(
-        None, "--outside-if", help="Interface towards the servers (for the eBPF fast path). Default in the lab: to-server."),
+        None, "--outside", "--outside-if", help="Interface towards the servers. In the lab: to-server."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No periodic counters."),
     metrics_listen: Optional[str] = typer.Option(
         None, "--metrics-listen", help="Serve Prometheus metrics on ADDR:PORT (default 127.0.0.1:9464, reachable from "
@@ -104,13 +106,19 @@ def censor(
     bypass: bool = typer.Option(
         True, "--bypass/--no-bypass", help="Hand decided flows back to the kernel (default), or keep every packet in Python (a benchmark baseline)."),
 ) -> None:
-    """Run the censor live, in the foreground, until Ctrl-C (SIGINT) or SIGTERM."""
+    """Run the censor live, in the foreground, until Ctrl-C (SIGINT) or SIGTERM.
+
+    In the lab by default. On a real Linux router, name its interfaces instead (gateway mode):
+    `throttle censor --scenario FILE --inside wlan0 --outside eth0` — rules only between those two,
+    removed on exit."""
     from throttle.hook import run_censor
     from throttle.scenario import load_scenario
 
     try:
         scen = load_scenario(find_scenario(scenario))
-        if netns.endswith("-censor"):  # the lab's names (throttle.lab)
+        if netns is None and not (inside_if and outside_if):
+            netns = "throttle-censor"  # the lab's; gateway mode needs both interfaces named
+        if netns is not None and netns.endswith("-censor"):  # the lab's interface names (throttle.lab)
             inside_if = inside_if or "to-client"
             outside_if = outside_if or "to-server"
         code = run_censor(scen, netns=netns, queue=queue, inside_if=inside_if, outside_if=outside_if,

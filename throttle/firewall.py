@@ -15,8 +15,10 @@ Commands are argument lists run with `-w` (wait for the xtables lock), never she
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +34,14 @@ class Firewall:
     queue: int = 0
     mark: int = DECIDED_MARK
     hook_chain: str = "FORWARD"
-    match: tuple[str, ...] = ()  # extra matches on the jump (gateway mode: interfaces)
+    # One jump into our chain per entry, each with its extra matches. In the lab: one jump for
+    # everything the censor namespace forwards. In gateway mode: only packets between the two
+    # named interfaces, in both directions, so nothing else on the router is touched.
+    jumps: tuple[tuple[str, ...], ...] = ((),)
+
+    @classmethod
+    def gateway(cls, inside: str, outside: str, queue: int = 0) -> Firewall:
+        return cls(queue=queue, jumps=(("-i", inside, "-o", outside), ("-i", outside, "-o", inside)))
 
     @property
     def chain(self) -> str:
@@ -71,11 +80,37 @@ def _run(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess
 
 
 def _remove(tool: str, fw: Firewall) -> None:
+    _remove_chain(tool, fw.hook_chain, fw.chain)
+
+
+def _remove_chain(tool: str, hook_chain: str, chain: str) -> None:
+    """Delete every jump into `chain` (whatever its matches, so a killed censor's rules go too),
+    then the chain itself."""
     base = [tool, "-w", "-t", TABLE]
-    while _run([*base, "-D", fw.hook_chain, *fw.match, "-j", fw.chain], check=False).returncode == 0:
-        pass
-    _run([*base, "-F", fw.chain], check=False)
-    _run([*base, "-X", fw.chain], check=False)
+    listing = _run([*base, "-S", hook_chain], check=False).stdout
+    for line in listing.splitlines():
+        words = shlex.split(line)
+        if words[:2] == ["-A", hook_chain] and words[-2:] == ["-j", chain]:
+            _run([*base, "-D", *words[1:]], check=False)
+    _run([*base, "-F", chain], check=False)
+    _run([*base, "-X", chain], check=False)
+
+
+def cleanup() -> list[str]:
+    """Remove every throttle queue chain (and the jumps into it) in the current namespace, for
+    both address families; returns what was removed. For `ExecStopPost=` after a crash."""
+    removed = []
+    for name in ("iptables", "ip6tables"):
+        path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+        if path is None:
+            continue
+        listing = _run([path, "-w", "-t", TABLE, "-S"], check=False).stdout
+        chains = sorted({w for line in listing.splitlines() for w in line.split()[1:2]
+                         if line.startswith("-N ") and w.startswith("THROTTLE_Q")})
+        for chain in chains:
+            _remove_chain(path, "FORWARD", chain)
+            removed.append(f"{name} {TABLE} {chain}")
+    return removed
 
 
 @contextmanager
@@ -90,18 +125,27 @@ def installed(fw: Firewall) -> Iterator[Firewall]:
             _run([*base, "-N", fw.chain])
             for rule in fw.rules():
                 _run([*base, "-A", fw.chain, *rule])
-            _run([*base, "-I", fw.hook_chain, "1", *fw.match, "-j", fw.chain])
+            for match in fw.jumps:
+                _run([*base, "-I", fw.hook_chain, "1", *match, "-j", fw.chain])
         yield fw
     finally:
         for tool in tools:
             _remove(tool, fw)
 
 
-def listed(fw: Firewall) -> str:
-    """The current rules of our chain (for status and tests)."""
-    out = []
-    for tool in ("iptables", "ip6tables"):
-        path = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
-        if path:
-            out.append(_run([path, "-w", "-t", TABLE, "-S"], check=False).stdout)
-    return "".join(out)
+def main(argv: list[str]) -> int:
+    """`python -m throttle.firewall --cleanup`: remove leftover rules (a systemd ExecStopPost)."""
+    if argv != ["--cleanup"]:
+        print("usage: python -m throttle.firewall --cleanup", file=sys.stderr)
+        return 2
+    try:
+        removed = cleanup()
+    except ThrottleError as exc:
+        print(f"throttle.firewall: {exc}", file=sys.stderr)
+        return 2
+    print("removed: " + (", ".join(removed) if removed else "nothing (no throttle rules here)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -323,9 +323,13 @@ def run_censor(scenario: Scenario, *, netns: str | None, queue: int, inside_if: 
     index = ifindex(inside_if) if inside_if else None
     if inside_if and index is None:
         raise ThrottleError(f"no interface {inside_if} in {'namespace ' + netns if netns else 'this namespace'}")
+    if outside_if and ifindex(outside_if) is None:
+        raise ThrottleError(f"no interface {outside_if} in {'namespace ' + netns if netns else 'this namespace'}")
+    # With both interfaces known, rules see only what crosses between them (gateway mode).
+    fw = Firewall.gateway(inside_if, outside_if, queue) if inside_if and outside_if else Firewall(queue=queue)
     hook = Hook(scenario, queue=queue, inside_ifindex=index, bypass=bypass, inside_if=inside_if, outside_if=outside_if,
-                metrics=metrics)
-    where = f"namespace {netns}" if netns else "this namespace"
+                metrics=metrics, fw=fw)
+    where = f"namespace {netns}" if netns else f"this namespace, between {inside_if} (inside) and {outside_if}"
 
     def ready() -> None:
         print(f"throttle censor: {scenario.name} active in {where} (queue {queue}, fail-open); Ctrl-C stops it",

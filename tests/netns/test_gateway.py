@@ -1,0 +1,91 @@
+"""Gateway mode: the lab's censor namespace plays a real router, the censor started *inside* it
+with `--inside`/`--outside` (no --netns), as it would run on a Linux gateway."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import require_lab_prerequisites
+
+pytestmark = pytest.mark.netns
+
+ROOT = Path(__file__).resolve().parents[2]
+LAB = "gwtest"
+RATE = 16250.0
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[object]:
+    require_lab_prerequisites()
+    from throttle.lab import Lab
+
+    lab = Lab(LAB)
+    lab.down()
+    try:
+        lab.up(["pbs.twimg.com", "example.org"])
+        yield lab
+    finally:
+        lab.down()
+
+
+def on_router(lab, argv: list[str], **kw) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    return subprocess.run(lab.exec_argv("censor", argv), capture_output=True, text=True, **kw)
+
+
+def forward_rules(lab) -> str:  # type: ignore[no-untyped-def]
+    return "".join(on_router(lab, [tool, "-w", "-t", "mangle", "-S"]).stdout for tool in ("iptables", "ip6tables"))
+
+
+def upload_speed(lab, host: str, body: Path) -> float:  # type: ignore[no-untyped-def]
+    result = subprocess.run(lab.exec_argv("client", ["curl", "-4", "-sS", "-o", "/dev/null", "-w", "%{speed_upload}",
+                                                     "-T", str(body), f"https://{host}/upload"]),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return float(result.stdout)
+
+
+def start_gateway(lab) -> subprocess.Popen[str]:  # type: ignore[no-untyped-def]
+    proc = subprocess.Popen(
+        lab.exec_argv("censor", [sys.executable, "-m", "throttle", "censor", "--scenario", "twitter-2021-03-10",
+                                 "--inside", "to-client", "--outside", "to-server", "--metrics-listen", "off"]),
+        stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    line = proc.stderr.readline()  # type: ignore[union-attr]
+    assert "between to-client (inside) and to-server" in line, line
+    return proc
+
+
+def test_gateway_mode_slows_only_between_the_named_interfaces(lab, tmp_path: Path) -> None:
+    photo = tmp_path / "photo"
+    photo.write_bytes(os.urandom(200 * 1024))
+    proc = start_gateway(lab)
+    try:
+        rules = forward_rules(lab)
+        jumps = [line for line in rules.splitlines() if line.startswith("-A FORWARD")]
+        assert len(jumps) == 4, rules  # two directions, IPv4 and IPv6
+        assert all("-i to-" in j and "-o to-" in j for j in jumps), jumps
+        slow = upload_speed(lab, "pbs.twimg.com", photo)
+        fast = upload_speed(lab, "example.org", photo)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    print(f"gateway: pbs.twimg.com {slow * 8 / 1000:.0f} kbit/s, example.org {fast * 8e-6:.1f} Mbit/s")
+    assert abs(slow - RATE) / RATE < 0.2 and fast > 50 * RATE
+    assert proc.returncode == 0
+    assert "THROTTLE" not in forward_rules(lab), "SIGTERM left rules behind"
+
+
+def test_cleanup_removes_what_a_killed_gateway_left(lab) -> None:
+    proc = start_gateway(lab)
+    proc.kill()
+    proc.wait(timeout=10)
+    assert "THROTTLE_Q0" in forward_rules(lab)  # kill -9: no chance to clean up (fail-open meanwhile)
+    result = on_router(lab, [sys.executable, "-m", "throttle.firewall", "--cleanup"], cwd=ROOT)
+    assert result.returncode == 0 and "THROTTLE_Q0" in result.stdout, result.stdout + result.stderr
+    assert "THROTTLE" not in forward_rules(lab)
