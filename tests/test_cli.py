@@ -52,3 +52,20 @@ def test_censor_needs_an_existing_namespace() -> None:
     result = throttle("censor", "--scenario", "twitter-2021-03-10", "--netns", "no-such-ns-censor")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "no-such-ns-censor" in result.stderr or "root" in result.stderr
+
+
+def test_systemd_unit_matches_the_command_line() -> None:
+    """The service runs options that exist, and its clean-up entry point answers."""
+    unit = (ROOT / "deploy/systemd/throttle-censor.service").read_text()
+    start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    help_text = throttle("censor", "--help").stdout
+    for option in ("--scenario", "--inside", "--outside", "--metrics-listen"):
+        assert option in start and option in help_text, option
+    assert "KillSignal=SIGINT" in unit and "Restart=on-failure" in unit
+    assert "ExecStopPost=/opt/throttle/.venv/bin/python -m throttle.firewall --cleanup" in unit
+    usage = throttle_module("throttle.firewall")
+    assert usage.returncode == 2 and "--cleanup" in usage.stderr
+
+
+def throttle_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
