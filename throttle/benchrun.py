@@ -28,10 +28,8 @@ import json
 import os
 import platform
 import random
-import signal
 import statistics
 import struct
-import subprocess
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -40,6 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from throttle.background import Background
 from throttle.errors import ThrottleError
 from throttle.runner import SINK_PORT
 from throttle.scenario import Probe, Scenario
@@ -354,44 +353,21 @@ class BenchResult:
         return all(r["passed"] for r in self.rows)
 
 
-class Capture:
+class Capture(Background):
     """tcpdump on one interface of a namespace, writing a pcap; stopped with SIGINT, always.
 
     `--immediate-mode`: without it libpcap hands packets over a ring block at a time, and on SIGINT
     tcpdump exits without the block it had not been given yet: up to a second of a flow's end lost."""
 
     def __init__(self, lab: Any, role: str, iface: str, path: Path) -> None:
-        self.argv = lab.exec_argv(role, ["tcpdump", "-n", "-i", iface, "-s", "128", "-U", "--immediate-mode",
-                                         "-Z", "root", "-w", str(path), "tcp", "or", "udp"])
+        super().__init__(lab.exec_argv(role, ["tcpdump", "-n", "-i", iface, "-s", "128", "-U", "--immediate-mode",
+                                              "-Z", "root", "-w", str(path), "tcp", "or", "udp"]),
+                         ready="listening on", what="tcpdump", fix="apt-get install tcpdump", stop_timeout=10)
         self.path = path
-        self.proc: subprocess.Popen[str] | None = None
-        self.stats = ""
-
-    def __enter__(self) -> Capture:
-        try:
-            self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        except OSError as exc:
-            raise ThrottleError(f"tcpdump could not start ({exc}); apt-get install tcpdump") from None
-        line = self.proc.stderr.readline()  # type: ignore[union-attr]
-        if "listening on" not in line:
-            self.proc.wait(timeout=10)
-            rest = self.proc.stderr.read()  # type: ignore[union-attr]
-            raise ThrottleError(f"tcpdump did not start: {(line + rest).strip()}")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            _, self.stats = self.proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
     @property
     def kernel_drops(self) -> int:
-        for line in self.stats.splitlines():
+        for line in self.tail.splitlines():
             if "dropped by kernel" in line:
                 return int(line.split()[0])
         return 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from throttle.background import Background
 from throttle.errors import ThrottleError
 from throttle.scenario import Probe, Scenario
 
@@ -390,32 +390,12 @@ class Runner:
                          started, time.monotonic() - t0)
 
 
-class CensorProcess:
+class CensorProcess(Background):
     """`throttle censor` in the lab's censor namespace, as a child; always stopped."""
 
     def __init__(self, scenario_path: str, netns: str) -> None:
-        self.argv = [sys.executable, "-m", "throttle", "censor", "--scenario", scenario_path, "--netns", netns, "--quiet"]
-        self.proc: subprocess.Popen[str] | None = None
-        self.tail = ""
-
-    def __enter__(self) -> CensorProcess:
-        self.proc = subprocess.Popen(self.argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        line = self.proc.stderr.readline()  # type: ignore[union-attr]
-        if "active" not in line:
-            self.proc.wait(timeout=10)
-            rest = self.proc.stderr.read()  # type: ignore[union-attr]
-            raise ThrottleError(f"the censor did not start: {(line + rest).strip()}")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            _, self.tail = self.proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        super().__init__([sys.executable, "-m", "throttle", "censor", "--scenario", scenario_path, "--netns", netns,
+                          "--quiet"], ready="active", what="the censor")
 
 
 def run_scenario(scenario: Scenario, *, lab_name: str = "throttle", keep: bool = False,

@@ -79,3 +79,18 @@ def running_censor(scenario: str, lab_name: str, *extra: str) -> Iterator[subpro
                 proc.wait()
                 pytest.fail("the censor did not stop within 15 s of SIGINT")
         proc.tail = proc.stderr.read() if proc.stderr else ""  # type: ignore[attr-defined]
+
+
+def lab_session(name: str, hostnames: list[str] | tuple[str, ...] = ()) -> Iterator[Lab]:
+    """Body of a module fixture: lab `name` up (after clearing an interrupted run's remains),
+    yielded, and always taken down."""
+    require_lab_prerequisites()
+    from throttle.lab import Lab
+
+    lab = Lab(name)
+    lab.down()
+    try:
+        lab.up(list(hostnames))
+        yield lab
+    finally:
+        lab.down()

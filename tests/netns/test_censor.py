@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import require_lab_prerequisites, running_censor
+from .conftest import require_lab_prerequisites, running_censor, lab_session
 
 pytestmark = pytest.mark.netns
 
@@ -39,15 +39,7 @@ def require_hook_prerequisites() -> None:
 @pytest.fixture(scope="module")
 def lab() -> Iterator[object]:
     require_hook_prerequisites()
-    from throttle.lab import Lab
-
-    lab = Lab(LAB)
-    lab.down()
-    try:
-        lab.up(["pbs.twimg.com", "example.org", "upload.twitter.com"])
-        yield lab
-    finally:
-        lab.down()
+    yield from lab_session(LAB, ["pbs.twimg.com", "example.org", "upload.twitter.com"])
 
 
 def censor(scenario: str, lab_name: str = LAB):  # type: ignore[no-untyped-def]

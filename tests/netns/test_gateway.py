@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import require_lab_prerequisites
+from .conftest import lab_session
 
 pytestmark = pytest.mark.netns
 
@@ -23,16 +23,7 @@ RATE = 16250.0
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[object]:
-    require_lab_prerequisites()
-    from throttle.lab import Lab
-
-    lab = Lab(LAB)
-    lab.down()
-    try:
-        lab.up(["pbs.twimg.com", "example.org"])
-        yield lab
-    finally:
-        lab.down()
+    yield from lab_session(LAB, ["pbs.twimg.com", "example.org"])
 
 
 def on_router(lab, argv: list[str], **kw) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import require_lab_prerequisites
+from .conftest import lab_session
 
 pytestmark = pytest.mark.netns
 
@@ -39,17 +39,8 @@ def require_prometheus() -> None:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[object]:
-    require_lab_prerequisites()
     require_prometheus()
-    from throttle.lab import Lab
-
-    lab = Lab(LAB)
-    lab.down()
-    try:
-        lab.up(["pbs.twimg.com", "example.org"])
-        yield lab
-    finally:
-        lab.down()
+    yield from lab_session(LAB, ["pbs.twimg.com", "example.org"])
 
 
 def get(url: str) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import require_lab_prerequisites
+from .conftest import require_lab_prerequisites, lab_session
 
 pytestmark = pytest.mark.netns
 
@@ -25,16 +25,7 @@ LAB = "nsrun"
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[object]:
-    require_lab_prerequisites()
-    from throttle.lab import Lab
-
-    lab = Lab(LAB)
-    lab.down()
-    try:
-        lab.up([])
-        yield lab
-    finally:
-        lab.down()
+    yield from lab_session(LAB, [])
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
