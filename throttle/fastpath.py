@@ -210,6 +210,17 @@ def program(flows_fd: int, hits_fd: int) -> bytes:
         a.call(FN_SKB_LOAD_BYTES)
         a.jmp("jne", R0, 0, "pass")  # too short
 
+    def store_bytes(offset: int, base: int, base_off: int, length: int, on_fail: str) -> None:
+        """bpf_skb_store_bytes(skb, offset, base + base_off, length, 0); jump on failure."""
+        a.movr(R1, R6)
+        a.mov(R2, offset)
+        a.movr(R3, base)
+        a.alu("add", R3, base_off)
+        a.mov(R4, length)
+        a.mov(R5, 0)
+        a.call(FN_SKB_STORE_BYTES)
+        a.jmp("jne", R0, 0, on_fail)
+
     load_bytes(0, S_ETH, ETH_LEN)
     for off in range(0, 40, 8):
         a.st(8, R10, S_KEY + off, 0)
@@ -290,14 +301,7 @@ def program(flows_fd: int, hits_fd: int) -> bytes:
     a.jmp("jne", R0, 0, "pass")
     a.alu("sub", R8, 1)
     a.stx(2, R10, S_IP + 8, R8)
-    a.movr(R1, R6)
-    a.mov(R2, ETH_LEN + 8)
-    a.movr(R3, R10)
-    a.alu("add", R3, S_IP + 8)
-    a.mov(R4, 1)
-    a.mov(R5, 0)
-    a.call(FN_SKB_STORE_BYTES)
-    a.jmp("jne", R0, 0, "drop")  # checksum already changed: never let this one go on
+    store_bytes(ETH_LEN + 8, R10, S_IP + 8, 1, "drop")  # checksum already changed: never let this one go on
     a.ja("macs")
 
     a.label("hop6")
@@ -305,24 +309,10 @@ def program(flows_fd: int, hits_fd: int) -> bytes:
     a.jmp("jle", R1, 1, "pass")
     a.alu("sub", R1, 1)
     a.stx(1, R10, S_IP + 7, R1)
-    a.movr(R1, R6)
-    a.mov(R2, ETH_LEN + 7)
-    a.movr(R3, R10)
-    a.alu("add", R3, S_IP + 7)
-    a.mov(R4, 1)
-    a.mov(R5, 0)
-    a.call(FN_SKB_STORE_BYTES)
-    a.jmp("jne", R0, 0, "pass")
+    store_bytes(ETH_LEN + 7, R10, S_IP + 7, 1, "pass")
 
     a.label("macs")
-    a.movr(R1, R6)
-    a.mov(R2, 0)
-    a.movr(R3, R7)
-    a.alu("add", R3, 4)  # new destination and source MAC, 12 bytes
-    a.mov(R4, 12)
-    a.mov(R5, 0)
-    a.call(FN_SKB_STORE_BYTES)
-    a.jmp("jne", R0, 0, "drop")  # TTL already decremented
+    store_bytes(0, R7, 4, 12, "drop")  # the new destination and source MAC; TTL already decremented
 
     a.call(FN_KTIME_GET_NS)
     a.stx(8, R7, 16, R0)  # last used, for expire()
