@@ -78,9 +78,11 @@ VECTORS = __import__("pathlib").Path(__file__).resolve().parent / "vectors"
 @functools.lru_cache(maxsize=None)
 def client_segments(capture: str) -> tuple[bytes, ...]:
     """The TCP payloads the opener of the (single) connection in a captured vector sent, in order."""
-    from scapy.all import IP as _IP, IPv6 as _IPv6, TCP as _TCP  # type: ignore[import-untyped]
+    from scapy.all import IP as _IP  # type: ignore[import-untyped]
+    from scapy.all import TCP as _TCP
+    from scapy.all import IPv6 as _IPv6
 
-    from throttle.pcap import read_packets
+    from throttle.wire.pcap import read_packets
 
     opener = None
     out = []

@@ -1,4 +1,4 @@
-"""throttle.benchrun's pure parts and throttle.plots: no root, no lab, literal packets and times."""
+"""throttle.measure.bench's pure parts and throttle.measure.plots: no root, no lab, literal packets and times."""
 
 from __future__ import annotations
 
@@ -9,9 +9,21 @@ from pathlib import Path
 import pytest
 from scapy.all import IP, TCP, UDP, IPv6, IPv6ExtHdrHopByHop, raw  # type: ignore[import-untyped]
 
-from throttle.benchrun import (
-    BIN, FlowStats, Segment, analyse_flow, bin_payload, count_bins, drop_times, flow_segments, middle_rate,
-    parse_segment, pick_flows, summary_markdown, write_csv, write_json,
+from throttle.measure.bench import (
+    BIN,
+    FlowStats,
+    Segment,
+    analyse_flow,
+    bin_payload,
+    count_bins,
+    drop_times,
+    flow_segments,
+    middle_rate,
+    parse_segment,
+    pick_flows,
+    summary_markdown,
+    write_csv,
+    write_json,
 )
 from throttle.scenario import Probe, parse_scenario
 
@@ -171,7 +183,7 @@ def _flow(name: str, repeat: int, bins: list[int], drops: list[int]) -> FlowStat
 
 
 def test_plots_write_pngs(tmp_path: Path) -> None:
-    from throttle import plots
+    from throttle.measure import plots
 
     throttled = _flow("up", 1, [16384] + [0, 2896] * 30, [20] + [5, 0] * 30)
     control = _flow("ctl", 1, [160000, 4000], [0, 0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from throttle.bucket import Policer, Shaper
+from throttle.engine.buckets import Policer, Shaper
 from throttle.units import parse_rate, parse_size
 
 RATE = parse_rate("130kbit")  # 16,250 bytes/s

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from throttle.classify import classify_file
+from throttle.engine.offline import classify_file
 from throttle.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parent.parent

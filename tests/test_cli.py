@@ -62,8 +62,8 @@ def test_systemd_unit_matches_the_command_line() -> None:
     for option in ("--scenario", "--inside", "--outside", "--metrics-listen"):
         assert option in start and option in help_text, option
     assert "KillSignal=SIGINT" in unit and "Restart=on-failure" in unit
-    assert "ExecStopPost=/opt/throttle/.venv/bin/python -m throttle.firewall --cleanup" in unit
-    usage = throttle_module("throttle.firewall")
+    assert "ExecStopPost=/opt/throttle/.venv/bin/python -m throttle.kernel.firewall --cleanup" in unit
+    usage = throttle_module("throttle.kernel.firewall")
     assert usage.returncode == 2 and "--cleanup" in usage.stderr
 
 

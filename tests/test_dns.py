@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.dns import DNS, DNSQR, DNSRR
 
-from throttle.dns import (
+from throttle.errors import ParseError
+from throttle.wire.dns import (
     AddressRecord,
     DNSParseError,
     DNSResponse,
@@ -18,7 +19,6 @@ from throttle.dns import (
     parse_dns_response,
     parse_dns_tcp,
 )
-from throttle.errors import ParseError
 
 from .packets import mutate
 

@@ -15,12 +15,21 @@ import pytest
 
 from throttle.engine import Engine, State, Verdict
 from throttle.errors import ThrottleError
-from throttle.evasion import EVASIONS, FAKE_SNI, client_hello, plan, replace_sni, run, segment_count, sni_span
-from throttle.evasion.__main__ import main
-from throttle.evasion.plans import CCS_RECORD, PAD_MIN
-from throttle.labserver import SinkServer
+from throttle.lab.evasion import (
+    EVASIONS,
+    FAKE_SNI,
+    client_hello,
+    plan,
+    replace_sni,
+    run,
+    segment_count,
+    sni_span,
+)
+from throttle.lab.evasion.__main__ import main
+from throttle.lab.evasion.plans import CCS_RECORD, PAD_MIN
+from throttle.lab.server import SinkServer
 from throttle.scenario import load_scenario
-from throttle.tls import TLSParseError, is_tls_record, parse_client_hello
+from throttle.wire.tls import TLSParseError, is_tls_record, parse_client_hello
 
 from .packets import Conversation
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from throttle.engine import Engine
 from throttle.errors import ThrottleError
-from throttle.firewall import DECIDED_MARK, Firewall
-from throttle.hook import Hook, check_requirements
-from throttle.scenario import load_scenario, parse_scenario
+from throttle.kernel.firewall import DECIDED_MARK, Firewall
+from throttle.kernel.nfqueue import Hook, check_requirements
+from throttle.scenario import Scenario, load_scenario, parse_scenario
 
 from .packets import Conversation, python_hello
 
@@ -55,11 +57,16 @@ class FakePacket:
         self._set("repeat")
 
 
+def make_hook(scenario: Scenario, **kwargs: Any) -> Hook:
+    """The adapter around a fresh engine for `scenario`, as the censor composes it."""
+    return Hook(Engine(scenario.model, scenario.rules), **kwargs)
+
+
 def feed(hook: Hook, payloads: list[bytes], indev: int = 1) -> list[FakePacket]:
     packets = [FakePacket(p, indev) for p in payloads]
     for p in packets:
-        hook._on_packet(p)
-    hook._after_batch()
+        hook.on_packet(p)
+    hook.after_batch()
     return packets
 
 
@@ -69,7 +76,7 @@ async def _with_loop(hook: Hook) -> None:
 
 def test_verdicts_reach_the_packets() -> None:
     async def main() -> None:
-        hook = Hook(load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml"), inside_ifindex=1)
+        hook = make_hook(load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml"), inside_ifindex=1)
         await _with_loop(hook)
         conv = Conversation()
         feed(hook, conv.handshake() + [conv.client(python_hello("pbs.twimg.com"))])
@@ -88,7 +95,7 @@ def test_verdicts_reach_the_packets() -> None:
 
 def test_no_bypass_keeps_flows_in_python() -> None:
     async def main() -> None:
-        hook = Hook(load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml"), bypass=False)
+        hook = make_hook(load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml"), bypass=False)
         await _with_loop(hook)
         conv = Conversation()
         packets = feed(hook, conv.handshake() + [conv.client(b"\xaa" * 200), conv.client(b"z")])
@@ -101,7 +108,7 @@ def test_holds_are_loop_timers_released_in_order() -> None:
     text = '[[rule]]\nname = "s"\nmatch = ["*"]\naction = "shape"\nrate = "80kbit"\nburst = "600"\nqueue_delay = "5s"\n'
 
     async def main() -> None:
-        hook = Hook(parse_scenario(text))
+        hook = make_hook(parse_scenario(text))
         await _with_loop(hook)
         conv = Conversation()
         feed(hook, conv.handshake() + [conv.client(python_hello("a.example"))])  # within the 600 B burst
@@ -120,7 +127,7 @@ def test_holds_are_loop_timers_released_in_order() -> None:
 
 def test_an_engine_bug_costs_a_verdict_not_a_packet(monkeypatch: pytest.MonkeyPatch) -> None:
     async def main() -> None:
-        hook = Hook(load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml"))
+        hook = make_hook(load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml"))
         await _with_loop(hook)
         monkeypatch.setattr(hook.engine, "process", lambda *a: 1 / 0)
         (p,) = feed(hook, [b"\x45" + bytes(39)])

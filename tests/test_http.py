@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from throttle.errors import ParseError
-from throttle.http import (
+from throttle.wire.http import (
     MAX_HEAD,
     HTTPParseError,
     HTTPRequestHead,

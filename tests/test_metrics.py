@@ -7,7 +7,7 @@ from pathlib import Path
 from prometheus_client import generate_latest
 
 from throttle.engine import Engine
-from throttle.metrics import MAX_NAMES, Metrics
+from throttle.measure.exporter import MAX_NAMES, Metrics
 from throttle.scenario import load_scenario
 
 from .packets import Conversation, python_hello

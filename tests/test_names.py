@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from throttle.names import compile_pattern, normalise
+from throttle.scenario import compile_pattern
+from throttle.wire.names import normalise
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from throttle.runner import ProbeRun, Runner, default_timeout, judge, reference_rate
+from throttle.measure.runner import (
+    ProbeRun,
+    Runner,
+    default_timeout,
+    judge,
+    reference_rate,
+)
 from throttle.scenario import Probe, load_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +71,7 @@ def test_commands(tmp_path: Path) -> None:
     nosni = runner.command(Probe(name="c", host="pbs.twimg.com", sni=False), 10)
     assert nosni[-1] == "https://198.18.1.2/upload" and "--resolve" not in nosni
     raw = runner.command(Probe(name="d", host="pbs.twimg.com", protocol="tls", evasion="split", size=9), 10)
-    assert raw[4:7] == [raw[4], "-m", "throttle.evasion"]
+    assert raw[4:7] == [raw[4], "-m", "throttle.lab.evasion"]
     assert raw[raw.index("--evasion") + 1] == "split" and raw[raw.index("--sni") + 1] == "pbs.twimg.com"
     v6 = runner.command(Probe(name="e", host="x.example", address="2001:2:0:2::3"), 10)
     assert "-6" in v6 and v6[v6.index("--resolve") + 1] == "x.example:443:2001:2:0:2::3"

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from throttle.tls import TLSParseError, is_tls_record, parse_client_hello
+from throttle.wire.tls import TLSParseError, is_tls_record, parse_client_hello
 
 from .packets import client_segments, python_hello
 

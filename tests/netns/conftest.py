@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Iterator
 import pytest
 
 if TYPE_CHECKING:
-    from throttle.lab import Lab
+    from throttle.lab.topology import Lab
 
 LAB_NAME = "labtest"  # never "throttle": that lab may be in use on this machine
 TOOLS = {"ip": "iproute2", "ethtool": "ethtool", "dnsmasq": "dnsmasq-base", "curl": "curl"}
@@ -42,7 +42,7 @@ def require_lab_prerequisites() -> None:
 def lab() -> Iterator[Lab]:
     """The `labtest` lab, up for the module; down afterwards whatever happened."""
     require_lab_prerequisites()
-    from throttle.lab import Lab
+    from throttle.lab.topology import Lab
 
     lab = Lab(LAB_NAME)
     lab.down()  # the remains of an interrupted earlier run
@@ -85,7 +85,7 @@ def lab_session(name: str, hostnames: list[str] | tuple[str, ...] = ()) -> Itera
     """Body of a module fixture: lab `name` up (after clearing an interrupted run's remains),
     yielded, and always taken down."""
     require_lab_prerequisites()
-    from throttle.lab import Lab
+    from throttle.lab.topology import Lab
 
     lab = Lab(name)
     lab.down()

@@ -1,4 +1,4 @@
-"""`throttle.benchrun.bench` in a real lab (`bench5`): two repeats, captures, files, the policer seen.
+"""`throttle.measure.bench.bench` in a real lab (`bench5`): two repeats, captures, files, the policer seen.
 
 The scenario is twitter-2021-03-10 cut to two probes: a 160 KB upload to pbs.twimg.com (policed at
 130 kbit/s) and the example.org control. The captures must show the policer's rate on the far side
@@ -38,8 +38,8 @@ def test_bench_two_repeats_measures_the_policer(tmp_path: Path) -> None:
 
     if not shutil.which("tcpdump"):
         pytest.fail("tcpdump is missing: apt-get install tcpdump")
-    from throttle.benchrun import bench
-    from throttle.lab import Lab
+    from throttle.lab.topology import Lab
+    from throttle.measure.bench import bench
     from throttle.scenario import load_scenario
 
     Lab(LAB).down()  # the remains of an interrupted earlier run
@@ -75,4 +75,4 @@ def test_bench_two_repeats_measures_the_policer(tmp_path: Path) -> None:
         else:
             assert flow.drops == 0, flow.drops
             assert flow.capture_bytes >= 160_000
-    assert not Lab(LAB).status().get("up")
+    assert not Lab(LAB).status().up

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import require_lab_prerequisites, running_censor, lab_session
+from .conftest import lab_session, require_lab_prerequisites, running_censor
 
 pytestmark = pytest.mark.netns
 
@@ -127,7 +127,7 @@ def test_media_upload_slows_photos_only(lab, files) -> None:
 
 def test_sigkill_fails_open_and_lab_down_leaves_nothing(files) -> None:
     require_hook_prerequisites()
-    from throttle.lab import Lab
+    from throttle.lab.topology import Lab
 
     name = "nskill"
     lab = Lab(name)

@@ -40,7 +40,7 @@ def require_censor_prerequisites() -> None:
 @pytest.fixture(scope="module")
 def lab() -> Iterator[object]:
     require_censor_prerequisites()
-    from throttle.lab import Lab
+    from throttle.lab.topology import Lab
 
     lab = Lab(LAB)
     lab.down()  # also stops a lab server started before the sink existed
@@ -58,7 +58,7 @@ def censor(scenario: str):  # type: ignore[no-untyped-def]
 def client(lab, evasion: str, sni: str = "pbs.twimg.com", address: str = SERVER, timeout: float = 40) -> subprocess.Popen[str]:
     """The evasion client in the client namespace, started; `result()` collects it."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
-    argv = [sys.executable, "-m", "throttle.evasion", "--address", address, "--port", "8443", "--size", str(SIZE),
+    argv = [sys.executable, "-m", "throttle.lab.evasion", "--address", address, "--port", "8443", "--size", str(SIZE),
             "--sni", sni, "--evasion", evasion, "--timeout", str(timeout), "--json"]
     return subprocess.Popen(lab.exec_argv("client", argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=ROOT, env=env)

@@ -24,7 +24,15 @@ import pytest
 
 from tests.netns.conftest import SBIN_PATH, require_lab_prerequisites
 from throttle.errors import ThrottleError
-from throttle.lab import CENSOR_CLIENT_IF, CENSOR_SERVER_IF, CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, Lab
+from throttle.lab.topology import (
+    CENSOR_CLIENT_IF,
+    CENSOR_SERVER_IF,
+    CLIENT_V4,
+    CLIENT_V6,
+    SERVER_V4,
+    SERVER_V6,
+    Lab,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -45,7 +53,7 @@ def _reply(obj: Any) -> None:
 
 
 def serve() -> int:
-    from throttle.fastpath import FastPath, available
+    from throttle.kernel.fastpath import FastPath, available
 
     reason = available()
     if reason is not None:
@@ -392,7 +400,7 @@ def test_map_full_expire_and_errors() -> None:
     """In this process's own namespace, with no interface attached: nothing but BPF objects."""
     require_lab_prerequisites()
     from throttle import fastpath
-    from throttle.fastpath import FastPath
+    from throttle.kernel.fastpath import FastPath
 
     with FastPath([], max_entries=2) as fp:
         a, b = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])

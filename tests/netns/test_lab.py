@@ -16,7 +16,7 @@ import pytest
 
 from tests.netns.conftest import LAB_NAME, require_lab_prerequisites
 from throttle.errors import ThrottleError
-from throttle.lab import (
+from throttle.lab.topology import (
     CENSOR_CLIENT_V4,
     ETC_NETNS,
     INTERFACES,
@@ -127,21 +127,21 @@ def test_offloads_are_off_and_mtu_is_1500(lab: Lab) -> None:
 def test_up_twice_is_harmless(lab: Lab) -> None:
     before = lab.status()
     again = lab.up(["pbs.twimg.com", "example.org"])
-    assert again["up"]
-    assert again["processes"]["labserver"] == before["processes"]["labserver"]
-    assert again["processes"]["dnsmasq"] == before["processes"]["dnsmasq"]
+    assert again.up
+    assert again.labserver == before.labserver
+    assert again.dnsmasq == before.dnsmasq
     json.loads(curl(lab, "https://pbs.twimg.com/info").stdout)
 
 
 def test_up_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("throttle.lab.os.geteuid", lambda: 1000)
+    monkeypatch.setattr("throttle.lab.topology.os.geteuid", lambda: 1000)
     with pytest.raises(ThrottleError, match="needs root"):
         Lab(LAB_NAME).up()
 
 
 def test_down_after_sigkill_leaves_nothing(lab: Lab) -> None:
     """Runs last: takes the module's lab down itself (the fixture's down() then finds nothing)."""
-    pid = lab.status()["processes"]["labserver"]
+    pid = lab.status().labserver
     assert pid
     os.kill(pid, signal.SIGKILL)
     lab.down()
@@ -150,7 +150,7 @@ def test_down_after_sigkill_leaves_nothing(lab: Lab) -> None:
     assert not lab.state_dir.exists()
     assert not _live_processes_mentioning(str(lab.state_dir))
     lab.down()  # and again, with nothing there
-    assert not lab.status()["up"]
+    assert not lab.status().up
 
 
 def _live_processes_mentioning(text: str) -> list[int]:

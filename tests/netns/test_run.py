@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import require_lab_prerequisites, lab_session
+from .conftest import lab_session, require_lab_prerequisites
 
 pytestmark = pytest.mark.netns
 
@@ -51,9 +51,9 @@ def test_demo_runs_in_under_two_minutes_and_shows_the_slowdown() -> None:
     import re
     import time
 
-    from throttle.lab import Lab
+    from throttle.lab.topology import Lab
 
-    if Lab("throttle").status().get("up"):
+    if Lab("throttle").status().up:
         pytest.fail("a lab named throttle is up: the demo would reuse it; take it down first (throttle lab down)")
     start = time.monotonic()
     demo = subprocess.Popen([sys.executable, "-m", "throttle", "demo"], stdout=subprocess.PIPE,
@@ -89,4 +89,4 @@ def test_demo_runs_in_under_two_minutes_and_shows_the_slowdown() -> None:
     for name in ("twitter-photo", "reddit-upload"):
         assert 100e3 <= speeds[name] <= 160e3, f"{name}: {speeds[name] / 1e3:.0f} kbit/s"
     assert speeds["control"] > 10e6
-    assert not Lab("throttle").status().get("up"), "the demo left its lab up"
+    assert not Lab("throttle").status().up, "the demo left its lab up"

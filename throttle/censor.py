@@ -1,0 +1,244 @@
+"""The censor process: the engine behind the NFQUEUE hook, with its firewall rules, the eBPF fast
+path, the Prometheus exporter and signals, composed in one asyncio event loop.
+
+    packets -> kernel.firewall rules -> kernel.nfqueue.Hook -> engine.Engine -> verdicts
+                                               |  events
+                                               v
+                            kernel.fastpath (decided flows)   measure.exporter (metrics)
+
+The queue is bound fail-open (`--queue-bypass`): if this process dies, traffic flows unlimited
+instead of stopping. Where the kernel allows it, decided flows also go into the eBPF fast path:
+their later packets are redirected at tc ingress, before netfilter and conntrack, so a flow the
+censor does not limit costs it nothing at all. The conntrack mark stays as the fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from throttle.engine import Engine, Event, Flow, FlowDecided, FlowEnded, State
+from throttle.errors import ThrottleError
+from throttle.kernel import fastpath, netns
+from throttle.kernel.firewall import Firewall, installed
+from throttle.kernel.nfqueue import Hook, HookStats, check_requirements
+from throttle.scenario import Scenario
+from throttle.wire.ip import TCP, UDP
+
+if TYPE_CHECKING:
+    from throttle.measure.exporter import Metrics
+
+T = TypeVar("T")
+DEFAULT_METRICS = "127.0.0.1:9464"
+EXPIRE_EVERY = 10.0  # seconds between sweeps of the fast path's idle entries
+
+
+class Censor:
+    """One scenario's censor in the current namespace, until `stop()` or SIGINT/SIGTERM."""
+
+    def __init__(self, scenario: Scenario, *, queue: int = 0, inside_if: str | None = None,
+                 outside_if: str | None = None, inside_ifindex: int | None = None, bypass: bool = True,
+                 metrics: Metrics | None = None, fw: Firewall | None = None) -> None:
+        self.scenario = scenario
+        self.queue = queue
+        self.inside_if = inside_if
+        self.outside_if = outside_if
+        self.bypass = bypass
+        self.metrics = metrics
+        self.fw = fw or Firewall(queue=queue)
+        self.engine = Engine(scenario.model, scenario.rules)
+        self.hook = Hook(self.engine, bypass=bypass, inside_ifindex=inside_ifindex, on_events=self._on_events,
+                         on_error=metrics.hook_error if metrics is not None else None)
+        self.fastpath: fastpath.FastPath | None = None
+        self.fastpath_note: str | None = None  # why there is none
+        self.fast_flows = 0  # flows handed to the fast path
+        self._stop: asyncio.Event | None = None
+        self._last_expire = 0.0
+
+    @property
+    def stats(self) -> HookStats:
+        return self.hook.stats
+
+    # ---- events --------------------------------------------------------------------------
+    def _on_events(self, events: list[Event]) -> None:
+        fast = self.fastpath
+        for ev in events:
+            if fast is not None:
+                if isinstance(ev, FlowDecided) and ev.flow.rule is None and self.bypass:
+                    self._to_fastpath(fast, ev.flow)
+                elif isinstance(ev, FlowEnded) and ev.reason != "idle":
+                    # Idle flows are not ended here: their packets skip us, so the engine's idea
+                    # of idle is wrong for them. The fast path expires its own idle entries.
+                    f = ev.flow
+                    self._fastpath_call(fast.remove_flow, f.proto, f.client, f.client_port, f.server, f.server_port)
+            if self.metrics is not None:
+                self.metrics.on_event(ev)
+
+    def _to_fastpath(self, fast: fastpath.FastPath, flow: Flow) -> None:
+        if flow.state != State.PASSED or flow.proto not in (TCP, UDP) or flow.server_port == 53:
+            return
+        # The client (opener) sits behind the inside interface, unless it opened from outside.
+        client_if, server_if = self.inside_if, self.outside_if
+        if not flow.eligible:
+            client_if, server_if = server_if, client_if
+        assert client_if is not None and server_if is not None
+        if self._fastpath_call(fast.add_flow, flow.proto, flow.client, flow.client_port, flow.server,
+                               flow.server_port, client_if, server_if):
+            self.fast_flows += 1
+            if self.metrics is not None:
+                up = fastpath.flow_key(flow.proto, flow.client, flow.client_port, flow.server, flow.server_port)
+                down = fastpath.flow_key(flow.proto, flow.server, flow.server_port, flow.client, flow.client_port)
+                self.metrics.fast_flow_added(up, "upload")
+                self.metrics.fast_flow_added(down, "download")
+
+    def _fastpath_call(self, fn: Callable[..., T], *args: object) -> T | None:
+        try:
+            return fn(*args)
+        except ThrottleError as exc:  # the mark path still bypasses the flow
+            self.hook.stats.errors += 1
+            self.fastpath_note = str(exc)
+            return None
+
+    def _attach_fastpath(self) -> None:
+        if not self.bypass or not (self.inside_if and self.outside_if):
+            self.fastpath_note = "no fast path: it needs both --inside-if and --outside-if"
+            return
+        reason = fastpath.available()
+        if reason is not None:
+            self.fastpath_note = f"no fast path ({reason}); decided flows bypass through conntrack marks"
+            return
+        try:
+            self.fastpath = fastpath.FastPath([self.inside_if, self.outside_if])
+        except ThrottleError as exc:
+            self.fastpath_note = f"no fast path ({exc}); decided flows bypass through conntrack marks"
+
+    # ---- running -------------------------------------------------------------------------
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    async def run(self, ready: Callable[[], None] | None = None,
+                  tick: Callable[[HookStats], None] | None = None, tick_every: float = 1.0) -> None:
+        check_requirements()
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop.set)
+        self._attach_fastpath()
+        try:
+            with installed(self.fw), self.hook.bound(self.queue):
+                if ready is not None:
+                    ready()
+                while not self._stop.is_set():
+                    try:
+                        await asyncio.wait_for(self._stop.wait(), timeout=tick_every)
+                    except asyncio.TimeoutError:
+                        pass
+                    self._tick(loop.time(), tick)
+        finally:
+            if self.fastpath is not None:
+                self.fastpath.close()
+                self.fastpath = None
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    def _tick(self, now: float, tick: Callable[[HookStats], None] | None) -> None:
+        if tick is not None:
+            tick(self.stats)
+        fast = self.fastpath
+        if self.metrics is not None:
+            fast_bytes = self._fastpath_call(fast.flow_bytes) if fast is not None else None
+            self.metrics.tick(self.engine, self.hook.holding, fast_bytes, now)
+        if fast is not None and now - self._last_expire > EXPIRE_EVERY:
+            self._last_expire = now
+            self._fastpath_call(fast.expire, self.scenario.model.idle_timeout)
+
+    def describe(self) -> str:
+        s = self.stats
+        return (f"{s.queued} pkts queued: {s.accepted} passed, {s.dropped} dropped, "
+                f"{s.held} delayed ({s.holding} held now), {s.bypassed} packets marked to hand their flow to the "
+                f"kernel, {self.fast_flows} flows on the fast path; "
+                f"flows limited {s.flows_limited}, passed {s.flows_passed}"
+                + (f"; {s.errors} engine errors" if s.errors else ""))
+
+
+def ifindex(name: str) -> int | None:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return None
+
+
+def start_metrics(listen: str | None) -> tuple[Metrics | None, str | None]:
+    """The exporter's HTTP server, bound now, in this (the host's) namespace: it stays reachable
+    from the host after the process enters the lab's namespace. `listen` None means the default,
+    where a busy port is only a warning; "off" means none. Returns (metrics, a line to print)."""
+    if listen == "off":
+        return None, None
+    from prometheus_client import start_http_server
+
+    from throttle.measure.exporter import Metrics
+
+    explicit = listen is not None
+    addr, _, port = (listen or DEFAULT_METRICS).rpartition(":")
+    addr = addr.strip("[]") or "127.0.0.1"
+    if not port.isdigit():
+        raise ThrottleError(f"--metrics-listen {listen}: write ADDR:PORT, e.g. 127.0.0.1:9464, or off")
+    metrics = Metrics()
+    try:
+        start_http_server(int(port), addr=addr, registry=metrics.registry)
+    except OSError as exc:
+        message = f"cannot serve metrics on {addr}:{port} ({exc.strerror}); choose another with --metrics-listen ADDR:PORT"
+        if explicit:
+            raise ThrottleError(message) from None
+        return None, message
+    shown = f"[{addr}]" if ":" in addr else addr
+    return metrics, f"metrics at http://{shown}:{port}/metrics"
+
+
+def run_censor(scenario: Scenario, *, netns_name: str | None, queue: int, inside_if: str | None,
+               outside_if: str | None = None, quiet: bool = False, bypass: bool = True,
+               metrics_listen: str | None = None) -> int:
+    """The `throttle censor` command: enter the namespace, hook, run until SIGINT/SIGTERM."""
+    check_requirements()
+    metrics, metrics_note = start_metrics(metrics_listen)
+    if netns_name:
+        netns.enter(netns_name)
+    where_ns = f"namespace {netns_name}" if netns_name else "this namespace"
+    index = ifindex(inside_if) if inside_if else None
+    if inside_if and index is None:
+        raise ThrottleError(f"no interface {inside_if} in {where_ns}")
+    if outside_if and ifindex(outside_if) is None:
+        raise ThrottleError(f"no interface {outside_if} in {where_ns}")
+    # With both interfaces known, rules see only what crosses between them (gateway mode).
+    fw = Firewall.gateway(inside_if, outside_if, queue) if inside_if and outside_if else Firewall(queue=queue)
+    censor = Censor(scenario, queue=queue, inside_if=inside_if, outside_if=outside_if, inside_ifindex=index,
+                    bypass=bypass, metrics=metrics, fw=fw)
+    where = where_ns if netns_name else f"this namespace, between {inside_if} (inside) and {outside_if}"
+
+    def say(text: str) -> None:
+        print(f"throttle censor: {text}", file=sys.stderr, flush=True)
+
+    def ready() -> None:
+        say(f"{scenario.name} active in {where} (queue {queue}, fail-open); Ctrl-C stops it")
+        if not quiet:
+            say("eBPF fast path on" if censor.fastpath is not None else censor.fastpath_note or "no fast path")
+            if metrics_note:
+                say(metrics_note)
+
+    last = [0.0]
+
+    def tick(stats: HookStats) -> None:
+        now = time.monotonic()
+        if not quiet and now - last[0] >= 5.0 and stats.queued:
+            last[0] = now
+            say(censor.describe())
+
+    asyncio.run(censor.run(ready=ready, tick=tick))
+    say(f"stopped; rules removed. {censor.describe()}")
+    return 0

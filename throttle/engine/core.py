@@ -1,0 +1,334 @@
+"""The censor engine: packet bytes and `now` in, verdicts out. No I/O, no clock, no threads.
+
+`Engine.process(packet, now)` takes one IPv4 or IPv6 packet (no link layer) and returns a
+`(verdict, release_at)` pair (see `Verdict`): ACCEPT, BYPASS (pass it and hand the flow back to
+the kernel), DROP, or HOLD until `release_at` (the shaper). `next_timer()` is when
+`handle_timer(now)` wants to run next (idle flows to forget). `drain_events()` returns what
+happened since the last call, for metrics and reports.
+
+The engine is a small facade over its parts, one per stage a packet meets:
+
+    throttle.wire.ip      where the transport header is; the flow key
+    engine.flows          the flow table (both orientations, recency, bounded)
+    engine.inspect        the model's inspection window: names from SNI, Host, DNS answers
+    engine.rules          which rule a name, an address or a sticky server selects
+    engine.enforce        the limited flow's token buckets: pass, drop, or hold
+"""
+
+from __future__ import annotations
+
+from throttle.engine.enforce import ACCEPT, BYPASS, Decision, Enforcer
+from throttle.engine.events import (
+    EngineError,
+    Event,
+    FlowDecided,
+    FlowEnded,
+    FlowStarted,
+    Verdict,
+)
+from throttle.engine.flows import (
+    DOWNLOAD,
+    UPLOAD,
+    Direction,
+    EndReason,
+    Flow,
+    FlowTable,
+    NameSource,
+    State,
+)
+from throttle.engine.inspect import Inspector
+from throttle.engine.rules import RuleSet, in_networks
+from throttle.scenario import Model, Rule
+from throttle.wire.ip import (
+    ACK,
+    FIN,
+    NO_PORTS,
+    RST,
+    SYN,
+    TCP,
+    UDP,
+    addresses,
+    flow_key,
+    ip_end,
+    locate,
+    reverse_key,
+)
+from throttle.wire.names import normalise
+
+_KEY_LENGTH = {4: 13, 6: 37}
+
+
+class Counters:
+    """Packets and bytes by verdict (indexed by `Verdict`), and malformed packets."""
+
+    __slots__ = ("packets", "bytes", "malformed")
+
+    def __init__(self) -> None:
+        self.packets = [0, 0, 0, 0]
+        self.bytes = [0, 0, 0, 0]
+        self.malformed = 0
+
+
+class Engine:
+    """The censor. One instance per censor process; not thread-safe (one event loop drives it)."""
+
+    def __init__(self, model: Model, rules: tuple[Rule, ...] | list[Rule]) -> None:
+        self.model = model
+        self.rules = tuple(rules)
+        self.counters = Counters()
+        self._events: list[Event] = []
+        emit = self._events.append
+        self._flows = FlowTable()
+        self._table = self._flows.by_key  # read on the per-packet path
+        self._lru = self._flows.recency
+        self._inspector = Inspector(model, emit)
+        self._rules = RuleSet(self.rules, model.max_flows)
+        self._enforcer = Enforcer(emit)
+        self._inside = tuple(model.inside)
+        self._budget = model.window_packets
+        self._max_inspected = self._inspector.max_inspected
+
+    # ---- the per-packet path -------------------------------------------------------------
+    def process(self, packet: bytes, now: float, from_inside: bool | None = None) -> Decision:
+        """Decide one packet. Never raises for any input; malformed packets are passed."""
+        try:
+            version, proto, l4 = locate(packet)
+        except IndexError:
+            return self._malformed("truncated IP header", now, len(packet))
+        if version == 0:
+            return self._malformed("not an IP packet", now, len(packet))
+        if proto != TCP and proto != UDP:
+            return self._count(BYPASS if proto != NO_PORTS else ACCEPT, len(packet))
+        key = flow_key(packet, version, proto, l4)
+        if len(key) != _KEY_LENGTH[version]:
+            return self._malformed("truncated transport header", now, len(packet))
+
+        entry = self._table.get(key)
+        if entry is not None:
+            flow, d = entry
+            if proto == TCP and len(packet) > l4 + 13 and packet[l4 + 13] & 0x12 == 0x02 and (
+                    flow.sides[0].payload or flow.state):
+                # A new connection on the 5-tuple of an old one (its end unseen): start afresh.
+                self._end(flow, now, "reused")
+                entry = None
+            elif flow.state == State.PASSED:
+                # The fast path: a decided flow. Counters, recency, and back to the kernel.
+                flow.last_seen = now
+                self._lru.move_to_end(flow.id)
+                side = flow.sides[d]
+                side.packets += 1
+                side.bytes += len(packet)
+                c = self.counters
+                c.packets[1] += 1
+                c.bytes[1] += len(packet)
+                return BYPASS
+        try:
+            return self._slow_path(packet, now, from_inside, version, proto, l4, key, entry)
+        except (IndexError, ValueError) as exc:  # defensive: a bug here must not lose a packet
+            return self._malformed(f"{type(exc).__name__}: {exc}", now, len(packet))
+
+    def _slow_path(self, packet: bytes, now: float, from_inside: bool | None, version: int, proto: int,
+                   l4: int, key: bytes, entry: tuple[Flow, Direction] | None) -> Decision:
+        size = len(packet)
+        # Where the IP packet really ends: a link layer may have padded a short frame.
+        end = ip_end(packet, version)
+        if proto == TCP:
+            if end < l4 + 20:
+                return self._malformed("truncated TCP header", now, size)
+            seq = int.from_bytes(packet[l4 + 4 : l4 + 8], "big")
+            flags = packet[l4 + 13]
+            data_off = (packet[l4 + 12] >> 4) << 2
+            payload = packet[l4 + data_off : end] if data_off >= 20 else b""
+        else:
+            if end < l4 + 8:
+                return self._malformed("truncated UDP header", now, size)
+            seq = flags = 0
+            payload = packet[l4 + 8 : end]
+        if entry is None:
+            flow, d = self._new_flow(packet, now, from_inside, version, proto, l4, key, flags)
+        else:
+            flow, d = entry
+        flow.last_seen = now
+        self._lru.move_to_end(flow.id)
+        side = flow.sides[d]
+        side.packets += 1
+        side.bytes += size
+        carried = side.payload
+        side.payload += len(payload)
+
+        if flow.state == State.INSPECTING:
+            if proto == UDP:
+                if d == DOWNLOAD and flow.server_port == 53:
+                    self._inspector.dns_answer(payload, now)
+                    self._close_inspection(flow, now)
+            else:
+                if flags & SYN:
+                    side.next_seq = (seq + 1) & 0xFFFFFFFF
+                if payload:
+                    found, give_up = self._inspector.tcp(side, payload, seq)
+                    if give_up:
+                        self._close_inspection(flow, now, give_up=True)
+                    for name, source in found:
+                        if flow.state != State.INSPECTING:
+                            break
+                        self._name_found(flow, name, source, now)
+                if flow.state == State.INSPECTING and self._window_over(flow):
+                    self._close_inspection(flow, now)
+        result = self._enforcer.enforce(flow, d, side, size, carried, now)
+        if proto == TCP and flags & (FIN | RST) and self.model.fin_rst_ends_flow:
+            if flags & RST:
+                self._end(flow, now, "rst")
+            else:
+                side.fin = True
+                if flow.sides[1 - d].fin:
+                    self._end(flow, now, "fin")
+        return self._count(result, size)
+
+    def _count(self, result: Decision, size: int) -> Decision:
+        c = self.counters
+        c.packets[result[0]] += 1
+        c.bytes[result[0]] += size
+        return result
+
+    def _malformed(self, detail: str, now: float, size: int) -> Decision:
+        self.counters.malformed += 1
+        self._events.append(EngineError("malformed", detail, now))
+        return self._count(ACCEPT, size)
+
+    # ---- flows ---------------------------------------------------------------------------
+    def _new_flow(self, packet: bytes, now: float, from_inside: bool | None, version: int, proto: int,
+                  l4: int, key: bytes, flags: int) -> tuple[Flow, Direction]:
+        src, dst = addresses(packet, version)
+        sport = (packet[l4] << 8) | packet[l4 + 1]
+        dport = (packet[l4 + 2] << 8) | packet[l4 + 3]
+        # The opener is the client. Mid-stream (no SYN seen) the side on the lower, well-known
+        # port is taken to be the server; a SYN-ACK comes from the server.
+        reverse = False
+        if proto == TCP and flags & SYN:
+            reverse = bool(flags & ACK)
+        elif proto == TCP and sport < dport and sport < 1024:
+            reverse = True
+        elif proto == UDP and sport == 53 and dport != 53:
+            reverse = True
+        flows = self._flows
+        if len(flows) >= self.model.max_flows:
+            self.handle_timer(now)
+            while len(flows) >= self.model.max_flows:
+                oldest = flows.oldest()
+                assert oldest is not None
+                self._end(oldest, now, "evicted")
+        if reverse:
+            flow = Flow(flows.new_id(), proto, dst, dport, src, sport, now, self._budget)
+        else:
+            flow = Flow(flows.new_id(), proto, src, sport, dst, dport, now, self._budget)
+        d: Direction = DOWNLOAD if reverse else UPLOAD
+        flows.add(flow, key, reverse_key(key), d)
+        if from_inside is not None:
+            flow.eligible = from_inside != reverse
+        elif self._inside:
+            flow.eligible = in_networks(flow.client, self._inside)
+        self._events.append(FlowStarted(flow, now))
+        if not flow.eligible:
+            self._decide(flow, None, now)
+            return flow, d
+        flow.dns_names = self._inspector.learned_names(flow.server, now)
+        rule = self._rules.by_address(flow)
+        if rule is not None:
+            flow.name_source = "address"
+            self._decide(flow, rule, now)
+        if flow.state == State.INSPECTING:
+            sticky = self._rules.sticky(flow.server, now)
+            if sticky is not None:
+                flow.name_source = "sticky"  # §20: an earlier flow to this address triggered
+                self._decide(flow, sticky, now)
+        if flow.state == State.INSPECTING and proto == UDP and not self._inspector.udp_inspectable(
+                flow.server_port, flow.client_port):
+            self._close_inspection(flow, now)
+        return flow, d
+
+    def _end(self, flow: Flow, now: float, reason: EndReason) -> None:
+        if flow.end_reason is not None:
+            return
+        flow.end_reason = reason
+        self._flows.remove(flow)
+        self._events.append(FlowEnded(flow, now, reason))
+
+    def next_timer(self) -> float | None:
+        """The time `handle_timer` should next be called at, or None when nothing is pending."""
+        oldest = self._flows.oldest()
+        return None if oldest is None else oldest.last_seen + self.model.idle_timeout
+
+    def handle_timer(self, now: float) -> None:
+        """Forget flows idle for the model's idle timeout (the least recent come first)."""
+        timeout = self.model.idle_timeout
+        while (oldest := self._flows.oldest()) is not None and oldest.last_seen + timeout <= now:
+            self._end(oldest, now, "idle")
+
+    def flows(self) -> list[Flow]:
+        return list(self._flows)
+
+    def drain_events(self) -> list[Event]:
+        events = self._events.copy()
+        self._events.clear()
+        return events
+
+    # ---- classification ------------------------------------------------------------------
+    def _name_found(self, flow: Flow, raw: str, source: NameSource, now: float) -> None:
+        if raw == "":
+            if flow.dns_names:  # no SNI: the name its address was resolved from, if any
+                self._classify_by_dns(flow, now)
+            return
+        name = self._normalise(raw)
+        flow.names_seen.append((name, source))
+        flow.name, flow.name_source = name, source
+        rule = self._rules.by_name(flow, name)
+        if rule is not None:
+            self._decide(flow, rule, now)
+        elif not self.model.inspect_after_name:
+            self._decide(flow, None, now)
+
+    def _normalise(self, raw: str) -> str:
+        return normalise(raw, strip_trailing_dot=self.model.strip_trailing_dot)
+
+    def _classify_by_dns(self, flow: Flow, now: float) -> bool:
+        for name in flow.dns_names:
+            rule = self._rules.by_name(flow, name)
+            if rule is not None:
+                flow.name, flow.name_source = name, "dns"
+                self._decide(flow, rule, now)
+                return True
+        if flow.name is None:
+            flow.name, flow.name_source = flow.dns_names[0], "dns"
+        return False
+
+    def _window_over(self, flow: Flow) -> bool:
+        up, down = flow.sides
+        if up.closed and down.closed:
+            return True
+        # One side may never send data (or only ACKs): bound the packets a flow stays undecided.
+        return up.packets + down.packets > 4 * self._max_inspected + 8
+
+    def _close_inspection(self, flow: Flow, now: float, give_up: bool = False) -> None:
+        if flow.state != State.INSPECTING:
+            return
+        if not give_up and flow.dns_names and flow.name_source != "sni" and flow.name_source != "host":
+            if self._classify_by_dns(flow, now):
+                return
+        self._decide(flow, None, now)
+
+    def _decide(self, flow: Flow, rule: Rule | None, now: float) -> None:
+        for side in flow.sides:
+            side.buffer = b""
+            side.pending.clear()
+            side.closed = True
+        if rule is None or not flow.eligible:
+            flow.state = State.PASSED
+        else:
+            flow.state = State.LIMITED
+            flow.rule = rule
+            if rule.sticky > 0 and flow.name_source != "sticky":  # only a real trigger re-arms it
+                self._rules.arm(flow.server, rule, now)
+        self._events.append(FlowDecided(flow, now))
+
+
+__all__ = ["Counters", "Engine", "Verdict"]

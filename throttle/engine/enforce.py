@@ -1,0 +1,85 @@
+"""Enforcement: a limited flow's packets against its token buckets (`throttle.engine.buckets`).
+
+A rule's buckets are per flow, per client address or one for the whole rule (`scope`), always one
+per direction (censor-behaviors §9). A policer passes or drops; a shaper gives a release time, or
+drops when the packet would wait longer than the queue bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from throttle.engine.buckets import Bucket, Policer, Shaper
+from throttle.engine.events import Event, Limited, Verdict
+from throttle.engine.flows import DIRECTION_NAMES, Direction, Flow, Side, State
+from throttle.scenario import Rule
+
+Decision = tuple[Verdict, float]  # a verdict, and for HOLD the time to release the packet at
+ACCEPT: Decision = (Verdict.ACCEPT, 0.0)
+BYPASS: Decision = (Verdict.BYPASS, 0.0)
+DROP: Decision = (Verdict.DROP, 0.0)
+
+
+def make_bucket(rule: Rule, now: float) -> Bucket:
+    if rule.action == "police":
+        return Policer(rule.rate, rule.burst, now)
+    return Shaper(rule.rate, rule.burst, now, max_delay=rule.queue_delay, max_bytes=rule.queue_bytes)
+
+
+class Enforcer:
+    """Buckets for limited flows; the buckets shared between flows (scope client or rule) live here."""
+
+    def __init__(self, emit: Callable[[Event], None]) -> None:
+        self._emit = emit
+        self._shared: dict[tuple[str, Direction, bytes], Bucket] = {}
+
+    def enforce(self, flow: Flow, d: Direction, side: Side, size: int, carried: int, now: float) -> Decision:
+        """The verdict for one packet of `flow` in direction `d`; `carried` is the payload the
+        direction carried before this packet (for `after_bytes`)."""
+        if flow.state != State.LIMITED:
+            return BYPASS if flow.state == State.PASSED else ACCEPT
+        rule = flow.rule
+        assert rule is not None
+        if rule.direction != "both" and rule.direction != DIRECTION_NAMES[d]:
+            return ACCEPT
+        if carried < rule.after_bytes:
+            return ACCEPT
+        bucket = flow.buckets[d]
+        if bucket is None:
+            bucket = self._bucket(flow, rule, d, now)
+        name = flow.name or ""
+        if isinstance(bucket, Policer):
+            if bucket.allow(size, now):
+                self._emit(Limited(rule.name, name, d, size, Verdict.ACCEPT, 0.0, now))
+                return ACCEPT
+            return self._drop(rule, name, d, side, size, now)
+        release = bucket.release_time(size, now)
+        if release is None:
+            return self._drop(rule, name, d, side, size, now)
+        if release <= now:
+            self._emit(Limited(rule.name, name, d, size, Verdict.ACCEPT, 0.0, now))
+            return ACCEPT
+        side.delayed_packets += 1
+        side.delayed_bytes += size
+        side.delay_total += release - now
+        self._emit(Limited(rule.name, name, d, size, Verdict.HOLD, release - now, now))
+        return (Verdict.HOLD, release)
+
+    def _drop(self, rule: Rule, name: str, d: Direction, side: Side, size: int, now: float) -> Decision:
+        side.dropped_packets += 1
+        side.dropped_bytes += size
+        self._emit(Limited(rule.name, name, d, size, Verdict.DROP, 0.0, now))
+        return DROP
+
+    def _bucket(self, flow: Flow, rule: Rule, d: Direction, now: float) -> Bucket:
+        if rule.scope == "flow":
+            bucket = make_bucket(rule, now)
+        else:
+            # Client and rule scopes share buckets across flows, one per direction (§9).
+            key = (rule.name, d, flow.client if rule.scope == "client" else b"")
+            shared = self._shared.get(key)
+            if shared is None:
+                shared = self._shared[key] = make_bucket(rule, now)
+            bucket = shared
+        flow.buckets[d] = bucket
+        return bucket

@@ -1,0 +1,72 @@
+"""What the engine reports: events drained by adapters (metrics, the hook) and by `classify`.
+
+`Event` is the union of them all; `Engine.drain_events()` returns a list of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Literal
+
+from throttle.engine.flows import Direction, EndReason, Flow
+
+
+class Verdict(IntEnum):
+    ACCEPT = 0  # pass this packet; the flow is still inspected, or limited
+    BYPASS = 1  # pass it, and hand the flow back to the kernel: decided, not limited
+    DROP = 2  # the policer (or a full shaper queue) drops it
+    HOLD = 3  # keep it and release it at the time given with the verdict (the shaper)
+
+
+@dataclass(frozen=True, slots=True)
+class FlowStarted:
+    flow: Flow
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class FlowDecided:
+    flow: Flow
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class FlowEnded:
+    flow: Flow
+    at: float
+    reason: EndReason
+
+
+@dataclass(frozen=True, slots=True)
+class Limited:
+    """One packet of a limited flow met its bucket: passed, dropped, or held for `delay` seconds."""
+
+    rule: str
+    name: str
+    direction: Direction
+    size: int
+    verdict: Verdict
+    delay: float
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class NameLearned:
+    address: bytes
+    names: tuple[str, ...]
+    ttl: int
+    at: float
+
+
+ErrorKind = Literal["malformed", "dns"]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineError:
+    kind: ErrorKind
+    detail: str
+    at: float
+
+
+Event = FlowStarted | FlowDecided | FlowEnded | Limited | NameLearned | EngineError

@@ -1,0 +1,178 @@
+"""Inspection: reading names out of a flow's first packets, as the scenario's model says to.
+
+The 2021 TSPU (censor-behaviors §5-6) looked at the first data packet per direction, kept looking
+for 15-20 more once it saw a TLS record (or HTTP), gave up for good on an unparseable first packet
+of 101 bytes or more, read one TLS record per segment and never reassembled TCP. The reassembling
+model joins a direction's segments in order up to a bound and reads every ClientHello in the
+stream. Names come from the TLS SNI, the HTTP Host header, and addresses learned from DNS answers
+(the CDN-hostname path).
+
+This module reads bytes and keeps per-direction windows; it decides nothing. The engine
+(`throttle.engine.core`) takes the names it finds to the rules.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+from throttle.engine.events import EngineError, Event, NameLearned
+from throttle.engine.flows import NameSource, Side
+from throttle.errors import ParseError
+from throttle.scenario import Model
+from throttle.wire import dns, http, tls
+from throttle.wire.names import normalise
+
+Found = tuple[str, NameSource]  # a name as sent ("" for a complete hello without SNI), its source
+
+
+class Inspector:
+    """The model's inspection of TCP payloads, and the addresses learned from DNS answers."""
+
+    def __init__(self, model: Model, emit: Callable[[Event], None]) -> None:
+        self.model = model
+        self._emit = emit
+        self.sources = frozenset(model.name_sources)
+        self.max_inspected = model.window_packets + model.window_extension
+        self._dns: OrderedDict[bytes, tuple[tuple[str, ...], float]] = OrderedDict()
+
+    # ---- TCP -------------------------------------------------------------------------------
+    def tcp(self, side: Side, payload: bytes, seq: int) -> tuple[list[Found], bool]:
+        """Inspect one data segment of a direction: (names found, in order; whether inspection of
+        the whole flow gives up for good, §5)."""
+        if side.closed:
+            return [], False
+        model = self.model
+        if model.reassemble:
+            data = self._reassemble(side, payload, seq)
+            if data is None:
+                return [], False
+        else:
+            data = payload
+        side.inspected += 1
+        side.budget -= 1
+        first = side.inspected == 1
+        found: list[Found] = []
+        if model.reassemble and "tls" in self.sources and tls.is_tls_record(data):
+            found = [(name, "sni") for name in self._stream_names(side, data)]
+            recognised = True
+        else:
+            name, source, recognised = self._find_name(data)
+            if name is not None and source:
+                found = [(name, source)]
+        if recognised and not side.extended:
+            side.extended = True
+            side.budget += model.window_extension
+        elif not recognised and first and len(payload) >= model.give_up_bytes and not model.reassemble:
+            # §5: an unparseable first packet of 101 bytes or more ends inspection for good.
+            return [], True
+        elif not recognised and first:
+            side.budget += 1  # a short unknown first packet does not use up the window
+        if side.budget <= 0 or side.inspected >= self.max_inspected:
+            side.closed = True
+        return found, False
+
+    def _stream_names(self, side: Side, data: bytes) -> list[str]:
+        """Reassembling model: the SNI of every ClientHello completed in the stream since last time.
+
+        Records before a hello (a ChangeCipherSpec, a decoy hello) are stepped over, so neither
+        the `ccs` nor the `fake` trick of §7 hides the real hello from a censor that reads the
+        stream ("" stands for a hello without SNI)."""
+        names = []
+        pos = side.tls_offset
+        while len(data) - pos >= 5 and tls.is_tls_record(data[pos : pos + 3]):
+            if data[pos] != tls.CONTENT_HANDSHAKE:
+                end = pos + 5 + (data[pos + 3] << 8 | data[pos + 4])
+                if end > len(data):
+                    break
+                pos = end
+                continue
+            try:
+                hello = tls.parse_client_hello(data[pos:])
+            except tls.TLSParseError:
+                pos = len(data)  # not a hello: nothing further in this stream is read
+                break
+            if hello is None:
+                break
+            names.append(hello.sni or "")
+            pos += hello.length
+        side.tls_offset = pos
+        return names
+
+    def _find_name(self, data: bytes) -> tuple[str | None, NameSource | None, bool]:
+        """(name or None, its source, whether the bytes were recognised as TLS or HTTP)."""
+        if tls.is_tls_record(data):
+            if "tls" not in self.sources:
+                return None, "sni", True
+            try:
+                hello = tls.parse_client_hello(data, first_record_only=not self.model.reassemble)
+            except tls.TLSParseError:
+                return None, "sni", True
+            if hello is None:
+                return None, "sni", True
+            if hello.sni is None:
+                return "", "sni", True  # a complete hello without SNI: the DNS name may apply
+            return hello.sni, "sni", True
+        if http.looks_like_http_request(data):
+            if "http" not in self.sources:
+                return None, "host", True
+            try:
+                head = http.parse_http_host(data)
+            except ParseError:
+                return None, "host", True
+            if head is None or head.host is None:
+                return None, "host", True
+            return head.host, "host", True
+        return None, None, False
+
+    def _reassemble(self, side: Side, payload: bytes, seq: int) -> bytes | None:
+        """Append in-order bytes to the direction's stream; None when nothing new is in order."""
+        if side.next_seq < 0:
+            side.next_seq = seq
+        limit = self.model.reassembly_limit
+        offset = (seq - side.next_seq) & 0xFFFFFFFF
+        if offset >= 0x80000000:  # starts before next_seq: a retransmission, maybe with new bytes
+            overlap = (side.next_seq - seq) & 0xFFFFFFFF
+            if overlap >= len(payload):
+                return None
+            payload, seq, offset = payload[overlap:], side.next_seq, 0
+        if offset > 0:
+            if len(side.buffer) + offset + len(payload) <= limit and len(side.pending) < 64:
+                side.pending[seq] = payload
+            return None
+        grown = side.buffer + payload
+        side.next_seq = (seq + len(payload)) & 0xFFFFFFFF
+        while side.next_seq in side.pending:
+            more = side.pending.pop(side.next_seq)
+            grown += more
+            side.next_seq = (side.next_seq + len(more)) & 0xFFFFFFFF
+        side.buffer = grown[:limit]
+        return side.buffer
+
+    # ---- DNS -------------------------------------------------------------------------------
+    def udp_inspectable(self, server_port: int, client_port: int) -> bool:
+        return "dns" in self.sources and (server_port == 53 or client_port == 53)
+
+    def dns_answer(self, payload: bytes, now: float) -> None:
+        """Learn address -> names from a DNS response, each until its TTL runs out."""
+        try:
+            response = dns.parse_dns_response(payload)
+        except ParseError as exc:
+            self._emit(EngineError("dns", str(exc), now))
+            return
+        for record in response.records:
+            names = tuple(normalise(n, strip_trailing_dot=True) for n in record.names)
+            self._dns[record.address] = (names, now + record.ttl)
+            self._dns.move_to_end(record.address)
+            self._emit(NameLearned(record.address, names, record.ttl, now))
+        while len(self._dns) > self.model.dns_max_entries:
+            self._dns.popitem(last=False)
+
+    def learned_names(self, address: bytes, now: float) -> tuple[str, ...]:
+        """The names a DNS answer gave for `address`, while its TTL lasts."""
+        if "dns" not in self.sources:
+            return ()
+        learned = self._dns.get(address)
+        if learned is not None and learned[1] > now:
+            return learned[0]
+        return ()

@@ -1,0 +1,148 @@
+"""The firewall rules that send undecided and limited flows to the censor's queue.
+
+Rules live in one chain of our own per address family (`THROTTLE_Q<n>` in the mangle table),
+jumped to from FORWARD, and are created inside a context manager that always removes them.
+
+    -p tcp --syn -j CONNMARK (clear BIT)      a new connection is never a decided one
+    -m connmark --mark BIT/BIT -j RETURN      a decided flow: the kernel forwards it, no Python
+    -m mark --mark BIT/BIT -j CONNMARK ...    the engine just decided it (verdict REPEAT with the
+    -m mark --mark BIT/BIT -j RETURN          mark): remember that on the conntrack entry
+    -p tcp -j NFQUEUE --queue-bypass          everything else goes to Python; with no process
+    -p udp -j NFQUEUE --queue-bypass          bound to the queue, the kernel passes it (fail-open)
+
+Commands are argument lists run with `-w` (wait for the xtables lock), never shell strings.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from throttle.errors import ThrottleError
+from throttle.kernel.tools import find_tool, require_tool
+
+DECIDED_MARK = 0x40000000
+TABLE = "mangle"
+
+
+@dataclass(frozen=True)
+class Firewall:
+    queue: int = 0
+    mark: int = DECIDED_MARK
+    hook_chain: str = "FORWARD"
+    # One jump into our chain per entry, each with its extra matches. In the lab: one jump for
+    # everything the censor namespace forwards. In gateway mode: only packets between the two
+    # named interfaces, in both directions, so nothing else on the router is touched.
+    jumps: tuple[tuple[str, ...], ...] = ((),)
+
+    @classmethod
+    def gateway(cls, inside: str, outside: str, queue: int = 0) -> Firewall:
+        return cls(queue=queue, jumps=(("-i", inside, "-o", outside), ("-i", outside, "-o", inside)))
+
+    @property
+    def chain(self) -> str:
+        return f"THROTTLE_Q{self.queue}"
+
+    def rules(self) -> list[list[str]]:
+        m = f"{self.mark:#x}/{self.mark:#x}"
+        q = ["-j", "NFQUEUE", "--queue-num", str(self.queue), "--queue-bypass"]
+        return [
+            # A new connection forgets the decision of an old one with the same 5-tuple (whose
+            # end the censor may never have seen, its packets having bypassed it).
+            ["-p", "tcp", "--syn", "-j", "CONNMARK", "--set-xmark", f"0x0/{self.mark:#x}"],
+            ["-m", "connmark", "--mark", m, "-j", "RETURN"],
+            ["-m", "mark", "--mark", m, "-j", "CONNMARK", "--save-mark", "--nfmask", hex(self.mark), "--ctmask", hex(self.mark)],
+            ["-m", "mark", "--mark", m, "-j", "RETURN"],
+            ["-p", "tcp", *q],
+            ["-p", "udp", *q],
+        ]
+
+
+def _tool(name: str) -> str:
+    return require_tool(name, "iptables", " (or run scripts/setup)")
+
+
+def _run(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(list(argv), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        err = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
+        if "NFQUEUE" in " ".join(argv) and ("No chain/target/match" in err or "Protocol not supported" in err):
+            raise ThrottleError("the kernel has no NFQUEUE support (xt_NFQUEUE / nfnetlink_queue): load it with modprobe nfnetlink_queue xt_NFQUEUE")
+        raise ThrottleError(f"{' '.join(argv)}: {err}")
+    return result
+
+
+def _remove(tool: str, fw: Firewall) -> None:
+    _remove_chain(tool, fw.hook_chain, fw.chain)
+
+
+def _remove_chain(tool: str, hook_chain: str, chain: str) -> None:
+    """Delete every jump into `chain` (whatever its matches, so a killed censor's rules go too),
+    then the chain itself."""
+    base = [tool, "-w", "-t", TABLE]
+    listing = _run([*base, "-S", hook_chain], check=False).stdout
+    for line in listing.splitlines():
+        words = shlex.split(line)
+        if words[:2] == ["-A", hook_chain] and words[-2:] == ["-j", chain]:
+            _run([*base, "-D", *words[1:]], check=False)
+    _run([*base, "-F", chain], check=False)
+    _run([*base, "-X", chain], check=False)
+
+
+def cleanup() -> list[str]:
+    """Remove every throttle queue chain (and the jumps into it) in the current namespace, for
+    both address families; returns what was removed. For `ExecStopPost=` after a crash."""
+    removed = []
+    for name in ("iptables", "ip6tables"):
+        path = find_tool(name)
+        if path is None:
+            continue
+        listing = _run([path, "-w", "-t", TABLE, "-S"], check=False).stdout
+        chains = sorted({w for line in listing.splitlines() for w in line.split()[1:2]
+                         if line.startswith("-N ") and w.startswith("THROTTLE_Q")})
+        for chain in chains:
+            _remove_chain(path, "FORWARD", chain)
+            removed.append(f"{name} {TABLE} {chain}")
+    return removed
+
+
+@contextmanager
+def installed(fw: Firewall) -> Iterator[Firewall]:
+    """Install the queue rules for IPv4 and IPv6 in the current namespace; always remove them."""
+    tools = [_tool("iptables"), _tool("ip6tables")]
+    for tool in tools:  # rules left by a censor that was killed: start clean
+        _remove(tool, fw)
+    try:
+        for tool in tools:
+            base = [tool, "-w", "-t", TABLE]
+            _run([*base, "-N", fw.chain])
+            for rule in fw.rules():
+                _run([*base, "-A", fw.chain, *rule])
+            for match in fw.jumps:
+                _run([*base, "-I", fw.hook_chain, "1", *match, "-j", fw.chain])
+        yield fw
+    finally:
+        for tool in tools:
+            _remove(tool, fw)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m throttle.kernel.firewall --cleanup`: remove leftover rules (a systemd ExecStopPost)."""
+    if argv != ["--cleanup"]:
+        print("usage: python -m throttle.kernel.firewall --cleanup", file=sys.stderr)
+        return 2
+    try:
+        removed = cleanup()
+    except ThrottleError as exc:
+        print(f"throttle.kernel.firewall: {exc}", file=sys.stderr)
+        return 2
+    print("removed: " + (", ".join(removed) if removed else "nothing (no throttle rules here)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

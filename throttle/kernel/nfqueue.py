@@ -1,0 +1,209 @@
+"""The NFQUEUE adapter: packets in from a netfilter queue, the engine's verdicts out. Thin.
+
+Packets of flows still under inspection, and of limited flows, arrive on the queue; each gets the
+engine's verdict: ACCEPT and DROP at once, HOLD as a timer in the event loop that accepts the
+retained packet later, and BYPASS as a mark plus REPEAT, so the firewall stores the mark on the
+conntrack entry and the kernel forwards the rest of that flow without queueing it (see
+`throttle.kernel.firewall`). No thread, no sleep per packet. A bug in the engine costs a verdict
+(the packet is accepted), never a packet; held packets are accepted on the way out.
+
+What runs around it (signals, the fast path, metrics, printing) is composed in `throttle.censor`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Protocol
+
+from throttle.engine import Engine, Event, FlowDecided, Verdict
+from throttle.errors import ThrottleError
+from throttle.kernel.firewall import DECIDED_MARK
+from throttle.kernel.tools import require_root, require_tool
+
+QUEUE_MAXLEN = 8192  # packets the kernel keeps for us, held ones included
+RCVBUF = 8 << 20
+
+
+class QueuedPacket(Protocol):
+    """What netfilterqueue hands the callback, reduced to what the adapter uses."""
+
+    indev: int
+
+    def get_payload(self) -> bytes: ...
+    def get_mark(self) -> int: ...
+    def set_mark(self, mark: int) -> None: ...
+    def retain(self) -> None: ...
+    def accept(self) -> None: ...
+    def drop(self) -> None: ...
+    def repeat(self) -> None: ...
+
+
+def check_requirements() -> ModuleType:
+    """Everything the hook needs, each missing piece named with its fix. Returns the module."""
+    require_root("the censor needs root (netfilter queues and firewall rules)")
+    for tool in ("iptables", "ip6tables"):
+        require_tool(tool, "iptables", " (or run scripts/setup)")
+    try:
+        import netfilterqueue
+    except ImportError as exc:
+        raise ThrottleError(
+            f"the netfilterqueue module cannot be loaded ({exc}): run scripts/setup, which installs "
+            "libnetfilter-queue-dev and builds it"
+        ) from None
+    return netfilterqueue
+
+
+@dataclass
+class HookStats:
+    started: float = field(default_factory=time.monotonic)
+    queued: int = 0
+    accepted: int = 0
+    dropped: int = 0
+    held: int = 0
+    bypassed: int = 0
+    errors: int = 0
+    holding: int = 0
+    flows_limited: int = 0
+    flows_passed: int = 0
+
+
+class Hook:
+    """One engine behind one queue. `on_packet` for every packet, `after_batch` after each read."""
+
+    def __init__(self, engine: Engine, *, bypass: bool = True, inside_ifindex: int | None = None,
+                 on_events: Callable[[list[Event]], None] | None = None,
+                 on_error: Callable[[], None] | None = None) -> None:
+        self.engine = engine
+        self.bypass = bypass  # False keeps every packet in Python (a benchmark baseline)
+        self.inside_ifindex = inside_ifindex
+        self.on_events = on_events
+        self.on_error = on_error
+        self.stats = HookStats()
+        self._held: set[QueuedPacket] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    @property
+    def holding(self) -> int:
+        return len(self._held)
+
+    # ---- the per-packet path -------------------------------------------------------------
+    def on_packet(self, pkt: QueuedPacket) -> None:
+        stats = self.stats
+        stats.queued += 1
+        loop = self.loop
+        try:
+            inside = None if self.inside_ifindex is None else pkt.indev == self.inside_ifindex
+            verdict, release = self.engine.process(pkt.get_payload(), loop.time(), inside)
+        except Exception:  # noqa: BLE001 - a bug must cost a verdict, never a packet
+            stats.errors += 1
+            if self.on_error is not None:
+                self.on_error()
+            pkt.accept()
+            return
+        if verdict == Verdict.ACCEPT or verdict == Verdict.BYPASS and not self.bypass:
+            stats.accepted += 1
+            pkt.accept()
+        elif verdict == Verdict.BYPASS:
+            stats.bypassed += 1
+            pkt.set_mark(pkt.get_mark() | DECIDED_MARK)
+            pkt.repeat()
+        elif verdict == Verdict.DROP:
+            stats.dropped += 1
+            pkt.drop()
+        else:
+            stats.held += 1
+            pkt.retain()
+            self._held.add(pkt)
+            stats.holding = len(self._held)
+            loop.call_at(release, self._release, pkt)
+
+    def _release(self, pkt: QueuedPacket) -> None:
+        if pkt in self._held:
+            self._held.discard(pkt)
+            self.stats.holding = len(self._held)
+            pkt.accept()
+
+    def after_batch(self) -> None:
+        """Drain the engine's events (to `on_events`) and arm the engine's next timer."""
+        events = self.engine.drain_events()
+        for ev in events:
+            if isinstance(ev, FlowDecided):
+                if ev.flow.rule is not None:
+                    self.stats.flows_limited += 1
+                else:
+                    self.stats.flows_passed += 1
+        if events and self.on_events is not None:
+            self.on_events(events)
+        self._schedule_timer()
+
+    def _schedule_timer(self) -> None:
+        at = self.engine.next_timer()
+        if at is None or at == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self.loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        self.engine.handle_timer(self.loop.time())
+        self.after_batch()
+
+    def release_all(self) -> None:
+        """Accept every held packet now (on the way out: never lose a packet)."""
+        for pkt in list(self._held):
+            pkt.accept()
+        self._held.clear()
+        self.stats.holding = 0
+
+    # ---- the queue -------------------------------------------------------------------------
+    @contextmanager
+    def bound(self, queue: int) -> Iterator[None]:
+        """Bind netfilter queue `queue` to this hook in the running event loop; always unbind,
+        accepting whatever is still held."""
+        nfq_module = check_requirements()
+        loop = self.loop
+        nfq = nfq_module.NetfilterQueue()
+        try:
+            nfq.bind(queue, self.on_packet, max_len=QUEUE_MAXLEN)
+        except OSError as exc:
+            raise ThrottleError(
+                f"cannot bind netfilter queue {queue} ({exc}): is another censor running on it? "
+                "(the kernel needs nfnetlink_queue: modprobe nfnetlink_queue)"
+            ) from None
+        sock = socket.fromfd(nfq.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW)
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        except OSError:
+            pass
+
+        def readable() -> None:
+            nfq.run(block=False)
+            self.after_batch()
+
+        loop.add_reader(sock.fileno(), readable)
+        try:
+            yield
+        finally:
+            loop.remove_reader(sock.fileno())
+            self.release_all()
+            if self._timer is not None:
+                self._timer.cancel()
+            sock.close()
+            nfq.unbind()

@@ -1,0 +1,620 @@
+"""The namespace lab: a client, an ISP middlebox (the censor) and a server, in three namespaces.
+
+    NAME-client                 NAME-censor                      NAME-server
+    to-censor 198.18.0.2/24 --- to-client 198.18.0.1/24
+              2001:2:0:1::2/64            2001:2:0:1::1/64
+                                to-server 198.18.1.1/24 ------ to-censor 198.18.1.2/24 (.3, .4)
+                                          2001:2:0:2::1/64               2001:2:0:2::2/64 (::3, ::4)
+
+The censor namespace forwards IPv4 and IPv6 between the two links, as a middlebox on the path
+would; the client and the server route everything through it. Every lab interface has MTU 1500
+and GRO/GSO/TSO off, so the censor sees wire-sized segments, as on a real link. The server
+namespace runs `throttle.lab.server` (HTTPS for any name, signed by the lab CA; HTTP) and dnsmasq
+(every name resolves to 198.18.1.2 and 2001:2:0:2::2). The client namespace resolves names with
+that dnsmasq and trusts the lab CA through `/etc/netns/NAME-client/`, which `ip netns exec`
+mounts over `/etc`, so `ip netns exec NAME-client curl https://pbs.twimg.com/` just works.
+
+This module owns the kernel state (through pyroute2; `ethtool -K` and process starts are the only
+commands it runs, as argument lists) and the files under `/run/throttle/NAME/` and
+`/etc/netns/NAME-*`. `up()` is idempotent and repairs what is missing; `down()` removes all of it
+and succeeds whatever is left, including nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Callable, Iterable, Optional
+
+from throttle.errors import ThrottleError
+from throttle.files import atomic_write
+from throttle.kernel import netns
+from throttle.kernel.netns import NETNS_DIR
+from throttle.kernel.tools import require_root, require_tool
+from throttle.lab.ca import ensure_ca
+
+ROLES = ("client", "censor", "server")
+ETC_NETNS = Path("/etc/netns")
+STATE_ROOT = Path("/run/throttle")
+MTU = 1500
+IFA_F_NODAD = 0x02  # an IPv6 address usable at once, without duplicate address detection
+
+# Interface names as seen inside each namespace.
+CLIENT_IF = "to-censor"
+CENSOR_CLIENT_IF = "to-client"
+CENSOR_SERVER_IF = "to-server"
+SERVER_IF = "to-censor"
+
+CLIENT_V4 = "198.18.0.2"
+CLIENT_V6 = "2001:2:0:1::2"
+CENSOR_CLIENT_V4 = "198.18.0.1"
+CENSOR_CLIENT_V6 = "2001:2:0:1::1"
+CENSOR_SERVER_V4 = "198.18.1.1"
+CENSOR_SERVER_V6 = "2001:2:0:2::1"
+SERVER_V4 = "198.18.1.2"
+SERVER_V6 = "2001:2:0:2::2"
+SERVER_EXTRA_V4 = ("198.18.1.3", "198.18.1.4")  # other servers, for names sent elsewhere
+SERVER_EXTRA_V6 = ("2001:2:0:2::3", "2001:2:0:2::4")
+DNS_V4 = SERVER_V4
+DNS_V6 = SERVER_V6
+
+
+@dataclass(frozen=True, slots=True)
+class Iface:
+    role: str
+    name: str
+    addresses: tuple[str, ...]  # "address/prefixlen"
+
+
+INTERFACES = (
+    Iface("client", CLIENT_IF, (f"{CLIENT_V4}/24", f"{CLIENT_V6}/64")),
+    Iface("censor", CENSOR_CLIENT_IF, (f"{CENSOR_CLIENT_V4}/24", f"{CENSOR_CLIENT_V6}/64")),
+    Iface("censor", CENSOR_SERVER_IF, (f"{CENSOR_SERVER_V4}/24", f"{CENSOR_SERVER_V6}/64")),
+    Iface(
+        "server", SERVER_IF,
+        tuple(f"{a}/24" for a in (SERVER_V4, *SERVER_EXTRA_V4))
+        + tuple(f"{a}/64" for a in (SERVER_V6, *SERVER_EXTRA_V6)),
+    ),
+)
+# Veth pairs: (censor-side interface, other role, other-side interface).
+VETHS = (
+    (CENSOR_CLIENT_IF, "client", CLIENT_IF),
+    (CENSOR_SERVER_IF, "server", SERVER_IF),
+)
+GATEWAYS = {
+    "client": (CENSOR_CLIENT_V4, CENSOR_CLIENT_V6),
+    "server": (CENSOR_SERVER_V4, CENSOR_SERVER_V6),
+}
+SYSCTLS_ALL = (
+    # No DAD (addresses usable at once), no router advertisements or solicitations on the wire.
+    ("net.ipv6.conf.all.accept_dad", "0"),
+    ("net.ipv6.conf.default.accept_dad", "0"),
+    ("net.ipv6.conf.all.accept_ra", "0"),
+    ("net.ipv6.conf.default.accept_ra", "0"),
+    ("net.ipv6.conf.default.router_solicitations", "0"),
+)
+SYSCTLS_CENSOR = (
+    ("net.ipv4.ip_forward", "1"),
+    ("net.ipv6.conf.all.forwarding", "1"),
+)
+OFFLOADS = ("gro", "gso", "tso")
+HOSTS_FILE = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+STATE_FILES = (  # what the lab writes in its state directory, besides certs/
+    "ca.pem", "ca-key.pem", "leaf-key.pem", "lab.json", "labserver.pid", "labserver.log",
+    "dnsmasq.pid", "dnsmasq.log", "*.tmp", ".*.tmp",
+)
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 3.0
+
+# Popen objects of servers this process started, so their exit can be reaped (no zombies).
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _require_root() -> None:
+    require_root("the lab needs root")
+
+
+def _require_pyroute2() -> None:
+    try:
+        import pyroute2  # noqa: F401
+    except ImportError:
+        raise ThrottleError("the Python package pyroute2 is missing: .venv/bin/pip install pyroute2") from None
+
+
+def _ns_id(path: Path | str) -> Optional[tuple[int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _alive(pid: int) -> bool:
+    """True for a process that exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _read_pid(path: Path) -> Optional[int]:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit of a lab server this process started. Other processes are left alone:
+    reaping a child behind its own Popen's back would make it report exit status 0."""
+    child = _children.get(pid)
+    if child is not None and child.poll() is not None:
+        del _children[pid]
+
+
+def _write_sysctls(ns: str, values: Iterable[tuple[str, str]]) -> None:
+    """Write sysctls inside a namespace (files under /proc/sys/net belong to the namespace of the
+    thread that opens them: `netns.run_in` writes them from a thread inside it)."""
+    values = list(values)
+
+    def work() -> None:
+        for key, value in values:
+            with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+                f.write(value)
+
+    try:
+        netns.run_in(ns, work)
+    except OSError as exc:
+        raise ThrottleError(f"cannot set sysctls in namespace {ns}: {exc}") from None
+
+
+class Lab:
+    """Three namespaces and what runs in them; see the module docstring for the layout."""
+
+    def __init__(self, name: str = "throttle", state_dir: Optional[Path] = None) -> None:
+        if not name or len(name) > 24 or not all(c.isalnum() or c in "-_" for c in name):
+            raise ThrottleError(f"lab name {name!r}: use up to 24 letters, digits, - or _")
+        self.name = name
+        self.state_dir = Path(state_dir) if state_dir is not None else STATE_ROOT / name
+
+    # -- names and paths ------------------------------------------------------------------------
+
+    def ns(self, role: str) -> str:
+        """The namespace name of a role: `ns("client")` is "NAME-client"."""
+        if role not in ROLES:
+            raise ValueError(f"{role!r} is not one of {', '.join(ROLES)}")
+        return f"{self.name}-{role}"
+
+    def exec_argv(self, role: str, argv: list[str]) -> list[str]:
+        """`argv` run inside a role's namespace (with its /etc/netns files), as an argument list."""
+        return ["ip", "netns", "exec", self.ns(role), *argv]
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.state_dir / "ca.pem"
+
+    @property
+    def _labserver_pid(self) -> Path:
+        return self.state_dir / "labserver.pid"
+
+    @property
+    def _dnsmasq_pid(self) -> Path:
+        return self.state_dir / "dnsmasq.pid"
+
+    def __enter__(self) -> Lab:
+        try:
+            self.up()
+        except BaseException:
+            try:
+                self.down()
+            except ThrottleError:
+                pass  # the error from up() is the one worth reporting
+            raise
+        return self
+
+    def __exit__(self, t: Optional[type[BaseException]], e: Optional[BaseException], tb: Optional[TracebackType]) -> None:
+        self.down()
+
+    # -- up -------------------------------------------------------------------------------------
+
+    def up(self, hostnames: Iterable[str] = ()) -> LabStatus:
+        """Create or repair the lab; returns `status()`. Hostnames get certificates at start."""
+        _require_root()
+        _require_pyroute2()
+        ip = require_tool("ip", "iproute2")
+        ethtool = require_tool("ethtool", "ethtool")
+        dnsmasq = require_tool("dnsmasq", "dnsmasq-base")
+        hostnames = [h for h in hostnames if h]
+
+        STATE_ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
+        for role in ROLES:
+            self._ensure_namespace(self.ns(role))
+        for role in ROLES:
+            _write_sysctls(self.ns(role), SYSCTLS_ALL + (SYSCTLS_CENSOR if role == "censor" else ()))
+        self._ensure_links()
+        self._wait_links_up()
+        for iface in INTERFACES:
+            self._run([ip, "netns", "exec", self.ns(iface.role), ethtool, "-K", iface.name,
+                       *(w for o in OFFLOADS for w in (o, "off"))], f"ethtool -K {iface.name}")
+        ca_before = self._read_ca()
+        ensure_ca(self.state_dir, self.name)
+        self._write_client_etc()
+        self._start_dnsmasq(ip, dnsmasq)
+        self._start_labserver(ip, hostnames, restart=self._read_ca() != ca_before)
+        atomic_write(self.state_dir / "lab.json", json.dumps({"name": self.name, "hostnames": hostnames}).encode(), 0o600)
+        return self.status()
+
+    def _read_ca(self) -> Optional[bytes]:
+        try:
+            return self.ca_cert.read_bytes()
+        except OSError:
+            return None
+
+    def _ensure_namespace(self, ns: str) -> None:
+        from pyroute2 import netns as pyroute2_netns
+
+        path = NETNS_DIR / ns
+        if path.exists() and not os.path.ismount(path):
+            path.unlink()  # a leftover mount point with no namespace behind it
+        if not path.exists():
+            try:
+                pyroute2_netns.create(ns)
+            except OSError as exc:
+                if exc.errno != errno.EEXIST:
+                    raise ThrottleError(f"cannot create namespace {ns}: {exc}") from None
+
+    def _ipr(self, role: str) -> Any:
+        from pyroute2 import IPRoute
+
+        return IPRoute(netns=self.ns(role), flags=0)  # flags=0: never create a namespace by accident
+
+    def _ensure_links(self) -> None:
+        from pyroute2 import NetlinkError
+
+        try:
+            with self._ipr("censor") as censor:
+                for censor_if, role, other_if in VETHS:
+                    if censor.link_lookup(ifname=censor_if):
+                        continue
+                    with self._ipr(role) as other:
+                        for stale in other.link_lookup(ifname=other_if):
+                            other.link("del", index=stale)  # half of a pair whose peer is gone
+                    fd = os.open(NETNS_DIR / self.ns(role), os.O_RDONLY)
+                    try:
+                        censor.link("add", ifname=censor_if, kind="veth",
+                                    peer={"ifname": other_if, "net_ns_fd": fd})
+                    finally:
+                        os.close(fd)
+            for role in ROLES:
+                with self._ipr(role) as ipr:
+                    ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+                    for iface in (i for i in INTERFACES if i.role == role):
+                        index = ipr.link_lookup(ifname=iface.name)[0]
+                        ipr.link("set", index=index, mtu=MTU)
+                        for spec in iface.addresses:
+                            address, prefix = spec.split("/")
+                            v6 = ":" in address
+                            ipr.addr("replace", index=index, address=address, prefixlen=int(prefix),
+                                     **({"flags": IFA_F_NODAD} if v6 else {}))
+                        ipr.link("set", index=index, state="up")
+                    if role in GATEWAYS:
+                        gw4, gw6 = GATEWAYS[role]
+                        ipr.route("replace", dst="0.0.0.0/0", gateway=gw4)
+                        ipr.route("replace", dst="::/0", gateway=gw6, family=socket.AF_INET6)
+        except NetlinkError as exc:
+            raise ThrottleError(f"cannot configure the lab's links: {exc}") from None
+
+    def _wait_links_up(self) -> None:
+        """Wait for the kernel to finish bringing the veths up. Until linkwatch has run (up to a
+        second after `state up`) a device has no qdisc and drops what is sent: the first SYN of
+        a lab used at once would be lost and the first connection would take a second longer."""
+        deadline = time.monotonic() + START_TIMEOUT
+        sockets = {role: self._ipr(role) for role in ROLES}
+        try:
+            pending = list(INTERFACES)
+            while pending:
+                pending = [
+                    i for i in pending
+                    if [link.get("operstate") for link in sockets[i.role].get_links(ifname=i.name)] != ["UP"]
+                ]
+                if pending and time.monotonic() > deadline:
+                    names = ", ".join(f"{self.ns(i.role)}/{i.name}" for i in pending)
+                    raise ThrottleError(f"lab interfaces did not come up: {names}")
+                if pending:
+                    time.sleep(0.02)
+        finally:
+            for ipr in sockets.values():
+                ipr.close()
+
+    def _run(self, argv: list[str], what: str) -> None:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if proc.returncode != 0:
+            err = (proc.stderr or proc.stdout).strip()
+            raise ThrottleError(f"{what} failed (exit {proc.returncode}): {err}")
+
+    def _write_client_etc(self) -> None:
+        """resolv.conf, hosts and a CA bundle with the lab CA, for `ip netns exec NAME-client`."""
+        etc = ETC_NETNS / self.ns("client")
+        etc.mkdir(mode=0o755, parents=True, exist_ok=True)
+        atomic_write(etc / "resolv.conf", f"# throttle lab {self.name}\nnameserver {DNS_V4}\n".encode())
+        # Only localhost: every other name goes to the lab DNS, where the censor can see it.
+        atomic_write(etc / "hosts", HOSTS_FILE.encode())
+        # `ip netns exec` mounts etc/ssl over all of /etc/ssl, so the copy holds the whole tree
+        # (openssl.cnf, the hashed certs directory); only the bundle file differs.
+        ssl_dir = etc / "ssl"
+        if not (ssl_dir / "certs").is_dir():
+            shutil.rmtree(ssl_dir, ignore_errors=True)
+            if Path("/etc/ssl").is_dir():
+                shutil.copytree("/etc/ssl", ssl_dir, symlinks=True, ignore=shutil.ignore_patterns("private"))
+            (ssl_dir / "certs").mkdir(parents=True, exist_ok=True)
+        try:
+            system = SYSTEM_CA_BUNDLE.read_bytes()
+        except OSError:
+            system = b""
+        if system and not system.endswith(b"\n"):
+            system += b"\n"
+        bundle = ssl_dir / "certs" / "ca-certificates.crt"
+        if bundle.is_symlink():
+            bundle.unlink()
+        lab_ca = self.ca_cert.read_bytes()
+        atomic_write(bundle, system + f"# throttle lab CA ({self.name})\n".encode() + lab_ca)
+        atomic_write(ssl_dir / "certs" / f"throttle-lab-{self.name}.pem", lab_ca)
+
+    def _start_dnsmasq(self, ip: str, dnsmasq: str) -> None:
+        if self._running(self._dnsmasq_pid, "server") is not None:
+            return
+        self._dnsmasq_pid.unlink(missing_ok=True)
+        self._stop_strays(lambda argv: bool(argv) and Path(argv[0]).name == "dnsmasq")
+        listen = [SERVER_V4, *SERVER_EXTRA_V4, SERVER_V6, *SERVER_EXTRA_V6]
+        argv = [
+            ip, "netns", "exec", self.ns("server"), dnsmasq,
+            "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--bind-interfaces",
+            *(f"--listen-address={a}" for a in listen),
+            f"--address=/#/{SERVER_V4}", f"--address=/#/{SERVER_V6}",
+            f"--pid-file={self._dnsmasq_pid}",
+            f"--log-facility={self.state_dir / 'dnsmasq.log'}", "--log-queries",
+        ]
+        # dnsmasq reports bind errors and only then forks: exit 0 means it is answering.
+        self._run(argv, "dnsmasq")
+        deadline = time.monotonic() + START_TIMEOUT
+        while self._running(self._dnsmasq_pid, "server") is None:
+            if time.monotonic() > deadline:
+                raise ThrottleError(f"dnsmasq did not start; see {self.state_dir / 'dnsmasq.log'}")
+            time.sleep(0.02)
+
+    def _start_labserver(self, ip: str, hostnames: list[str], restart: bool = False) -> None:
+        if not restart and self._running(self._labserver_pid, "server") is not None:
+            return
+        self._labserver_pid.unlink(missing_ok=True)
+        # One whose pid file is gone, or that signs with a CA that no longer exists, holds the ports.
+        self._stop_strays(lambda argv: "throttle.lab.server" in argv)
+        log_path = self.state_dir / "labserver.log"
+        argv = [
+            ip, "netns", "exec", self.ns("server"), sys.executable, "-m", "throttle.lab.server",
+            "--ca-dir", str(self.state_dir), "--state-dir", str(self.state_dir),
+            "--pid-file", str(self._labserver_pid),
+            *(w for a in (SERVER_V4, *SERVER_EXTRA_V4, SERVER_V6, *SERVER_EXTRA_V6) for w in ("--address", a)),
+            *(w for h in hostnames for w in ("--name", h)),
+        ]
+        env = dict(os.environ)
+        package_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        with open(log_path, "ab") as log:
+            child = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=env, cwd="/", start_new_session=True,  # not killed with the terminal that started it
+            )
+        _children[child.pid] = child
+        deadline = time.monotonic() + START_TIMEOUT
+        while _read_pid(self._labserver_pid) != child.pid:  # written once its sockets are bound
+            if child.poll() is not None or time.monotonic() > deadline:
+                if child.returncode is None:
+                    child.kill()
+                    child.wait()
+                _children.pop(child.pid, None)
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+                raise ThrottleError("the lab server did not start: " + (" / ".join(tail) or f"see {log_path}"))
+            time.sleep(0.02)
+
+    def _stop_strays(self, match: Callable[[list[str]], bool]) -> None:
+        """Stop servers in the server namespace that up() would start again but cannot track."""
+        strays = {p for p in self._pids_in_namespaces()["server"] if match(_cmdline(p))}
+        strays.discard(os.getpid())
+        self._stop(strays)
+
+    def _running(self, pid_file: Path, role: str) -> Optional[int]:
+        """The pid in a pid file if that process is alive inside the role's namespace."""
+        pid = _read_pid(pid_file)
+        if pid is None or not _alive(pid):
+            return None
+        ns = _ns_id(NETNS_DIR / self.ns(role))
+        if ns is None or _ns_id(f"/proc/{pid}/ns/net") != ns:
+            return None
+        return pid
+
+    # -- down -----------------------------------------------------------------------------------
+
+    def down(self) -> None:
+        """Remove everything the lab made. No error when parts, or all of it, are already gone."""
+        _require_root()
+        pids = set(p for pids in self._pids_in_namespaces().values() for p in pids)
+        # A server whose namespace was unmounted behind our back is found through its pid file,
+        # and only killed if its command line names this lab's state directory.
+        for pid_file in (self._labserver_pid, self._dnsmasq_pid):
+            pid = _read_pid(pid_file)
+            if pid and _alive(pid) and any(str(self.state_dir) in a for a in _cmdline(pid)):
+                pids.add(pid)
+        pids.discard(os.getpid())
+        pids.discard(1)
+        self._stop(pids)
+        from pyroute2 import netns as pyroute2_netns
+
+        for role in ROLES:
+            path = NETNS_DIR / self.ns(role)
+            if os.path.lexists(path):
+                try:
+                    pyroute2_netns.remove(self.ns(role))
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    raise ThrottleError(f"cannot remove namespace {self.ns(role)}: {exc}") from None
+            shutil.rmtree(ETC_NETNS / self.ns(role), ignore_errors=True)
+        self._remove_state()
+
+    def _remove_state(self) -> None:
+        """Delete the files the lab writes, then the directory if that leaves it empty: a state
+        directory given by the caller may hold other things, and those are not ours to delete."""
+        d = self.state_dir
+        for sub, patterns in (("certs", ("*.pem", "*.tmp")), ("", STATE_FILES)):
+            where = d / sub if sub else d
+            for pattern in patterns:
+                for path in where.glob(pattern):
+                    if path.is_file() or path.is_symlink():
+                        path.unlink(missing_ok=True)
+            try:
+                where.rmdir()
+            except OSError:
+                pass  # missing, or not empty
+
+    @staticmethod
+    def _stop(pids: set[int]) -> None:
+        for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, STOP_TIMEOUT)):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + wait
+            while True:
+                for pid in pids:
+                    _reap(pid)
+                pids = {p for p in pids if _alive(p)}
+                if not pids or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+            if not pids:
+                return
+        if pids:
+            raise ThrottleError(f"processes {sorted(pids)} did not exit after SIGKILL")
+
+    def _pids_in_namespaces(self) -> dict[str, list[int]]:
+        """Every process whose network namespace is one of the lab's, by role."""
+        ids = {}
+        for role in ROLES:
+            ns = _ns_id(NETNS_DIR / self.ns(role))
+            if ns is not None:
+                ids[ns] = role
+        found: dict[str, list[int]] = {role: [] for role in ROLES}
+        if not ids:
+            return found
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                role = ids.get(_ns_id(f"/proc/{entry}/ns/net"))  # type: ignore[arg-type]
+                if role is not None:
+                    found[role].append(int(entry))
+        return found
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def status(self) -> LabStatus:
+        _require_root()
+        labserver = self._running(self._labserver_pid, "server")
+        dnsmasq = self._running(self._dnsmasq_pid, "server")
+        try:
+            hostnames = json.loads((self.state_dir / "lab.json").read_text()).get("hostnames", [])
+        except (OSError, ValueError):
+            hostnames = []
+        roles = {role: _role_status(self.ns(role), role) for role in ROLES}
+        return LabStatus(
+            name=self.name,
+            up=all(r.exists for r in roles.values()) and labserver is not None and dnsmasq is not None,
+            roles=roles,
+            dns=DNS_V4,
+            dns6=DNS_V6,
+            ca=str(self.ca_cert) if self.ca_cert.exists() else None,
+            state_dir=str(self.state_dir),
+            etc=str(ETC_NETNS / self.ns("client")),
+            hostnames=tuple(str(h) for h in hostnames),
+            labserver=labserver,
+            dnsmasq=dnsmasq,
+            in_namespaces=self._pids_in_namespaces(),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RoleStatus:
+    """One namespace of the lab: whether it exists, its interfaces and addresses."""
+
+    namespace: str
+    exists: bool
+    interfaces: tuple[str, ...]
+    ipv4: str  # the address a peer uses
+    ipv6: str
+    ipv4_all: tuple[str, ...]
+    ipv6_all: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LabStatus:
+    name: str
+    up: bool  # every namespace exists and both servers run
+    roles: dict[str, RoleStatus]
+    dns: str
+    dns6: str
+    ca: str | None  # the CA certificate's path, once made
+    state_dir: str
+    etc: str  # the client's /etc/netns folder (resolv.conf, the CA bundle)
+    hostnames: tuple[str, ...]
+    labserver: int | None  # pids, when running
+    dnsmasq: int | None
+    in_namespaces: dict[str, list[int]]  # every process in each namespace, by role
+
+    def to_json(self) -> dict[str, Any]:
+        """The shape `throttle lab status --json` prints."""
+        return {
+            "name": self.name,
+            "up": self.up,
+            "namespaces": {role: {"name": r.namespace, "exists": r.exists} for role, r in self.roles.items()},
+            "interfaces": {role: list(r.interfaces) for role, r in self.roles.items()},
+            "addresses": {role: {"ipv4": r.ipv4, "ipv6": r.ipv6, "ipv4_all": list(r.ipv4_all),
+                                 "ipv6_all": list(r.ipv6_all)} for role, r in self.roles.items()},
+            "dns": self.dns,
+            "dns6": self.dns6,
+            "ca": self.ca,
+            "state_dir": self.state_dir,
+            "etc": self.etc,
+            "hostnames": list(self.hostnames),
+            "processes": {"labserver": self.labserver, "dnsmasq": self.dnsmasq, "in_namespaces": self.in_namespaces},
+        }
+
+
+def _role_status(namespace: str, role: str) -> RoleStatus:
+    specs = [a.split("/")[0] for i in INTERFACES if i.role == role for a in i.addresses]
+    v4 = tuple(a for a in specs if ipaddress.ip_address(a).version == 4)
+    v6 = tuple(a for a in specs if ipaddress.ip_address(a).version == 6)
+    return RoleStatus(namespace, os.path.ismount(NETNS_DIR / namespace),
+                      tuple(i.name for i in INTERFACES if i.role == role), v4[0], v6[0], v4, v6)

@@ -1,0 +1,141 @@
+"""The Prometheus exporter: what the censor did and the speeds it let flows reach.
+
+Names follow prometheus.io's practices: one `throttle_` prefix, base units (bytes, seconds),
+counters ending in `_total`, and bounded labels — rule (a rule's name or `none`), name (the
+matched name, at most `MAX_NAMES` per rule, else `other`), direction (upload, download) and
+verdict. Never one label value per connection.
+
+Sources: the engine's events (limited packets, decisions, errors), the engine's flow table (active
+flows), the hook (held packets), and the eBPF fast path's per-flow byte counters (the speed of
+flows the kernel forwards without the censor seeing them).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from throttle.engine import (
+    DIRECTION_NAMES,
+    Engine,
+    EngineError,
+    Event,
+    FlowDecided,
+    FlowEnded,
+    FlowStarted,
+    Limited,
+    NameLearned,
+    State,
+    Verdict,
+)
+
+MAX_NAMES = 20  # distinct name label values per rule before "other"
+SPEED_WINDOW = 5.0  # seconds the achieved-speed gauge averages over
+_VERDICT = {Verdict.ACCEPT: "passed", Verdict.DROP: "dropped", Verdict.HOLD: "delayed"}
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        labels = ["rule", "name", "direction", "verdict"]
+        self.packets = Counter("throttle_packets", "Packets by what the censor did with them: inspected (before the flow "
+                               "was decided), passed, dropped or delayed by a rule's bucket.", labels, registry=r)
+        self.bytes = Counter("throttle_bytes", "Bytes by what the censor did with them; verdict bypassed counts bytes the "
+                             "kernel forwarded for decided flows on the eBPF fast path.", labels, registry=r)
+        self.flows = Counter("throttle_flows_classified", "Flows decided, by where their name came from and the verdict.",
+                             ["name_source", "verdict"], registry=r)
+        self.active = Gauge("throttle_flows_active", "Flows in the censor's table, by state.", ["state"], registry=r)
+        self.speed = Gauge("throttle_achieved_bytes_per_second", f"Bytes per second that got through, over the last "
+                           f"{SPEED_WINDOW:.0f} s, by rule, name and direction (rule none: unlimited flows).",
+                           ["rule", "name", "direction"], registry=r)
+        self.delay = Histogram("throttle_queue_delay_seconds", "How long the shaper held delayed packets.",
+                               buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10), registry=r)
+        self.queue = Gauge("throttle_queue_length", "Packets held by the censor now (shaped, waiting for release).",
+                           registry=r)
+        self.errors = Counter("throttle_engine_errors", "Packets the engine could not parse, or errors in the hook.",
+                              ["kind"], registry=r)
+        self._names: dict[str, set[str]] = {}
+        self._passed: dict[tuple[str, str, str], int] = {}  # cumulative passed bytes by speed labels
+        self._history: deque[tuple[float, dict[tuple[str, str, str], int]]] = deque()
+        self._fast: dict[bytes, tuple[str, int]] = {}  # fast-path key -> (direction, bytes seen so far)
+        for state in ("inspecting", "limited", "passed"):
+            self.active.labels(state)
+        self.queue.set(0)
+
+    def _name(self, rule: str, name: str | None) -> str:
+        if rule == "none" or not name:
+            return "other"
+        seen = self._names.setdefault(rule, set())
+        if name in seen or len(seen) < MAX_NAMES:
+            seen.add(name)
+            return name
+        return "other"
+
+    def _add_passed(self, key: tuple[str, str, str], n: int) -> None:
+        self._passed[key] = self._passed.get(key, 0) + n
+
+    # ---- events ---------------------------------------------------------------------------
+    def on_event(self, ev: Event) -> None:
+        if isinstance(ev, Limited):
+            rule = ev.rule
+            name = self._name(rule, ev.name)
+            direction = DIRECTION_NAMES[ev.direction]
+            verdict = _VERDICT.get(ev.verdict, "passed")
+            self.packets.labels(rule, name, direction, verdict).inc()
+            self.bytes.labels(rule, name, direction, verdict).inc(ev.size)
+            if ev.verdict != Verdict.DROP:
+                self._add_passed((rule, name, direction), ev.size)
+            if ev.verdict == Verdict.HOLD:
+                self.delay.observe(ev.delay)
+        elif isinstance(ev, FlowDecided):
+            flow = ev.flow
+            rule = flow.rule.name if flow.rule is not None else "none"
+            name = self._name(rule, flow.name)
+            self.flows.labels(flow.name_source or "none", "limited" if flow.state == State.LIMITED else "passed").inc()
+            for d, side in enumerate(flow.sides):
+                if side.packets:
+                    self.packets.labels(rule, name, DIRECTION_NAMES[d], "inspected").inc(side.packets)
+                    self.bytes.labels(rule, name, DIRECTION_NAMES[d], "inspected").inc(side.bytes)
+                    if flow.state != State.LIMITED:
+                        self._add_passed(("none", "other", DIRECTION_NAMES[d]), side.bytes)
+        elif isinstance(ev, EngineError):
+            self.errors.labels(ev.kind).inc()
+        elif isinstance(ev, (FlowStarted, FlowEnded, NameLearned)):
+            pass
+
+    def hook_error(self) -> None:
+        self.errors.labels("hook").inc()
+
+    def fast_flow_added(self, key: bytes, direction: str) -> None:
+        self._fast[key] = (direction, 0)
+
+    # ---- once a second ----------------------------------------------------------------------
+    def tick(self, engine: Engine, held: int, fast_bytes: dict[bytes, int] | None, now: float) -> None:
+        """Once a second: gauges from the flow table, the fast path's byte counters, speeds.
+        `now` is the censor's clock (its event loop's), the one its events are stamped with."""
+        counts = {"inspecting": 0, "limited": 0, "passed": 0}
+        for flow in engine.flows():
+            counts[flow.state.label] += 1
+        for state, n in counts.items():
+            self.active.labels(state).set(n)
+        self.queue.set(held)
+        if fast_bytes is not None:
+            for key, total in fast_bytes.items():
+                direction, before = self._fast.get(key, ("upload", 0))
+                if total > before:
+                    self.bytes.labels("none", "other", direction, "bypassed").inc(total - before)
+                    self._add_passed(("none", "other", direction), total - before)
+                self._fast[key] = (direction, total)
+            for key in list(self._fast):
+                if key not in fast_bytes:
+                    del self._fast[key]
+        self._history.append((now, dict(self._passed)))
+        while len(self._history) > 1 and now - self._history[1][0] >= SPEED_WINDOW:
+            self._history.popleft()
+        t0, old = self._history[0]
+        span = now - t0
+        for key, total in self._passed.items():
+            rate = (total - old.get(key, 0)) / span if span > 0 else 0.0
+            self.speed.labels(*key).set(rate)

@@ -1,0 +1,425 @@
+"""`throttle run`: a scenario end to end, in the lab, with real clients, judged by measured speed.
+
+The runner brings the lab up (or reuses it), starts `throttle censor` with the scenario in the
+lab's censor namespace, runs every probe with a real client in the client namespace (curl for
+HTTPS and HTTP, `throttle.lab.evasion` for hand-made ClientHellos), and judges each probe from what it
+measured, never from the engine's opinion (censor-behaviors §22-23):
+
+- blocked    the transfer did not complete before its timeout;
+- throttled  its speed is below 3 x the slowest limiting rate of the scenario, and below a tenth of
+             the control probe's speed (OONI's "extreme throttling" is a 10x slowdown);
+- normal     otherwise.
+
+Controls run first so their speed is known; the other probes then run together when the scenario's
+buckets are per flow and nothing is sticky, else one after another in file order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from throttle.children import Background
+from throttle.errors import ThrottleError
+from throttle.scenario import Probe, Scenario
+
+SPEED_FACTOR = 3.0  # a throttled probe is below 3 x the scenario's rate ...
+CONTROL_FACTOR = 10.0  # ... and at least 10 x slower than the control (§23)
+SINK_PORT = 8443
+SPEED_WINDOW = 4.0  # seconds the live speed is averaged over
+PORT_BASE = 31000  # probe i uses client ports PORT_BASE + 10 i ... + 9, so `ss` can find it
+
+
+@dataclass
+class ProbeRun:
+    """One probe while it runs and after: what the client measured."""
+
+    probe: Probe
+    bytes: int = 0  # transferred so far
+    seconds: float = 0.0
+    started: float = 0.0
+    current_speed: float = 0.0  # bytes/s over the last update
+    done: bool = False
+    completed: bool = False  # the whole transfer finished
+    error: str = ""
+    observed: str = ""
+    samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds, bytes) over time
+
+    @property
+    def speed(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.observed == self.probe.expect
+
+
+@dataclass
+class RunReport:
+    scenario: str
+    path: str
+    runs: list[ProbeRun]
+    rate: float  # the reference rate (bytes/s)
+    control_speed: float | None
+    started: float
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.runs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "path": self.path,
+            "passed": self.passed,
+            "rate_bytes_per_second": self.rate,
+            "control_speed_bytes_per_second": self.control_speed,
+            "seconds": round(self.seconds, 3),
+            "probes": [
+                {
+                    "name": r.probe.name, "host": r.probe.host, "direction": r.probe.direction,
+                    "protocol": r.probe.protocol, "evasion": r.probe.evasion, "address": r.probe.address,
+                    "sni": r.probe.sni, "size": r.probe.size, "bytes": r.bytes, "seconds": round(r.seconds, 4),
+                    "speed_bytes_per_second": round(r.speed, 1), "completed": r.completed, "error": r.error,
+                    "expected": r.probe.expect, "observed": r.observed, "passed": r.passed,
+                    "control": r.probe.control,
+                }
+                for r in self.runs
+            ],
+        }
+
+
+def reference_rate(scenario: Scenario) -> float:
+    """The slowest rate any rule limits to (bytes/s); what 'throttled' is measured against."""
+    rates = [r.rate for r in scenario.rules if r.rate > 0]
+    return min(rates) if rates else 0.0
+
+
+def judge(run: ProbeRun, rate: float, control_speed: float | None) -> str:
+    if not run.completed:
+        return "blocked"
+    if rate <= 0:  # rules that only freeze (rate 0, §19) block flows; they cannot slow one
+        return "normal"
+    below_rate = run.speed < SPEED_FACTOR * rate
+    if run.probe.control:  # the control is judged by the rate alone
+        return "throttled" if below_rate else "normal"
+    below_control = control_speed is None or run.speed < control_speed / CONTROL_FACTOR
+    return "throttled" if below_rate and below_control else "normal"
+
+
+def default_timeout(probe: Probe, rate: float) -> float:
+    if probe.timeout > 0:
+        return probe.timeout
+    expected = probe.size / rate if rate > 0 else 10.0
+    return min(300.0, 2.5 * expected + 15.0)
+
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)([kMGT]?)$")
+_MULT = {"": 1, "k": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def _curl_size(text: str) -> int | None:
+    m = _SIZE.match(text)
+    return int(float(m.group(1)) * _MULT[m.group(2)]) if m else None
+
+
+class Runner:
+    """Runs one scenario's probes in a lab whose censor already runs (see `run_scenario`)."""
+
+    def __init__(self, scenario: Scenario, lab: Any, workdir: Path,
+                 on_update: Callable[[list[ProbeRun]], None] | None = None, busy_controls: bool = False) -> None:
+        from throttle.lab import topology as labmod
+
+        self.scenario = scenario
+        self.lab = lab
+        self.labmod = labmod
+        self.workdir = workdir
+        self.on_update = on_update
+        self.rate = reference_rate(scenario)
+        self.runs = [ProbeRun(p) for p in scenario.probes]
+        self._lock = threading.Lock()
+        # Demo mode: repeat the control transfers while the other probes run, so the control's
+        # speed stays visible (live view, exporter) instead of being over in the first second.
+        self.busy_controls = busy_controls
+
+    # ---- commands -----------------------------------------------------------------------
+    def _address(self, probe: Probe) -> str:
+        return probe.address or self.labmod.SERVER_V4
+
+    def _upload_file(self, size: int) -> Path:
+        path = self.workdir / f"upload-{size}"
+        if not path.exists():
+            with path.open("wb") as f:  # incompressible, like a photo
+                chunk = os.urandom(1 << 20)
+                left = size
+                while left > 0:
+                    f.write(chunk[: min(left, len(chunk))])
+                    left -= len(chunk)
+        return path
+
+    def command(self, probe: Probe, timeout: float, fixed_port: bool = True) -> list[str]:
+        address = self._address(probe)
+        if probe.protocol == "tls":
+            argv = [sys.executable, "-m", "throttle.lab.evasion", "--address", address, "--port", str(SINK_PORT),
+                    "--size", str(probe.size), "--evasion", probe.evasion, "--timeout", f"{max(timeout, 1):.0f}", "--json"]
+            if probe.sni is False:
+                argv.append("--no-sni")
+            else:
+                argv += ["--sni", probe.sni if isinstance(probe.sni, str) else probe.host]
+            return self.lab.exec_argv("client", argv)
+        family = "-6" if ":" in address else "-4"
+        scheme, port = ("http", 80) if probe.protocol == "http" else ("https", 443)
+        name = probe.sni if isinstance(probe.sni, str) else probe.host
+        host = f"[{address}]" if ":" in address else address
+        if probe.protocol == "https" and probe.sni is False:
+            base = f"https://{host}"  # an address in the URL: curl sends no SNI
+            resolve: list[str] = []
+        else:
+            base = f"{scheme}://{name}"
+            resolve = ["--resolve", f"{name}:{port}:{address}"]
+        ports = self._ports(probe)
+        port_args = ["--local-port", f"{ports[0]}-{ports[1]}"] if fixed_port else []
+        argv = ["curl", family, "-o", "/dev/null", "--max-time", f"{max(timeout, 1):.0f}", *port_args, "-w",
+                "\nRESULT %{http_code} %{size_upload} %{size_download} %{time_total} %{time_pretransfer}\n", *resolve]
+        if probe.direction == "upload":
+            argv += ["-T", str(self._upload_file(probe.size)), f"{base}/upload"]
+        else:
+            argv += [f"{base}/bytes/{probe.size}"]
+        if probe.protocol == "http" and probe.host != name:
+            argv += ["-H", f"Host: {probe.host}"]
+        return self.lab.exec_argv("client", argv)
+
+    def _ports(self, probe: Probe) -> tuple[int, int]:
+        i = next((k for k, r in enumerate(self.runs) if r.probe is probe), len(self.runs))
+        return PORT_BASE + 10 * i, PORT_BASE + 10 * i + 9
+
+    def _poll_acked(self, stop: threading.Event) -> None:
+        """Upload progress as TCP sees it: bytes the server acknowledged (ss), once a second.
+
+        curl counts bytes handed to its socket, and a socket buffer holds hundreds of KB, so its
+        own count runs far ahead of what a policer lets through."""
+        argv = self.lab.exec_argv("client", ["ss", "-tinH", f"( sport >= :{PORT_BASE} and sport <= :{PORT_BASE + 999} )"])
+        by_port = {}
+        for run in self.runs:
+            if run.probe.protocol != "tls" and run.probe.direction == "upload":
+                lo, hi = self._ports(run.probe)
+                for port in range(lo, hi + 1):
+                    by_port[port] = run
+        while not stop.wait(1.0):
+            try:
+                out = subprocess.run(argv, capture_output=True, text=True, timeout=5).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            port = None
+            for line in out.splitlines():
+                if not line.startswith(("\t", " ")):
+                    fields = line.split()
+                    port = int(fields[3].rsplit(":", 1)[1]) if len(fields) >= 4 and ":" in fields[3] else None
+                    continue
+                run = by_port.get(port)  # type: ignore[arg-type]
+                m = re.search(r"bytes_acked:(\d+)", line)
+                if run is not None and m and not run.done:
+                    self._progress(run, min(int(m.group(1)), run.probe.size))
+
+    def _progress(self, run: ProbeRun, value: int) -> None:
+        t = time.monotonic() - run.started
+        with self._lock:
+            run.bytes, run.seconds = value, t
+            run.samples.append((round(t, 3), value))
+            # Speed over the last few seconds: one second of a policed flow is too jumpy.
+            for t_old, b_old in run.samples:
+                if t - t_old <= SPEED_WINDOW:
+                    if t > t_old:
+                        run.current_speed = (value - b_old) / (t - t_old)
+                    break
+        if self.on_update is not None:
+            self.on_update(self.runs)
+
+    # ---- running ------------------------------------------------------------------------
+    def run_probe(self, run: ProbeRun, fixed_port: bool = True) -> None:
+        probe = run.probe
+        timeout = default_timeout(probe, self.rate)
+        argv = self.command(probe, timeout, fixed_port)
+        run.started = time.monotonic()
+        try:
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+        except OSError as exc:
+            run.error, run.done = str(exc), True
+            return
+        # One thread reads the progress stream (curl's stderr, the raw client's stdout); this one
+        # reads the other to its end. A watchdog kills a client that outlives its own timeout.
+        reader = threading.Thread(target=self._read_progress, args=(run, proc), daemon=True)
+        reader.start()
+        watchdog = threading.Timer(timeout + 15, proc.kill)
+        watchdog.start()
+        try:
+            other = proc.stderr if run.probe.protocol == "tls" else proc.stdout
+            out = other.read() if other is not None else b""  # type: ignore[union-attr]
+            proc.wait()
+        finally:
+            watchdog.cancel()
+        if proc.returncode is not None and proc.returncode < 0:
+            run.error = "no answer before the timeout"
+        reader.join(timeout=5)
+        self._finish(run, "" if run.probe.protocol == "tls" else out.decode(errors="replace"), proc.returncode)
+
+    def _read_progress(self, run: ProbeRun, proc: subprocess.Popen[bytes]) -> None:
+        """curl's progress meter (stderr, lines ended by CR), or the evasion client's JSON lines."""
+        assert proc.stderr is not None and proc.stdout is not None
+        stream = proc.stdout if run.probe.protocol == "tls" else proc.stderr
+        buf = b""
+        while True:
+            chunk = stream.read(512) if run.probe.protocol != "tls" else stream.readline()
+            if not chunk:
+                break
+            if run.probe.protocol == "tls":
+                try:
+                    event = json.loads(chunk)
+                except ValueError:
+                    continue
+                if event.get("event") == "done":
+                    run._final = event  # type: ignore[attr-defined]
+                    continue
+                value = int(event.get("bytes", 0))
+            else:
+                buf += chunk
+                *lines, buf = re.split(rb"[\r\n]", buf)
+                value = -1
+                for line in lines:
+                    parts = line.decode(errors="replace").split()
+                    if len(parts) >= 12 and parts[0].isdigit():
+                        got, sent = _curl_size(parts[3]), _curl_size(parts[5])
+                        if got is not None and sent is not None:
+                            value = got + sent
+                if value < 0:
+                    continue
+            if run.probe.protocol != "tls" and run.probe.direction == "upload":
+                continue  # uploads: the `ss` poller reports what the server acknowledged
+            self._progress(run, value)
+
+    def _finish(self, run: ProbeRun, out: str, code: int | None) -> None:
+        probe = run.probe
+        if probe.protocol == "tls":
+            final = getattr(run, "_final", None)
+            if final and final.get("ok"):
+                run.bytes, run.seconds, run.completed = int(final["bytes"]), float(final["seconds"]), True
+            else:
+                run.error = run.error or (final or {}).get("error", f"the client exited with {code}")
+                run.seconds = time.monotonic() - run.started
+        else:
+            m = re.search(r"RESULT (\d+) (\d+) (\d+) ([\d.]+) ([\d.]+)", out)
+            if m and code == 0 and m.group(1) == "200":
+                up, down, total, setup = int(m.group(2)), int(m.group(3)), float(m.group(4)), float(m.group(5))
+                run.bytes = up if probe.direction == "upload" else down
+                # Goodput of the transfer itself: connection and TLS set-up are not the payload's
+                # time (a small request on a fast path would look slow otherwise).
+                run.seconds = total - setup if total > setup > 0 else total
+                run.completed = True
+            else:
+                run.seconds = time.monotonic() - run.started
+                run.error = run.error or (f"curl exit {code}" + (" (timeout)" if code == 28 else "")
+                                          + (f", HTTP {m.group(1)}" if m else ""))
+        run.done = True
+        run.current_speed = 0.0
+        if self.on_update is not None:
+            self.on_update(self.runs)
+
+    def _keep_controls_busy(self, controls: list[ProbeRun], until: threading.Event) -> None:
+        """Run the controls again and again until `until` is set; the first runs stay the judged ones."""
+        while not until.is_set():
+            for shown in controls:
+                again = ProbeRun(shown.probe)
+                self.run_probe(again, fixed_port=False)
+                if again.completed:
+                    with self._lock:
+                        shown.current_speed = again.speed
+                        shown.done = False  # drawn as running while it repeats
+                    if self.on_update is not None:
+                        self.on_update(self.runs)
+            until.wait(0.5)
+        for shown in controls:
+            shown.done = True
+            shown.current_speed = 0.0
+
+    def _parallel(self) -> bool:
+        return all(r.scope == "flow" and r.sticky == 0 for r in self.scenario.rules)
+
+    def run(self) -> RunReport:
+        started = time.time()
+        t0 = time.monotonic()
+        controls = [r for r in self.runs if r.probe.control]
+        others = [r for r in self.runs if not r.probe.control]
+        stop = threading.Event()
+        poller = threading.Thread(target=self._poll_acked, args=(stop,), daemon=True)
+        poller.start()
+        for run in controls:
+            self.run_probe(run)
+        control_speed = max((r.speed for r in controls if r.completed), default=None)
+        others_done = threading.Event()
+        busy = threading.Thread(target=self._keep_controls_busy, args=(controls, others_done), daemon=True)
+        if self.busy_controls and controls:
+            busy.start()
+        if self._parallel():
+            threads = [threading.Thread(target=self.run_probe, args=(r,), daemon=True) for r in others]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        else:
+            for run in others:
+                self.run_probe(run)
+        others_done.set()
+        if busy.is_alive():
+            busy.join(timeout=30)
+        stop.set()
+        poller.join(timeout=5)
+        for run in self.runs:
+            run.observed = judge(run, self.rate, control_speed)
+        return RunReport(self.scenario.name, self.scenario.path, self.runs, self.rate, control_speed,
+                         started, time.monotonic() - t0)
+
+
+class CensorProcess(Background):
+    """`throttle censor` in the lab's censor namespace, as a child; always stopped."""
+
+    def __init__(self, scenario_path: str, netns: str, *extra: str) -> None:
+        super().__init__([sys.executable, "-m", "throttle", "censor", "--scenario", scenario_path, "--netns", netns,
+                          "--quiet", *extra], ready="active", what="the censor")
+
+
+def run_scenario(scenario: Scenario, *, lab_name: str = "throttle", keep: bool = False,
+                 on_update: Callable[[list[ProbeRun]], None] | None = None,
+                 on_phase: Callable[[str], None] | None = None, busy_controls: bool = False) -> RunReport:
+    """Lab up (or reused), censor on, probes, censor off, lab down unless kept or already up."""
+    from throttle.lab.topology import Lab
+
+    if not scenario.probes:
+        raise ThrottleError(f"{scenario.path}: no [[probe]] tables; `throttle run` needs traffic to try")
+    if not any(p.control for p in scenario.probes):
+        raise ThrottleError(f"{scenario.path}: no probe has control = true; add one to a name no rule matches")
+    lab = Lab(lab_name)
+    was_up = lab.status().up
+    phase = on_phase or (lambda text: None)
+    phase("reusing the running lab" if was_up else "bringing the lab up")
+    lab.up(sorted({p.host for p in scenario.probes}))
+    try:
+        with tempfile.TemporaryDirectory(prefix="throttle-run-") as tmp:
+            phase(f"starting the censor with {scenario.name}")
+            with CensorProcess(scenario.path, lab.ns("censor")):
+                phase("running the probes")
+                return Runner(scenario, lab, Path(tmp), on_update, busy_controls).run()
+    finally:
+        if not keep and not was_up:
+            phase("taking the lab down")
+            lab.down()

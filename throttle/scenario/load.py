@@ -1,0 +1,253 @@
+"""Scenario files: TOML in, frozen and validated dataclasses (`throttle.scenario.model`) out.
+
+Every error names the file, the key and the
+fix, e.g. `scenarios/x.toml: rule[2].rate: "13O kbit" is not a rate; write e.g. 130kbit`.
+Rules and probes are counted from 1 in those keys, as a person counts the `[[rule]]` tables.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from throttle.errors import ScenarioError
+from throttle.scenario.model import (
+    ACTIONS,
+    DIRECTIONS,
+    EVASIONS,
+    NAME_SOURCES,
+    OUTCOMES,
+    PROBE_DIRECTIONS,
+    PROTOCOLS,
+    SCOPES,
+    Model,
+    Probe,
+    Rule,
+    Scenario,
+)
+from throttle.scenario.patterns import compile_pattern
+from throttle.units import parse_duration, parse_rate, parse_size
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Load and validate a scenario file; raises ScenarioError naming file, key and fix."""
+    p = Path(path)
+    label = str(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ScenarioError(label, "", "no such file; `throttle scenarios list` shows the bundled ones") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioError(label, "", f"cannot be read ({exc})") from None
+    return parse_scenario(text, label)
+
+
+def parse_scenario(text: str, label: str = "<scenario>") -> Scenario:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(label, "", f"is not valid TOML ({exc})") from None
+    r = _Reader(label)
+    r.known(doc, "", {"scenario", "model", "rule", "probe"})
+    meta = r.table(doc, "scenario")
+    r.known(meta, "scenario", {"name", "title", "description", "sources"})
+    name = r.get(meta, "scenario.name", str, default=Path(label).stem)
+    model = _model(r, r.table(doc, "model"))
+    rule_tables = r.array(doc, "rule")
+    if not rule_tables:
+        raise ScenarioError(label, "rule", "no [[rule]] tables; a scenario needs at least one rule")
+    rules = tuple(_rule(r, t, i) for i, t in enumerate(rule_tables, 1))
+    seen: set[str] = set()
+    for i, rule in enumerate(rules, 1):
+        if rule.name in seen:
+            raise ScenarioError(label, f"rule[{i}].name", f'"{rule.name}" is used by an earlier rule; names must be unique')
+        seen.add(rule.name)
+    probes = tuple(_probe(r, t, i) for i, t in enumerate(r.array(doc, "probe"), 1))
+    return Scenario(
+        name=name,
+        title=r.get(meta, "scenario.title", str, default=name),
+        description=r.get(meta, "scenario.description", str, default=""),
+        sources=tuple(r.get(meta, "scenario.sources", list, default=[])),
+        model=model,
+        rules=rules,
+        probes=probes,
+        path=label,
+    )
+
+
+def _model(r: _Reader, t: dict[str, Any]) -> Model:
+    keys = {f.name for f in fields(Model)}
+    r.known(t, "model", keys)
+    d = Model()
+    sources = tuple(r.get(t, "model.name_sources", list, default=list(d.name_sources)))
+    for s in sources:
+        if s not in NAME_SOURCES:
+            r.fail("model.name_sources", f'"{s}" is not a name source; use some of {", ".join(NAME_SOURCES)}')
+    return Model(
+        reassemble=r.get(t, "model.reassemble", bool, default=d.reassemble),
+        reassembly_limit=r.conv(t, "model.reassembly_limit", parse_size, d.reassembly_limit),
+        window_packets=r.count(t, "model.window_packets", d.window_packets, minimum=1),
+        window_extension=r.count(t, "model.window_extension", d.window_extension),
+        give_up_bytes=r.conv(t, "model.give_up_bytes", parse_size, d.give_up_bytes),
+        strip_trailing_dot=r.get(t, "model.strip_trailing_dot", bool, default=d.strip_trailing_dot),
+        inspect_after_name=r.get(t, "model.inspect_after_name", bool, default=d.inspect_after_name),
+        fin_rst_ends_flow=r.get(t, "model.fin_rst_ends_flow", bool, default=d.fin_rst_ends_flow),
+        idle_timeout=r.conv(t, "model.idle_timeout", parse_duration, d.idle_timeout),
+        max_flows=r.count(t, "model.max_flows", d.max_flows, minimum=1),
+        name_sources=sources,
+        dns_max_entries=r.count(t, "model.dns_max_entries", d.dns_max_entries, minimum=1),
+        inside=r.networks(t, "model.inside"),
+    )
+
+
+def _rule(r: _Reader, t: Any, i: int) -> Rule:
+    k = f"rule[{i}]"
+    if not isinstance(t, dict):
+        r.fail(k, "is not a table; write [[rule]] followed by its keys")
+    r.known(t, k, {f.name for f in fields(Rule)} - {"patterns"} | {"match"})
+    d = Rule(name="")
+    patterns = []
+    for j, text in enumerate(r.get(t, f"{k}.match", list, default=[]), 1):
+        try:
+            patterns.append(compile_pattern(text))
+        except ValueError as exc:
+            r.fail(f"{k}.match[{j}]", str(exc))
+    addresses = r.networks(t, f"{k}.addresses")
+    if not patterns and not addresses:
+        r.fail(k, 'matches nothing; give match = ["*.twimg.com"] and/or addresses = ["198.18.2.0/24"]')
+    ports = tuple(r.get(t, f"{k}.ports", list, default=[]))
+    for j, port in enumerate(ports, 1):
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            r.fail(f"{k}.ports[{j}]", f"{port!r} is not a port number (1-65535)")
+    rate = r.conv(t, f"{k}.rate", parse_rate, None)
+    if rate is None:
+        r.fail(f"{k}.rate", "is missing; write e.g. rate = \"130kbit\"")
+    return Rule(
+        name=r.get(t, f"{k}.name", str, default=f"rule{i}"),
+        patterns=tuple(patterns),
+        addresses=addresses,
+        ports=ports,
+        action=r.choice(t, f"{k}.action", ACTIONS, d.action),
+        rate=rate,
+        burst=r.conv(t, f"{k}.burst", parse_size, d.burst),
+        direction=r.choice(t, f"{k}.direction", DIRECTIONS, d.direction),
+        scope=r.choice(t, f"{k}.scope", SCOPES, d.scope),
+        after_bytes=r.conv(t, f"{k}.after_bytes", parse_size, d.after_bytes),
+        queue_delay=r.conv(t, f"{k}.queue_delay", parse_duration, d.queue_delay),
+        queue_bytes=r.conv(t, f"{k}.queue_bytes", parse_size, d.queue_bytes),
+        sticky=r.conv(t, f"{k}.sticky", parse_duration, d.sticky),
+    )
+
+
+def _probe(r: _Reader, t: Any, i: int) -> Probe:
+    k = f"probe[{i}]"
+    if not isinstance(t, dict):
+        r.fail(k, "is not a table; write [[probe]] followed by its keys")
+    r.known(t, k, {f.name for f in fields(Probe)})
+    host = r.get(t, f"{k}.host", str, default=None)
+    if not host:
+        r.fail(f"{k}.host", 'is missing; write e.g. host = "pbs.twimg.com"')
+    d = Probe(name="", host="")
+    sni = t.get("sni", True)
+    if not isinstance(sni, (bool, str)):
+        r.fail(f"{k}.sni", f"{sni!r} is neither true, false nor a name")
+    address = r.get(t, f"{k}.address", str, default=None)
+    if address is not None:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            r.fail(f"{k}.address", f'"{address}" is not an IP address')
+    return Probe(
+        name=r.get(t, f"{k}.name", str, default=f"probe{i}"),
+        host=host,
+        direction=r.choice(t, f"{k}.direction", PROBE_DIRECTIONS, d.direction),
+        size=r.conv(t, f"{k}.size", parse_size, d.size),
+        protocol=r.choice(t, f"{k}.protocol", PROTOCOLS, d.protocol),
+        sni=sni,
+        address=address,
+        expect=r.choice(t, f"{k}.expect", OUTCOMES, d.expect),
+        control=r.get(t, f"{k}.control", bool, default=d.control),
+        evasion=_evasion(r, t, k),
+        timeout=r.conv(t, f"{k}.timeout", parse_duration, d.timeout),
+    )
+
+
+def _evasion(r: _Reader, t: dict[str, Any], k: str) -> str:
+    evasion = r.choice(t, f"{k}.evasion", EVASIONS, "none")
+    if evasion != "none" and t.get("protocol") != "tls":
+        r.fail(f"{k}.evasion", 'needs protocol = "tls" (the raw client); curl cannot disguise its hello')
+    return evasion
+
+
+_TYPE_WORDS = {str: "a string", bool: "true or false", list: "a list", int: "a whole number", dict: "a table"}
+
+
+@dataclass
+class _Reader:
+    """Typed access to a TOML document that turns every problem into a ScenarioError."""
+
+    label: str
+    _unused: list[str] = field(default_factory=list)
+
+    def fail(self, key: str, reason: str) -> Any:
+        raise ScenarioError(self.label, key, reason)
+
+    def known(self, t: dict[str, Any], where: str, keys: set[str]) -> None:
+        for key in t:
+            if key not in keys:
+                full = f"{where}.{key}" if where else key
+                self.fail(full, f"is not a known key; known keys here: {', '.join(sorted(keys))}")
+
+    def table(self, doc: dict[str, Any], key: str) -> dict[str, Any]:
+        t = doc.get(key, {})
+        if not isinstance(t, dict):
+            self.fail(key, f"must be a table; write [{key}]")
+        return t
+
+    def array(self, doc: dict[str, Any], key: str) -> list[Any]:
+        t = doc.get(key, [])
+        if not isinstance(t, list):
+            self.fail(key, f"must be an array of tables; write [[{key}]]")
+        return t
+
+    def get(self, t: dict[str, Any], key: str, typ: type, default: Any) -> Any:
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf not in t:
+            return default
+        value = t[leaf]
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            self.fail(key, f"{value!r} is not {_TYPE_WORDS.get(typ, typ.__name__)}")
+        return value
+
+    def conv(self, t: dict[str, Any], key: str, parse: Callable[[Any], Any], default: Any) -> Any:
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf not in t:
+            return default
+        try:
+            return parse(t[leaf])
+        except (ValueError, TypeError) as exc:
+            return self.fail(key, str(exc))
+
+    def count(self, t: dict[str, Any], key: str, default: int, minimum: int = 0) -> int:
+        value = self.get(t, key, int, default)
+        if value < minimum:
+            self.fail(key, f"{value} is below {minimum}")
+        return value
+
+    def choice(self, t: dict[str, Any], key: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.get(t, key, str, default)
+        if value not in choices:
+            self.fail(key, f'"{value}" is not one of {", ".join(choices)}')
+        return value
+
+    def networks(self, t: dict[str, Any], key: str) -> tuple[Any, ...]:
+        out = []
+        for j, text in enumerate(self.get(t, key, list, default=[]), 1):
+            try:
+                out.append(ipaddress.ip_network(text, strict=False))
+            except (ValueError, TypeError):
+                self.fail(f"{key}[{j}]", f"{text!r} is not an address or network; write e.g. 198.18.2.0/24")
+        return tuple(out)

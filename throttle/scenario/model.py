@@ -1,0 +1,99 @@
+"""The scenario model: frozen dataclasses for what a scenario file says, validated by the loader.
+
+A scenario holds the censor model (how it inspects), the rules (what it limits and how), and the
+probes (traffic to try, with the outcome expected). Every choice is a `Literal`, and the tuples
+the loader offers in its messages are derived from them, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from throttle.scenario.patterns import Pattern
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+RuleDirection = Literal["upload", "download", "both"]
+ProbeDirection = Literal["upload", "download"]
+Scope = Literal["flow", "client", "rule"]
+Action = Literal["police", "shape"]
+NameSourceKind = Literal["tls", "http", "dns"]
+Outcome = Literal["throttled", "normal", "blocked"]
+Protocol = Literal["https", "http", "tls"]  # curl over TLS, curl over plain HTTP, the raw TLS client
+Evasion = Literal["none", "split", "pad", "scramble", "ccs", "dot", "fake"]  # throttle.lab.evasion, §7
+
+DIRECTIONS: tuple[RuleDirection, ...] = get_args(RuleDirection)
+PROBE_DIRECTIONS: tuple[ProbeDirection, ...] = get_args(ProbeDirection)
+SCOPES: tuple[Scope, ...] = get_args(Scope)
+ACTIONS: tuple[Action, ...] = get_args(Action)
+NAME_SOURCES: tuple[NameSourceKind, ...] = get_args(NameSourceKind)
+OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
+PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
+EVASIONS: tuple[Evasion, ...] = get_args(Evasion)
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    """How the censor inspects: the knobs that distinguish the 2021 device from a modern one."""
+
+    reassemble: bool = False  # in-order TCP reassembly of the hello (False: the 2021 device, §6)
+    reassembly_limit: int = 16384  # bytes buffered per direction when reassembling
+    window_packets: int = 1  # data packets per direction looked at first (§5)
+    window_extension: int = 16  # more packets once a TLS record or HTTP is seen (§5: 15-20)
+    give_up_bytes: int = 101  # an unparseable first packet this long ends inspection (§5)
+    strip_trailing_dot: bool = False  # False: `pbs.twimg.com.` evades, as in 2021 (§7)
+    inspect_after_name: bool = True  # keep looking after a non-matching name (fake hellos fail, §7)
+    fin_rst_ends_flow: bool = False  # 2021 devices kept state through FIN and RST (§14)
+    idle_timeout: float = 600.0  # seconds an idle flow is remembered (§14)
+    max_flows: int = 200_000  # flow table bound; the least recently used flow is evicted
+    name_sources: tuple[NameSourceKind, ...] = ("tls",)  # tls (SNI), http (Host), dns (learned addresses)
+    dns_max_entries: int = 65536
+    inside: tuple[Network, ...] = ()  # censored side (§4)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    patterns: tuple[Pattern, ...] = ()
+    addresses: tuple[Network, ...] = ()
+    ports: tuple[int, ...] = ()  # server ports; empty is any
+    action: Action = "police"  # police (drop above rate, §9) or shape (delay, §12)
+    rate: float = 16250.0  # bytes per second (130 kbit/s)
+    burst: int = 16384  # bytes (§11: about 16 KB pass before the drops)
+    direction: RuleDirection = "both"  # upload (client to server), download, both (separate buckets, §9)
+    scope: Scope = "flow"  # one bucket per flow, per client address, or one shared by the rule
+    after_bytes: int = 0  # payload bytes a flow carries in a direction before it is limited
+    queue_delay: float = 1.0  # shaper: the longest a packet is held before it is dropped instead
+    queue_bytes: int = 0  # shaper: a bound in bytes instead (0: use queue_delay)
+    sticky: float = 0.0  # seconds a triggering flow's server address stays limited, SNI or not (§20)
+
+    def matches_name(self, name: str) -> bool:
+        return any(p.test(name) for p in self.patterns)
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    name: str
+    host: str
+    direction: ProbeDirection = "upload"
+    size: int = 262144
+    protocol: Protocol = "https"
+    sni: bool | str = True  # True: the host; False: no SNI; a string: that name instead
+    address: str | None = None  # connect here instead of resolving `host`
+    expect: Outcome = "throttled"
+    control: bool = False
+    evasion: Evasion = "none"  # protocol "tls" only: how the raw client disguises its ClientHello (§7)
+    timeout: float = 0.0  # seconds before the probe is judged blocked; 0: from size and rate
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    title: str
+    description: str
+    sources: tuple[str, ...]
+    model: Model
+    rules: tuple[Rule, ...]
+    probes: tuple[Probe, ...]
+    path: str = ""
