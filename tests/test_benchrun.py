@@ -11,6 +11,7 @@ from scapy.all import IP, TCP, UDP, IPv6, IPv6ExtHdrHopByHop, raw  # type: ignor
 
 from throttle.measure.bench import (
     BIN,
+    BenchRow,
     FlowStats,
     Segment,
     analyse_flow,
@@ -141,9 +142,9 @@ def test_analyse_flow_upload_and_download() -> None:
 
 # ---- writers -------------------------------------------------------------------------------------
 ROWS = [
-    {"repeat": r, "probe": name, "host": host, "direction": "upload", "bytes": 163840, "seconds": secs,
-     "speed_bps": 163840 * 8 / secs, "expected": exp, "observed": obs, "passed": exp == obs, "control": ctl,
-     "error": "", "capture_bytes": 164000, "drops": drops, "middle_bps": 128000.0, "middle_median_bps": 130000.0}
+    BenchRow(repeat=r, probe=name, host=host, direction="upload", bytes=163840, seconds=secs,
+             speed_bps=163840 * 8 / secs, expected=exp, observed=obs, passed=exp == obs, control=ctl,
+             error="", capture_bytes=164000, drops=drops, middle_bps=128000.0, middle_median_bps=130000.0)
     for r, (name, host, secs, exp, obs, ctl, drops) in [
         (1, ("up", "pbs.twimg.com", 10.0, "throttled", "throttled", False, 250)),
         (1, ("ctl", "example.org", 0.1, "normal", "normal", True, 0)),
@@ -156,7 +157,7 @@ ROWS = [
 def test_write_json_and_csv(tmp_path: Path) -> None:
     write_json(tmp_path / "r.json", ROWS, {"seed": 3}, {"scenario": "s"})
     data = json.loads((tmp_path / "r.json").read_text())
-    assert data["scenario"] == "s" and data["reproduce"] == {"seed": 3} and data["rows"] == ROWS
+    assert data["scenario"] == "s" and data["reproduce"] == {"seed": 3} and data["rows"] == [r.to_json() for r in ROWS]
     write_csv(tmp_path / "r.csv", ROWS)
     rows = list(csv.DictReader((tmp_path / "r.csv").open()))
     assert len(rows) == 4 and rows[0]["probe"] == "up" and rows[2]["passed"] == "False"

@@ -15,16 +15,7 @@ import pytest
 
 from throttle.engine import Engine, State, Verdict
 from throttle.errors import ThrottleError
-from throttle.lab.evasion import (
-    EVASIONS,
-    FAKE_SNI,
-    client_hello,
-    plan,
-    replace_sni,
-    run,
-    segment_count,
-    sni_span,
-)
+from throttle.lab.evasion import EVASIONS, FAKE_SNI, client_hello, plan, replace_sni, run, segment_count, sni_span
 from throttle.lab.evasion.__main__ import main
 from throttle.lab.evasion.plans import CCS_RECORD, PAD_MIN
 from throttle.lab.server import SinkServer

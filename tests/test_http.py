@@ -7,13 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from throttle.errors import ParseError
-from throttle.wire.http import (
-    MAX_HEAD,
-    HTTPParseError,
-    HTTPRequestHead,
-    looks_like_http_request,
-    parse_http_host,
-)
+from throttle.wire.http import MAX_HEAD, HTTPParseError, HTTPRequestHead, looks_like_http_request, parse_http_host
 
 from .packets import mutate
 

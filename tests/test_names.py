@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from throttle.scenario import compile_pattern
 from throttle.wire.names import normalise
 

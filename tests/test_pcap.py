@@ -10,15 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
-from scapy.layers.l2 import (
-    ARP,
-    CookedLinux,
-    CookedLinuxV2,
-    Dot1AD,
-    Dot1Q,
-    Ether,
-    Loopback,
-)
+from scapy.layers.l2 import ARP, CookedLinux, CookedLinuxV2, Dot1AD, Dot1Q, Ether, Loopback
 from scapy.packet import Raw
 from scapy.utils import PcapWriter, wrpcap, wrpcapng
 

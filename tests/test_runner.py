@@ -6,13 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from throttle.measure.runner import (
-    ProbeRun,
-    Runner,
-    default_timeout,
-    judge,
-    reference_rate,
-)
+from throttle.measure.runner import ProbeRun, Runner, default_timeout, judge, reference_rate
 from throttle.scenario import Probe, load_scenario
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from types import TracebackType
+from typing import Self
 
 from throttle.errors import ThrottleError
 
@@ -31,7 +32,7 @@ class Background:
         self.proc: subprocess.Popen[str] | None = None
         self.tail = ""  # what it printed on stderr after the ready line, read when it stopped
 
-    def __enter__(self) -> Background:
+    def __enter__(self) -> Self:
         try:
             self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         except OSError as exc:

@@ -24,15 +24,7 @@ import pytest
 
 from tests.netns.conftest import SBIN_PATH, require_lab_prerequisites
 from throttle.errors import ThrottleError
-from throttle.lab.topology import (
-    CENSOR_CLIENT_IF,
-    CENSOR_SERVER_IF,
-    CLIENT_V4,
-    CLIENT_V6,
-    SERVER_V4,
-    SERVER_V6,
-    Lab,
-)
+from throttle.lab.topology import CENSOR_CLIENT_IF, CENSOR_SERVER_IF, CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, Lab
 
 pytestmark = pytest.mark.netns
 

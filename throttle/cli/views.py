@@ -34,11 +34,15 @@ def _bar(speed: float, top: float, width: int = 24) -> Text:
     return Text("█" * filled + "·" * (width - filled), style="green" if filled > width / 2 else "red")
 
 
+def _columns(table: Table, *names: str) -> None:
+    """Add columns by name; a name starting with ">" is right-justified (numbers)."""
+    for name in names:
+        table.add_column(name.lstrip(">"), justify="right" if name.startswith(">") else "left")
+
+
 def live_table(runs: list[ProbeRun], title: str, top: float) -> Table:
     table = Table(title=title, title_justify="left", expand=False)
-    for col, kw in (("probe", {}), ("host", {}), ("dir", {}), ("bytes", {"justify": "right"}),
-                    ("speed", {"justify": "right"}), ("", {}), ("state", {})):
-        table.add_column(col, **kw)
+    _columns(table, "probe", "host", "dir", ">bytes", ">speed", "", "state")
     for r in runs:
         speed = r.current_speed if not r.done and r.current_speed else r.speed if r.done else r.current_speed
         if not r.started:
@@ -55,9 +59,7 @@ def live_table(runs: list[ProbeRun], title: str, top: float) -> Table:
 def result_table(report: RunReport) -> Table:
     table = Table(title=f"{report.scenario}: {'all expectations met' if report.passed else 'EXPECTATIONS FAILED'}",
                   title_justify="left")
-    for col, kw in (("probe", {}), ("host", {}), ("direction", {}), ("bytes", {"justify": "right"}),
-                    ("speed", {"justify": "right"}), ("expected", {}), ("observed", {}), ("", {})):
-        table.add_column(col, **kw)
+    _columns(table, "probe", "host", "direction", ">bytes", ">speed", "expected", "observed", "")
     for r in report.runs:
         host = r.probe.host + (f" @{r.probe.address}" if r.probe.address else "")
         if r.probe.protocol == "tls" and r.probe.evasion != "none":

@@ -18,14 +18,7 @@ from throttle.engine.events import (
                                     NameLearned,
                                     Verdict,
 )
-from throttle.engine.flows import (
-                                    DIRECTION_NAMES,
-                                    DOWNLOAD,
-                                    UPLOAD,
-                                    Direction,
-                                    Flow,
-                                    State,
-)
+from throttle.engine.flows import DIRECTION_NAMES, DOWNLOAD, UPLOAD, Direction, Flow, State
 
 __all__ = [
     "DIRECTION_NAMES", "DOWNLOAD", "UPLOAD", "Bucket", "Counters", "Direction", "Engine", "EngineError", "Event",

@@ -18,41 +18,12 @@ The engine is a small facade over its parts, one per stage a packet meets:
 from __future__ import annotations
 
 from throttle.engine.enforce import ACCEPT, BYPASS, Decision, Enforcer
-from throttle.engine.events import (
-    EngineError,
-    Event,
-    FlowDecided,
-    FlowEnded,
-    FlowStarted,
-    Verdict,
-)
-from throttle.engine.flows import (
-    DOWNLOAD,
-    UPLOAD,
-    Direction,
-    EndReason,
-    Flow,
-    FlowTable,
-    NameSource,
-    State,
-)
+from throttle.engine.events import EngineError, Event, FlowDecided, FlowEnded, FlowStarted, Verdict
+from throttle.engine.flows import DOWNLOAD, UPLOAD, Direction, EndReason, Flow, FlowTable, NameSource, State
 from throttle.engine.inspect import Inspector
 from throttle.engine.rules import RuleSet, in_networks
 from throttle.scenario import Model, Rule
-from throttle.wire.ip import (
-    ACK,
-    FIN,
-    NO_PORTS,
-    RST,
-    SYN,
-    TCP,
-    UDP,
-    addresses,
-    flow_key,
-    ip_end,
-    locate,
-    reverse_key,
-)
+from throttle.wire.ip import ACK, FIN, NO_PORTS, RST, SYN, TCP, UDP, addresses, flow_key, ip_end, locate, reverse_key
 from throttle.wire.names import normalise
 
 _KEY_LENGTH = {4: 13, 6: 37}

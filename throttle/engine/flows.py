@@ -12,7 +12,7 @@ import ipaddress
 from collections import OrderedDict
 from collections.abc import Iterator
 from enum import IntEnum
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from throttle.wire.ip import TCP, UDP
 
@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from throttle.engine.buckets import Bucket
     from throttle.scenario import Rule
 
-UPLOAD, DOWNLOAD = 0, 1
+UPLOAD: Final = 0
+DOWNLOAD: Final = 1
 Direction = Literal[0, 1]
 DIRECTION_NAMES = ("upload", "download")
 

@@ -3,8 +3,7 @@
 The lab server answers every SNI with a certificate for that name, so a client inside the lab that
 trusts the lab CA (`/etc/netns/NAME-client/ssl/certs/ca-certificates.crt`) connects to
 `https://pbs.twimg.com/` without `-k`, as a real user would: the censor then sees the same
-handshake it would see on the internet. Nothing here does network I/O; `cryptography` is imported
-lazily so the rest of throttle works without it.
+handshake it would see on the internet. Nothing here does network I/O.
 """
 
 from __future__ import annotations
@@ -13,8 +12,11 @@ import datetime
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from throttle.errors import ThrottleError
 from throttle.files import atomic_write
@@ -29,23 +31,6 @@ _LEAF_DAYS = 365
 _SKEW = datetime.timedelta(days=1)  # clocks in a VM snapshot can be a little behind
 
 
-def _crypto() -> Any:
-    """The `cryptography` modules, or a ThrottleError naming the fix."""
-    try:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-    except ImportError:
-        raise ThrottleError(
-            "the Python package cryptography is missing: .venv/bin/pip install cryptography"
-        ) from None
-    return SimpleNamespace(
-        x509=x509, hashes=hashes, serialization=serialization, ec=ec,
-        ExtendedKeyUsageOID=ExtendedKeyUsageOID, NameOID=NameOID,
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class CAFiles:
     cert: Path
@@ -55,37 +40,36 @@ class CAFiles:
 
 def ensure_ca(directory: Path, label: str = "throttle") -> CAFiles:
     """The CA in `directory`, created if missing or unreadable; an existing valid one is reused."""
-    m = _crypto()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     files = CAFiles(directory / CA_CERT, directory / CA_KEY, directory / LEAF_KEY)
     if files.cert.exists() and files.key.exists() and files.leaf_key.exists():
         try:
-            cert = m.x509.load_pem_x509_certificate(files.cert.read_bytes())
-            key = m.serialization.load_pem_private_key(files.key.read_bytes(), None)
-            m.serialization.load_pem_private_key(files.leaf_key.read_bytes(), None)
+            cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+            key = serialization.load_pem_private_key(files.key.read_bytes(), None)
+            serialization.load_pem_private_key(files.leaf_key.read_bytes(), None)
             now = datetime.datetime.now(datetime.timezone.utc)
             if cert.public_key() == key.public_key() and cert.not_valid_after_utc > now + _SKEW:
                 return files
         except (ValueError, TypeError, OSError):
             pass  # damaged: make a new one below
-    key = m.ec.generate_private_key(m.ec.SECP256R1())
-    name = m.x509.Name([
-        m.x509.NameAttribute(m.NameOID.ORGANIZATION_NAME, "throttle lab"),
-        m.x509.NameAttribute(m.NameOID.COMMON_NAME, f"throttle lab CA ({label})"),
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "throttle lab"),
+        x509.NameAttribute(NameOID.COMMON_NAME, f"throttle lab CA ({label})"),
     ])
     now = datetime.datetime.now(datetime.timezone.utc)
-    ski = m.x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
-        m.x509.CertificateBuilder()
+        x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
-        .serial_number(m.x509.random_serial_number())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - _SKEW)
         .not_valid_after(now + datetime.timedelta(days=_CA_DAYS))
-        .add_extension(m.x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            m.x509.KeyUsage(
+            x509.KeyUsage(
                 digital_signature=True, content_commitment=False, key_encipherment=False,
                 data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
                 encipher_only=False, decipher_only=False,
@@ -93,27 +77,32 @@ def ensure_ca(directory: Path, label: str = "throttle") -> CAFiles:
             critical=True,
         )
         .add_extension(ski, critical=False)
-        .sign(key, m.hashes.SHA256())
+        .sign(key, hashes.SHA256())
     )
-    leaf_key = m.ec.generate_private_key(m.ec.SECP256R1())
-    pem = m.serialization.Encoding.PEM
-    pkcs8 = m.serialization.PrivateFormat.PKCS8
-    none = m.serialization.NoEncryption()
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    pem = serialization.Encoding.PEM
+    pkcs8 = serialization.PrivateFormat.PKCS8
+    none = serialization.NoEncryption()
     atomic_write(files.key, key.private_bytes(pem, pkcs8, none), 0o600)
     atomic_write(files.leaf_key, leaf_key.private_bytes(pem, pkcs8, none), 0o600)
     atomic_write(files.cert, cert.public_bytes(pem), 0o644)
     return files
 
 
+def _ec_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ThrottleError(f"{path}: not the lab's EC key; remove the lab's state (throttle lab down) and try again")
+    return key
+
+
 class Issuer:
     """Signs leaf certificates with the lab CA. Loaded once; `issue` is one ECDSA signature."""
 
     def __init__(self, files: CAFiles) -> None:
-        m = _crypto()
-        self._m = m
-        self._ca_cert = m.x509.load_pem_x509_certificate(files.cert.read_bytes())
-        self._ca_key = m.serialization.load_pem_private_key(files.key.read_bytes(), None)
-        self._leaf_key = m.serialization.load_pem_private_key(files.leaf_key.read_bytes(), None)
+        self._ca_cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+        self._ca_key = _ec_key(files.key)
+        self._leaf_key = _ec_key(files.leaf_key)
         self.leaf_key_pem = files.leaf_key.read_bytes()
         self.ca_pem = files.cert.read_bytes()
 
@@ -122,49 +111,48 @@ class Issuer:
 
         Raises ValueError for a name that cannot go in a certificate.
         """
-        m = self._m
         if not names:
             raise ValueError("a certificate needs at least one name")
-        sans: list[Any] = []
+        sans: list[x509.GeneralName] = []
         for raw in names:
             name = normalise(raw)
             try:
-                sans.append(m.x509.IPAddress(ipaddress.ip_address(name)))
+                sans.append(x509.IPAddress(ipaddress.ip_address(name)))
                 continue
             except ValueError:
                 pass
             if not name or not name.isascii() or len(name) > 253:
                 raise ValueError(f"{raw!r} is not a DNS name")
-            sans.append(m.x509.DNSName(name))
+            sans.append(x509.DNSName(name))
         cn = normalise(names[0])[:64]
         now = datetime.datetime.now(datetime.timezone.utc)
         cert = (
-            m.x509.CertificateBuilder()
-            .subject_name(m.x509.Name([m.x509.NameAttribute(m.NameOID.COMMON_NAME, cn)]))
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
             .issuer_name(self._ca_cert.subject)
             .public_key(self._leaf_key.public_key())
-            .serial_number(m.x509.random_serial_number())
+            .serial_number(x509.random_serial_number())
             .not_valid_before(now - _SKEW)
             .not_valid_after(now + datetime.timedelta(days=_LEAF_DAYS))
-            .add_extension(m.x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(m.x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
-                m.x509.KeyUsage(
+                x509.KeyUsage(
                     digital_signature=True, content_commitment=False, key_encipherment=False,
                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
                     crl_sign=False, encipher_only=False, decipher_only=False,
                 ),
                 critical=True,
             )
-            .add_extension(m.x509.ExtendedKeyUsage([m.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(
-                m.x509.AuthorityKeyIdentifier.from_issuer_public_key(self._ca_key.public_key()),
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._ca_key.public_key()),
                 critical=False,
             )
             .add_extension(
-                m.x509.SubjectKeyIdentifier.from_public_key(self._leaf_key.public_key()),
+                x509.SubjectKeyIdentifier.from_public_key(self._leaf_key.public_key()),
                 critical=False,
             )
-            .sign(self._ca_key, m.hashes.SHA256())
+            .sign(self._ca_key, hashes.SHA256())
         )
-        return cert.public_bytes(m.serialization.Encoding.PEM) + self.ca_pem
+        return cert.public_bytes(serialization.Encoding.PEM) + self.ca_pem

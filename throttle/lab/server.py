@@ -243,7 +243,7 @@ class Handler(BaseHTTPRequestHandler):
             n -= got
 
     def log_message(self, format: str, *args: Any) -> None:
-        sys.stderr.write(f"{self.client_address[0]} {self.server.scheme} {format % args}\n")
+        sys.stderr.write(f"{self.client_address[0]} {getattr(self.server, 'scheme', '-')} {format % args}\n")
 
 
 def _html(value: Any) -> str:

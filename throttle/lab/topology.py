@@ -42,7 +42,6 @@ from throttle.files import atomic_write
 from throttle.kernel import netns
 from throttle.kernel.netns import NETNS_DIR
 from throttle.kernel.tools import require_root, require_tool
-from throttle.lab.ca import ensure_ca
 
 ROLES = ("client", "censor", "server")
 ETC_NETNS = Path("/etc/netns")
@@ -243,6 +242,7 @@ class Lab:
         """Create or repair the lab; returns `status()`. Hostnames get certificates at start."""
         _require_root()
         _require_pyroute2()
+        from throttle.lab.ca import ensure_ca  # cryptography: only where certificates are made
         ip = require_tool("ip", "iproute2")
         ethtool = require_tool("ethtool", "ethtool")
         dnsmasq = require_tool("dnsmasq", "dnsmasq-base")
@@ -533,9 +533,10 @@ class Lab:
             return found
         for entry in os.listdir("/proc"):
             if entry.isdigit():
-                role = ids.get(_ns_id(f"/proc/{entry}/ns/net"))  # type: ignore[arg-type]
-                if role is not None:
-                    found[role].append(int(entry))
+                ns_id = _ns_id(f"/proc/{entry}/ns/net")
+                owner = ids.get(ns_id) if ns_id is not None else None
+                if owner is not None:
+                    found[owner].append(int(entry))
         return found
 
     # -- status ---------------------------------------------------------------------------------

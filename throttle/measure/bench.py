@@ -20,6 +20,8 @@ The analysis functions are pure: packet records in, bins and counts out, tested 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import io
@@ -40,13 +42,15 @@ from typing import Any, NamedTuple
 from throttle import __version__
 from throttle.children import Background
 from throttle.errors import ThrottleError
-from throttle.measure.runner import SINK_PORT
+from throttle.lab.topology import CENSOR_CLIENT_IF, CENSOR_SERVER_IF, Lab
+from throttle.measure.runner import PORT_BASE, SINK_PORT, reference_rate, run_scenario
 from throttle.scenario import Probe, Scenario
+from throttle.units import format_rate
 from throttle.wire.ip import TCP, decode
 from throttle.wire.pcap import read_packets
 
 __all__ = [
-    "BIN", "BenchResult", "FlowStats", "Segment", "bench", "bin_payload", "drop_times", "flow_segments",
+    "BIN", "BenchResult", "BenchRow", "FlowStats", "Segment", "bench", "bin_payload", "drop_times", "flow_segments",
     "middle_rate", "parse_segment", "summary_markdown", "write_csv", "write_json",
 ]
 
@@ -264,16 +268,43 @@ def analyse_flow(repeat: int, index: int, probe: Probe, client_side: Sequence[Se
 
 
 # ---- writers (pure but for the file) -------------------------------------------------------------
-def write_json(path: Path, rows: Sequence[dict[str, Any]], reproduce: dict[str, Any], extra: dict[str, Any]) -> None:
-    path.write_text(json.dumps({**extra, "reproduce": reproduce, "rows": list(rows)}, indent=2) + "\n")
+@dataclass(frozen=True, slots=True)
+class BenchRow:
+    """One probe in one repeat: what its client measured, and what the captures showed."""
+
+    repeat: int
+    probe: str
+    host: str
+    direction: str
+    bytes: int
+    seconds: float
+    speed_bps: float  # bits per second, as the client measured
+    expected: str
+    observed: str
+    passed: bool
+    control: bool
+    error: str
+    capture_bytes: int
+    drops: int
+    middle_bps: float  # bits per second, mean of the middle part of the flow (captures)
+    middle_median_bps: float  # bits per second, median of its 1 s spans
+    capture_lost_packets: int = 0  # packets tcpdump itself dropped in that repeat
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
-def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+def write_json(path: Path, rows: Sequence[BenchRow], reproduce: dict[str, Any], extra: dict[str, Any]) -> None:
+    data = {**extra, "reproduce": reproduce, "rows": [r.to_json() for r in rows]}
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_csv(path: Path, rows: Sequence[BenchRow]) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for row in rows:
-        w.writerow(row)
+        w.writerow(row.to_json())
     path.write_text(buf.getvalue())
 
 
@@ -281,28 +312,26 @@ def _kbit(bytes_per_second: float) -> str:
     return f"{bytes_per_second * 8 / 1000:.1f}"
 
 
-def summary_markdown(scenario_name: str, rate: float, repeat: int, rows: Sequence[dict[str, Any]]) -> str:
+def summary_markdown(scenario_name: str, rate: float, repeat: int, rows: Sequence[BenchRow]) -> str:
     """One table line per probe: median speed, min-max, expected, observed in k of n repeats."""
-    from throttle.units import format_rate
-
     lines = [f"# {scenario_name}: {repeat} repeat{'s' if repeat != 1 else ''}", "",
              f"Scenario rate: {format_rate(rate) if rate > 0 else 'none'}. Speeds are kbit/s as the client "
              "measured them; drops and the middle rate come from the captures on the censor's interfaces.", "",
              "| probe | direction | median kbit/s | min-max kbit/s | capture middle kbit/s | drops (median) "
              "| expected | observed | passed |",
              "|---|---|---:|---:|---:|---:|---|---|---|"]
-    by_probe: dict[str, list[dict[str, Any]]] = {}
+    by_probe: dict[str, list[BenchRow]] = {}
     for row in rows:
-        by_probe.setdefault(row["probe"], []).append(row)
+        by_probe.setdefault(row.probe, []).append(row)
     for name, rs in by_probe.items():
-        speeds = [r["speed_bps"] / 8 for r in rs]
-        observed = [r["observed"] for r in rs]
+        speeds = [r.speed_bps / 8 for r in rs]
+        observed = [r.observed for r in rs]
         counts = ", ".join(f"{o} {observed.count(o)} of {len(rs)}" for o in dict.fromkeys(observed))
-        middle = statistics.median(r["middle_bps"] / 8 for r in rs)
-        drops = statistics.median(r["drops"] for r in rs)
-        lines.append(f"| {name} | {rs[0]['direction']} | {_kbit(statistics.median(speeds))} | "
-                     f"{_kbit(min(speeds))}-{_kbit(max(speeds))} | {_kbit(middle)} | {drops:g} | {rs[0]['expected']} | "
-                     f"{counts} | {sum(bool(r['passed']) for r in rs)} of {len(rs)} |")
+        middle = statistics.median(r.middle_bps / 8 for r in rs)
+        drops = statistics.median(r.drops for r in rs)
+        lines.append(f"| {name} | {rs[0].direction} | {_kbit(statistics.median(speeds))} | "
+                     f"{_kbit(min(speeds))}-{_kbit(max(speeds))} | {_kbit(middle)} | {drops:g} | {rs[0].expected} | "
+                     f"{counts} | {sum(r.passed for r in rs)} of {len(rs)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -310,14 +339,14 @@ def summary_markdown(scenario_name: str, rate: float, repeat: int, rows: Sequenc
 @dataclass
 class BenchResult:
     out: Path
-    rows: list[dict[str, Any]]
+    rows: list[BenchRow]
     flows: list[FlowStats]
     files: dict[str, Path]  # results.json, results.csv, flows.json, summary.md, the PNGs
     reproduce: dict[str, Any]
 
     @property
     def passed(self) -> bool:
-        return all(r["passed"] for r in self.rows)
+        return all(r.passed for r in self.rows)
 
 
 class Capture(Background):
@@ -326,7 +355,7 @@ class Capture(Background):
     `--immediate-mode`: without it libpcap hands packets over a ring block at a time, and on SIGINT
     tcpdump exits without the block it had not been given yet: up to a second of a flow's end lost."""
 
-    def __init__(self, lab: Any, role: str, iface: str, path: Path) -> None:
+    def __init__(self, lab: Lab, role: str, iface: str, path: Path) -> None:
         super().__init__(lab.exec_argv(role, ["tcpdump", "-n", "-i", iface, "-s", "128", "-U", "--immediate-mode",
                                               "-Z", "root", "-w", str(path), "tcp", "or", "udp"]),
                          ready="listening on", what="tcpdump", fix="apt-get install tcpdump", stop_timeout=10)
@@ -365,8 +394,6 @@ def bench(scenario: Scenario, repeat: int, out: Path, lab_name: str = "bench5",
 
     `progress(done, total, text)` is called as repeats start and finish; `done` is the number of
     repeats finished. The lab is brought up once and always taken down at the end."""
-    from throttle.lab import topology as labmod
-    from throttle.measure.runner import PORT_BASE, reference_rate, run_scenario
 
     if repeat < 1:
         raise ThrottleError(f"--repeat {repeat}: repeat at least once")
@@ -379,37 +406,36 @@ def bench(scenario: Scenario, repeat: int, out: Path, lab_name: str = "bench5",
     tell = progress or (lambda done, total, text: None)
     reproduce = reproduce_block(scenario, repeat, seed)
     rate = reference_rate(scenario)
-    rows: list[dict[str, Any]] = []
+    rows: list[BenchRow] = []
     flows: list[FlowStats] = []
-    lab = labmod.Lab(lab_name)
+    lab = Lab(lab_name)
     done = 0
     try:
         tell(0, repeat, "bringing the lab up")
         lab.up(sorted({p.host for p in scenario.probes}))
         for r in range(1, repeat + 1):
             tell(r - 1, repeat, f"repeat {r} of {repeat}: running the probes")
-            paths = {i: captures / f"repeat-{r}-{i}.pcap" for i in (labmod.CENSOR_CLIENT_IF, labmod.CENSOR_SERVER_IF)}
-            with Capture(lab, "censor", labmod.CENSOR_CLIENT_IF, paths[labmod.CENSOR_CLIENT_IF]) as cap_c, \
-                    Capture(lab, "censor", labmod.CENSOR_SERVER_IF, paths[labmod.CENSOR_SERVER_IF]) as cap_s:
+            paths = {i: captures / f"repeat-{r}-{i}.pcap" for i in (CENSOR_CLIENT_IF, CENSOR_SERVER_IF)}
+            with Capture(lab, "censor", CENSOR_CLIENT_IF, paths[CENSOR_CLIENT_IF]) as cap_c, \
+                    Capture(lab, "censor", CENSOR_SERVER_IF, paths[CENSOR_SERVER_IF]) as cap_s:
                 report = run_scenario(scenario, lab_name=lab_name, keep=True,
-                                      on_phase=lambda text, r=r: tell(r - 1, repeat, f"repeat {r} of {repeat}: {text}"))
+                                      on_phase=functools.partial(_tell_repeat, tell, r, repeat))
                 time.sleep(0.3)  # the last packets reach the capture files
             tell(r - 1, repeat, f"repeat {r} of {repeat}: reading the captures")
-            client_side = flow_segments(read_segments(paths[labmod.CENSOR_CLIENT_IF]), scenario.probes, PORT_BASE)
-            server_side = flow_segments(read_segments(paths[labmod.CENSOR_SERVER_IF]), scenario.probes, PORT_BASE)
+            client_side = flow_segments(read_segments(paths[CENSOR_CLIENT_IF]), scenario.probes, PORT_BASE)
+            server_side = flow_segments(read_segments(paths[CENSOR_SERVER_IF]), scenario.probes, PORT_BASE)
             lost = cap_c.kernel_drops + cap_s.kernel_drops
             for i, run in enumerate(report.runs):
                 stats = analyse_flow(r, i, run.probe, client_side.get(i, []), server_side.get(i, []), PORT_BASE)
                 flows.append(stats)
-                rows.append({
-                    "repeat": r, "probe": run.probe.name, "host": run.probe.host, "direction": run.probe.direction,
-                    "bytes": run.bytes, "seconds": round(run.seconds, 4), "speed_bps": round(run.speed * 8, 1),
-                    "expected": run.probe.expect, "observed": run.observed, "passed": run.passed,
-                    "control": run.probe.control, "error": run.error, "capture_bytes": stats.capture_bytes,
-                    "drops": stats.drops, "middle_bps": round(stats.middle_mean * 8, 1),
-                    "middle_median_bps": round(stats.middle_median * 8, 1),
-                    "capture_lost_packets": lost,
-                })
+                rows.append(BenchRow(
+                    repeat=r, probe=run.probe.name, host=run.probe.host, direction=run.probe.direction,
+                    bytes=run.bytes, seconds=round(run.seconds, 4), speed_bps=round(run.speed * 8, 1),
+                    expected=run.probe.expect, observed=run.observed, passed=run.passed,
+                    control=run.probe.control, error=run.error, capture_bytes=stats.capture_bytes,
+                    drops=stats.drops, middle_bps=round(stats.middle_mean * 8, 1),
+                    middle_median_bps=round(stats.middle_median * 8, 1), capture_lost_packets=lost,
+                ))
             done = r
             tell(r, repeat, f"repeat {r} of {repeat}: {sum(run.passed for run in report.runs)} of "
                             f"{len(report.runs)} probes as expected")
@@ -428,6 +454,10 @@ def bench(scenario: Scenario, repeat: int, out: Path, lab_name: str = "bench5",
     return BenchResult(out, rows, flows, files, reproduce)
 
 
+def _tell_repeat(tell: Callable[[int, int, str], None], r: int, repeat: int, text: str) -> None:
+    tell(r - 1, repeat, f"repeat {r} of {repeat}: {text}")
+
+
 def pick_flows(scenario: Scenario, flows: Sequence[FlowStats]) -> tuple[FlowStats | None, FlowStats | None]:
     """The first repeat's most telling throttled flow (most drops) and its first control flow."""
     first = [f for f in flows if f.repeat == min((g.repeat for g in flows), default=1)]
@@ -438,7 +468,7 @@ def pick_flows(scenario: Scenario, flows: Sequence[FlowStats]) -> tuple[FlowStat
     return best, (control[0] if control else None)
 
 
-def write_plots(scenario: Scenario, rate: float, rows: Sequence[dict[str, Any]], flows: Sequence[FlowStats],
+def write_plots(scenario: Scenario, rate: float, rows: Sequence[BenchRow], flows: Sequence[FlowStats],
                 out: Path) -> dict[str, Path]:
     from throttle.measure import plots
 

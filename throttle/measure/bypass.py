@@ -60,7 +60,7 @@ def main(seconds: float = 10.0, lab_name: str = "bench") -> int:
             time.sleep(0.5)  # iperf3 binds its port
             nothing = Path(tmp) / "matches-nothing.toml"
             nothing.write_text(NOTHING)
-            results = []
+            results: list[tuple[str, float, float | None]] = []
             print("  1/3 no censor ...", end="", flush=True)
             results.append(("no censor", _iperf(lab_name, SERVER_V4, seconds), None))
             print(f" {results[-1][1] / 1e6:.0f} Mbit/s", flush=True)

@@ -122,15 +122,15 @@ class Metrics:
             self.active.labels(state).set(n)
         self.queue.set(held)
         if fast_bytes is not None:
-            for key, total in fast_bytes.items():
-                direction, before = self._fast.get(key, ("upload", 0))
+            for fast_key, total in fast_bytes.items():
+                direction, before = self._fast.get(fast_key, ("upload", 0))
                 if total > before:
                     self.bytes.labels("none", "other", direction, "bypassed").inc(total - before)
                     self._add_passed(("none", "other", direction), total - before)
-                self._fast[key] = (direction, total)
-            for key in list(self._fast):
-                if key not in fast_bytes:
-                    del self._fast[key]
+                self._fast[fast_key] = (direction, total)
+            for fast_key in list(self._fast):
+                if fast_key not in fast_bytes:
+                    del self._fast[fast_key]
         self._history.append((now, dict(self._passed)))
         while len(self._history) > 1 and now - self._history[1][0] >= SPEED_WINDOW:
             self._history.popleft()

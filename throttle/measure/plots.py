@@ -1,7 +1,8 @@
 """The figures of `throttle bench`, drawn with matplotlib's Agg backend (no display needed).
 
 This module owns the look of the figures only; the numbers come from `throttle.measure.bench`. Every
-function takes plain data (rows as dicts, flows with `passed_bins`/`drop_bins` of `BIN` seconds)
+function takes plain data (rows with a probe, its speed and expectation; flows with
+`passed_bins`/`drop_bins` of `BIN` seconds)
 and writes one PNG. Rates are drawn in kbit/s on a log axis, as the measurement papers do, so a
 130 kbit/s policer and a multi-Mbit/s control fit one figure.
 """
@@ -11,18 +12,28 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen first)
+from matplotlib.axes import Axes  # noqa: E402
 
 __all__ = ["plot_drops", "plot_speeds", "plot_throughput"]
 
 BIN = 0.1
 FLOOR = 1.0  # kbit/s: where an empty bin is drawn on the log axis
 THROTTLED, NORMAL, RATE = "#c0392b", "#2471a3", "#555555"
+
+
+class Row(Protocol):
+    @property
+    def probe(self) -> str: ...
+    @property
+    def speed_bps(self) -> float: ...
+    @property
+    def expected(self) -> str: ...
 
 
 class Flow(Protocol):
@@ -36,24 +47,24 @@ def _kbit(bytes_per_bin: float, width: float = BIN) -> float:
     return bytes_per_bin * 8 / width / 1000
 
 
-def _rate_line(ax: Any, rate: float) -> None:
+def _rate_line(ax: Axes, rate: float) -> None:
     if rate > 0:
         ax.axhline(rate * 8 / 1000, color=RATE, linestyle="--", linewidth=1.2,
                    label=f"scenario rate {rate * 8 / 1000:.0f} kbit/s")
 
 
-def plot_speeds(path: Path, scenario: str, rate: float, rows: Sequence[dict[str, Any]]) -> None:
+def plot_speeds(path: Path, scenario: str, rate: float, rows: Sequence[Row]) -> None:
     """Median speed per probe over the repeats, min-max as error bars, and the scenario's rate."""
-    by_probe: dict[str, list[dict[str, Any]]] = {}
+    by_probe: dict[str, list[Row]] = {}
     for row in rows:
-        by_probe.setdefault(row["probe"], []).append(row)
+        by_probe.setdefault(row.probe, []).append(row)
     fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(by_probe) + 3), 5.2))
     seen: set[str] = set()
     values: list[float] = [rate * 8 / 1000] if rate > 0 else []
     for x, (name, rs) in enumerate(by_probe.items()):
-        speeds = [max(r["speed_bps"] / 1000, FLOOR) for r in rs]
+        speeds = [max(r.speed_bps / 1000, FLOOR) for r in rs]
         med = statistics.median(speeds)
-        expected = rs[0]["expected"]
+        expected = rs[0].expected
         color = THROTTLED if expected == "throttled" else NORMAL
         label = f"expected {expected}" if expected not in seen else None
         seen.add(expected)

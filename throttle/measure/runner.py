@@ -31,6 +31,7 @@ from typing import Any
 
 from throttle.children import Background
 from throttle.errors import ThrottleError
+from throttle.lab.topology import SERVER_V4, Lab
 from throttle.scenario import Probe, Scenario
 
 SPEED_FACTOR = 3.0  # a throttled probe is below 3 x the scenario's rate ...
@@ -54,6 +55,7 @@ class ProbeRun:
     error: str = ""
     observed: str = ""
     samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds, bytes) over time
+    final: dict[str, Any] | None = None  # the raw TLS client's closing report
 
     @property
     def speed(self) -> float:
@@ -137,13 +139,10 @@ def _curl_size(text: str) -> int | None:
 class Runner:
     """Runs one scenario's probes in a lab whose censor already runs (see `run_scenario`)."""
 
-    def __init__(self, scenario: Scenario, lab: Any, workdir: Path,
+    def __init__(self, scenario: Scenario, lab: Lab, workdir: Path,
                  on_update: Callable[[list[ProbeRun]], None] | None = None, busy_controls: bool = False) -> None:
-        from throttle.lab import topology as labmod
-
         self.scenario = scenario
         self.lab = lab
-        self.labmod = labmod
         self.workdir = workdir
         self.on_update = on_update
         self.rate = reference_rate(scenario)
@@ -155,7 +154,7 @@ class Runner:
 
     # ---- commands -----------------------------------------------------------------------
     def _address(self, probe: Probe) -> str:
-        return probe.address or self.labmod.SERVER_V4
+        return probe.address or SERVER_V4
 
     def _upload_file(self, size: int) -> Path:
         path = self.workdir / f"upload-{size}"
@@ -210,27 +209,27 @@ class Runner:
         curl counts bytes handed to its socket, and a socket buffer holds hundreds of KB, so its
         own count runs far ahead of what a policer lets through."""
         argv = self.lab.exec_argv("client", ["ss", "-tinH", f"( sport >= :{PORT_BASE} and sport <= :{PORT_BASE + 999} )"])
-        by_port = {}
+        by_port: dict[int, ProbeRun] = {}
         for run in self.runs:
             if run.probe.protocol != "tls" and run.probe.direction == "upload":
                 lo, hi = self._ports(run.probe)
-                for port in range(lo, hi + 1):
-                    by_port[port] = run
+                for p in range(lo, hi + 1):
+                    by_port[p] = run
         while not stop.wait(1.0):
             try:
                 out = subprocess.run(argv, capture_output=True, text=True, timeout=5).stdout
             except (OSError, subprocess.TimeoutExpired):
                 continue
-            port = None
+            port: int | None = None
             for line in out.splitlines():
                 if not line.startswith(("\t", " ")):
                     fields = line.split()
                     port = int(fields[3].rsplit(":", 1)[1]) if len(fields) >= 4 and ":" in fields[3] else None
                     continue
-                run = by_port.get(port)  # type: ignore[arg-type]
+                polled = by_port.get(port) if port is not None else None
                 m = re.search(r"bytes_acked:(\d+)", line)
-                if run is not None and m and not run.done:
-                    self._progress(run, min(int(m.group(1)), run.probe.size))
+                if polled is not None and m and not polled.done:
+                    self._progress(polled, min(int(m.group(1)), polled.probe.size))
 
     def _progress(self, run: ProbeRun, value: int) -> None:
         t = time.monotonic() - run.started
@@ -265,7 +264,7 @@ class Runner:
         watchdog.start()
         try:
             other = proc.stderr if run.probe.protocol == "tls" else proc.stdout
-            out = other.read() if other is not None else b""  # type: ignore[union-attr]
+            out = other.read() if other is not None else b""
             proc.wait()
         finally:
             watchdog.cancel()
@@ -289,7 +288,7 @@ class Runner:
                 except ValueError:
                     continue
                 if event.get("event") == "done":
-                    run._final = event  # type: ignore[attr-defined]
+                    run.final = event
                     continue
                 value = int(event.get("bytes", 0))
             else:
@@ -311,7 +310,7 @@ class Runner:
     def _finish(self, run: ProbeRun, out: str, code: int | None) -> None:
         probe = run.probe
         if probe.protocol == "tls":
-            final = getattr(run, "_final", None)
+            final = run.final
             if final and final.get("ok"):
                 run.bytes, run.seconds, run.completed = int(final["bytes"]), float(final["seconds"]), True
             else:
@@ -402,8 +401,6 @@ def run_scenario(scenario: Scenario, *, lab_name: str = "throttle", keep: bool =
                  on_update: Callable[[list[ProbeRun]], None] | None = None,
                  on_phase: Callable[[str], None] | None = None, busy_controls: bool = False) -> RunReport:
     """Lab up (or reused), censor on, probes, censor off, lab down unless kept or already up."""
-    from throttle.lab.topology import Lab
-
     if not scenario.probes:
         raise ThrottleError(f"{scenario.path}: no [[probe]] tables; `throttle run` needs traffic to try")
     if not any(p.control for p in scenario.probes):

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, NoReturn, TypeVar
 
 from throttle.errors import ScenarioError
 from throttle.scenario.model import (
@@ -23,7 +24,10 @@ from throttle.scenario.model import (
     PROBE_DIRECTIONS,
     PROTOCOLS,
     SCOPES,
+    Evasion,
     Model,
+    NameSourceKind,
+    Network,
     Probe,
     Rule,
     Scenario,
@@ -82,10 +86,12 @@ def _model(r: _Reader, t: dict[str, Any]) -> Model:
     keys = {f.name for f in fields(Model)}
     r.known(t, "model", keys)
     d = Model()
-    sources = tuple(r.get(t, "model.name_sources", list, default=list(d.name_sources)))
-    for s in sources:
-        if s not in NAME_SOURCES:
-            r.fail("model.name_sources", f'"{s}" is not a name source; use some of {", ".join(NAME_SOURCES)}')
+    sources: list[NameSourceKind] = []
+    for name in r.get(t, "model.name_sources", list, default=list(d.name_sources)):
+        kind = next((k for k in NAME_SOURCES if k == name), None)
+        if kind is None:
+            r.fail("model.name_sources", f'"{name}" is not a name source; use some of {", ".join(NAME_SOURCES)}')
+        sources.append(kind)
     return Model(
         reassemble=r.get(t, "model.reassemble", bool, default=d.reassemble),
         reassembly_limit=r.conv(t, "model.reassembly_limit", parse_size, d.reassembly_limit),
@@ -97,7 +103,7 @@ def _model(r: _Reader, t: dict[str, Any]) -> Model:
         fin_rst_ends_flow=r.get(t, "model.fin_rst_ends_flow", bool, default=d.fin_rst_ends_flow),
         idle_timeout=r.conv(t, "model.idle_timeout", parse_duration, d.idle_timeout),
         max_flows=r.count(t, "model.max_flows", d.max_flows, minimum=1),
-        name_sources=sources,
+        name_sources=tuple(sources),
         dns_max_entries=r.count(t, "model.dns_max_entries", d.dns_max_entries, minimum=1),
         inside=r.networks(t, "model.inside"),
     )
@@ -175,14 +181,18 @@ def _probe(r: _Reader, t: Any, i: int) -> Probe:
     )
 
 
-def _evasion(r: _Reader, t: dict[str, Any], k: str) -> str:
+def _evasion(r: _Reader, t: dict[str, Any], k: str) -> Evasion:
     evasion = r.choice(t, f"{k}.evasion", EVASIONS, "none")
     if evasion != "none" and t.get("protocol") != "tls":
         r.fail(f"{k}.evasion", 'needs protocol = "tls" (the raw client); curl cannot disguise its hello')
     return evasion
 
 
-_TYPE_WORDS = {str: "a string", bool: "true or false", list: "a list", int: "a whole number", dict: "a table"}
+_TYPE_WORDS: dict[type, str] = {str: "a string", bool: "true or false", list: "a list", int: "a whole number",
+                               dict: "a table"}
+T = TypeVar("T")
+D = TypeVar("D")
+C = TypeVar("C", bound=str)
 
 
 @dataclass
@@ -190,9 +200,8 @@ class _Reader:
     """Typed access to a TOML document that turns every problem into a ScenarioError."""
 
     label: str
-    _unused: list[str] = field(default_factory=list)
 
-    def fail(self, key: str, reason: str) -> Any:
+    def fail(self, key: str, reason: str) -> NoReturn:
         raise ScenarioError(self.label, key, reason)
 
     def known(self, t: dict[str, Any], where: str, keys: set[str]) -> None:
@@ -213,7 +222,7 @@ class _Reader:
             self.fail(key, f"must be an array of tables; write [[{key}]]")
         return t
 
-    def get(self, t: dict[str, Any], key: str, typ: type, default: Any) -> Any:
+    def get(self, t: dict[str, Any], key: str, typ: type[T], default: D) -> T | D:
         leaf = key.rsplit(".", 1)[-1]
         if leaf not in t:
             return default
@@ -222,14 +231,14 @@ class _Reader:
             self.fail(key, f"{value!r} is not {_TYPE_WORDS.get(typ, typ.__name__)}")
         return value
 
-    def conv(self, t: dict[str, Any], key: str, parse: Callable[[Any], Any], default: Any) -> Any:
+    def conv(self, t: dict[str, Any], key: str, parse: Callable[[Any], T], default: D) -> T | D:
         leaf = key.rsplit(".", 1)[-1]
         if leaf not in t:
             return default
         try:
             return parse(t[leaf])
         except (ValueError, TypeError) as exc:
-            return self.fail(key, str(exc))
+            self.fail(key, str(exc))
 
     def count(self, t: dict[str, Any], key: str, default: int, minimum: int = 0) -> int:
         value = self.get(t, key, int, default)
@@ -237,14 +246,15 @@ class _Reader:
             self.fail(key, f"{value} is below {minimum}")
         return value
 
-    def choice(self, t: dict[str, Any], key: str, choices: tuple[str, ...], default: str) -> str:
+    def choice(self, t: dict[str, Any], key: str, choices: tuple[C, ...], default: C) -> C:
         value = self.get(t, key, str, default)
-        if value not in choices:
-            self.fail(key, f'"{value}" is not one of {", ".join(choices)}')
-        return value
+        for choice in choices:
+            if choice == value:
+                return choice
+        self.fail(key, f'"{value}" is not one of {", ".join(choices)}')
 
-    def networks(self, t: dict[str, Any], key: str) -> tuple[Any, ...]:
-        out = []
+    def networks(self, t: dict[str, Any], key: str) -> tuple[Network, ...]:
+        out: list[Network] = []
         for j, text in enumerate(self.get(t, key, list, default=[]), 1):
             try:
                 out.append(ipaddress.ip_network(text, strict=False))

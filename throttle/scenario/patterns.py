@@ -44,19 +44,34 @@ def compile_pattern(text: str) -> Pattern:
             rx = re.compile(text[3:])
         except re.error as exc:
             raise ValueError(f'"{text}" is not a valid regular expression ({exc})') from None
-        return Pattern(text, "regex", lambda n, s=rx.search: s(n) is not None)
+        return Pattern(text, "regex", _found_by(rx.search))
     body = text.lower()
     stars = body.count("*")
     if stars == 0:
-        exact = normalise(body)
-        return Pattern(text, "exact", lambda n, e=exact: n == e)
+        return Pattern(text, "exact", normalise(body).__eq__)
     core = body.strip("*")
     if "*" not in core:
         if body.startswith("*") and body.endswith("*") and stars == 2:
-            return Pattern(text, "substring", lambda n, c=core: c in n)
+            return Pattern(text, "substring", _contains(core))
         if body.startswith("*") and stars == 1:
-            return Pattern(text, "suffix", lambda n, c=core: n.endswith(c))
+            return Pattern(text, "suffix", _endswith(core))
         if body.endswith("*") and stars == 1:
-            return Pattern(text, "prefix", lambda n, c=core: n.startswith(c))
-    rx = re.compile(".*".join(re.escape(part) for part in body.split("*")))
-    return Pattern(text, "glob", lambda n, f=rx.fullmatch: f(n) is not None)
+            return Pattern(text, "prefix", _startswith(core))
+    glob = re.compile(".*".join(re.escape(part) for part in body.split("*")))
+    return Pattern(text, "glob", _found_by(glob.fullmatch))
+
+
+def _found_by(search: Callable[[str], re.Match[str] | None]) -> Callable[[str], bool]:
+    return lambda name: search(name) is not None
+
+
+def _contains(core: str) -> Callable[[str], bool]:
+    return lambda name: core in name
+
+
+def _endswith(core: str) -> Callable[[str], bool]:
+    return lambda name: name.endswith(core)
+
+
+def _startswith(core: str) -> Callable[[str], bool]:
+    return lambda name: name.startswith(core)

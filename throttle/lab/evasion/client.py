@@ -72,7 +72,8 @@ class _Clock:
             return self.written
         if len(info) < _TCPI_BYTES_ACKED + 8:
             return self.written
-        return max(0, min(self.total, struct.unpack_from("=Q", info, _TCPI_BYTES_ACKED)[0] - 1))
+        acked: int = struct.unpack_from("=Q", info, _TCPI_BYTES_ACKED)[0]
+        return max(0, min(self.total, acked - 1))
 
     def wait(self, write: bool) -> None:
         """Block until the socket is ready; report progress on time; TimeoutError at the deadline."""
@@ -84,6 +85,7 @@ class _Clock:
                     self.next_report += self.interval
             if now >= self.deadline:
                 raise TimeoutError
+            assert self.sock is not None
             fds = [self.sock]
             r, w, _ = select.select([] if write else fds, fds if write else [], [], min(self.deadline, self.next_report) - now)
             if r or w:

@@ -19,9 +19,7 @@ from struct import unpack_from
 from typing import Callable
 
 from throttle.errors import ThrottleError
-from throttle.scenario import (  # one list: what scenario files may name
-    EVASIONS,
-)
+from throttle.scenario import EVASIONS  # one list: what scenario files may name
 from throttle.wire.tls import TLSParseError, parse_client_hello
 
 __all__ = ["EVASIONS", "FAKE_SNI", "Segment", "client_hello", "plan", "replace_sni", "segment_count", "sni_span"]
