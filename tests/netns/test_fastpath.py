@@ -391,7 +391,7 @@ def test_a_killed_fast_path_is_replaced_then_removed(fplab: Lab) -> None:
 def test_map_full_expire_and_errors() -> None:
     """In this process's own namespace, with no interface attached: nothing but BPF objects."""
     require_lab_prerequisites()
-    from throttle import fastpath
+    from throttle.kernel import fastpath
     from throttle.kernel.fastpath import FastPath
 
     with FastPath([], max_entries=2) as fp:

@@ -8,16 +8,8 @@ from __future__ import annotations
 
 from throttle.engine.buckets import Bucket, Policer, Shaper
 from throttle.engine.core import Counters, Engine
-from throttle.engine.events import (
-                                    EngineError,
-                                    Event,
-                                    FlowDecided,
-                                    FlowEnded,
-                                    FlowStarted,
-                                    Limited,
-                                    NameLearned,
-                                    Verdict,
-)
+from throttle.engine.events import (EngineError, Event, FlowDecided, FlowEnded, FlowStarted, Limited, NameLearned,
+                                    Verdict)
 from throttle.engine.flows import DIRECTION_NAMES, DOWNLOAD, UPLOAD, Direction, Flow, State
 
 __all__ = [

@@ -36,7 +36,7 @@ import ssl
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import parse_qs, urlsplit
@@ -252,21 +252,41 @@ def _html(value: Any) -> str:
     return html.escape(str(value))
 
 
-class LabServer(ThreadingHTTPServer):
+class _Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """What both web servers and the sink share: one thread per connection, IPv4 or IPv6 by the
+    host given (IPv6 sockets take IPv6 only), and a connection's expected failures logged in one
+    line instead of a traceback."""
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 256
+    scheme = "-"
+    expected_errors: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
 
-    def __init__(self, host: str, port: int, certs: Optional[Certificates]) -> None:
+    def __init__(self, host: str, port: int, handler: type[socketserver.BaseRequestHandler]) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.certs = certs
-        self.scheme = "https" if certs else "http"
-        super().__init__((host, port), Handler)
+        super().__init__((host, port), handler)
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         super().server_bind()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, self.expected_errors):
+            sys.stderr.write(f"{client_address[0]} {self.scheme}: {type(exc).__name__}: {exc}\n")
+        else:
+            super().handle_error(request, client_address)
+
+
+class LabServer(_Listener):
+    expected_errors = (ConnectionError, TimeoutError, ssl.SSLError)
+
+    def __init__(self, host: str, port: int, certs: Optional[Certificates]) -> None:
+        self.certs = certs
+        self.scheme = "https" if certs else "http"
+        super().__init__(host, port, Handler)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         # Runs in the connection's own thread, so a slow or throttled handshake blocks nobody.
@@ -283,13 +303,6 @@ class LabServer(ThreadingHTTPServer):
             super().finish_request(tls, client_address)
         finally:
             tls.close()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, TimeoutError, ssl.SSLError)):
-            sys.stderr.write(f"{client_address[0]} {self.scheme}: {type(exc).__name__}: {exc}\n")
-        else:
-            super().handle_error(request, client_address)
 
 
 class SinkHandler(socketserver.BaseRequestHandler):
@@ -310,27 +323,11 @@ class SinkHandler(socketserver.BaseRequestHandler):
         sock.sendall(f"received {total}\n".encode())
 
 
-class SinkServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 256
+class SinkServer(_Listener):
     scheme = "sink"
 
     def __init__(self, host: str, port: int) -> None:
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        super().__init__((host, port), SinkHandler)
-
-    def server_bind(self) -> None:
-        if self.address_family == socket.AF_INET6:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        super().server_bind()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, TimeoutError)):
-            sys.stderr.write(f"{client_address[0]} sink: {type(exc).__name__}: {exc}\n")
-        else:
-            super().handle_error(request, client_address)
+        super().__init__(host, port, SinkHandler)
 
 
 def serve(args: argparse.Namespace) -> None:

@@ -4,29 +4,9 @@ to try), loaded from TOML into frozen dataclasses, and the library of bundled sc
 from __future__ import annotations
 
 from throttle.scenario.load import load_scenario, parse_scenario
-from throttle.scenario.model import (
-                                     ACTIONS,
-                                     DIRECTIONS,
-                                     EVASIONS,
-                                     NAME_SOURCES,
-                                     OUTCOMES,
-                                     PROBE_DIRECTIONS,
-                                     PROTOCOLS,
-                                     SCOPES,
-                                     Action,
-                                     Evasion,
-                                     Model,
-                                     NameSourceKind,
-                                     Network,
-                                     Outcome,
-                                     Probe,
-                                     ProbeDirection,
-                                     Protocol,
-                                     Rule,
-                                     RuleDirection,
-                                     Scenario,
-                                     Scope,
-)
+from throttle.scenario.model import (ACTIONS, DIRECTIONS, EVASIONS, NAME_SOURCES, OUTCOMES, PROBE_DIRECTIONS,
+                                     PROTOCOLS, SCOPES, Action, Evasion, Model, NameSourceKind, Network, Outcome,
+                                     Probe, ProbeDirection, Protocol, Rule, RuleDirection, Scenario, Scope)
 from throttle.scenario.patterns import Pattern, compile_pattern
 
 __all__ = [

@@ -15,23 +15,9 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from throttle.errors import ScenarioError
-from throttle.scenario.model import (
-    ACTIONS,
-    DIRECTIONS,
-    EVASIONS,
-    NAME_SOURCES,
-    OUTCOMES,
-    PROBE_DIRECTIONS,
-    PROTOCOLS,
-    SCOPES,
-    Evasion,
-    Model,
-    NameSourceKind,
-    Network,
-    Probe,
-    Rule,
-    Scenario,
-)
+from throttle.scenario.model import (ACTIONS, DIRECTIONS, EVASIONS, NAME_SOURCES, OUTCOMES, PROBE_DIRECTIONS,
+                                     PROTOCOLS, SCOPES, Evasion, Model, NameSourceKind, Network, Probe, Rule,
+                                     Scenario)
 from throttle.scenario.patterns import compile_pattern
 from throttle.units import parse_duration, parse_rate, parse_size
 
