@@ -7,6 +7,7 @@ from pathlib import Path
 from prometheus_client import generate_latest
 
 from throttle.engine import Engine
+from throttle.kernel.fastpath import Counters
 from throttle.measure.exporter import MAX_NAMES, Metrics
 from throttle.scenario import load_scenario
 
@@ -28,14 +29,14 @@ def test_limited_flow_counts_and_speed_window() -> None:
         e.process(p, 0.0)
     for ev in e.drain_events():
         m.on_event(ev)
-    m.tick(e, held=0, fast_bytes=None, now=0.0)
+    m.tick(e, held=0, fast=None, now=0.0)
     packet = conv.client(b"x" * 1400)
     for i in range(1000):  # 10 s of uploads offered at 100 packets a second, 145 kB/s
         e.process(packet, 0.01 * i)
         for ev in e.drain_events():
             m.on_event(ev)
         if i % 100 == 99:
-            m.tick(e, held=0, fast_bytes=None, now=0.01 * i)
+            m.tick(e, held=0, fast=None, now=0.01 * i)
     labels = {"rule": "twitter", "name": "pbs.twimg.com", "direction": "upload"}
     assert sample(m, "throttle_packets_total", verdict="dropped", **labels) > 0
     assert sample(m, "throttle_packets_total", verdict="inspected", **labels) >= 2
@@ -49,11 +50,24 @@ def test_fast_path_bytes_become_bypassed_and_unlimited_speed() -> None:
     s = load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml")
     e, m = Engine(s.model, s.rules), Metrics()
     m.fast_flow_added(b"k-up", "upload")
-    m.tick(e, held=2, fast_bytes={b"k-up": 0}, now=0.0)
-    m.tick(e, held=0, fast_bytes={b"k-up": 50_000_000}, now=1.0)
+    m.tick(e, held=2, fast={b"k-up": Counters(0, 0, 0, 0, 0)}, now=0.0)
+    m.tick(e, held=0, fast={b"k-up": Counters(50_000_000, 34_000, 0, 0, 0)}, now=1.0)
     assert sample(m, "throttle_bytes_total", rule="none", name="other", direction="upload", verdict="bypassed") == 5e7
     assert sample(m, "throttle_achieved_bytes_per_second", rule="none", name="other", direction="upload") == 5e7
     assert sample(m, "throttle_queue_length") == 0
+
+
+def test_kernel_limited_flows_count_passed_and_dropped_under_their_rule() -> None:
+    """A flow the kernel polices: its counters arrive as passed and dropped under its rule and name."""
+    s = load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml")
+    e, m = Engine(s.model, s.rules), Metrics()
+    m.fast_flow_added(b"k-up", "upload", "twitter", "pbs.twimg.com")
+    m.tick(e, held=0, fast={b"k-up": Counters(0, 0, 0, 0, 0)}, now=0.0)
+    m.tick(e, held=0, fast={b"k-up": Counters(16_250, 11, 30_000, 20, 0)}, now=1.0)
+    labels = {"rule": "twitter", "name": "pbs.twimg.com", "direction": "upload"}
+    assert sample(m, "throttle_bytes_total", verdict="passed", **labels) == 16_250
+    assert sample(m, "throttle_packets_total", verdict="dropped", **labels) == 20
+    assert sample(m, "throttle_achieved_bytes_per_second", **labels) == 16_250
 
 
 def test_name_labels_are_bounded() -> None:

@@ -22,11 +22,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from throttle.engine import Engine, Event, Flow, FlowDecided, FlowEnded, State
+from throttle.engine import DOWNLOAD, UPLOAD, Engine, Event, Flow, FlowDecided, FlowEnded, State
 from throttle.errors import ThrottleError
 from throttle.kernel import fastpath, netns
 from throttle.kernel.firewall import Firewall, installed
-from throttle.kernel.nfqueue import Hook, HookStats, check_requirements
+from throttle.kernel.fastpath import BucketSlots
+from throttle.kernel.nfqueue import Hook, HookStats, check_requirements, queue_losses
 from throttle.scenario import Scenario
 from throttle.wire.ip import TCP, UDP
 
@@ -56,7 +57,10 @@ class Censor:
                          on_error=metrics.hook_error if metrics is not None else None)
         self.fastpath: fastpath.FastPath | None = None
         self.fastpath_note: str | None = None  # why there is none
-        self.fast_flows = 0  # flows handed to the fast path
+        self.fast_flows = 0  # passed flows handed to the kernel
+        self.kernel_limited = 0  # limited flows whose limit the kernel enforces
+        self._slots = BucketSlots()
+        self._kernel: dict[bytes, list[int]] = {}  # upload map key -> bucket slots it holds
         self._stop: asyncio.Event | None = None
         self._last_expire = 0.0
 
@@ -69,32 +73,72 @@ class Censor:
         fast = self.fastpath
         for ev in events:
             if fast is not None:
-                if isinstance(ev, FlowDecided) and ev.flow.rule is None and self.bypass:
-                    self._to_fastpath(fast, ev.flow)
+                if isinstance(ev, FlowDecided) and self.bypass:
+                    self._to_kernel(fast, ev.flow)
                 elif isinstance(ev, FlowEnded) and ev.reason != "idle":
                     # Idle flows are not ended here: their packets skip us, so the engine's idea
-                    # of idle is wrong for them. The fast path expires its own idle entries.
+                    # of idle is wrong for them. The kernel expires its own idle entries.
                     f = ev.flow
                     self._fastpath_call(fast.remove_flow, f.proto, f.client, f.client_port, f.server, f.server_port)
+                    self._release(fastpath.flow_key(f.proto, f.client, f.client_port, f.server, f.server_port))
             if self.metrics is not None:
                 self.metrics.on_event(ev)
 
-    def _to_fastpath(self, fast: fastpath.FastPath, flow: Flow) -> None:
-        if flow.state != State.PASSED or flow.proto not in (TCP, UDP) or flow.server_port == 53:
+    def _to_kernel(self, fast: fastpath.FastPath, flow: Flow) -> None:
+        """A decided flow's packets from now on go to the kernel: forwarded (passed), or forwarded
+        through the kernel's copy of its buckets (limited by a policing rule). Shaped flows stay
+        with the engine."""
+        if flow.proto not in (TCP, UDP) or flow.server_port == 53:
             return
+        rule = flow.rule if flow.state == State.LIMITED else None
+        if flow.state == State.LIMITED and (rule is None or rule.action != "police"):
+            return
+        limits: list[fastpath.Limit | None] = [None, None]
+        slots: list[int] = []
+        if rule is not None:
+            now = self.hook.loop.time()
+            for d in (UPLOAD, DOWNLOAD):
+                bucket = self.engine.bucket(flow, d, now)
+                if bucket is None:
+                    continue
+                slot, new = self._slots.acquire(bucket)
+                if slot is None:
+                    self._release_slots(slots)
+                    return  # no room in the kernel's bucket table: the engine keeps limiting it
+                slots.append(slot)
+                if new and not self._fastpath_call(fast.set_bucket, slot, bucket.rate, int(bucket.burst),
+                                                   bucket.tokens, bucket.stamp):
+                    self._release_slots(slots)
+                    return
+                limits[d] = fastpath.Limit(slot, rule.after_bytes, flow.sides[d].payload)
         # The client (opener) sits behind the inside interface, unless it opened from outside.
         client_if, server_if = self.inside_if, self.outside_if
         if not flow.eligible:
             client_if, server_if = server_if, client_if
         assert client_if is not None and server_if is not None
-        if self._fastpath_call(fast.add_flow, flow.proto, flow.client, flow.client_port, flow.server,
-                               flow.server_port, client_if, server_if):
+        if not self._fastpath_call(fast.add_flow, flow.proto, flow.client, flow.client_port, flow.server,
+                                   flow.server_port, client_if, server_if, limits[0], limits[1]):
+            self._release_slots(slots)
+            return
+        up = fastpath.flow_key(flow.proto, flow.client, flow.client_port, flow.server, flow.server_port)
+        down = fastpath.flow_key(flow.proto, flow.server, flow.server_port, flow.client, flow.client_port)
+        self._release(up)  # a reused 5-tuple: the old flow's slots
+        self._kernel[up] = slots
+        if rule is None:
             self.fast_flows += 1
-            if self.metrics is not None:
-                up = fastpath.flow_key(flow.proto, flow.client, flow.client_port, flow.server, flow.server_port)
-                down = fastpath.flow_key(flow.proto, flow.server, flow.server_port, flow.client, flow.client_port)
-                self.metrics.fast_flow_added(up, "upload")
-                self.metrics.fast_flow_added(down, "download")
+        else:
+            self.kernel_limited += 1
+        if self.metrics is not None:
+            rule_name = rule.name if rule is not None else "none"
+            self.metrics.fast_flow_added(up, "upload", rule_name, flow.name)
+            self.metrics.fast_flow_added(down, "download", rule_name, flow.name)
+
+    def _release(self, up_key: bytes) -> None:
+        self._release_slots(self._kernel.pop(up_key, []))
+
+    def _release_slots(self, slots: list[int]) -> None:
+        for slot in slots:
+            self._slots.release(slot)
 
     def _fastpath_call(self, fn: Callable[..., T], *args: object) -> T | None:
         try:
@@ -151,19 +195,26 @@ class Censor:
         if tick is not None:
             tick(self.stats)
         fast = self.fastpath
+        lost = queue_losses(self.queue)
+        if lost is not None:
+            self.stats.lost = lost
+            if self.metrics is not None:
+                self.metrics.lost_before_inspection(lost)
         if self.metrics is not None:
-            fast_bytes = self._fastpath_call(fast.flow_bytes) if fast is not None else None
-            self.metrics.tick(self.engine, self.hook.holding, fast_bytes, now)
+            counters = self._fastpath_call(fast.counters) if fast is not None else None
+            self.metrics.tick(self.engine, self.hook.holding, counters, now)
         if fast is not None and now - self._last_expire > EXPIRE_EVERY:
             self._last_expire = now
-            self._fastpath_call(fast.expire, self.scenario.model.idle_timeout)
+            for key in self._fastpath_call(fast.expire_keys, self.scenario.model.idle_timeout) or ():
+                self._release(key)
 
     def describe(self) -> str:
         s = self.stats
         return (f"{s.queued} pkts queued: {s.accepted} passed, {s.dropped} dropped, "
                 f"{s.held} delayed ({s.holding} held now), {s.bypassed} packets marked to hand their flow to the "
-                f"kernel, {self.fast_flows} flows on the fast path; "
-                f"flows limited {s.flows_limited}, passed {s.flows_passed}"
+                f"kernel, {self.fast_flows} flows on the fast path, {self.kernel_limited} limited by the kernel; "
+                f"flows limited {s.flows_limited}, passed {s.flows_passed}; "
+                f"{s.lost} packets lost before inspection"
                 + (f"; {s.errors} engine errors" if s.errors else ""))
 
 

@@ -17,6 +17,7 @@ The engine is a small facade over its parts, one per stage a packet meets:
 
 from __future__ import annotations
 
+from throttle.engine.buckets import Bucket
 from throttle.engine.enforce import ACCEPT, BYPASS, Decision, Enforcer
 from throttle.engine.events import EngineError, Event, FlowDecided, FlowEnded, FlowStarted, Verdict
 from throttle.engine.flows import DOWNLOAD, UPLOAD, Direction, EndReason, Flow, FlowTable, NameSource, State
@@ -134,7 +135,7 @@ class Engine:
                     self._close_inspection(flow, now)
             else:
                 if flags & SYN:
-                    side.next_seq = (seq + 1) & 0xFFFFFFFF
+                    seq = side.next_seq = (seq + 1) & 0xFFFFFFFF  # data in a SYN (TCP Fast Open) is at ISN+1
                 if payload:
                     found, give_up = self._inspector.tcp(side, payload, seq)
                     if give_up:
@@ -234,6 +235,16 @@ class Engine:
         timeout = self.model.idle_timeout
         while (oldest := self._flows.oldest()) is not None and oldest.last_seen + timeout <= now:
             self._end(oldest, now, "idle")
+
+    @property
+    def holes(self) -> int:
+        """Data segments that came before their direction's first one (its bytes unseen so far)."""
+        return self._inspector.holes
+
+    def bucket(self, flow: Flow, d: Direction, now: float) -> Bucket | None:
+        """The bucket limiting direction `d` of a limited flow, shared ones included (see
+        `Enforcer.bucket`); None when that direction is not limited."""
+        return self._enforcer.bucket(flow, d, now)
 
     def flows(self) -> list[Flow]:
         return list(self._flows)

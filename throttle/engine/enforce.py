@@ -65,6 +65,17 @@ class Enforcer:
         self._emit(Limited(rule.name, name, d, size, Verdict.HOLD, release - now, now))
         return (Verdict.HOLD, release)
 
+    def bucket(self, flow: Flow, d: Direction, now: float) -> Bucket | None:
+        """The bucket that limits direction `d` of a limited flow (made now if it has none yet),
+        or None when the flow's rule does not limit that direction. For an adapter that carries
+        the limit out elsewhere (the kernel): it starts from this bucket's state."""
+        rule = flow.rule
+        if flow.state != State.LIMITED or rule is None:
+            return None
+        if rule.direction != "both" and rule.direction != DIRECTION_NAMES[d]:
+            return None
+        return flow.buckets[d] or self._bucket(flow, rule, d, now)
+
     def _drop(self, rule: Rule, name: str, d: Direction, side: Side, size: int, now: float) -> Decision:
         side.dropped_packets += 1
         side.dropped_bytes += size

@@ -31,6 +31,7 @@ class Inspector:
 
     def __init__(self, model: Model, emit: Callable[[Event], None]) -> None:
         self.model = model
+        self.holes = 0  # data segments that arrived before the direction's first one (see `tcp`)
         self._emit = emit
         self.sources = frozenset(model.name_sources)
         self.max_inspected = model.window_packets + model.window_extension
@@ -43,6 +44,13 @@ class Inspector:
         if side.closed:
             return [], False
         model = self.model
+        if not model.reassemble and side.inspected == 0 and side.next_seq >= 0 and seq != side.next_seq:
+            # The SYN was seen, and this segment starts after a hole: the direction's first data
+            # segment (at ISN+1) has not arrived, lost on the way or overtaken. It is not "the first
+            # packet" of §5; the device waits for that one (the window bounds how long, see
+            # Engine._window_over). Without this, one lost ClientHello lets the flow go free.
+            self.holes += 1
+            return [], False
         if model.reassemble:
             data = self._reassemble(side, payload, seq)
             if data is None:

@@ -1,45 +1,36 @@
-"""The kernel fast path for decided flows: a tc eBPF program that forwards them past netfilter.
+"""The kernel's part of the censor: once the engine has decided a flow, the kernel carries the
+decision out, and Python never sees the flow's packets again.
 
-Once the engine has decided a flow, every later packet of it still costs the censor namespace its
-netfilter hooks and conntrack (15-25 % of forwarding throughput on a small VM). This module loads
-one small eBPF program on the clsact *ingress* hook of each censor interface (cls_bpf,
-direct-action). For every IPv4/IPv6 TCP or UDP packet it looks the 5-tuple up in a BPF hash map;
-on a hit it rewrites the Ethernet addresses, decrements the TTL / hop limit (fixing the IPv4 header
-checksum) and redirects the packet to the egress interface stored with the flow, so it never
-reaches the IP stack, netfilter or NFQUEUE. On a miss it returns TC_ACT_OK and the packet takes
-the normal path. Packets it does not parse are always passed: IPv4 with options or fragments,
-IPv6 with extension headers, anything but TCP and UDP, and packets whose TTL would expire (the
-kernel then sends the ICMP error).
+This module loads the eBPF program of `bpf/throttle.bpf.c` (C, built with clang, loaded with
+libbpf through `throttle.kernel.libbpf`) on the clsact *ingress* hook of each censor interface
+(cls_bpf, direct-action), and keeps its maps. For every IPv4/IPv6 TCP or UDP packet the program
+looks the 5-tuple up in the `flows` map; on a hit it applies the direction's limit, if any (a
+token bucket in the `buckets` map: the engine's policer, in the kernel; a shaped direction gets
+its HTB class), rewrites the Ethernet addresses, decrements the TTL / hop limit and redirects the
+packet to the egress interface, so it never reaches the IP stack, netfilter or NFQUEUE. On a miss
+it returns TC_ACT_OK and the packet takes the normal path (to the engine). Packets it does not
+parse always take the normal path: IPv4 with options or fragments, IPv6 with extension headers,
+anything but TCP and UDP, a TCP SYN, and packets whose TTL would expire (the kernel then sends
+the ICMP error).
 
-No compiler runs: the program is assembled here from `struct bpf_insn`s, loaded with the `bpf(2)`
-syscall through ctypes, and attached with pyroute2 (`tc qdisc add ... clsact` and
-`tc filter add ... ingress bpf da`). Everything attached is removed by `FastPath.close()`; deleting
-the namespace removes it too. A FastPath left behind by a process that was killed keeps
-forwarding the flows it had (fail-open, like `--queue-bypass`); the next FastPath on the same
-interfaces replaces it.
+It is attached with pyroute2 (`tc qdisc add ... clsact`, `tc filter add ... ingress bpf da`).
+Everything attached is removed by `FastPath.close()`; deleting the namespace removes it too. A
+FastPath left behind by a process that was killed keeps forwarding (and limiting) the flows it had
+(fail-open, like `--queue-bypass`); the next FastPath on the same interfaces replaces it.
 
 pyroute2's synchronous API cannot run inside a running asyncio loop (the censor's hook is one),
 so every netlink request runs on a worker thread of our own, created from the thread that
 constructs the FastPath and therefore in the same network namespace.
 
-Map layout (all in host order except where the packet's order is kept):
-
-    key   (40 bytes)  u8 proto, u8 family (4|6), 2 zero bytes, src[16], dst[16],
-                      be16 sport, be16 dport; IPv4 addresses in the first 4 bytes, rest zero
-    value (32 bytes)  u32 egress ifindex, dst MAC[6], src MAC[6],
-                      u64 CLOCK_MONOTONIC ns of the last packet forwarded (for `expire()`),
-                      u64 bytes forwarded (an atomic add; for the exporter's speeds)
-
-Because fast-pathed packets skip conntrack, the censor's conntrack entries of those flows stop
-advancing; use `expire()` (or `remove()`) to hand idle or finished flows back to the slow path.
+Map layout: `KEY`, `VALUE` and `BUCKET` below mirror the C structs. Because redirected packets
+skip conntrack, the censor's conntrack entries of those flows stop advancing; `expire()` (or
+`remove()`) hands idle or finished flows back to the slow path.
 """
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import os
-import platform
 import struct
 import threading
 import time
@@ -48,31 +39,15 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, Optional, TypeVar, Union
 
+from dataclasses import dataclass
+
 from throttle.errors import ThrottleError
+from throttle.kernel import libbpf
 
 __all__ = ["FastPath", "available", "interface_mac", "neighbour_mac"]
 
 T = TypeVar("T")
 Address = Union[bytes, str, ipaddress.IPv4Address, ipaddress.IPv6Address]  # packed, or any form ipaddress takes
-
-# -- bpf(2) -------------------------------------------------------------------------------------
-
-SYS_BPF = {"x86_64": 321, "aarch64": 280, "arm64": 280}
-
-BPF_MAP_CREATE = 0
-BPF_MAP_LOOKUP_ELEM = 1
-BPF_MAP_UPDATE_ELEM = 2
-BPF_MAP_DELETE_ELEM = 3
-BPF_MAP_GET_NEXT_KEY = 4
-BPF_PROG_LOAD = 5
-
-BPF_MAP_TYPE_HASH = 1
-BPF_MAP_TYPE_PERCPU_ARRAY = 6
-BPF_PROG_TYPE_SCHED_CLS = 3
-BPF_ANY = 0
-
-ATTR_SIZE = 128  # larger than every attr we fill; the kernel checks the tail is zero
-LOG_SIZE = 1 << 20
 
 # -- tc -----------------------------------------------------------------------------------------
 
@@ -85,384 +60,85 @@ ETH_P_ALL = 0x0003
 
 TC_ACT_OK = 0
 
-# -- the program's data layout ------------------------------------------------------------------
+# -- the program's data layout (bpf/throttle.bpf.c) ----------------------------------------------
 
 KEY = struct.Struct("!BBxx16s16sHH")  # ports stay in network order, as in the packet
-VALUE = struct.Struct("=I6s6sQQ")  # the timestamp lands 8-aligned at offset 16, the byte count at 24
-assert KEY.size == 40 and VALUE.size == 32
+# egress ifindex, dst MAC, src MAC, last_ns, bytes, packets, dropped bytes, dropped packets,
+# payload carried, after_bytes, bucket index, skb priority
+VALUE = struct.Struct("=I6s6sQQQQQQQII")
+# spin lock, pad, rate (B/s), burst (B), fill_ns, tokens (B x 1e9), stamp_ns
+BUCKET = struct.Struct("=IIQQQQQ")
+assert KEY.size == 40 and VALUE.size == 80 and BUCKET.size == 48
 HITS_KEY = struct.pack("=I", 0)
+BUCKETS = 131072  # entries of the buckets array; index 0 means "not limited"
+PROGRAM = "throttle_ingress"
+NS = 1_000_000_000
 
 NUD_INVALID = 0x00 | 0x01 | 0x20  # NUD_NONE, NUD_INCOMPLETE, NUD_FAILED: no usable address
 
 
-# -- a tiny eBPF assembler ----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """How the kernel limits one direction of a flow: its bucket (an index given to `set_bucket`),
+    the payload that passes free first, what the direction already carried, and for a shaped
+    direction its egress class (skb->priority, major:minor)."""
 
-# Instruction classes, sizes, modes, operations (linux/bpf_common.h, linux/bpf.h).
-_LD, _LDX, _ST, _STX, _ALU64, _JMP = 0x00, 0x01, 0x02, 0x03, 0x07, 0x05
-_SIZES = {1: 0x10, 2: 0x08, 4: 0x00, 8: 0x18}
-_IMM, _MEM = 0x00, 0x60
-_K, _X = 0x00, 0x08
-_ALU_OPS = {"add": 0x00, "sub": 0x10, "or": 0x40, "and": 0x50, "lsh": 0x60, "rsh": 0x70, "mov": 0xB0}
-_JMP_OPS = {"ja": 0x00, "jeq": 0x10, "jgt": 0x20, "jge": 0x30, "jne": 0x50, "jlt": 0xA0, "jle": 0xB0}
-_CALL, _EXIT = 0x80, 0x90
-BPF_PSEUDO_MAP_FD = 1
-R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10 = range(11)
-
-# Helpers (enum bpf_func_id).
-FN_MAP_LOOKUP_ELEM = 1
-FN_KTIME_GET_NS = 5
-FN_SKB_STORE_BYTES = 9
-FN_L3_CSUM_REPLACE = 10
-FN_REDIRECT = 23
-FN_SKB_LOAD_BYTES = 26
+    bucket: int
+    after_bytes: int = 0
+    carried: int = 0
+    priority: int = 0
 
 
-def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
-    """One `struct bpf_insn` (little-endian bitfields: dst in the low nibble)."""
-    return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """What the kernel did with one direction of a flow since it was added."""
+
+    bytes: int
+    packets: int
+    dropped_bytes: int
+    dropped_packets: int
+    last_ns: int
 
 
-class Asm:
-    """Builds a program instruction by instruction; jumps name labels, resolved by `code()`."""
+class BucketSlots:
+    """Which slot of the kernel's `buckets` array holds which of the engine's buckets.
 
-    def __init__(self) -> None:
-        self._insns: list[Union[bytes, tuple[int, int, int, int, str]]] = []
-        self._labels: dict[str, int] = {}
+    A bucket shared by several flows (scope client or rule) gets one slot, counted once per flow
+    direction that uses it; a slot is free again when the last of them leaves the kernel."""
 
-    def raw(self, insn: bytes) -> None:
-        self._insns.append(insn)
+    def __init__(self, size: int = BUCKETS) -> None:
+        self._free = list(range(size - 1, 0, -1))  # slot 0 means "not limited"
+        self._slot: dict[int, int] = {}  # id(engine bucket) -> slot
+        self._users: dict[int, tuple[int, int, object]] = {}  # slot -> (id, users, the bucket itself)
 
-    def label(self, name: str) -> None:
-        if name in self._labels:
-            raise ValueError(f"label {name} defined twice")
-        self._labels[name] = len(self._insns)
+    def acquire(self, bucket: object) -> tuple[int | None, bool]:
+        """(slot, whether it is new and must be written), or (None, False) when all are taken."""
+        slot = self._slot.get(id(bucket))
+        if slot is not None:
+            key, users, kept = self._users[slot]
+            self._users[slot] = (key, users + 1, kept)
+            return slot, False
+        if not self._free:
+            return None, False
+        slot = self._free.pop()
+        self._slot[id(bucket)] = slot
+        self._users[slot] = (id(bucket), 1, bucket)  # kept alive, so its id stays unique
+        return slot, True
 
-    def alu(self, op: str, dst: int, src_or_imm: int, *, reg: bool = False) -> None:
-        code = _ALU64 | _ALU_OPS[op] | (_X if reg else _K)
-        self._insns.append(_insn(code, dst, src_or_imm if reg else 0, 0, 0 if reg else src_or_imm))
+    def release(self, slot: int) -> None:
+        entry = self._users.get(slot)
+        if entry is None:
+            return
+        key, users, kept = entry
+        if users > 1:
+            self._users[slot] = (key, users - 1, kept)
+            return
+        del self._users[slot], self._slot[key]
+        self._free.append(slot)
 
-    def mov(self, dst: int, imm: int) -> None:
-        self.alu("mov", dst, imm)
-
-    def movr(self, dst: int, src: int) -> None:
-        self.alu("mov", dst, src, reg=True)
-
-    def ldx(self, size: int, dst: int, src: int, off: int) -> None:
-        self._insns.append(_insn(_LDX | _MEM | _SIZES[size], dst, src, off))
-
-    def stx(self, size: int, dst: int, off: int, src: int) -> None:
-        self._insns.append(_insn(_STX | _MEM | _SIZES[size], dst, src, off))
-
-    def st(self, size: int, dst: int, off: int, imm: int) -> None:
-        self._insns.append(_insn(_ST | _MEM | _SIZES[size], dst, 0, off, imm))
-
-    def ld_map_fd(self, dst: int, fd: int) -> None:
-        """The two-slot 64-bit immediate load that the verifier turns into a map pointer."""
-        self._insns.append(_insn(_LD | _IMM | 0x18, dst, BPF_PSEUDO_MAP_FD, 0, fd))
-        self._insns.append(_insn(0))
-
-    def jmp(self, op: str, dst: int, imm: int, target: str) -> None:
-        self._insns.append((_JMP | _JMP_OPS[op] | _K, dst, 0, imm, target))
-
-    def ja(self, target: str) -> None:
-        self.jmp("ja", 0, 0, target)
-
-    def call(self, helper: int) -> None:
-        self._insns.append(_insn(_JMP | _CALL, imm=helper))
-
-    def exit(self) -> None:
-        self._insns.append(_insn(_JMP | _EXIT))
-
-    def code(self) -> bytes:
-        out = []
-        for i, insn in enumerate(self._insns):
-            if isinstance(insn, tuple):
-                code, dst, src, imm, target = insn
-                if target not in self._labels:
-                    raise ValueError(f"jump to undefined label {target}")
-                out.append(_insn(code, dst, src, self._labels[target] - i - 1, imm))
-            else:
-                out.append(insn)
-        return b"".join(out)
-
-
-# Stack layout of the program (offsets from r10; the verifier wants every access aligned to its
-# size, so the packet copy starts 2 bytes past an 8-byte boundary and the IP header lands on one).
-S_KEY = -48  # 40 bytes: the map key being built
-S_HITS_KEY = -56  # u32 0: the key of the hit counter
-S_FLAGS = -52  # 1 byte: TCP flags
-S_ETH = -126  # 14 bytes of Ethernet header, then the IP header (and the ports) at S_IP
-S_IP = S_ETH + 14  # -112: 20 bytes IPv4 + 4, or 40 bytes IPv6 + 4, up to -68
-ETH_LEN = 14
-
-
-def program(flows_fd: int, hits_fd: int) -> bytes:
-    """The tc ingress program; see the module docstring for what it does."""
-    a = Asm()
-    a.movr(R6, R1)  # r6 = skb for the whole program
-
-    def load_bytes(offset: int, stack: int, length: int) -> None:
-        a.movr(R1, R6)
-        a.mov(R2, offset)
-        a.movr(R3, R10)
-        a.alu("add", R3, stack)
-        a.mov(R4, length)
-        a.call(FN_SKB_LOAD_BYTES)
-        a.jmp("jne", R0, 0, "pass")  # too short
-
-    def store_bytes(offset: int, base: int, base_off: int, length: int, on_fail: str) -> None:
-        """bpf_skb_store_bytes(skb, offset, base + base_off, length, 0); jump on failure."""
-        a.movr(R1, R6)
-        a.mov(R2, offset)
-        a.movr(R3, base)
-        a.alu("add", R3, base_off)
-        a.mov(R4, length)
-        a.mov(R5, 0)
-        a.call(FN_SKB_STORE_BYTES)
-        a.jmp("jne", R0, 0, on_fail)
-
-    load_bytes(0, S_ETH, ETH_LEN)
-    for off in range(0, 40, 8):
-        a.st(8, R10, S_KEY + off, 0)
-    a.ldx(2, R7, R10, S_ETH + 12)  # ethertype, as the little-endian load of two big-endian bytes
-    a.jmp("jeq", R7, 0x0008, "ipv4")
-    a.jmp("jeq", R7, 0xDD86, "ipv6")
-    a.ja("pass")
-
-    a.label("ipv4")
-    load_bytes(ETH_LEN, S_IP, 20 + 4)
-    a.ldx(1, R1, R10, S_IP)
-    a.jmp("jne", R1, 0x45, "pass")  # version 4, no options
-    a.ldx(2, R1, R10, S_IP + 6)
-    a.alu("and", R1, 0xFF3F)  # MF and the fragment offset (bytes 0x3F 0xFF, loaded little-endian)
-    a.jmp("jne", R1, 0, "pass")
-    a.ldx(1, R8, R10, S_IP + 9)  # protocol
-    a.st(1, R10, S_KEY + 1, 4)
-    for src, dst in ((12, 4), (16, 20), (20, 36)):  # saddr, daddr, ports
-        a.ldx(4, R1, R10, S_IP + src)
-        a.stx(4, R10, S_KEY + dst, R1)
-    a.mov(R9, 4)
-    a.ja("l4")
-
-    a.label("ipv6")
-    load_bytes(ETH_LEN, S_IP, 40 + 4)
-    a.ldx(1, R1, R10, S_IP)
-    a.alu("rsh", R1, 4)
-    a.jmp("jne", R1, 6, "pass")
-    a.ldx(1, R8, R10, S_IP + 6)  # next header: only TCP or UDP directly
-    a.st(1, R10, S_KEY + 1, 6)
-    for i in range(0, 36, 4):  # saddr, daddr (8 + 8 words), then the ports
-        a.ldx(4, R1, R10, S_IP + 8 + i)
-        a.stx(4, R10, S_KEY + 4 + i, R1)
-    a.mov(R9, 6)
-
-    a.label("l4")
-    a.jmp("jeq", R8, 6, "proto")
-    a.jmp("jne", R8, 17, "pass")
-    a.label("proto")
-    a.stx(1, R10, S_KEY, R8)
-    # A SYN always takes the normal path: a new connection that reuses a decided flow's 5-tuple
-    # must be inspected afresh (the censor ends the old flow when it sees the SYN).
-    a.jmp("jne", R8, 6, "lookup")
-    a.mov(R2, ETH_LEN + 20 + 13)
-    a.jmp("jeq", R9, 4, "flags")
-    a.mov(R2, ETH_LEN + 40 + 13)
-    a.label("flags")
-    a.movr(R1, R6)
-    a.movr(R3, R10)
-    a.alu("add", R3, S_FLAGS)
-    a.mov(R4, 1)
-    a.call(FN_SKB_LOAD_BYTES)
-    a.jmp("jne", R0, 0, "pass")
-    a.ldx(1, R1, R10, S_FLAGS)
-    a.alu("and", R1, 0x02)
-    a.jmp("jne", R1, 0, "pass")
-    a.label("lookup")
-    a.ld_map_fd(R1, flows_fd)
-    a.movr(R2, R10)
-    a.alu("add", R2, S_KEY)
-    a.call(FN_MAP_LOOKUP_ELEM)
-    a.jmp("jeq", R0, 0, "pass")
-    a.movr(R7, R0)  # r7 = the flow's value, for the rest of the program
-
-    # The router's part of forwarding: TTL / hop limit. At 1 the kernel must answer (ICMP).
-    a.jmp("jeq", R9, 6, "hop6")
-    a.ldx(2, R8, R10, S_IP + 8)  # TTL and protocol as one checksum word (TTL in the low byte)
-    a.movr(R1, R8)
-    a.alu("and", R1, 0xFF)
-    a.jmp("jle", R1, 1, "pass")
-    a.movr(R1, R6)
-    a.mov(R2, ETH_LEN + 10)  # the header checksum
-    a.movr(R3, R8)
-    a.movr(R4, R8)
-    a.alu("sub", R4, 1)  # TTL - 1; no borrow, as TTL >= 2
-    a.mov(R5, 2)
-    a.call(FN_L3_CSUM_REPLACE)
-    a.jmp("jne", R0, 0, "pass")
-    a.alu("sub", R8, 1)
-    a.stx(2, R10, S_IP + 8, R8)
-    store_bytes(ETH_LEN + 8, R10, S_IP + 8, 1, "drop")  # checksum already changed: never let this one go on
-    a.ja("macs")
-
-    a.label("hop6")
-    a.ldx(1, R1, R10, S_IP + 7)
-    a.jmp("jle", R1, 1, "pass")
-    a.alu("sub", R1, 1)
-    a.stx(1, R10, S_IP + 7, R1)
-    store_bytes(ETH_LEN + 7, R10, S_IP + 7, 1, "pass")
-
-    a.label("macs")
-    store_bytes(0, R7, 4, 12, "drop")  # the new destination and source MAC; TTL already decremented
-
-    a.call(FN_KTIME_GET_NS)
-    a.stx(8, R7, 16, R0)  # last used, for expire()
-    a.ldx(4, R1, R6, 0)  # skb->len
-    a.raw(_insn(0xDB, R7, R1, 24, 0))  # lock *(u64 *)(r7 + 24) += r1 (BPF_STX | BPF_ATOMIC | BPF_DW, BPF_ADD)
-    a.st(4, R10, S_HITS_KEY, 0)
-    a.ld_map_fd(R1, hits_fd)
-    a.movr(R2, R10)
-    a.alu("add", R2, S_HITS_KEY)
-    a.call(FN_MAP_LOOKUP_ELEM)
-    a.jmp("jeq", R0, 0, "redirect")
-    a.ldx(8, R1, R0, 0)
-    a.alu("add", R1, 1)
-    a.stx(8, R0, 0, R1)  # a per-CPU counter: no atomics needed
-    a.label("redirect")
-    a.ldx(4, R1, R7, 0)
-    a.mov(R2, 0)  # to the interface's egress
-    a.call(FN_REDIRECT)  # TC_ACT_REDIRECT
-    a.exit()
-
-    a.label("drop")
-    a.mov(R0, 2)  # TC_ACT_SHOT
-    a.exit()
-    a.label("pass")
-    a.mov(R0, TC_ACT_OK)
-    a.exit()
-    return a.code()
-
-
-# -- the syscall --------------------------------------------------------------------------------
-
-_libc: Optional[ctypes.CDLL] = None
-
-
-def _syscall_nr() -> int:
-    machine = platform.machine()
-    if machine not in SYS_BPF:
-        raise ThrottleError(f"the fast path supports x86_64 and aarch64, not {machine}")
-    return SYS_BPF[machine]
-
-
-def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
-    """bpf(cmd, attr, size); returns the result or raises OSError with the errno."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.syscall.restype = ctypes.c_long
-    ret = _libc.syscall(ctypes.c_long(_syscall_nr()), ctypes.c_long(cmd), attr, ctypes.c_ulong(len(attr)))
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return int(ret)
-
-
-def _attr() -> ctypes.Array[ctypes.c_char]:
-    return ctypes.create_string_buffer(ATTR_SIZE)
-
-
-def _addr(buf: ctypes.Array[ctypes.c_char]) -> int:
-    return ctypes.addressof(buf)
-
-
-def _map_create(map_type: int, key_size: int, value_size: int, max_entries: int, name: str) -> int:
-    attr = _attr()
-    struct.pack_into("=IIIII", attr, 0, map_type, key_size, value_size, max_entries, 0)
-    struct.pack_into("16s", attr, 28, name.encode())
-    try:
-        return _bpf(BPF_MAP_CREATE, attr)
-    except OSError as exc:
-        hint = " (not root, or no CAP_BPF)" if exc.errno == 1 else ""
-        raise ThrottleError(f"the kernel refused a BPF map for the fast path: {exc.strerror}{hint}") from None
-
-
-def _prog_load(code: bytes, name: str) -> int:
-    """Load a SCHED_CLS program. On rejection, load again with a log to say why."""
-    insns = ctypes.create_string_buffer(code, len(code))
-    gpl = ctypes.create_string_buffer(b"GPL")  # the helpers used are GPL-only
-
-    def load(log_level: int, log: Optional[ctypes.Array[ctypes.c_char]]) -> int:
-        attr = _attr()
-        struct.pack_into("=IIQQIIQ", attr, 0, BPF_PROG_TYPE_SCHED_CLS, len(code) // 8, _addr(insns),
-                         _addr(gpl), log_level, len(log) if log is not None else 0,
-                         _addr(log) if log is not None else 0)
-        struct.pack_into("16s", attr, 48, name.encode())
-        return _bpf(BPF_PROG_LOAD, attr)
-
-    try:
-        return load(0, None)
-    except OSError:
-        log = ctypes.create_string_buffer(LOG_SIZE)
-        try:
-            return load(1, log)  # loads with a log but not without one: keep it
-        except OSError as exc:
-            lines = [line.strip() for line in log.value.decode(errors="replace").splitlines()
-                     if line.strip() and not line.startswith(("processed ", "verification time"))]
-            detail = " / ".join(lines[-3:]) if lines else exc.strerror  # the rejection is at the end
-            hint = " (not root, or no CAP_BPF)" if exc.errno == 1 and not lines else ""
-            raise ThrottleError(f"the kernel refused the fast-path BPF program: {detail}{hint}") from None
-
-
-def _map_update(fd: int, key: bytes, value: bytes) -> None:
-    k = ctypes.create_string_buffer(key, len(key))
-    v = ctypes.create_string_buffer(value, len(value))
-    attr = _attr()
-    struct.pack_into("=IxxxxQQQ", attr, 0, fd, _addr(k), _addr(v), BPF_ANY)
-    _bpf(BPF_MAP_UPDATE_ELEM, attr)
-
-
-def _map_delete(fd: int, key: bytes) -> bool:
-    k = ctypes.create_string_buffer(key, len(key))
-    attr = _attr()
-    struct.pack_into("=IxxxxQ", attr, 0, fd, _addr(k))
-    try:
-        _bpf(BPF_MAP_DELETE_ELEM, attr)
-    except OSError as exc:
-        if exc.errno == 2:  # ENOENT
-            return False
-        raise
-    return True
-
-
-def _map_lookup(fd: int, key: bytes, value_size: int) -> Optional[bytes]:
-    k = ctypes.create_string_buffer(key, len(key))
-    v = ctypes.create_string_buffer(value_size)
-    attr = _attr()
-    struct.pack_into("=IxxxxQQ", attr, 0, fd, _addr(k), _addr(v))
-    try:
-        _bpf(BPF_MAP_LOOKUP_ELEM, attr)
-    except OSError as exc:
-        if exc.errno == 2:
-            return None
-        raise
-    return v.raw
-
-
-def _map_keys(fd: int, key_size: int) -> list[bytes]:
-    keys: list[bytes] = []
-    cur: Optional[ctypes.Array[ctypes.c_char]] = None
-    while True:
-        nxt = ctypes.create_string_buffer(key_size)
-        attr = _attr()
-        struct.pack_into("=IxxxxQQ", attr, 0, fd, _addr(cur) if cur is not None else 0, _addr(nxt))
-        try:
-            _bpf(BPF_MAP_GET_NEXT_KEY, attr)
-        except OSError as exc:
-            if exc.errno == 2:
-                return keys
-            raise
-        keys.append(nxt.raw)
-        cur = nxt
+    def __len__(self) -> int:
+        """Slots in use."""
+        return len(self._users)
 
 
 def _possible_cpus() -> int:
@@ -624,18 +300,16 @@ def flow_key(proto: int, src: Address, sport: int, dst: Address, dport: int) -> 
 
 
 class FastPath:
-    """The eBPF fast path on the ingress of `interfaces` of the current network namespace.
+    """The eBPF data path on the ingress of `interfaces` of the current network namespace.
 
     Use as a context manager or call `close()`; both remove the filters and the clsact qdiscs
     this instance added.
     """
 
-    def __init__(self, interfaces: list[str], max_entries: int = 65536) -> None:
+    def __init__(self, interfaces: list[str], max_entries: int = 262144) -> None:
         if os.geteuid() != 0:
             raise ThrottleError("the fast path needs root (BPF and tc): run with sudo")
-        _syscall_nr()
         self.max_entries = max_entries
-        self._fds: list[int] = []
         self._attached: list[tuple[int, bool]] = []  # (ifindex, clsact is ours to delete)
         self._ifindex: dict[str, int] = {}
         self._macs: dict[tuple[int, bytes], bytes] = {}  # (ifindex, address) -> next hop's MAC
@@ -643,13 +317,14 @@ class FastPath:
         self._lock = threading.Lock()
         self._closed = False
         self._rtnl: Optional[_Rtnl] = None
+        self._object: Optional[libbpf.BpfObject] = None
         try:
-            self._flows = _map_create(BPF_MAP_TYPE_HASH, KEY.size, VALUE.size, max_entries, "fp_flows")
-            self._fds.append(self._flows)
-            self._hits = _map_create(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 1, "fp_hits")
-            self._fds.append(self._hits)
-            self._prog = _prog_load(program(self._flows, self._hits), "throttle_fp")
-            self._fds.append(self._prog)
+            self._object = libbpf.BpfObject(libbpf.object_path(), PROGRAM, ("flows", "buckets", "hits"),
+                                            max_entries={"flows": max_entries})
+            self._prog = self._object.program_fd
+            self._flows = self._object.map_fds["flows"]
+            self._buckets = self._object.map_fds["buckets"]
+            self._hits = self._object.map_fds["hits"]
             self._rtnl = _Rtnl()
             for name in interfaces:
                 self._attach(name)
@@ -690,35 +365,54 @@ class FastPath:
     # -- flows ----------------------------------------------------------------------------------
 
     def add(self, proto: int, src: Address, sport: int, dst: Address, dport: int, egress_ifindex: int,
-            dst_mac: bytes, src_mac: bytes) -> bool:
-        """Forward packets src:sport -> dst:dport out of `egress_ifindex` with these MACs.
-        False when the map is full (the flow then stays on the normal path)."""
+            dst_mac: bytes, src_mac: bytes, limit: Optional[Limit] = None) -> bool:
+        """Forward packets src:sport -> dst:dport out of `egress_ifindex` with these MACs, through
+        `limit`'s bucket if given. False when the map is full (the flow then stays on the normal
+        path)."""
         self._check_open()
         if len(dst_mac) != 6 or len(src_mac) != 6:
             raise ThrottleError("MAC addresses are 6 bytes")
         key = flow_key(proto, src, sport, dst, dport)
-        value = VALUE.pack(egress_ifindex, dst_mac, src_mac, time.monotonic_ns(), 0)
+        lim = limit or Limit(0)
+        value = VALUE.pack(egress_ifindex, dst_mac, src_mac, time.monotonic_ns(), 0, 0, 0, 0, lim.carried,
+                           lim.after_bytes, lim.bucket, lim.priority)
         try:
-            _map_update(self._flows, key, value)
+            libbpf.map_update(self._flows, key, value)
         except OSError as exc:
             if exc.errno == 7:  # E2BIG: the map is full
                 return False
             raise ThrottleError(f"cannot add a flow to the fast path: {exc.strerror}") from None
         return True
 
+    def set_bucket(self, index: int, rate: float, burst: int, tokens: float, stamp: float) -> bool:
+        """Bucket `index` (1 and up) with this rate (bytes/s), burst (bytes), and credit `tokens`
+        (bytes) as of `stamp` (CLOCK_MONOTONIC seconds, the clock of the censor's event loop)."""
+        self._check_open()
+        if not 0 < index < BUCKETS:
+            raise ThrottleError(f"bucket index {index} is outside 1-{BUCKETS - 1}")
+        fill_ns = int(burst * NS / rate) + 1 if rate > 0 else 0
+        value = BUCKET.pack(0, 0, int(rate), int(burst), fill_ns, int(max(0.0, tokens) * NS), int(stamp * NS))
+        try:
+            libbpf.map_update(self._buckets, struct.pack("=I", index), value)
+        except OSError as exc:
+            raise ThrottleError(f"cannot set a fast-path bucket: {exc.strerror}") from None
+        return True
+
     def remove(self, proto: int, src: Address, sport: int, dst: Address, dport: int) -> None:
         """Stop fast-forwarding one direction of a flow; no error if it was not there."""
         self._check_open()
         try:
-            _map_delete(self._flows, flow_key(proto, src, sport, dst, dport))
+            libbpf.map_delete(self._flows, flow_key(proto, src, sport, dst, dport))
         except OSError as exc:
             raise ThrottleError(f"cannot remove a flow from the fast path: {exc.strerror}") from None
 
     def add_flow(self, proto: int, client: Address, cport: int, server: Address, sport: int,
-                 client_if: str, server_if: str) -> bool:
+                 client_if: str, server_if: str, upload: Optional[Limit] = None,
+                 download: Optional[Limit] = None) -> bool:
         """Both directions of a decided flow: client -> server packets (arriving on client_if) go
-        out of server_if to the server's next hop, and the replies the other way. False, with
-        nothing added, when a next hop's MAC is not in the neighbour table or the map is full."""
+        out of server_if to the server's next hop, and the replies the other way, each through its
+        limit if given. False, with nothing added, when a next hop's MAC is not in the neighbour
+        table or the map is full."""
         self._check_open()
         client, server = _packed(client), _packed(server)
         cidx, sidx = self._index(client_if), self._index(server_if)
@@ -726,9 +420,9 @@ class FastPath:
         to_client = self._next_hop_mac(cidx, client)
         if to_server is None or to_client is None:
             return False
-        if not self.add(proto, client, cport, server, sport, sidx, to_server, self._if_mac(sidx)):
+        if not self.add(proto, client, cport, server, sport, sidx, to_server, self._if_mac(sidx), upload):
             return False
-        if not self.add(proto, server, sport, client, cport, cidx, to_client, self._if_mac(cidx)):
+        if not self.add(proto, server, sport, client, cport, cidx, to_client, self._if_mac(cidx), download):
             self.remove(proto, client, cport, server, sport)
             return False
         return True
@@ -739,41 +433,40 @@ class FastPath:
         self.remove(proto, server, sport, client, cport)
 
     def expire(self, idle: float, now_ns: Optional[int] = None) -> int:
-        """Remove every direction that forwarded nothing for `idle` seconds (and was added at
-        least that long ago); returns how many. `now_ns` is CLOCK_MONOTONIC, as the kernel's."""
-        self._check_open()
+        """Remove every direction that saw no packet for `idle` seconds (and was added at least
+        that long ago); returns how many. `now_ns` is CLOCK_MONOTONIC, as the kernel's."""
+        return len(self.expire_keys(idle, now_ns))
+
+    def expire_keys(self, idle: float, now_ns: Optional[int] = None) -> list[bytes]:
+        """`expire`, returning the map keys removed."""
         now = time.monotonic_ns() if now_ns is None else now_ns
         limit = now - int(idle * 1e9)
-        removed = 0
+        stale = [key for key, c in self.counters().items() if c.last_ns < limit]
         try:
-            for key in _map_keys(self._flows, KEY.size):
-                value = _map_lookup(self._flows, key, VALUE.size)
-                if value is not None and VALUE.unpack(value)[3] < limit:
-                    removed += _map_delete(self._flows, key)
+            return [key for key in stale if libbpf.map_delete(self._flows, key)]
         except OSError as exc:
-            raise ThrottleError(f"cannot read the fast-path flows: {exc.strerror}") from None
-        return removed
+            raise ThrottleError(f"cannot remove idle fast-path flows: {exc.strerror}") from None
 
-    def flow_bytes(self) -> dict[bytes, int]:
-        """Bytes forwarded so far by every direction in the map, by map key (see `flow_key`)."""
+    def counters(self) -> dict[bytes, Counters]:
+        """What the kernel did with every direction in the map, by map key (see `flow_key`); read
+        in batches, a few syscalls for the whole map."""
         self._check_open()
         out = {}
         try:
-            for key in _map_keys(self._flows, KEY.size):
-                value = _map_lookup(self._flows, key, VALUE.size)
-                if value is not None:
-                    out[key] = VALUE.unpack(value)[4]
+            for key, value in libbpf.map_items(self._flows, KEY.size, VALUE.size):
+                _, _, _, last, nbytes, packets, dbytes, dpackets, *_ = VALUE.unpack(value)
+                out[key] = Counters(nbytes, packets, dbytes, dpackets, last)
         except OSError as exc:
             raise ThrottleError(f"cannot read the fast-path flows: {exc.strerror}") from None
         return out
 
+    def flow_bytes(self) -> dict[bytes, int]:
+        """Bytes forwarded so far by every direction in the map, by map key (see `flow_key`)."""
+        return {key: c.bytes for key, c in self.counters().items()}
+
     def __len__(self) -> int:
         """Directions in the map now."""
-        self._check_open()
-        try:
-            return len(_map_keys(self._flows, KEY.size))
-        except OSError as exc:
-            raise ThrottleError(f"cannot read the fast-path flows: {exc.strerror}") from None
+        return len(self.counters())
 
     @property
     def hits(self) -> int:
@@ -781,7 +474,7 @@ class FastPath:
         self._check_open()
         cpus = _possible_cpus()
         try:
-            raw = _map_lookup(self._hits, HITS_KEY, 8 * cpus)
+            raw = libbpf.map_lookup(self._hits, HITS_KEY, 8 * cpus)
         except OSError as exc:
             raise ThrottleError(f"cannot read the fast-path counter: {exc.strerror}") from None
         return sum(struct.unpack(f"={cpus}Q", raw)) if raw else 0
@@ -832,12 +525,9 @@ class FastPath:
             self._attached.clear()
             self._rtnl.close()
             self._rtnl = None
-        for fd in self._fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._fds.clear()
+        if self._object is not None:
+            self._object.close()
+            self._object = None
         if errors:
             raise ThrottleError(errors[0])
 
@@ -848,13 +538,11 @@ class FastPath:
         self.close()
 
     def __del__(self) -> None:
-        # Only the fds: detaching needs netlink, which is not for a finalizer. Filters stay until
-        # close(), namespace removal, or the next FastPath on the interface.
-        for fd in getattr(self, "_fds", ()):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        # Only the BPF object: detaching needs netlink, which is not for a finalizer. Filters stay
+        # until close(), namespace removal, or the next FastPath on the interface.
+        obj = getattr(self, "_object", None)
+        if obj is not None:
+            obj.close()
 
 
 def _filters(ipr: Any, index: int, parent: int) -> list[Any]:
@@ -918,8 +606,6 @@ def available() -> Optional[str]:
     """
     if os.geteuid() != 0:
         return "the fast path needs root (BPF and tc)"
-    if platform.machine() not in SYS_BPF:
-        return f"the fast path supports x86_64 and aarch64, not {platform.machine()}"
     try:
         with FastPath(["lo"], max_entries=1):
             pass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,8 +27,12 @@ from throttle.errors import ThrottleError
 from throttle.kernel.firewall import DECIDED_MARK
 from throttle.kernel.tools import require_root, require_tool
 
-QUEUE_MAXLEN = 8192  # packets the kernel keeps for us, held ones included
-RCVBUF = 8 << 20
+QUEUE_MAXLEN = 65536  # packets the kernel keeps for us, held ones included
+HOLD_LIMIT = QUEUE_MAXLEN // 2  # held (shaped) packets beyond this are dropped: the queue never fills
+RCVBUF = 64 << 20  # the netlink socket's buffer (root may go past rmem_max): bursts of new flows fit
+SOL_NETLINK, NETLINK_NO_ENOBUFS = 270, 5
+NFQA_CFG_MASK, NFQA_CFG_FLAGS, NFQA_CFG_F_FAIL_OPEN = 4, 5, 1
+PROC_QUEUES = "/proc/net/netfilter/nfnetlink_queue"
 
 
 class QueuedPacket(Protocol):
@@ -42,6 +47,32 @@ class QueuedPacket(Protocol):
     def accept(self) -> None: ...
     def drop(self) -> None: ...
     def repeat(self) -> None: ...
+
+
+def fail_open_request(queue: int) -> bytes:
+    """An NFQNL_MSG_CONFIG netlink message setting NFQA_CFG_F_FAIL_OPEN on `queue`: when the queue
+    is full the kernel accepts a packet instead of dropping it (netfilterqueue cannot set flags;
+    sent on its own socket, the kernel takes it as from the queue's owner)."""
+    attrs = b"".join(struct.pack("=HH", 8, kind) + struct.pack("!I", NFQA_CFG_F_FAIL_OPEN)
+                     for kind in (NFQA_CFG_MASK, NFQA_CFG_FLAGS))
+    body = struct.pack("!BBH", socket.AF_UNSPEC, 0, queue) + attrs  # nfgenmsg: family, version, queue
+    msg_type = (3 << 8) | 2  # NFNL_SUBSYS_QUEUE, NFQNL_MSG_CONFIG
+    return struct.pack("=IHHII", 16 + len(body), msg_type, 1, 0, 0) + body  # NLM_F_REQUEST, seq 0, pid 0
+
+
+def queue_losses(queue: int, proc: str = PROC_QUEUES) -> int | None:
+    """Packets the kernel dropped instead of queueing them to `queue` in this namespace (queue
+    full, or our socket's buffer full), from /proc; None when the file or the queue is not there."""
+    try:
+        with open(proc) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 7 and fields[0] == str(queue):
+            return int(fields[5]) + int(fields[6])  # queue_dropped, queue_user_dropped
+    return None
 
 
 def check_requirements() -> ModuleType:
@@ -71,6 +102,8 @@ class HookStats:
     holding: int = 0
     flows_limited: int = 0
     flows_passed: int = 0
+    lost: int = 0  # packets the kernel could not queue for us (queue full, socket full): never inspected
+    overflow: int = 0  # shaped packets dropped because HOLD_LIMIT were held already
 
 
 class Hook:
@@ -122,6 +155,10 @@ class Hook:
             pkt.set_mark(pkt.get_mark() | DECIDED_MARK)
             pkt.repeat()
         elif verdict == Verdict.DROP:
+            stats.dropped += 1
+            pkt.drop()
+        elif len(self._held) >= HOLD_LIMIT:
+            stats.overflow += 1  # the queue must keep room for packets still to be inspected
             stats.dropped += 1
             pkt.drop()
         else:
@@ -180,7 +217,7 @@ class Hook:
         loop = self.loop
         nfq = nfq_module.NetfilterQueue()
         try:
-            nfq.bind(queue, self.on_packet, max_len=QUEUE_MAXLEN)
+            nfq.bind(queue, self.on_packet, max_len=QUEUE_MAXLEN, sock_len=RCVBUF)
         except OSError as exc:
             raise ThrottleError(
                 f"cannot bind netfilter queue {queue} ({exc}): is another censor running on it? "
@@ -188,10 +225,16 @@ class Hook:
             ) from None
         sock = socket.fromfd(nfq.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW)
         sock.setblocking(False)
+        for level, option, value in ((socket.SOL_SOCKET, 33, RCVBUF),  # SO_RCVBUFFORCE: past rmem_max
+                                     (SOL_NETLINK, NETLINK_NO_ENOBUFS, 1)):  # an overrun is counted, not fatal
+            try:
+                sock.setsockopt(level, option, value)
+            except OSError:
+                pass
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            sock.send(fail_open_request(queue))
         except OSError:
-            pass
+            pass  # an older kernel: the queue then drops when full (counted in `lost`)
 
         def readable() -> None:
             nfq.run(block=False)

@@ -13,10 +13,25 @@ flows the kernel forwards without the censor seeing them).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from throttle.engine import (DIRECTION_NAMES, Engine, EngineError, Event, FlowDecided, Limited, State, Verdict)
+
+class KernelCounters(Protocol):
+    """What the kernel counted for one direction of a flow it forwards (`kernel.fastpath.Counters`)."""
+
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def packets(self) -> int: ...
+    @property
+    def dropped_bytes(self) -> int: ...
+    @property
+    def dropped_packets(self) -> int: ...
+
 
 MAX_NAMES = 20  # distinct name label values per rule before "other"
 SPEED_WINDOW = 5.0  # seconds the achieved-speed gauge averages over
@@ -44,10 +59,14 @@ class Metrics:
                            registry=r)
         self.errors = Counter("throttle_engine_errors", "Packets the engine could not parse, or errors in the hook.",
                               ["kind"], registry=r)
+        self.lost = Counter("throttle_packets_lost_before_inspection", "Packets the kernel could not queue to the "
+                            "censor (queue or socket full): flows whose first packets are lost may escape.", registry=r)
+        self._lost_seen = 0
         self._names: dict[str, set[str]] = {}
         self._passed: dict[tuple[str, str, str], int] = {}  # cumulative passed bytes by speed labels
         self._history: deque[tuple[float, dict[tuple[str, str, str], int]]] = deque()
-        self._fast: dict[bytes, tuple[str, int]] = {}  # fast-path key -> (direction, bytes seen so far)
+        # kernel map key -> (rule, name, direction labels; its counters as last seen)
+        self._fast: dict[bytes, tuple[tuple[str, str, str], tuple[int, int, int, int]]] = {}
         for state in ("inspecting", "limited", "passed"):
             self.active.labels(state)
         self.queue.set(0)
@@ -92,15 +111,23 @@ class Metrics:
             self.errors.labels(ev.kind).inc()
         # FlowStarted, FlowEnded, NameLearned: nothing to count (the flow table gives the gauges)
 
+    def lost_before_inspection(self, total: int) -> None:
+        """The kernel's running count of packets it could not queue (`nfqueue.queue_losses`)."""
+        if total > self._lost_seen:
+            self.lost.inc(total - self._lost_seen)
+            self._lost_seen = total
+
     def hook_error(self) -> None:
         self.errors.labels("hook").inc()
 
-    def fast_flow_added(self, key: bytes, direction: str) -> None:
-        self._fast[key] = (direction, 0)
+    def fast_flow_added(self, key: bytes, direction: str, rule: str = "none", name: str | None = None) -> None:
+        """A direction of a flow the kernel now forwards (rule none) or limits (that rule): its
+        bytes and packets come from the kernel's counters from now on (see `tick`)."""
+        self._fast[key] = ((rule, self._name(rule, name), direction), (0, 0, 0, 0))
 
     # ---- once a second ----------------------------------------------------------------------
-    def tick(self, engine: Engine, held: int, fast_bytes: dict[bytes, int] | None, now: float) -> None:
-        """Once a second: gauges from the flow table, the fast path's byte counters, speeds.
+    def tick(self, engine: Engine, held: int, fast: Mapping[bytes, KernelCounters] | None, now: float) -> None:
+        """Once a second: gauges from the flow table, the kernel's per-flow counters, speeds.
         `now` is the censor's clock (its event loop's), the one its events are stamped with."""
         counts = {"inspecting": 0, "limited": 0, "passed": 0}
         for flow in engine.flows():
@@ -108,15 +135,22 @@ class Metrics:
         for state, n in counts.items():
             self.active.labels(state).set(n)
         self.queue.set(held)
-        if fast_bytes is not None:
-            for fast_key, total in fast_bytes.items():
-                direction, before = self._fast.get(fast_key, ("upload", 0))
-                if total > before:
-                    self.bytes.labels("none", "other", direction, "bypassed").inc(total - before)
-                    self._add_passed(("none", "other", direction), total - before)
-                self._fast[fast_key] = (direction, total)
+        if fast is not None:
+            for fast_key, c in fast.items():
+                labels, before = self._fast.get(fast_key, (("none", "other", "upload"), (0, 0, 0, 0)))
+                now_seen = (c.bytes, c.packets, c.dropped_bytes, c.dropped_packets)
+                forwarded = "bypassed" if labels[0] == "none" else "passed"
+                for counter, verdict, delta in ((self.bytes, forwarded, now_seen[0] - before[0]),
+                                                (self.packets, forwarded, now_seen[1] - before[1]),
+                                                (self.bytes, "dropped", now_seen[2] - before[2]),
+                                                (self.packets, "dropped", now_seen[3] - before[3])):
+                    if delta > 0:
+                        counter.labels(*labels, verdict).inc(delta)
+                if now_seen[0] > before[0]:
+                    self._add_passed(labels, now_seen[0] - before[0])
+                self._fast[fast_key] = (labels, now_seen)
             for fast_key in list(self._fast):
-                if fast_key not in fast_bytes:
+                if fast_key not in fast:
                     del self._fast[fast_key]
         self._history.append((now, dict(self._passed)))
         while len(self._history) > 1 and now - self._history[1][0] >= SPEED_WINDOW:

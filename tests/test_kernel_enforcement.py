@@ -1,0 +1,136 @@
+"""What moves enforcement into the kernel, tested without root: a lost first segment does not
+free a flow, the engine hands out the bucket a limited direction uses, bucket slots are shared and
+freed, the queue's fail-open request and loss counters are what the kernel expects."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from throttle.engine import DOWNLOAD, UPLOAD, Engine, Policer, State
+from throttle.kernel.fastpath import BUCKET, VALUE, BucketSlots
+from throttle.kernel.nfqueue import fail_open_request, queue_losses
+from throttle.scenario import load_scenario, parse_scenario
+
+from .packets import Conversation, python_hello
+
+ROOT = Path(__file__).resolve().parent.parent
+DAY_ONE = ROOT / "scenarios/twitter-2021-03-10.toml"
+
+
+def day_one() -> Engine:
+    s = load_scenario(DAY_ONE)
+    return Engine(s.model, s.rules)
+
+
+def test_a_lost_client_hello_does_not_let_the_flow_go_free() -> None:
+    """The hello never reached the censor; the next data segment starts after a hole. The 2021
+    model waits for the segment at ISN+1 (the retransmitted hello) instead of giving up."""
+    e = day_one()
+    conv = Conversation()
+    for p in conv.handshake():
+        e.process(p, 0.0)
+    hello = python_hello("pbs.twimg.com")
+    lost = conv.client(hello)  # sent, but lost before the censor
+    after = conv.client(b"\xaa" * 1400)  # 1,400 unparseable bytes: §5 would give up on them
+    e.process(after, 0.1)
+    (flow,) = e.flows()
+    assert flow.state == State.INSPECTING and e.holes == 1
+    e.process(lost, 0.3)  # the retransmission, at ISN+1
+    assert flow.state == State.LIMITED and flow.name == "pbs.twimg.com"
+
+
+def test_without_the_syn_the_first_data_segment_is_still_the_first_packet() -> None:
+    e = day_one()
+    conv = Conversation()
+    conv.handshake()  # not seen: a flow picked up mid-stream
+    e.process(conv.client(b"\xaa" * 1400), 0.0)
+    (flow,) = e.flows()
+    assert flow.state == State.PASSED and e.holes == 0  # §5: unparseable, >= 101 bytes: given up
+
+
+def test_data_in_a_syn_is_read_as_the_first_segment() -> None:
+    """TCP Fast Open: the hello rides in the SYN, at ISN+1."""
+    e = day_one()
+    conv = Conversation()
+    e.process(conv.client(python_hello("pbs.twimg.com"), flags="S"), 0.0)
+    (flow,) = e.flows()
+    assert flow.state == State.LIMITED
+
+
+def test_the_engine_hands_out_the_bucket_of_each_limited_direction() -> None:
+    text = ('[[rule]]\nname = "up"\nmatch = ["*.twimg.com"]\nrate = "130kbit"\ndirection = "upload"\n'
+            'scope = "client"\n')
+    s = parse_scenario(text)
+    e = Engine(s.model, s.rules)
+    flows = []
+    for port in (40000, 40001):
+        conv = Conversation(client_port=port)
+        for p in conv.handshake() + [conv.client(python_hello("pbs.twimg.com"))]:
+            e.process(p, 1.0)
+        flows.append(next(f for f in e.flows() if f.client_port == port))
+    a, b = (e.bucket(f, UPLOAD, 2.0) for f in flows)
+    assert isinstance(a, Policer) and a is b  # scope client: one bucket for both flows
+    assert e.bucket(flows[0], DOWNLOAD, 2.0) is None  # the rule limits uploads only
+    assert a.rate == 16250.0 and a.burst == 16384
+
+
+def test_bucket_slots_are_shared_and_freed() -> None:
+    slots = BucketSlots(size=3)  # slots 1 and 2
+    shared, other, third = object(), object(), object()
+    assert slots.acquire(shared) == (1, True)
+    assert slots.acquire(shared) == (1, False)  # a second flow on the shared bucket
+    assert slots.acquire(other) == (2, True)
+    assert slots.acquire(third) == (None, False)  # full: the engine keeps limiting that one
+    slots.release(1)
+    assert len(slots) == 2
+    slots.release(1)
+    assert len(slots) == 1 and slots.acquire(third) == (1, True)
+
+
+def test_map_values_match_the_c_structs() -> None:
+    """Sizes and offsets of throttle.bpf.c's flow_value and bucket (its comments list them)."""
+    source = (ROOT / "throttle/kernel/bpf/throttle.bpf.c").read_text()
+    assert VALUE.size == 80 and BUCKET.size == 48
+    for field in ("__u64 payload;", "__u64 after_bytes;", "__u32 bucket;", "__u32 priority;", "__u64 fill_ns;"):
+        assert field in source
+
+
+def test_fail_open_request_is_an_nfqueue_config_message() -> None:
+    msg = fail_open_request(7)
+    length, kind, flags = struct.unpack_from("=IHH", msg)
+    assert length == len(msg) == 16 + 4 + 16 and kind == 0x0302 and flags == 1
+    assert struct.unpack_from("!H", msg, 18)[0] == 7  # the queue number, big-endian
+    assert msg[-4:] == b"\x00\x00\x00\x01"  # NFQA_CFG_F_FAIL_OPEN
+
+
+def test_queue_losses_are_read_from_proc(tmp_path: Path) -> None:
+    proc = tmp_path / "nfnetlink_queue"
+    proc.write_text("    0   1234     5 2 65535    12    30   998877  1\n    3   5678     0 2 65535     0     0    12  1\n")
+    assert queue_losses(0, str(proc)) == 42
+    assert queue_losses(3, str(proc)) == 0
+    assert queue_losses(9, str(proc)) is None
+    assert queue_losses(0, str(tmp_path / "missing")) is None
+
+
+def test_a_full_hold_drops_instead_of_filling_the_queue(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from throttle.kernel import nfqueue
+
+    from .test_hook import feed, make_hook
+
+    text = '[[rule]]\nname = "s"\nmatch = ["*"]\naction = "shape"\nrate = "8kbit"\nburst = "600"\nqueue_delay = "60s"\n'
+    monkeypatch.setattr(nfqueue, "HOLD_LIMIT", 3)
+
+    async def main() -> None:
+        hook = make_hook(parse_scenario(text))
+        hook._loop = asyncio.get_running_loop()
+        conv = Conversation()
+        feed(hook, conv.handshake() + [conv.client(python_hello("a.example"))])
+        packets = feed(hook, [conv.client(b"x" * 960) for _ in range(5)])
+        assert [p.verdict for p in packets][-2:] == ["drop", "drop"] and hook.holding == 3
+        assert hook.stats.overflow == 2
+        hook.release_all()
+
+    asyncio.run(main())

@@ -1,0 +1,239 @@
+"""A thin ctypes layer over libbpf (Debian's libbpf1): build, open and load throttle's eBPF object,
+and the map calls the censor needs. Nothing here attaches a program (see `fastpath`).
+
+The program is C (`bpf/throttle.bpf.c`), compiled with clang `-target bpf` by scripts/setup into
+`bpf/throttle.bpf.o` beside it. When that file is missing or older than its source (a wheel built
+without it, an edited source), `object_path()` compiles it into a cache folder, if clang is here.
+When the kernel's verifier rejects the program, the error carries the end of the verifier's log,
+which names the source line (the object has BTF line info).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+from throttle.errors import ThrottleError
+
+SOURCE = "throttle.bpf.c"
+OBJECT = "throttle.bpf.o"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "throttle"
+BPF_F_LOCK = 4  # update a map value that holds a spin lock under that lock
+_LIB: ctypes.CDLL | None = None
+_LOG: list[str] = []  # libbpf's messages while an object loads
+
+_PrintFn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+
+
+def _source_dir() -> Path:
+    return Path(str(resources.files("throttle.kernel") / "bpf"))
+
+
+def compile_object(out: Path, source: Path | None = None) -> Path:
+    """Compile the program's source (or another) into `out` with clang; ThrottleError naming the fix."""
+    clang = shutil.which("clang")
+    if clang is None:
+        raise ThrottleError("clang is missing to build the eBPF program: apt-get install clang libbpf-dev "
+                            "(or run scripts/setup)")
+    source = source or _source_dir() / SOURCE
+    multiarch = subprocess.run(["gcc", "-print-multiarch"], capture_output=True, text=True).stdout.strip() \
+        if shutil.which("gcc") else ""
+    include = [f"-I/usr/include/{multiarch}"] if multiarch else []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    result = subprocess.run([clang, "-O2", "-g", "-Wall", "-target", "bpf", *include, "-c", str(source), "-o", str(tmp)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        lines = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
+        hint = " (apt-get install libbpf-dev linux-libc-dev)" if "file not found" in result.stderr else ""
+        raise ThrottleError(f"clang could not build {source.name}: {' / '.join(lines[:3])}{hint}")
+    os.replace(tmp, out)
+    return out
+
+
+def build() -> Path:
+    """Compile the program beside its source (scripts/setup), unless it is there and up to date."""
+    source, built = _source_dir() / SOURCE, _source_dir() / OBJECT
+    if built.exists() and built.stat().st_mtime >= source.stat().st_mtime:
+        return built
+    return compile_object(built)
+
+
+def object_path() -> Path:
+    """The compiled program: the one scripts/setup built, or one compiled now into the cache."""
+    source = _source_dir() / SOURCE
+    built = _source_dir() / OBJECT
+    if built.exists() and built.stat().st_mtime >= source.stat().st_mtime:
+        return built
+    cached = CACHE / OBJECT
+    if cached.exists() and cached.stat().st_mtime >= source.stat().st_mtime:
+        return cached
+    return compile_object(cached)
+
+
+def lib() -> ctypes.CDLL:
+    """libbpf, with the signatures used here declared."""
+    global _LIB
+    if _LIB is not None:
+        return _LIB
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    try:
+        handle = ctypes.CDLL(name, use_errno=True)
+    except OSError:
+        raise ThrottleError("libbpf is missing: apt-get install libbpf1 (or run scripts/setup)") from None
+    p, i, u64, u32p = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint32)
+    for fn, args, res in (
+        ("bpf_object__open_file", [ctypes.c_char_p, p], p),
+        ("bpf_object__load", [p], i),
+        ("bpf_object__close", [p], None),
+        ("bpf_object__find_program_by_name", [p, ctypes.c_char_p], p),
+        ("bpf_object__find_map_by_name", [p, ctypes.c_char_p], p),
+        ("bpf_program__fd", [p], i),
+        ("bpf_map__fd", [p], i),
+        ("bpf_map__set_max_entries", [p, ctypes.c_uint32], i),
+        ("libbpf_set_print", [_PrintFn], p),
+        ("bpf_map_update_elem", [i, p, p, u64], i),
+        ("bpf_map_lookup_elem", [i, p, p], i),
+        ("bpf_map_delete_elem", [i, p], i),
+        ("bpf_map_get_next_key", [i, p, p], i),
+        ("bpf_map_lookup_batch", [i, p, p, p, p, u32p, p], i),
+    ):
+        f = getattr(handle, fn)
+        f.argtypes, f.restype = args, res
+    _LIB = handle
+    return handle
+
+
+def _libc_vsnprintf(level: int, fmt: bytes | None, args: int | None) -> int:
+    buf = ctypes.create_string_buffer(4096)
+    ctypes.CDLL(None).vsnprintf(buf, ctypes.c_size_t(len(buf)), fmt, ctypes.c_void_p(args))
+    _LOG.extend(buf.value.decode(errors="replace").splitlines())
+    return 0
+
+
+# On x86_64 a va_list argument is a pointer, so libc's vsnprintf can format libbpf's messages.
+_PRINT = _PrintFn(_libc_vsnprintf)
+
+
+class BpfObject:
+    """The loaded object: its program and map fds, valid until `close()`."""
+
+    def __init__(self, path: Path, program: str, maps: tuple[str, ...],
+                 max_entries: dict[str, int] | None = None) -> None:
+        lb = lib()
+        capture = sys.platform == "linux" and os.uname().machine == "x86_64"
+        if capture:
+            _LOG.clear()
+            lb.libbpf_set_print(_PRINT)
+        self._obj = lb.bpf_object__open_file(str(path).encode(), None)
+        if not self._obj:
+            raise ThrottleError(f"libbpf cannot open {path}: {os.strerror(ctypes.get_errno())}")
+        try:
+            for name, entries in (max_entries or {}).items():
+                m = lb.bpf_object__find_map_by_name(self._obj, name.encode())
+                if not m or lb.bpf_map__set_max_entries(m, entries) != 0:
+                    raise ThrottleError(f"cannot size map {name} of {path} to {entries} entries")
+            if lb.bpf_object__load(self._obj) != 0:
+                err = ctypes.get_errno()
+                summary = _verifier_summary()
+                hint = " (not root, or no CAP_BPF)" if err in (1, 13) and not summary else ""
+                raise ThrottleError(f"the kernel refused the eBPF program{hint}: {summary or os.strerror(err)}")
+            prog = lb.bpf_object__find_program_by_name(self._obj, program.encode())
+            if not prog:
+                raise ThrottleError(f"{path} has no program {program}")
+            self.program_fd: int = lb.bpf_program__fd(prog)
+            self.map_fds: dict[str, int] = {}
+            for name in maps:
+                m = lb.bpf_object__find_map_by_name(self._obj, name.encode())
+                if not m:
+                    raise ThrottleError(f"{path} has no map {name}")
+                self.map_fds[name] = lb.bpf_map__fd(m)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._obj:
+            lib().bpf_object__close(self._obj)  # closes the program and map fds
+            self._obj = None
+
+
+def _verifier_summary() -> str:
+    """The verifier's verdict from its log: the last source line it reached (BTF line info: the C
+    line, file and line number), then the failing instruction and the reason. "" without a log."""
+    try:
+        start = next(i for i, line in enumerate(_LOG) if "BEGIN PROG LOAD LOG" in line) + 1
+        end = next(i for i, line in enumerate(_LOG) if "END PROG LOAD LOG" in line)
+    except StopIteration:
+        return ""
+    log = [line.strip() for line in _LOG[start:end] if line.strip() and not line.startswith("processed ")]
+    source = [line.lstrip("; ") for line in log if line.startswith(";")]
+    tail = [line for line in log if not line.startswith(";")][-3:]
+    return " / ".join(([f"at {source[-1]}"] if source else []) + tail)
+
+
+def _check(ret: int, what: str) -> None:
+    if ret < 0:
+        raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
+
+
+def map_update(fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
+    _check(lib().bpf_map_update_elem(fd, key, value, flags), "map update")
+
+
+def map_lookup(fd: int, key: bytes, size: int) -> bytes | None:
+    out = ctypes.create_string_buffer(size)
+    ret = lib().bpf_map_lookup_elem(fd, key, out)
+    if ret == -2:  # ENOENT
+        return None
+    _check(ret, "map lookup")
+    return out.raw
+
+
+def map_delete(fd: int, key: bytes) -> bool:
+    ret = lib().bpf_map_delete_elem(fd, key)
+    if ret == -2:
+        return False
+    _check(ret, "map delete")
+    return True
+
+
+def map_items(fd: int, key_size: int, value_size: int, batch: int = 4096) -> Iterator[tuple[bytes, bytes]]:
+    """Every (key, value) of a hash map, read `batch` at a time (one syscall per batch)."""
+    lb = lib()
+    keys = ctypes.create_string_buffer(key_size * batch)
+    values = ctypes.create_string_buffer(value_size * batch)
+    token = ctypes.create_string_buffer(max(key_size, 8))
+    count = ctypes.c_uint32()
+    first = True
+    while True:
+        count.value = batch
+        ret = lb.bpf_map_lookup_batch(fd, None if first else token, token, keys, values, ctypes.byref(count), None)
+        first = False
+        n = count.value
+        for i in range(n):
+            yield keys.raw[i * key_size : (i + 1) * key_size], values.raw[i * value_size : (i + 1) * value_size]
+        if ret == -2:  # ENOENT: that was the last batch
+            return
+        _check(ret, "map batch lookup")
+        if n == 0:
+            return
+
+
+if __name__ == "__main__":  # `python -m throttle.kernel.libbpf build`, from scripts/setup
+    if sys.argv[1:] != ["build"]:
+        print("usage: python -m throttle.kernel.libbpf build", file=sys.stderr)
+        sys.exit(2)
+    try:
+        print(f"built {build()}")
+    except ThrottleError as exc:
+        print(f"throttle.kernel.libbpf: {exc}", file=sys.stderr)
+        sys.exit(2)
