@@ -33,6 +33,9 @@ RCVBUF = 64 << 20  # the netlink socket's buffer (root may go past rmem_max): bu
 SOL_NETLINK, NETLINK_NO_ENOBUFS = 270, 5
 NFQA_CFG_MASK, NFQA_CFG_FLAGS, NFQA_CFG_F_FAIL_OPEN = 4, 5, 1
 PROC_QUEUES = "/proc/net/netfilter/nfnetlink_queue"
+# Events are handled (decided flows handed to the kernel) at least every BATCH packets: under load
+# the queue never runs dry, and a flow must not wait for a lull to leave Python.
+BATCH = 32
 
 
 class QueuedPacket(Protocol):
@@ -122,6 +125,7 @@ class Hook:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._since_batch = 0
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -167,6 +171,9 @@ class Hook:
             self._held.add(pkt)
             stats.holding = len(self._held)
             loop.call_at(release, self._release, pkt)
+        self._since_batch += 1
+        if self._since_batch >= BATCH:
+            self.after_batch()
 
     def _release(self, pkt: QueuedPacket) -> None:
         if pkt in self._held:
@@ -176,6 +183,7 @@ class Hook:
 
     def after_batch(self) -> None:
         """Drain the engine's events (to `on_events`) and arm the engine's next timer."""
+        self._since_batch = 0
         events = self.engine.drain_events()
         for ev in events:
             if isinstance(ev, FlowDecided):
