@@ -24,7 +24,7 @@ def test_scenarios_list_names_every_bundled_file() -> None:
 def test_scenarios_show_prints_sources_rules_and_probes() -> None:
     result = throttle("scenarios", "show", "twitter-2021-03-10")
     assert result.returncode == 0
-    assert "censor-behaviors.md §1" in result.stdout and "*t.co*" in result.stdout
+    assert "docs/incidents.md §1" in result.stdout and "*t.co*" in result.stdout
     assert "police at 130.0 kbit/s" in result.stdout and "reddit.com" in result.stdout
 
 

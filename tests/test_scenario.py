@@ -20,8 +20,8 @@ def test_bundled_scenarios_load_and_cite_sources(path: Path) -> None:
     scenario = load_scenario(path)
     assert scenario.name == path.stem
     assert scenario.rules
-    assert scenario.sources, "every scenario cites the censor-behaviors lines it models"
-    assert all("censor-behaviors" in s for s in scenario.sources)
+    assert scenario.sources, "every scenario cites the docs/incidents.md points it models"
+    assert all("docs/incidents.md" in s for s in scenario.sources)
 
 
 def test_twitter_day_one_values() -> None:

@@ -5,7 +5,7 @@ censor namespace), the analysis of those captures, and the files written for a b
 `results.json`, `results.csv`, `flows.json`, `summary.md`, the plots (`throttle.measure.plots`) and the
 captures themselves under `captures/`.
 
-The analysis measures the censor from the outside, as the measurement papers did (censor-behaviors
+The analysis measures the censor from the outside, as the measurement papers did (docs/incidents.md
 §1.9-11, §1.16), independently of the censor's own counters:
 
 - throughput: payload bytes per 100 ms of the probe's direction on the far side of the censor
