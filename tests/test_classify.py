@@ -24,7 +24,7 @@ def throttle(*args: str) -> subprocess.CompletedProcess[str]:
 def json_rows(*args: str) -> list[dict]:
     result = throttle("classify", "--json", *args)
     assert result.returncode == 0, result.stderr
-    return [json.loads(line) for line in result.stdout.splitlines()]
+    return list(json.loads(result.stdout)["flows"])
 
 
 def test_chromium_two_segment_hello_needs_the_reassembling_model() -> None:

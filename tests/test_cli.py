@@ -24,7 +24,7 @@ def test_scenarios_list_names_every_bundled_file() -> None:
 def test_scenarios_show_prints_sources_rules_and_probes() -> None:
     result = throttle("scenarios", "show", "twitter-2021-03-10")
     assert result.returncode == 0
-    assert "censor-behaviors.md §1" in result.stdout and "*t.co*" in result.stdout
+    assert "docs/incidents.md §1" in result.stdout and "*t.co*" in result.stdout
     assert "police at 130.0 kbit/s" in result.stdout and "reddit.com" in result.stdout
 
 
@@ -69,3 +69,56 @@ def test_systemd_unit_matches_the_command_line() -> None:
 
 def throttle_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+def test_version_help_and_completion_script() -> None:
+    version = throttle("--version")
+    assert version.returncode == 0 and version.stdout.startswith("throttle 0.")
+    short_help = throttle("-h")
+    assert short_help.returncode == 0 and "classify" in short_help.stdout and "cleanup" in short_help.stdout
+    assert throttle("run", "-h").returncode == 0
+    script = throttle("--show-completion", "bash")
+    assert script.returncode == 0 and "complete" in script.stdout
+
+
+def test_completion_offers_scenario_names() -> None:
+    import os
+
+    env = {**os.environ, "_THROTTLE_COMPLETE": "complete_bash", "COMP_WORDS": "throttle run twitter-2021-0",
+           "COMP_CWORD": "2"}
+    result = subprocess.run([sys.executable, "-m", "throttle"], capture_output=True, text=True, cwd=ROOT, env=env,
+                            timeout=60)
+    assert "twitter-2021-03-10" in result.stdout and "twitter-2021-04-02" in result.stdout
+    assert "turkey-2022" not in result.stdout
+
+
+def test_validate_takes_bundled_names_and_suggests_one_for_a_typo() -> None:
+    good = throttle("scenarios", "validate", "turkey-2022")
+    assert good.returncode == 0 and "ok (turkey-2022" in good.stdout
+    typo = throttle("scenarios", "validate", "turky-2022")
+    assert typo.returncode == 2 and "did you mean turkey-2022?" in typo.stderr
+    assert throttle("scenarios", "show", "-s", "turkey-2022").returncode == 0
+
+
+def test_one_json_convention(tmp_path: Path) -> None:
+    import json
+
+    listed = throttle("scenarios", "list", "--json")
+    assert listed.returncode == 0
+    assert {s["name"] for s in json.loads(listed.stdout)} >= {"twitter-2021-03-10", "turkey-2022"}
+    out = tmp_path / "list.json"
+    written = throttle("scenarios", "list", "-o", str(out))
+    assert written.returncode == 0 and "twitter-2021-03-10" in written.stdout
+    assert json.loads(out.read_text()) == json.loads(listed.stdout)
+
+
+def test_two_different_scenarios_are_refused() -> None:
+    result = throttle("run", "twitter-2021-03-10", "--scenario", "turkey-2022")
+    assert result.returncode == 2 and "give one" in result.stderr
+    none = throttle("bench")
+    assert none.returncode == 2 and "which scenario?" in none.stderr
+
+
+def test_cleanup_is_a_command() -> None:
+    result = throttle("cleanup", "--help")
+    assert result.returncode == 0 and "--lab" in result.stdout and "--netns" in result.stdout

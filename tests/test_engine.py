@@ -1,4 +1,4 @@
-"""The censor engine with crafted conversations and a literal clock (censor-behaviors §1-§20)."""
+"""The censor engine with crafted conversations and a literal clock (docs/incidents.md §1-§20)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The evasion client's byte plans (censor-behaviors §7), judged offline by the 2021 engine, and the
+"""The evasion client's byte plans (docs/incidents.md §7), judged offline by the 2021 engine, and the
 client itself against the lab server's sink on loopback. No root needed."""
 
 from __future__ import annotations

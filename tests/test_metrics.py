@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from prometheus_client import generate_latest
 
 from throttle.engine import Engine
@@ -37,9 +38,9 @@ def test_limited_flow_counts_and_speed_window() -> None:
             m.on_event(ev)
         if i % 100 == 99:
             m.tick(e, held=0, fast=None, now=0.01 * i)
-    labels = {"rule": "twitter", "name": "pbs.twimg.com", "direction": "upload"}
-    assert sample(m, "throttle_packets_total", verdict="dropped", **labels) > 0
-    assert sample(m, "throttle_packets_total", verdict="inspected", **labels) >= 2
+    labels = {"rule": "twitter", "server_name": "pbs.twimg.com", "direction": "upload"}
+    assert sample(m, "throttle_packets_total", stage="enforcement", verdict="dropped", **labels) > 0
+    assert sample(m, "throttle_packets_total", stage="inspection", verdict="passed", **labels) >= 2
     speed = sample(m, "throttle_achieved_bytes_per_second", **labels)
     assert 12000 < speed < 22000  # the policer's 16,250 B/s, measured over a 5 s window
     assert sample(m, "throttle_flows_classified_total", name_source="sni", verdict="limited") == 1
@@ -52,9 +53,10 @@ def test_fast_path_bytes_become_bypassed_and_unlimited_speed() -> None:
     m.fast_flow_added(b"k-up", "upload")
     m.tick(e, held=2, fast={b"k-up": Counters(0, 0, 0, 0, 0)}, now=0.0)
     m.tick(e, held=0, fast={b"k-up": Counters(50_000_000, 34_000, 0, 0, 0)}, now=1.0)
-    assert sample(m, "throttle_bytes_total", rule="none", name="other", direction="upload", verdict="bypassed") == 5e7
-    assert sample(m, "throttle_achieved_bytes_per_second", rule="none", name="other", direction="upload") == 5e7
-    assert sample(m, "throttle_queue_length") == 0
+    assert sample(m, "throttle_bytes_total", rule="none", server_name="other", direction="upload", stage="kernel",
+                  verdict="passed") == 5e7
+    assert sample(m, "throttle_achieved_bytes_per_second", rule="none", server_name="other", direction="upload") == 5e7
+    assert sample(m, "throttle_queue_held_packets") == 0
 
 
 def test_kernel_limited_flows_count_passed_and_dropped_under_their_rule() -> None:
@@ -64,9 +66,10 @@ def test_kernel_limited_flows_count_passed_and_dropped_under_their_rule() -> Non
     m.fast_flow_added(b"k-up", "upload", "twitter", "pbs.twimg.com")
     m.tick(e, held=0, fast={b"k-up": Counters(0, 0, 0, 0, 0)}, now=0.0)
     m.tick(e, held=0, fast={b"k-up": Counters(16_250, 11, 30_000, 20, 0)}, now=1.0)
-    labels = {"rule": "twitter", "name": "pbs.twimg.com", "direction": "upload"}
+    labels = {"rule": "twitter", "server_name": "pbs.twimg.com", "direction": "upload", "stage": "kernel"}
     assert sample(m, "throttle_bytes_total", verdict="passed", **labels) == 16_250
     assert sample(m, "throttle_packets_total", verdict="dropped", **labels) == 20
+    del labels["stage"]
     assert sample(m, "throttle_achieved_bytes_per_second", **labels) == 16_250
 
 
@@ -81,3 +84,57 @@ def test_page_is_valid_exposition_text() -> None:
     text = generate_latest(Metrics().registry).decode()
     assert "# TYPE throttle_packets_total counter" in text
     assert "# TYPE throttle_queue_delay_seconds histogram" in text
+
+
+def test_unlimited_flows_are_counted_without_the_fast_path() -> None:
+    """Where the firewall skips decided flows, the kernel's counters complete the bytes."""
+    s = load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml")
+    e, m = Engine(s.model, s.rules), Metrics()
+    m.tick(e, held=0, fast=None, now=0.0, kernel_bytes={"upload": 1000, "download": 0})
+    m.tick(e, held=0, fast=None, now=1.0, kernel_bytes={"upload": 3_001_000, "download": 500})
+    up = {"rule": "none", "server_name": "other", "direction": "upload"}
+    assert sample(m, "throttle_bytes_total", stage="kernel", verdict="passed", **up) == 3_001_000
+    assert sample(m, "throttle_achieved_bytes_per_second", **up) == 3e6
+
+
+def test_configured_rates_build_info_and_process_metrics() -> None:
+    s = load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml")
+    e, m = Engine(s.model, s.rules), Metrics()
+    m.tick(e, held=0, fast=None, now=0.0)
+    for direction in ("upload", "download"):  # direction = "both": one limit each way
+        assert sample(m, "throttle_rule_rate_bytes_per_second", rule="twitter", direction=direction,
+                      action="police") == 16250.0
+        assert sample(m, "throttle_rule_burst_bytes", rule="twitter", direction=direction, action="police") == 16384
+    text = generate_latest(m.registry).decode()
+    assert 'throttle_build_info{python_version="' in text and "} 1.0" in text
+    assert "process_cpu_seconds_total" in text and "process_resident_memory_bytes" in text
+
+
+def test_no_metric_mixes_a_stage_into_its_verdicts() -> None:
+    m = Metrics()
+    m.hook_error()
+    text = generate_latest(m.registry).decode()
+    assert 'verdict="inspected"' not in text and 'verdict="bypassed"' not in text
+    assert "throttle_queue_length" not in text and 'name="' not in text.replace("server_name", "")
+
+
+def test_promtool_accepts_the_page() -> None:
+    """`promtool check metrics` on a page with every kind of sample (skipped where promtool is not
+    installed: scripts/test installs it, with Debian's prometheus package)."""
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt-get install prometheus; scripts/test does)")
+    s = load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml")
+    e, m = Engine(s.model, s.rules), Metrics()
+    conv = Conversation()
+    for i, p in enumerate(conv.handshake() + [conv.client(python_hello("pbs.twimg.com"))] + [conv.client(b"x" * 1400)] * 50):
+        e.process(p, 0.01 * i)
+    for ev in e.drain_events():
+        m.on_event(ev)
+    m.tick(e, held=1, fast={b"k": Counters(10, 1, 0, 0, 0)}, now=1.0, kernel_bytes={"upload": 5})
+    check = subprocess.run([promtool, "check", "metrics"], input=generate_latest(m.registry).decode(),
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -11,7 +11,7 @@ from throttle.wire.names import normalise
 @pytest.mark.parametrize(
     "pattern,name,expected",
     [
-        ("*t.co*", "reddit.com", True),  # the 2021 substring bug (censor-behaviors §2)
+        ("*t.co*", "reddit.com", True),  # the 2021 substring bug (docs/incidents.md §2)
         ("*t.co*", "www.microsoft.com", True),
         ("*t.co*", "rt.com", True),  # N65
         ("*t.co*", "example.org", False),

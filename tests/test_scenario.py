@@ -20,8 +20,8 @@ def test_bundled_scenarios_load_and_cite_sources(path: Path) -> None:
     scenario = load_scenario(path)
     assert scenario.name == path.stem
     assert scenario.rules
-    assert scenario.sources, "every scenario cites the censor-behaviors lines it models"
-    assert all("censor-behaviors" in s for s in scenario.sources)
+    assert scenario.sources, "every scenario cites the docs/incidents.md points it models"
+    assert all("docs/incidents.md" in s for s in scenario.sources)
 
 
 def test_twitter_day_one_values() -> None:
@@ -64,3 +64,20 @@ def test_errors_name_file_key_and_fix(text: str, message: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ScenarioError, match="no such file"):
         load_scenario(tmp_path / "nope.toml")
+
+
+def test_a_kbps_rate_is_kilobytes_as_in_tc(tmp_path: Path) -> None:
+    """tc(8) reads kbps as kilobytes per second: "16kbps" is 16,000 B/s (128 kbit/s), not 16 kbit/s."""
+    path = tmp_path / "kbps.toml"
+    path.write_text('[[rule]]\nmatch = ["*.twimg.com"]\nrate = "16kbps"\n')
+    (rule,) = load_scenario(path).rules
+    assert rule.rate == 16000.0
+
+
+def test_a_rate_in_bare_kilobytes_is_refused_naming_the_alternatives(tmp_path: Path) -> None:
+    path = tmp_path / "kb.toml"
+    path.write_text('[[rule]]\nmatch = ["*.twimg.com"]\nrate = "16KB"\n')
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(path)
+    message = str(info.value)
+    assert "rule[1].rate" in message and "16kbps" in message and "16kbit" in message

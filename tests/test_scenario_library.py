@@ -1,6 +1,6 @@
 """The bundled scenario library, offline: every probe's expectation against the engine's decision.
 
-For each scenario file: it loads, cites censor-behaviors.md, has a control probe that expects
+For each scenario file: it loads, cites docs/incidents.md, has a control probe that expects
 `normal`, and every probe, fed through the engine as crafted packets (a handshake, a real
 ClientHello or HTTP request, the server's first flight, then `size` bytes in the probe's
 direction), is limited exactly when its `expect` says so. All probes of a scenario go through ONE
@@ -173,7 +173,7 @@ def test_the_library_holds_the_expected_scenarios() -> None:
 def test_loads_cites_sources_and_has_a_control(name: str) -> None:
     scenario = SCENARIOS[name]
     assert scenario.name == name
-    assert scenario.sources and all(s.startswith("censor-behaviors.md §") for s in scenario.sources)
+    assert scenario.sources and all(s.startswith("docs/incidents.md §") for s in scenario.sources)
     text = (ROOT / "scenarios" / f"{name}.toml").read_text()
     assert text.startswith("#"), "a header comment says what the scenario models"
     controls = [p for p in scenario.probes if p.control]
@@ -357,3 +357,31 @@ def test_media_upload_limits_only_past_after_bytes() -> None:
     assert rule is not None and rule.after_bytes == 64 * 1024
     assert photo.passed_payload >= rule.after_bytes  # full speed first
     assert results["text-post"].flow.state == State.LIMITED and not results["text-post"].limited
+
+
+def test_every_citation_points_at_a_section_and_points_of_the_incidents_document() -> None:
+    """`docs/incidents.md §S.A-B, C` names section S and its points A to B and C; they all exist there."""
+    import re
+
+    doc = (ROOT / "docs" / "incidents.md").read_text()
+    sections = {int(n): set() for n in re.findall(r"^## (\d+)\.", doc, re.M)}
+    current = 0
+    for line in doc.splitlines():
+        if m := re.match(r"^## (\d+)\.", line):
+            current = int(m.group(1))
+        elif m := re.match(r"^(\d+)\. ", line):
+            sections[current].add(int(m.group(1)))
+    for name, scenario in SCENARIOS.items():
+        for source in scenario.sources:
+            m = re.match(r"docs/incidents\.md §([\d., -]+):", source)
+            assert m, (name, source)
+            section = None
+            for part in m.group(1).replace(" ", "").split(","):
+                if section is None or "." in part:
+                    head, _, part = part.partition(".")
+                    section = int(head)
+                    assert section in sections, (name, source)
+                if part:
+                    lo, _, hi = part.partition("-")
+                    for point in range(int(lo), int(hi or lo) + 1):
+                        assert point in sections[section], (name, source, point)

@@ -68,7 +68,7 @@ def _mutate(hello: bytes, offset: int, value: int) -> bytes:
 
 
 def test_the_2021_parser_checks() -> None:
-    """censor-behaviors §6: each of these corruptions disables the trigger."""
+    """docs/incidents.md §6: each of these corruptions disables the trigger."""
     hello = python_hello("pbs.twimg.com")
     for offset, value in ((0, 0x17), (5, 0x02)):  # record type, handshake type
         with pytest.raises(TLSParseError):

@@ -35,7 +35,9 @@ if TYPE_CHECKING:
     from throttle.measure.exporter import Metrics
 
 T = TypeVar("T")
-DEFAULT_METRICS = "127.0.0.1:9464"
+# 18130 lies outside 9100-9999, the range of the Prometheus exporters' port list (all taken; 9464
+# is OpenTelemetry's exporter), and below Linux's ephemeral ports.
+DEFAULT_METRICS = "127.0.0.1:18130"
 EXPIRE_EVERY = 10.0  # seconds between sweeps of the fast path's idle entries
 
 
@@ -239,7 +241,7 @@ def start_metrics(listen: str | None) -> tuple[Metrics | None, str | None]:
     addr, _, port = (listen or DEFAULT_METRICS).rpartition(":")
     addr = addr.strip("[]") or "127.0.0.1"
     if not port.isdigit():
-        raise ThrottleError(f"--metrics-listen {listen}: write ADDR:PORT, e.g. 127.0.0.1:9464, or off")
+        raise ThrottleError(f"--metrics-listen {listen}: write ADDR:PORT, e.g. {DEFAULT_METRICS}, or off")
     metrics = Metrics()
     try:
         start_http_server(int(port), addr=addr, registry=metrics.registry)

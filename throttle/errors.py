@@ -13,6 +13,10 @@ class ThrottleError(Exception):
     """Something the user can fix: the message names the thing and the fix."""
 
 
+class MissingExtra(ThrottleError):
+    """A command needs an optional part of the install (`[live]`, `[plots]`) that is not there."""
+
+
 class ScenarioError(ThrottleError):
     """A scenario file that cannot be loaded; names the file, the key and what is wrong."""
 

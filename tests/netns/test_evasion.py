@@ -1,4 +1,4 @@
-"""The evasion tricks of censor-behaviors §7 through the live 2021 censor, in the `evtest` lab.
+"""The evasion tricks of docs/incidents.md §1.7 through the live 2021 censor, in the `evtest` lab.
 
 The raw client sends a disguised ClientHello for pbs.twimg.com and 160 KB of junk to the lab
 server's sink (TCP 8443); each test prints the goodput it measured. Needs root; fails (never

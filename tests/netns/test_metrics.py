@@ -85,7 +85,7 @@ def test_prometheus_scrapes_the_speeds_of_a_throttled_and_a_control_upload(lab, 
         assert up and up[0]["value"][1] == "1", up
         twitter = query('throttle_achieved_bytes_per_second{rule="twitter",direction="upload"}')
         control = query('max_over_time(throttle_achieved_bytes_per_second{rule="none",direction="upload"}[10s])')
-        drops = query('throttle_packets_total{rule="twitter",verdict="dropped"}')
+        drops = query('sum(throttle_packets_total{rule="twitter",verdict="dropped"})')
         page = get(f"http://127.0.0.1:{METRICS_PORT}/metrics")
     finally:
         for proc in (upload, prometheus):
@@ -104,6 +104,6 @@ def test_prometheus_scrapes_the_speeds_of_a_throttled_and_a_control_upload(lab, 
     check = subprocess.run(["promtool", "check", "metrics"], input=page, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     for name in ("throttle_packets_total", "throttle_bytes_total", "throttle_flows_classified_total",
-                 "throttle_flows_active", "throttle_queue_delay_seconds_bucket", "throttle_queue_length",
+                 "throttle_flows_active", "throttle_queue_delay_seconds_bucket", "throttle_queue_held_packets",
                  "throttle_engine_errors_total", "throttle_achieved_bytes_per_second"):
         assert name in page or name.replace("_total", "") in page, name

@@ -63,16 +63,17 @@ def test_demo_runs_in_under_two_minutes_and_shows_the_slowdown() -> None:
     try:
         import urllib.request
 
-        with urllib.request.urlopen("http://127.0.0.1:9464/metrics", timeout=5) as response:
+        with urllib.request.urlopen("http://127.0.0.1:18130/metrics", timeout=5) as response:
             page = response.read().decode()
     finally:
         out, err = demo.communicate(timeout=240)
     result = subprocess.CompletedProcess(demo.args, demo.returncode, out, err)
     gauges = {}
     for line in page.splitlines():
-        m = re.match(r'throttle_achieved_bytes_per_second\{direction="upload",name="([^"]+)",rule="([^"]+)"\} (\S+)', line)
+        m = re.match(r'throttle_achieved_bytes_per_second\{direction="upload",rule="([^"]+)",server_name="([^"]+)"\} (\S+)',
+                     line)
         if m:
-            gauges[m.group(1)] = float(m.group(3))
+            gauges[m.group(2)] = float(m.group(3))
     print("exporter mid-demo (bytes/s):", gauges)
     assert 0.7 * 16250 <= gauges["pbs.twimg.com"] <= 1.3 * 16250
     assert gauges["other"] > 20 * 16250  # the control, repeated while the others crawl

@@ -3,7 +3,7 @@
 Live (the default, needs root): the `twitter-2021-03-10` scenario in the lab, with a Twitter
 photo upload, a reddit.com upload caught by the `*t.co*` bug and a control upload side by side,
 their speeds redrawn every second for about a minute, then the table. The control upload is
-repeated meanwhile, so its speed stays on screen and in the exporter (127.0.0.1:9464).
+repeated meanwhile, so its speed stays on screen and in the Prometheus exporter.
 
 Offline (`--offline`, no root): a capture of nine real connections (curl, openssl, Python and
 Chromium talking TLS to a lab server; see tests/vectors/README.md) is run through three censors,
@@ -18,8 +18,10 @@ from pathlib import Path
 
 import typer
 
+from throttle.cli.options import lab_option
 from throttle.cli.output import format_table
 from throttle.engine.offline import FlowReport, classify_file
+from throttle.extras import require
 from throttle.scenario import Probe, Scenario, load_scenario
 from throttle.scenario.library import bundled_path
 
@@ -90,7 +92,7 @@ def run_demo(capture: Path | None = None) -> int:
         "              Chromium's two-segment ClientHello (post-quantum key share) slipped through.\n"
         "2021-04-02    the fixed patterns: microsoft.com and reddit.com are free again.\n"
         "reassembling  a censor that joins TCP segments: Chromium is caught as well.\n"
-        "No SNI and plain HTTP are never slowed: only the TLS server name counts (censor-behaviors §3).\n"
+        "No SNI and plain HTTP are never slowed: only the TLS server name counts (incidents §1.3).\n"
         "\nTry it on your own capture:  throttle classify FILE.pcap --scenario twitter-2021-03-10"
     )
     return 0
@@ -98,6 +100,11 @@ def run_demo(capture: Path | None = None) -> int:
 
 def demo(
     offline: bool = typer.Option(False, "--offline", help="No lab, no root: classify a bundled capture instead."),
+    lab_name: str = lab_option(),
 ) -> None:
-    """The demonstration: Twitter slowed live in the lab, about a minute (needs root)."""
-    raise typer.Exit(run_demo() if offline else run_live_demo())
+    """The demonstration: Twitter slowed live in the lab, about a minute (needs root and the [live]
+    extra). `--offline`: the same censors on a bundled capture, anywhere, no root."""
+    if offline:
+        raise typer.Exit(run_demo())
+    require("live", "throttle demo (live; --offline needs nothing)")
+    raise typer.Exit(run_live_demo(lab_name))

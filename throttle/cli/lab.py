@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 from typing import Optional
 
 import typer
 
+from throttle.cli.options import emit_json, json_option, lab_option, output_option, scenario_option
+from throttle.extras import require
 from throttle.lab.topology import ROLES, Lab, LabStatus
 from throttle.scenario import load_scenario
 from throttle.scenario.library import find_scenario
 
 lab_app = typer.Typer(
-    add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="The namespace lab: client, censor and server namespaces with HTTPS and DNS (needs root).",
 )
 
-NAME_HELP = "Lab name: namespaces NAME-client, NAME-censor, NAME-server."
+LAB_NEEDS = ("pyroute2", "cryptography")
+
+
+def _lab(name: str) -> Lab:
+    require("live", "throttle lab", LAB_NEEDS)
+    return Lab(name)
 
 
 def _scenario_hosts(scenario: str) -> list[str]:
@@ -34,31 +40,33 @@ def _scenario_hosts(scenario: str) -> list[str]:
 
 @lab_app.command()
 def up(
-    name: str = typer.Option("throttle", "--name", help=NAME_HELP),
-    scenario: Optional[str] = typer.Option(
-        None, "--scenario", "-s", help="Scenario file or bundled name: its probe hosts get certificates at start."
-    ),
+    name: str = lab_option("--name"),
+    scenario: Optional[str] = scenario_option(),
 ) -> None:
-    """Create the lab, or repair it; running it again is harmless."""
+    """Create the lab, or repair it; running it again is harmless. With a scenario, its probe hosts
+    get certificates at start."""
     hosts = _scenario_hosts(scenario) if scenario else []
-    typer.echo(format_status(Lab(name).up(hosts)))
+    typer.echo(format_status(_lab(name).up(hosts)))
 
 
 @lab_app.command()
-def down(name: str = typer.Option("throttle", "--name", help=NAME_HELP)) -> None:
+def down(name: str = lab_option("--name")) -> None:
     """Remove the lab: its processes, namespaces, /etc/netns files and state directory."""
-    Lab(name).down()
+    _lab(name).down()
     typer.echo(f"lab {name} is down")
 
 
 @lab_app.command()
 def status(
-    name: str = typer.Option("throttle", "--name", help=NAME_HELP),
-    as_json: bool = typer.Option(False, "--json", help="The status as one JSON object."),
+    name: str = lab_option("--name"),
+    as_json: bool = json_option(),
+    output: Optional[Path] = output_option(),
 ) -> None:
     """Show whether the lab is up, its addresses and its processes."""
-    st = Lab(name).status()
-    typer.echo(json.dumps(st.to_json(), sort_keys=True) if as_json else format_status(st))
+    st = _lab(name).status()
+    emit_json(st.to_json(), as_json, output)
+    if not as_json:
+        typer.echo(format_status(st))
 
 
 def format_status(st: LabStatus) -> str:

@@ -8,51 +8,74 @@ from typing import Optional
 
 import typer
 
-from throttle.scenario import Scenario, load_scenario
-from throttle.scenario.library import find_scenario
+from throttle.cli.options import emit_json, json_option, lab_option, output_option, pick_scenario, scenario_argument
+from throttle.cli.options import scenario_option
+from throttle.errors import ThrottleError
+from throttle.extras import require
+from throttle.scenario import Scenario
 
 
 def run(
-    scenario: str = typer.Argument(..., help="Scenario file or bundled name (see `throttle scenarios list`)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
+    scenario: Optional[str] = scenario_argument(),
+    json_file: Optional[str] = typer.Argument(None, hidden=True, show_default=False),
+    scenario_opt: Optional[str] = scenario_option(),
+    as_json: bool = json_option(),
+    output: Optional[Path] = output_option(),
     keep: bool = typer.Option(False, "--keep", help="Leave the lab up afterwards."),
-    lab_name: str = typer.Option("throttle", "--lab", help="Name of the lab to use (namespaces NAME-client ...)."),
+    lab_name: str = lab_option(),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also capture the run and write the figures of "
                                         "`throttle bench` (one repeat) to this folder."),
 ) -> None:
-    """Run a scenario in the lab: censor on, every probe with real clients, judged by measured speed."""
-    scen = load_scenario(find_scenario(scenario))
+    """Run a scenario in the lab: censor on, every probe with real clients, judged by measured speed.
+
+    `--json` prints the results on stdout (the table then goes to stderr); `-o FILE` writes them to
+    FILE. `--json FILE`, the older spelling, is the same as `-o FILE`."""
+    if json_file is not None:  # `--json FILE`: a flag followed by what used to be its value
+        if not as_json or output is not None:
+            raise ThrottleError(f"unexpected argument {json_file}: one scenario per run (`-o FILE` writes JSON)")
+        as_json, output = False, Path(json_file)
+    scen = pick_scenario(scenario, scenario_opt)
+    require("live", "throttle run")
     if plot is not None:
-        raise typer.Exit(run_bench(scen, 1, plot, lab_name, seed=None))
-    from throttle.cli.views import Progress, footnote, result_table, stdout_console
+        require("plots", "throttle run --plot", ("matplotlib",))
+        raise typer.Exit(run_bench(scen, 1, plot, lab_name, seed=None, keep=keep, as_json=as_json, output=output))
+    from throttle.cli.views import Progress, footnote, result_table, stderr_console, stdout_console
     from throttle.measure.runner import run_scenario
 
     progress = Progress(f"{scen.name}: {scen.title}")
     progress.phase(f"{scen.name}: {len(scen.probes)} probes")
     with progress.shown():
         report = run_scenario(scen, lab_name=lab_name, keep=keep, on_update=progress.update, on_phase=progress.phase)
-    out = stdout_console()
+    out = stderr_console() if as_json else stdout_console()
     out.print(result_table(report))
     out.print(footnote(report), style="dim", highlight=False)
-    if json_out is not None:
-        json_out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        out.print(f"results written to {json_out}", style="dim")
+    emit_json(report.to_json(), as_json, output)
     raise typer.Exit(0 if report.passed else 1)
 
 
 def bench(
-    scenario: str = typer.Argument(..., help="Scenario file or bundled name."),
+    scenario: Optional[str] = scenario_argument(),
+    scenario_opt: Optional[str] = scenario_option(),
     repeat: int = typer.Option(3, "--repeat", "-n", min=1, help="How many times to run every probe."),
-    out: Path = typer.Option(Path("results"), "--out", "-o", help="Folder for results.json/.csv, summary.md and the PNGs."),
-    lab_name: str = typer.Option("throttle", "--lab", help="Name of the lab to use."),
+    out: Path = typer.Option(Path("results"), "--out", help="Folder for results.json/.csv, summary.md and the PNGs."),
+    as_json: bool = typer.Option(False, "--json", help="Also print results.json on stdout (the summary goes to stderr)."),
+    keep: bool = typer.Option(False, "--keep", help="Leave the lab up afterwards."),
+    lab_name: str = lab_option(),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed recorded for reproduction (random if not given)."),
 ) -> None:
     """Run a scenario N times with captures on both sides of the censor; write results and plots."""
-    raise typer.Exit(run_bench(load_scenario(find_scenario(scenario)), repeat, out, lab_name, seed))
+    scen = pick_scenario(scenario, scenario_opt)
+    require("live", "throttle bench")
+    require("plots", "throttle bench")
+    raise typer.Exit(run_bench(scen, repeat, out, lab_name, seed, keep=keep, as_json=as_json))
 
 
-def run_bench(scen: Scenario, repeat: int, out: Path, lab_name: str, seed: int | None) -> int:
-    """The benchmark with a progress bar; prints the summary; the exit code (1: an expectation failed)."""
+def run_bench(scen: Scenario, repeat: int, out: Path, lab_name: str, seed: int | None, *, keep: bool = False,
+              as_json: bool = False, output: Path | None = None) -> int:
+    """The benchmark with a progress bar; prints the summary; the exit code (1: an expectation failed).
+
+    With one repeat (`throttle run --plot`), `--json`/`-o` carry that run's report, as `run` writes
+    it; with more (`throttle bench --json`), results.json."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from throttle.cli.views import stderr_console, stdout_console
@@ -66,8 +89,12 @@ def run_bench(scen: Scenario, repeat: int, out: Path, lab_name: str, seed: int |
         def progress(done: int, total: int, text: str) -> None:
             bar.update(task, completed=done, total=total, description=f"{scen.name}: {text}"[:90])
 
-        result = measure(scen, repeat, out, lab_name=lab_name, progress=progress, seed=seed)
-    console = stdout_console()
+        result = measure(scen, repeat, out, lab_name=lab_name, progress=progress, seed=seed, keep=keep)
+    console = stderr_console() if as_json else stdout_console()
     console.print((out / "summary.md").read_text(), markup=False, highlight=False)
     console.print("written: " + ", ".join(str(p) for p in result.files.values()), style="dim", highlight=False)
+    if repeat == 1 and result.reports:
+        emit_json(result.reports[0].to_json(), as_json, output)
+    else:
+        emit_json(json.loads(result.files["results.json"].read_text()), as_json, output)
     return 0 if result.passed else 1

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
+from throttle.cli.options import emit_json, json_option, output_option, pick_scenario, scenario_argument
+from throttle.cli.options import scenario_option
 from throttle.cli.output import format_table
 from throttle.errors import ThrottleError
 from throttle.scenario import load_scenario
-from throttle.scenario.library import bundled, find_scenario
+from throttle.scenario.library import bundled
 from throttle.units import format_rate, format_size
 
-scenarios_app = typer.Typer(help="The bundled scenarios: list, show, validate.", no_args_is_help=True)
+scenarios_app = typer.Typer(pretty_exceptions_enable=False, help="The bundled scenarios: list, show, validate.", no_args_is_help=True)
 
 
 @scenarios_app.command("list")
-def scenarios_list() -> None:
+def scenarios_list(as_json: bool = json_option(), output: Optional[Path] = output_option()) -> None:
     """The bundled scenarios, one line each."""
     rows = []
     for path in bundled():
@@ -25,13 +28,18 @@ def scenarios_list() -> None:
             rows.append([s.name, str(len(s.probes)), s.title])
         except ThrottleError as exc:
             rows.append([path.stem, "-", f"BROKEN: {exc}"])
-    typer.echo(format_table(["name", "probes", "summary"], rows))
+    if not rows:  # an install without its scenarios is broken, not empty
+        raise ThrottleError("no bundled scenarios found in the package (throttle.scenarios): reinstall throttle-lab")
+    emit_json([{"name": name, "probes": int(n) if n.isdigit() else None, "summary": summary}
+               for name, n, summary in rows], as_json, output)
+    if not as_json:
+        typer.echo(format_table(["name", "probes", "summary"], rows))
 
 
 @scenarios_app.command("show")
-def scenarios_show(name: str = typer.Argument(..., help="Bundled name or file.")) -> None:
+def scenarios_show(name: Optional[str] = scenario_argument(), scenario: Optional[str] = scenario_option()) -> None:
     """One scenario: what it models, its sources, model, rules and probes."""
-    s = load_scenario(find_scenario(name))
+    s = pick_scenario(name, scenario)
     typer.secho(f"{s.name}: {s.title}", bold=True)
     typer.echo(f"file: {s.path}\n")
     if s.description:
@@ -57,7 +65,7 @@ def scenarios_show(name: str = typer.Argument(..., help="Bundled name or file.")
 
 
 @scenarios_app.command("validate")
-def scenarios_validate(path: Path = typer.Argument(..., help="A scenario file.")) -> None:
-    """Check a scenario file with the loader's own messages."""
-    s = load_scenario(path)
-    typer.echo(f"{path}: ok ({s.name}: {len(s.rules)} rules, {len(s.probes)} probes)")
+def scenarios_validate(name: Optional[str] = scenario_argument(), scenario: Optional[str] = scenario_option()) -> None:
+    """Check a scenario file (or a bundled one, by name) with the loader's own messages."""
+    s = pick_scenario(name, scenario)
+    typer.echo(f"{s.path}: ok ({s.name}: {len(s.rules)} rules, {len(s.probes)} probes)")

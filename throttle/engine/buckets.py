@@ -3,7 +3,7 @@
 Both hold at most `burst` bytes of credit, refilled at `rate` bytes per second. Time is always a
 parameter (`now`, seconds); nothing here reads a clock or sleeps, so tests feed literal times.
 
-Policer (what the TSPU did, censor-behaviors §9-11): a packet passes if the credit covers it,
+Policer (what the TSPU did, docs/incidents.md §1.9-11): a packet passes if the credit covers it,
 otherwise it is dropped and costs nothing. A full bucket lets `burst` bytes through at line rate,
 then the flow gets `rate` on average.
 

@@ -1,7 +1,7 @@
 """Enforcement: a limited flow's packets against its token buckets (`throttle.engine.buckets`).
 
 A rule's buckets are per flow, per client address or one for the whole rule (`scope`), always one
-per direction (censor-behaviors §9). A policer passes or drops; a shaper gives a release time, or
+per direction (docs/incidents.md §1.9). A policer passes or drops; a shaper gives a release time, or
 drops when the packet would wait longer than the queue bound.
 """
 

@@ -1,6 +1,6 @@
 """Inspection: reading names out of a flow's first packets, as the scenario's model says to.
 
-The 2021 TSPU (censor-behaviors §5-6) looked at the first data packet per direction, kept looking
+The 2021 TSPU (docs/incidents.md §1.5-6) looked at the first data packet per direction, kept looking
 for 15-20 more once it saw a TLS record (or HTTP), gave up for good on an unparseable first packet
 of 101 bytes or more, read one TLS record per segment and never reassembled TCP. The reassembling
 model joins a direction's segments in order up to a bound and reads every ClientHello in the

@@ -3,7 +3,7 @@
 Rules are tried in file order; the first that matches wins. A rule with patterns matches a name
 (and, when it also lists addresses or ports, only flows to those); a rule with addresses and no
 patterns matches a flow by its server address alone, when it starts. Sticky rules (Turkey 2022,
-censor-behaviors §20) keep a triggering flow's server address limited for a while: later flows to
+docs/incidents.md §2.20) keep a triggering flow's server address limited for a while: later flows to
 it are limited whatever their name.
 """
 

@@ -12,7 +12,7 @@ Routes, the same on both web ports:
 
 A raw sink on TCP 8443, for the evasion client (`throttle.lab.evasion`): it counts every byte until
 the client shuts down its write side, then replies `received N\n` and closes. It never parses
-TLS: as in the record-and-replay measurements (censor-behaviors §16), everything after the
+TLS: as in the record-and-replay measurements (docs/incidents.md §16), everything after the
 ClientHello may be junk and the flow is still judged by the hello alone (§3).
 
 One thread per connection (ThreadingHTTPServer): TLS reads and writes release the GIL, so a single

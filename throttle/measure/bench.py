@@ -5,7 +5,7 @@ censor namespace), the analysis of those captures, and the files written for a b
 `results.json`, `results.csv`, `flows.json`, `summary.md`, the plots (`throttle.measure.plots`) and the
 captures themselves under `captures/`.
 
-The analysis measures the censor from the outside, as the measurement papers did (censor-behaviors
+The analysis measures the censor from the outside, as the measurement papers did (docs/incidents.md
 §1.9-11, §1.16), independently of the censor's own counters:
 
 - throughput: payload bytes per 100 ms of the probe's direction on the far side of the censor
@@ -36,6 +36,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -43,7 +44,7 @@ from throttle import __version__
 from throttle.children import Background
 from throttle.errors import ThrottleError
 from throttle.lab.topology import CENSOR_CLIENT_IF, CENSOR_SERVER_IF, Lab
-from throttle.measure.runner import PORT_BASE, SINK_PORT, reference_rate, run_scenario
+from throttle.measure.runner import PORT_BASE, SINK_PORT, RunReport, reference_rate, run_scenario
 from throttle.scenario import Probe, Scenario
 from throttle.units import format_rate
 from throttle.wire.ip import TCP, decode
@@ -56,7 +57,7 @@ __all__ = [
 
 BIN = 0.1  # seconds per throughput / drop bin
 TLS_PORT = SINK_PORT  # the raw TLS client's server port
-PACKAGES = ("netfilterqueue", "pyroute2", "cryptography", "typer", "rich", "matplotlib")
+PACKAGES = ("netfilterqueue", "pyroute2", "cryptography", "prometheus-client", "typer", "rich", "matplotlib", "numpy")
 CSV_FIELDS = ("repeat", "probe", "host", "direction", "bytes", "seconds", "speed_bps", "expected", "observed",
               "passed", "control", "error", "capture_bytes", "drops", "middle_bps", "middle_median_bps")
 
@@ -343,6 +344,7 @@ class BenchResult:
     flows: list[FlowStats]
     files: dict[str, Path]  # results.json, results.csv, flows.json, summary.md, the PNGs
     reproduce: dict[str, Any]
+    reports: list[RunReport] = field(default_factory=list)  # each repeat's judged run
 
     @property
     def passed(self) -> bool:
@@ -379,21 +381,40 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
+def constraints() -> dict[str, Any]:
+    """The pinned versions the project was tested with (throttle/data/constraints.txt), and whether
+    what is installed here matches them: `pip install -c FILE` with these pins reproduces the run."""
+    text = (resources.files("throttle") / "data" / "constraints.txt").read_text()
+    pins = dict(line.split("==", 1) for line in text.splitlines() if "==" in line and not line.startswith("#"))
+    differ = {}
+    for name, pinned in pins.items():
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if installed != pinned:
+            differ[name] = installed
+    return {"file": "throttle/data/constraints.txt", "sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "pins": pins, "installed_differs": differ}
+
+
 def reproduce_block(scenario: Scenario, repeat: int, seed: int) -> dict[str, Any]:
     path = Path(scenario.path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
     return {"scenario": scenario.name, "scenario_file": str(path.resolve()) if path.is_file() else scenario.path,
             "scenario_sha256": digest, "throttle": __version__, "kernel": os.uname().release,
-            "python": platform.python_version(), "packages": _versions(), "seed": seed,
+            "python": platform.python_version(), "packages": _versions(), "constraints": constraints(), "seed": seed,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "repeat": repeat}
 
 
 def bench(scenario: Scenario, repeat: int, out: Path, lab_name: str = "bench5",
-          progress: Callable[[int, int, str], None] | None = None, seed: int | None = None) -> BenchResult:
+          progress: Callable[[int, int, str], None] | None = None, seed: int | None = None,
+          keep: bool = False) -> BenchResult:
     """Run `scenario` `repeat` times in one lab, capture every repeat, write the results to `out`.
 
     `progress(done, total, text)` is called as repeats start and finish; `done` is the number of
-    repeats finished. The lab is brought up once and always taken down at the end."""
+    repeats finished. The lab is brought up once and taken down at the end, unless it was up
+    before or `keep` is set."""
 
     if repeat < 1:
         raise ThrottleError(f"--repeat {repeat}: repeat at least once")
@@ -409,6 +430,8 @@ def bench(scenario: Scenario, repeat: int, out: Path, lab_name: str = "bench5",
     rows: list[BenchRow] = []
     flows: list[FlowStats] = []
     lab = Lab(lab_name)
+    keep = keep or lab.status().up
+    reports: list[RunReport] = []
     done = 0
     try:
         tell(0, repeat, "bringing the lab up")
@@ -421,6 +444,7 @@ def bench(scenario: Scenario, repeat: int, out: Path, lab_name: str = "bench5",
                 report = run_scenario(scenario, lab_name=lab_name, keep=True,
                                       on_phase=functools.partial(_tell_repeat, tell, r, repeat))
                 time.sleep(0.3)  # the last packets reach the capture files
+            reports.append(report)
             tell(r - 1, repeat, f"repeat {r} of {repeat}: reading the captures")
             client_side = flow_segments(read_segments(paths[CENSOR_CLIENT_IF]), scenario.probes, PORT_BASE)
             server_side = flow_segments(read_segments(paths[CENSOR_SERVER_IF]), scenario.probes, PORT_BASE)
@@ -440,8 +464,9 @@ def bench(scenario: Scenario, repeat: int, out: Path, lab_name: str = "bench5",
             tell(r, repeat, f"repeat {r} of {repeat}: {sum(run.passed for run in report.runs)} of "
                             f"{len(report.runs)} probes as expected")
     finally:
-        tell(done, repeat, "taking the lab down")
-        lab.down()
+        if not keep:
+            tell(done, repeat, "taking the lab down")
+            lab.down()
 
     files = {name: out / name for name in ("results.json", "results.csv", "flows.json", "summary.md")}
     extra = {"scenario": scenario.name, "rate_bytes_per_second": rate, "bin_seconds": BIN,
@@ -451,7 +476,7 @@ def bench(scenario: Scenario, repeat: int, out: Path, lab_name: str = "bench5",
     files["flows.json"].write_text(json.dumps([f.to_json() for f in flows]) + "\n")
     files["summary.md"].write_text(summary_markdown(scenario.name, rate, repeat, rows))
     files.update(write_plots(scenario, rate, rows, flows, out))
-    return BenchResult(out, rows, flows, files, reproduce)
+    return BenchResult(out, rows, flows, files, reproduce, reports)
 
 
 def _tell_repeat(tell: Callable[[int, int, str], None], r: int, repeat: int, text: str) -> None:

@@ -23,7 +23,7 @@ from throttle.measure.runner import CensorProcess
 NOTHING = """
 [scenario]
 name = "matches-nothing"
-sources = ["censor-behaviors.md §1: the 2021 device, with a rule no lab name matches"]
+sources = ["docs/incidents.md §1: the 2021 device, with a rule no lab name matches"]
 
 [[rule]]
 name = "nothing"

@@ -1,27 +1,45 @@
-"""The Prometheus exporter: what the censor did and the speeds it let flows reach.
+"""The Prometheus exporter: what the censor did with every byte, and what it was told to do.
 
-Names follow prometheus.io's practices: one `throttle_` prefix, base units (bytes, seconds),
-counters ending in `_total`, and bounded labels — rule (a rule's name or `none`), name (the
-matched name, at most `MAX_NAMES` per rule, else `other`), direction (upload, download) and
-verdict. Never one label value per connection.
+Names follow prometheus.io's practices: one `throttle_` prefix, base units (bytes, seconds) or the
+counted thing (`_packets`) in the name, counters ending in `_total`, and bounded labels — rule (a
+rule's name or `none`), server_name (the matched server name, at most `MAX_NAMES` per rule, else
+`other`), direction (upload, download), stage and verdict. Never one label value per connection.
 
-Sources: the engine's events (limited packets, decisions, errors), the engine's flow table (active
-flows), the hook (held packets), and the eBPF fast path's per-flow byte counters (the speed of
-flows the kernel forwards without the censor seeing them).
+Counters are the primary data, as in node_exporter: speeds are `rate(throttle_bytes_total[...])` in
+PromQL. Every byte of every flow the censor saw or handed to the kernel is counted once in
+`throttle_bytes_total`, by the stage that decided its fate:
+
+- `stage="inspection"`: carried while the censor read the flow, before it decided (verdict passed);
+- `stage="enforcement"`: a rule's bucket decided (verdict passed, dropped or delayed);
+- `stage="kernel"`: handled by the kernel for a decided flow without the censor seeing it: an
+  unlimited flow forwarded (rule none, verdict passed), or a limited flow policed by the kernel's
+  copy of its bucket (its rule, verdict passed or dropped); counted by the eBPF program's per-flow
+  counters or, where the firewall skips decided flows instead, by the kernel counters handed to
+  `tick(kernel_bytes=...)`.
+
+`throttle_packets_lost_before_inspection_total` counts packets the kernel could not queue to the
+censor (queue or socket full): a flow whose first packets are lost may escape inspection.
+
+`throttle_achieved_bytes_per_second` stays as a convenience gauge (the speed over the last
+`SPEED_WINDOW` seconds) for a quick `curl | grep`. `throttle_rule_rate_bytes_per_second` is the
+configured limit of each rule and direction, so that a dashboard draws the limit beside the
+speeds; `throttle_build_info` and the process collector's `process_*` describe the censor itself.
 """
 
 from __future__ import annotations
 
+import platform
 from collections import deque
 from collections.abc import Mapping
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 
-from throttle.engine import (DIRECTION_NAMES, Engine, EngineError, Event, FlowDecided, Limited, State, Verdict)
+from throttle import __version__
+from throttle.engine import DIRECTION_NAMES, Engine, EngineError, Event, FlowDecided, Limited, State, Verdict
 
 class KernelCounters(Protocol):
-    """What the kernel counted for one direction of a flow it forwards (`kernel.fastpath.Counters`)."""
+    """What the kernel counted for one direction of a flow it handles (`kernel.fastpath.Counters`)."""
 
     @property
     def bytes(self) -> int: ...
@@ -33,40 +51,54 @@ class KernelCounters(Protocol):
     def dropped_packets(self) -> int: ...
 
 
-MAX_NAMES = 20  # distinct name label values per rule before "other"
-SPEED_WINDOW = 5.0  # seconds the achieved-speed gauge averages over
+MAX_NAMES = 20  # distinct server_name label values per rule before "other"
+SPEED_WINDOW = 5.0  # seconds the convenience speed gauge averages over
 _VERDICT = {Verdict.ACCEPT: "passed", Verdict.DROP: "dropped", Verdict.HOLD: "delayed"}
+DIRECTIONS = ("upload", "download")
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        labels = ["rule", "name", "direction", "verdict"]
-        self.packets = Counter("throttle_packets", "Packets by what the censor did with them: inspected (before the flow "
-                               "was decided), passed, dropped or delayed by a rule's bucket.", labels, registry=r)
-        self.bytes = Counter("throttle_bytes", "Bytes by what the censor did with them; verdict bypassed counts bytes the "
-                             "kernel forwarded for decided flows on the eBPF fast path.", labels, registry=r)
-        self.flows = Counter("throttle_flows_classified", "Flows decided, by where their name came from and the verdict.",
-                             ["name_source", "verdict"], registry=r)
+        labels = ["rule", "server_name", "direction", "stage", "verdict"]
+        self.packets = Counter("throttle_packets", "Packets by the stage that decided their fate (inspection, "
+                               "enforcement by a rule's bucket, kernel) and the verdict (passed, dropped, delayed).",
+                               labels, registry=r)
+        self.bytes = Counter("throttle_bytes", "Bytes (IP packet lengths) by stage and verdict; every byte of every "
+                             "flow once. rate() of it is the speed.", labels, registry=r)
+        self.flows = Counter("throttle_flows_classified", "Flows decided, by where their name came from and the outcome "
+                             "(limited or passed).", ["name_source", "verdict"], registry=r)
         self.active = Gauge("throttle_flows_active", "Flows in the censor's table, by state.", ["state"], registry=r)
-        self.speed = Gauge("throttle_achieved_bytes_per_second", f"Bytes per second that got through, over the last "
-                           f"{SPEED_WINDOW:.0f} s, by rule, name and direction (rule none: unlimited flows).",
-                           ["rule", "name", "direction"], registry=r)
+        self.speed = Gauge("throttle_achieved_bytes_per_second", f"Bytes per second that got through over the last "
+                           f"{SPEED_WINDOW:.0f} s, by rule, server name and direction (rule none: unlimited flows); a "
+                           f"convenience: rate(throttle_bytes_total) is the same from the counters.",
+                           ["rule", "server_name", "direction"], registry=r)
+        self.limit = Gauge("throttle_rule_rate_bytes_per_second", "The rate each rule limits a direction to, as "
+                           "configured in the scenario.", ["rule", "direction", "action"], registry=r)
+        self.burst = Gauge("throttle_rule_burst_bytes", "The burst (bucket size) of each rule, as configured.",
+                           ["rule", "direction", "action"], registry=r)
         self.delay = Histogram("throttle_queue_delay_seconds", "How long the shaper held delayed packets.",
                                buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10), registry=r)
-        self.queue = Gauge("throttle_queue_length", "Packets held by the censor now (shaped, waiting for release).",
+        self.queue = Gauge("throttle_queue_held_packets", "Packets held by the censor now (shaped, waiting for release).",
                            registry=r)
         self.errors = Counter("throttle_engine_errors", "Packets the engine could not parse, or errors in the hook.",
                               ["kind"], registry=r)
         self.lost = Counter("throttle_packets_lost_before_inspection", "Packets the kernel could not queue to the "
                             "censor (queue or socket full): flows whose first packets are lost may escape.", registry=r)
         self._lost_seen = 0
+        build = Gauge("throttle_build_info", "Always 1: the version of throttle and of Python the censor runs.",
+                      ["version", "python_version"], registry=r)
+        build.labels(__version__, platform.python_version()).set(1)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self._names: dict[str, set[str]] = {}
         self._passed: dict[tuple[str, str, str], int] = {}  # cumulative passed bytes by speed labels
         self._history: deque[tuple[float, dict[tuple[str, str, str], int]]] = deque()
-        # kernel map key -> (rule, name, direction labels; its counters as last seen)
+        # kernel map key -> (rule, server_name, direction labels; its counters as last seen)
         self._fast: dict[bytes, tuple[tuple[str, str, str], tuple[int, int, int, int]]] = {}
+        self._kernel: dict[str, int] = {}  # direction -> kernel bytes seen so far
+        self._rules_shown: tuple[object, ...] | None = None
         for state in ("inspecting", "limited", "passed"):
             self.active.labels(state)
         self.queue.set(0)
@@ -80,20 +112,18 @@ class Metrics:
             return name
         return "other"
 
-    def _add_passed(self, key: tuple[str, str, str], n: int) -> None:
-        self._passed[key] = self._passed.get(key, 0) + n
+    def _count(self, labels: tuple[str, str, str], stage: str, verdict: str, packets: int, size: int) -> None:
+        if packets:
+            self.packets.labels(*labels, stage, verdict).inc(packets)
+        self.bytes.labels(*labels, stage, verdict).inc(size)
+        if verdict != "dropped":
+            self._passed[labels] = self._passed.get(labels, 0) + size
 
     # ---- events ---------------------------------------------------------------------------
     def on_event(self, ev: Event) -> None:
         if isinstance(ev, Limited):
-            rule = ev.rule
-            name = self._name(rule, ev.name)
-            direction = DIRECTION_NAMES[ev.direction]
-            verdict = _VERDICT.get(ev.verdict, "passed")
-            self.packets.labels(rule, name, direction, verdict).inc()
-            self.bytes.labels(rule, name, direction, verdict).inc(ev.size)
-            if ev.verdict != Verdict.DROP:
-                self._add_passed((rule, name, direction), ev.size)
+            labels = (ev.rule, self._name(ev.rule, ev.name), DIRECTION_NAMES[ev.direction])
+            self._count(labels, "enforcement", _VERDICT.get(ev.verdict, "passed"), 1, ev.size)
             if ev.verdict == Verdict.HOLD:
                 self.delay.observe(ev.delay)
         elif isinstance(ev, FlowDecided):
@@ -103,13 +133,21 @@ class Metrics:
             self.flows.labels(flow.name_source or "none", "limited" if flow.state == State.LIMITED else "passed").inc()
             for d, side in enumerate(flow.sides):
                 if side.packets:
-                    self.packets.labels(rule, name, DIRECTION_NAMES[d], "inspected").inc(side.packets)
-                    self.bytes.labels(rule, name, DIRECTION_NAMES[d], "inspected").inc(side.bytes)
-                    if flow.state != State.LIMITED:
-                        self._add_passed(("none", "other", DIRECTION_NAMES[d]), side.bytes)
+                    # An unlimited flow's speed is the "none" rule's, whichever name it carried.
+                    labels = (rule, name, DIRECTION_NAMES[d]) if flow.state == State.LIMITED else \
+                        ("none", "other", DIRECTION_NAMES[d])
+                    self._count(labels, "inspection", "passed", side.packets, side.bytes)
         elif isinstance(ev, EngineError):
             self.errors.labels(ev.kind).inc()
         # FlowStarted, FlowEnded, NameLearned: nothing to count (the flow table gives the gauges)
+
+    def hook_error(self) -> None:
+        self.errors.labels("hook").inc()
+
+    def fast_flow_added(self, key: bytes, direction: str, rule: str = "none", name: str | None = None) -> None:
+        """A direction of a flow the kernel now forwards (rule none) or polices (that rule): its
+        bytes and packets come from the kernel's counters from now on (see `tick`)."""
+        self._fast[key] = ((rule, self._name(rule, name), direction), (0, 0, 0, 0))
 
     def lost_before_inspection(self, total: int) -> None:
         """The kernel's running count of packets it could not queue (`nfqueue.queue_losses`)."""
@@ -117,18 +155,26 @@ class Metrics:
             self.lost.inc(total - self._lost_seen)
             self._lost_seen = total
 
-    def hook_error(self) -> None:
-        self.errors.labels("hook").inc()
-
-    def fast_flow_added(self, key: bytes, direction: str, rule: str = "none", name: str | None = None) -> None:
-        """A direction of a flow the kernel now forwards (rule none) or limits (that rule): its
-        bytes and packets come from the kernel's counters from now on (see `tick`)."""
-        self._fast[key] = ((rule, self._name(rule, name), direction), (0, 0, 0, 0))
+    def _show_rules(self, engine: Engine) -> None:
+        """The configured limit of each rule, per direction it limits (set once per rule set)."""
+        if self._rules_shown == engine.rules:
+            return
+        self._rules_shown = engine.rules
+        for rule in engine.rules:
+            for direction in DIRECTIONS if rule.direction == "both" else (rule.direction,):
+                self.limit.labels(rule.name, direction, rule.action).set(rule.rate)
+                self.burst.labels(rule.name, direction, rule.action).set(rule.burst)
 
     # ---- once a second ----------------------------------------------------------------------
-    def tick(self, engine: Engine, held: int, fast: Mapping[bytes, KernelCounters] | None, now: float) -> None:
-        """Once a second: gauges from the flow table, the kernel's per-flow counters, speeds.
-        `now` is the censor's clock (its event loop's), the one its events are stamped with."""
+    def tick(self, engine: Engine, held: int, fast: Mapping[bytes, KernelCounters] | None, now: float,
+             kernel_bytes: dict[str, int] | None = None) -> None:
+        """Once a second: gauges from the flow table, the kernel's byte counters, speeds.
+
+        `fast`: the eBPF program's cumulative counters per flow key; `kernel_bytes`: cumulative
+        bytes per direction ("upload", "download") the kernel forwarded for decided flows by another
+        way (the firewall's skip rule counters). `now` is the censor's clock (its event loop's), the
+        one its events are stamped with."""
+        self._show_rules(engine)
         counts = {"inspecting": 0, "limited": 0, "passed": 0}
         for flow in engine.flows():
             counts[flow.state.label] += 1
@@ -138,20 +184,20 @@ class Metrics:
         if fast is not None:
             for fast_key, c in fast.items():
                 labels, before = self._fast.get(fast_key, (("none", "other", "upload"), (0, 0, 0, 0)))
-                now_seen = (c.bytes, c.packets, c.dropped_bytes, c.dropped_packets)
-                forwarded = "bypassed" if labels[0] == "none" else "passed"
-                for counter, verdict, delta in ((self.bytes, forwarded, now_seen[0] - before[0]),
-                                                (self.packets, forwarded, now_seen[1] - before[1]),
-                                                (self.bytes, "dropped", now_seen[2] - before[2]),
-                                                (self.packets, "dropped", now_seen[3] - before[3])):
-                    if delta > 0:
-                        counter.labels(*labels, verdict).inc(delta)
-                if now_seen[0] > before[0]:
-                    self._add_passed(labels, now_seen[0] - before[0])
-                self._fast[fast_key] = (labels, now_seen)
+                seen = (c.bytes, c.packets, c.dropped_bytes, c.dropped_packets)
+                if seen[0] > before[0]:
+                    self._count(labels, "kernel", "passed", seen[1] - before[1], seen[0] - before[0])
+                if seen[2] > before[2]:
+                    self._count(labels, "kernel", "dropped", seen[3] - before[3], seen[2] - before[2])
+                self._fast[fast_key] = (labels, seen)
             for fast_key in list(self._fast):
                 if fast_key not in fast:
                     del self._fast[fast_key]
+        for direction, total in (kernel_bytes or {}).items():
+            seen_before = self._kernel.get(direction, 0)
+            if total > seen_before:  # (a counter that went back, a reset rule, starts again from there)
+                self._count(("none", "other", direction), "kernel", "passed", 0, total - seen_before)
+            self._kernel[direction] = total
         self._history.append((now, dict(self._passed)))
         while len(self._history) > 1 and now - self._history[1][0] >= SPEED_WINDOW:
             self._history.popleft()

@@ -3,7 +3,7 @@
 The runner brings the lab up (or reuses it), starts `throttle censor` with the scenario in the
 lab's censor namespace, runs every probe with a real client in the client namespace (curl for
 HTTPS and HTTP, `throttle.lab.evasion` for hand-made ClientHellos), and judges each probe from what it
-measured, never from the engine's opinion (censor-behaviors §22-23):
+measured, never from the engine's opinion (docs/incidents.md §3.22-23):
 
 - blocked    the transfer did not complete before its timeout;
 - throttled  its speed is below 3 x the slowest limiting rate of the scenario, and below a tenth of

@@ -1,6 +1,6 @@
 """Name patterns: how a rule's `match` entries are compiled, each to the cheapest test.
 
-Pattern syntax, as the measurement reports write the censor's lists (censor-behaviors §1):
+Pattern syntax, as the measurement reports write the censor's lists (docs/incidents.md §1):
 - `twitter.com`     exact name
 - `*.twimg.com`     any name ending in `.twimg.com` (not `twimg.com` itself)
 - `*twitter.com`    any name ending in `twitter.com` (also `nottwitter.com`)

@@ -2,7 +2,7 @@
 
 Names are normalised when a flow is classified, never per packet: a Unicode name becomes its
 xn-- form. Keeping the trailing dot is a model option because the 2021 devices did not strip it,
-and `pbs.twimg.com.` evaded them (censor-behaviors §7). The lab's certificate authority uses the
+and `pbs.twimg.com.` evaded them (docs/incidents.md §7). The lab's certificate authority uses the
 same function for the names it issues certificates for.
 """
 

@@ -8,7 +8,7 @@ connection from its start, `parse_client_hello` returns
 No other exception escapes, whatever the input (the tests fuzz this).
 
 A handshake message may span several TLS records; they are joined. `first_record_only=True` is the
-2021 device's view (censor-behaviors §6): it reads only the first record of a segment, so a
+2021 device's view (docs/incidents.md §6): it reads only the first record of a segment, so a
 ClientHello split over two records, or over two TCP segments, is never complete for it.
 """
 

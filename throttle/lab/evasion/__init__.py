@@ -2,7 +2,7 @@
 
 `plan(evasion, sni)` returns the segments a trick writes (pure, testable offline against the
 engine); `run(address, port, segments, size)` sends them and `size` bytes of junk to the lab
-server's raw sink (TCP 8443) and measures the goodput. The tricks are censor-behaviors §7:
+server's raw sink (TCP 8443) and measures the goodput. The tricks are docs/incidents.md §7:
 
     none      the hello in one segment (the control: the device sees it)
     split     the hello cut inside the server name into two TCP segments

@@ -2,7 +2,7 @@
 
 It connects, sends the disguised ClientHello (`plans.plan`), streams `size` bytes of junk in large
 writes, shuts down its write side and reads the sink's `received N`. Past the hello nothing needs
-to be TLS: the 2021 device judges a flow by its hello alone (censor-behaviors §3, §16).
+to be TLS: the 2021 device judges a flow by its hello alone (docs/incidents.md §3, §16).
 
 The time is measured from connect to the reply, so `bytes / seconds` is the goodput the censor
 allowed. A timeout, a refusal or a reset is an outcome (`Result.ok` False), not an exception.

@@ -2,7 +2,7 @@
 
 Pure apart from OpenSSL's randomness: a plan is a tuple of `Segment`s, each one write on a socket
 with TCP_NODELAY followed by a pause, so each write leaves as its own TCP segment (or, for `pad`,
-as many as the MSS forces). The tricks are those of censor-behaviors §7, aimed at the 2021 TSPU
+as many as the MSS forces). The tricks are those of docs/incidents.md §7, aimed at the 2021 TSPU
 model of §5-6: it looks at the first data packet of a direction, keeps looking for 15-20 more only
 if that packet was a TLS record, gives up on an unparseable first packet of 101 bytes or more,
 reads one TLS record per segment and never reassembles TCP.
