@@ -103,6 +103,13 @@ SYSCTLS_ALL = (
     ("net.ipv6.conf.default.accept_ra", "0"),
     ("net.ipv6.conf.default.router_solicitations", "0"),
 )
+# The lab's TCP is pinned, not inherited from the host: a namespace starts with the host's default
+# congestion control (bbr on some machines), and BBR's model of the path misreads a policer (it
+# paces a policed flow at the bandwidth it sampled during drops, often far below the rate), so the
+# same scenario would measure differently on two machines. CUBIC is Linux's default and what the
+# clients of the 2021 measurements ran; set on the client's and server's default routes, when this
+# kernel has it.
+CONGESTION_CONTROL = "cubic"
 SYSCTLS_CENSOR = (
     ("net.ipv4.ip_forward", "1"),
     ("net.ipv6.conf.all.forwarding", "1"),
@@ -171,6 +178,16 @@ def _reap(pid: int) -> None:
     child = _children.get(pid)
     if child is not None and child.poll() is not None:
         del _children[pid]
+
+
+def _route_metrics() -> dict[str, Any]:
+    """The lab's default routes carry the congestion control (a namespace may not set a default
+    that the host restricts, but a route may name it); nothing when this kernel lacks it."""
+    try:
+        available = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+    except OSError:
+        return {}
+    return {"metrics": {"RTAX_CC_ALGO": CONGESTION_CONTROL}} if CONGESTION_CONTROL in available else {}
 
 
 def _write_sysctls(ns: str, values: Iterable[tuple[str, str]]) -> None:
@@ -323,8 +340,8 @@ class Lab:
                         ipr.link("set", index=index, state="up")
                     if role in GATEWAYS:
                         gw4, gw6 = GATEWAYS[role]
-                        ipr.route("replace", dst="0.0.0.0/0", gateway=gw4)
-                        ipr.route("replace", dst="::/0", gateway=gw6, family=socket.AF_INET6)
+                        ipr.route("replace", dst="0.0.0.0/0", gateway=gw4, **_route_metrics())
+                        ipr.route("replace", dst="::/0", gateway=gw6, family=socket.AF_INET6, **_route_metrics())
         except NetlinkError as exc:
             raise ThrottleError(f"cannot configure the lab's links: {exc}") from None
 
