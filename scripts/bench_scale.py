@@ -43,7 +43,8 @@ from throttle.scenario.library import find_scenario
 LAB = "scale"
 PORT = 9100
 CHUNK = 65536
-MSS_SHARE = 1448 / 1500  # payload per wire byte of a full-sized segment
+MSS_SHARE = 1448 / 1500
+TCP_NOTSENT_LOWAT = 25  # payload per wire byte of a full-sized segment
 
 
 # ---- the sink (server namespace) ----------------------------------------------------------------
@@ -111,6 +112,8 @@ def generate(flows: int, port: int, sni: str, seconds: float) -> int:
     while time.monotonic() < deadline:
         while opened < flows and opened < (time.monotonic() - start) * 2000 + 200:  # 2,000 new flows/s
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            # Writable only when less than 64 KB wait unsent: one wake-up per 64 KB, not per ACK.
+            s.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, CHUNK)
             s.setblocking(False)
             try:
                 s.connect((SERVER_V4, port))

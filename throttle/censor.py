@@ -22,13 +22,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from throttle.engine import DOWNLOAD, UPLOAD, Engine, Event, Flow, FlowDecided, FlowEnded, State
+from throttle.engine import DOWNLOAD, UPLOAD, Bucket, Engine, Event, Flow, FlowDecided, FlowEnded, Shaper, State
 from throttle.errors import ThrottleError
 from throttle.kernel import fastpath, netns
 from throttle.kernel.firewall import Firewall, installed
-from throttle.kernel.fastpath import BucketSlots
+from throttle.kernel.fastpath import HTB_CLASSES, BucketSlots
 from throttle.kernel.nfqueue import Hook, HookStats, check_requirements, queue_losses
-from throttle.scenario import Scenario
+from throttle.scenario import Rule, Scenario
 from throttle.wire.ip import TCP, UDP
 
 if TYPE_CHECKING:
@@ -62,8 +62,11 @@ class Censor:
         self.fast_flows = 0  # passed flows handed to the kernel
         self.kernel_limited = 0  # limited flows whose limit the kernel enforces
         self._slots = BucketSlots()
-        self._kernel: dict[bytes, list[int]] = {}  # upload map key -> bucket slots it holds
+        self._classes = BucketSlots(HTB_CLASSES)  # the shaper's HTB classes, per bucket
+        self._class_if: dict[int, str] = {}  # class minor -> the interface it is on
+        self._kernel: dict[bytes, list[tuple[BucketSlots, int]]] = {}  # upload map key -> slots it holds
         self._stop: asyncio.Event | None = None
+        self._shaping = False  # the interfaces have the shaper's HTB qdiscs
         self._last_expire = 0.0
 
     @property
@@ -87,37 +90,32 @@ class Censor:
                 self.metrics.on_event(ev)
 
     def _to_kernel(self, fast: fastpath.FastPath, flow: Flow) -> None:
-        """A decided flow's packets from now on go to the kernel: forwarded (passed), or forwarded
-        through the kernel's copy of its buckets (limited by a policing rule). Shaped flows stay
-        with the engine."""
+        """A decided flow's packets from now on go to the kernel: forwarded (passed), through the
+        kernel's copy of its buckets (policed), or into its HTB class (shaped)."""
         if flow.proto not in (TCP, UDP) or flow.server_port == 53:
             return
         rule = flow.rule if flow.state == State.LIMITED else None
-        if flow.state == State.LIMITED and (rule is None or rule.action != "police"):
-            return
+        if flow.state == State.LIMITED and (rule is None or rule.action == "shape" and not self._shaping):
+            return  # the engine keeps limiting it
+        # The client (opener) sits behind the inside interface, unless it opened from outside.
+        client_if, server_if = self.inside_if, self.outside_if
+        if not flow.eligible:
+            client_if, server_if = server_if, client_if
+        assert client_if is not None and server_if is not None
         limits: list[fastpath.Limit | None] = [None, None]
-        slots: list[int] = []
+        slots: list[tuple[BucketSlots, int]] = []
         if rule is not None:
             now = self.hook.loop.time()
             for d in (UPLOAD, DOWNLOAD):
                 bucket = self.engine.bucket(flow, d, now)
                 if bucket is None:
                     continue
-                slot, new = self._slots.acquire(bucket)
-                if slot is None:
+                egress = server_if if d == UPLOAD else client_if
+                limit = self._kernel_limit(fast, rule, bucket, egress, flow.sides[d].payload, slots)
+                if limit is None:
                     self._release_slots(slots)
-                    return  # no room in the kernel's bucket table: the engine keeps limiting it
-                slots.append(slot)
-                if new and not self._fastpath_call(fast.set_bucket, slot, bucket.rate, int(bucket.burst),
-                                                   bucket.tokens, bucket.stamp):
-                    self._release_slots(slots)
-                    return
-                limits[d] = fastpath.Limit(slot, rule.after_bytes, flow.sides[d].payload)
-        # The client (opener) sits behind the inside interface, unless it opened from outside.
-        client_if, server_if = self.inside_if, self.outside_if
-        if not flow.eligible:
-            client_if, server_if = server_if, client_if
-        assert client_if is not None and server_if is not None
+                    return  # no room in the kernel's tables: the engine keeps limiting it
+                limits[d] = limit
         if not self._fastpath_call(fast.add_flow, flow.proto, flow.client, flow.client_port, flow.server,
                                    flow.server_port, client_if, server_if, limits[0], limits[1]):
             self._release_slots(slots)
@@ -135,12 +133,36 @@ class Censor:
             self.metrics.fast_flow_added(up, "upload", rule_name, flow.name)
             self.metrics.fast_flow_added(down, "download", rule_name, flow.name)
 
+    def _kernel_limit(self, fast: fastpath.FastPath, rule: Rule, bucket: Bucket, egress: str, carried: int,
+                      slots: list[tuple[BucketSlots, int]]) -> fastpath.Limit | None:
+        """The kernel's limit for one direction: a bucket slot (policed) or an HTB class on the
+        egress interface (shaped), made from the engine's bucket the first time it is used."""
+        table = self._classes if isinstance(bucket, Shaper) else self._slots
+        slot, new = table.acquire(bucket)
+        if slot is None:
+            return None
+        slots.append((table, slot))
+        if isinstance(bucket, Shaper):
+            if new:
+                classid = self._fastpath_call(fast.add_class, egress, slot, bucket.rate, int(bucket.burst),
+                                              int(bucket.max_backlog))
+                if classid is None:
+                    return None
+                self._class_if[slot] = egress
+            return fastpath.Limit(0, rule.after_bytes, carried, (fastpath.HTB_MAJOR << 16) | slot)
+        if new and not self._fastpath_call(fast.set_bucket, slot, bucket.rate, int(bucket.burst), bucket.tokens,
+                                           bucket.stamp):
+            return None
+        return fastpath.Limit(slot, rule.after_bytes, carried)
+
     def _release(self, up_key: bytes) -> None:
         self._release_slots(self._kernel.pop(up_key, []))
 
-    def _release_slots(self, slots: list[int]) -> None:
-        for slot in slots:
-            self._slots.release(slot)
+    def _release_slots(self, slots: list[tuple[BucketSlots, int]]) -> None:
+        for table, slot in slots:
+            table.release(slot)
+            if table is self._classes and slot not in table and slot in self._class_if and self.fastpath:
+                self._fastpath_call(self.fastpath.remove_class, self._class_if.pop(slot), slot)
 
     def _fastpath_call(self, fn: Callable[..., T], *args: object) -> T | None:
         try:
@@ -162,6 +184,13 @@ class Censor:
             self.fastpath = fastpath.FastPath([self.inside_if, self.outside_if])
         except ThrottleError as exc:
             self.fastpath_note = f"no fast path ({exc}); decided flows bypass through conntrack marks"
+            return
+        if any(rule.action == "shape" for rule in self.scenario.rules):
+            try:
+                self.fastpath.enable_shaping([self.inside_if, self.outside_if])
+                self._shaping = True
+            except ThrottleError as exc:
+                self.fastpath_note = f"no shaping in the kernel ({exc}); shaped flows stay in the engine"
 
     # ---- running -------------------------------------------------------------------------
     def stop(self) -> None:

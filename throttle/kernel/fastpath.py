@@ -71,6 +71,8 @@ BUCKET = struct.Struct("=IIQQQQQ")
 assert KEY.size == 40 and VALUE.size == 80 and BUCKET.size == 48
 HITS_KEY = struct.pack("=I", 0)
 BUCKETS = 131072  # entries of the buckets array; index 0 means "not limited"
+HTB_MAJOR = 0x7A57  # the shaper's HTB qdisc handle (7a57:), its classes 7a57:minor
+HTB_CLASSES = HTB_MAJOR  # class minors 1 .. 0x7a56; minor m's queue is qdisc m: (never the HTB's own)
 PROGRAM = "throttle_ingress"
 NS = 1_000_000_000
 
@@ -139,6 +141,10 @@ class BucketSlots:
     def __len__(self) -> int:
         """Slots in use."""
         return len(self._users)
+
+    def __contains__(self, slot: object) -> bool:
+        """Whether `slot` is in use."""
+        return slot in self._users
 
 
 def _possible_cpus() -> int:
@@ -318,6 +324,7 @@ class FastPath:
         self._closed = False
         self._rtnl: Optional[_Rtnl] = None
         self._object: Optional[libbpf.BpfObject] = None
+        self._shaping: list[int] = []  # ifindexes whose root qdisc is our HTB
         try:
             self._object = libbpf.BpfObject(libbpf.object_path(), PROGRAM, ("flows", "buckets", "hits"),
                                             max_entries={"flows": max_entries})
@@ -397,6 +404,60 @@ class FastPath:
         except OSError as exc:
             raise ThrottleError(f"cannot set a fast-path bucket: {exc.strerror}") from None
         return True
+
+    # -- shaping: an HTB qdisc on the egress of each interface, a class per shaped bucket ------------
+
+    def enable_shaping(self, interfaces: list[str]) -> None:
+        """Make each interface's root qdisc an HTB whose unclassified traffic goes out at once (its
+        direct queue), so that shaped directions can be given classes (`add_class`)."""
+        self._check_open()
+        assert self._rtnl is not None
+        for name in interfaces:
+            index = self._index(name)
+
+            def work(ipr: Any) -> None:
+                ipr.tc("replace", "htb", index=index, handle=HTB_MAJOR << 16, default=0)
+
+            self._rtnl(work)
+            self._shaping.append(index)
+
+    def add_class(self, ifname: str, minor: int, rate: float, burst: int, limit: int) -> int:
+        """A shaping class on `ifname`: `rate` bytes/s with a `burst` of bytes, and a queue of about
+        `limit` bytes, counted in full-sized packets (a packet beyond it is dropped, as the engine's
+        Shaper drops what would wait too long). Returns its class id, the skb->priority of the
+        packets it shapes."""
+        self._check_open()
+        assert self._rtnl is not None
+        if not 0 < minor < HTB_CLASSES:
+            raise ThrottleError(f"shaping class {minor} is outside 1-{HTB_CLASSES - 1}")
+        index = self._index(ifname)
+        classid = (HTB_MAJOR << 16) | minor
+        bits = f"{max(8, int(rate * 8))}bit"
+
+        def work(ipr: Any) -> None:
+            ipr.tc("replace-class", "htb", index=index, handle=classid, parent=HTB_MAJOR << 16, rate=bits,
+                   ceil=bits, burst=max(burst, 1600), cburst=max(burst, 1600), quantum=1514)
+            ipr.tc("replace", "pfifo", index=index, handle=minor << 16, parent=classid, limit=max(2, -(-limit // 1500)))
+
+        self._rtnl(work)
+        return classid
+
+    def remove_class(self, ifname: str, minor: int) -> None:
+        """Delete a shaping class (and its queue); no error if it is gone."""
+        self._check_open()
+        assert self._rtnl is not None
+        index = self._index(ifname)
+
+        def work(ipr: Any) -> None:
+            from pyroute2 import NetlinkError
+
+            try:
+                ipr.tc("del-class", "htb", index=index, handle=(HTB_MAJOR << 16) | minor, parent=HTB_MAJOR << 16)
+            except NetlinkError as exc:
+                if exc.code not in (2, 19, 22):
+                    raise
+
+        self._rtnl(work)
 
     def remove(self, proto: int, src: Address, sport: int, dst: Address, dport: int) -> None:
         """Stop fast-forwarding one direction of a flow; no error if it was not there."""
@@ -517,6 +578,12 @@ class FastPath:
             self._closed = True
         errors: list[str] = []
         if self._rtnl is not None:
+            for index in self._shaping:
+                try:
+                    self._rtnl(lambda ipr: _delete_root(ipr, index))
+                except ThrottleError as exc:
+                    errors.append(str(exc))
+            self._shaping.clear()
             for index, ours in self._attached:
                 try:
                     self._rtnl(lambda ipr: _detach(ipr, index, ours))
@@ -590,6 +657,17 @@ def _delete_clsact(ipr: Any, index: int) -> None:
     except NetlinkError as exc:
         if exc.code not in (2, 19, 22):
             raise ThrottleError(f"cannot remove the clsact qdisc from interface {index}: {exc}") from None
+
+
+def _delete_root(ipr: Any, index: int) -> None:
+    """Back to the interface's default root qdisc (noqueue on a veth)."""
+    from pyroute2 import NetlinkError
+
+    try:
+        ipr.tc("del", "htb", index=index, handle=HTB_MAJOR << 16)
+    except NetlinkError as exc:
+        if exc.code not in (2, 19, 22):
+            raise ThrottleError(f"cannot remove the shaper's qdisc from interface {index}: {exc}") from None
 
 
 def _detach(ipr: Any, index: int, ours: bool) -> None:

@@ -6,10 +6,11 @@
  *
  *   - passed flows are forwarded at once (redirected to the egress interface with the next hop's
  *     MAC), past netfilter, conntrack and the NFQUEUE: an unlimited flow costs the censor nothing;
- *   - limited directions first meet their token bucket (`buckets`): the same policer as
- *     throttle/engine/buckets.py (credit refilled at `rate`, at most `burst`, a packet passes when
- *     the credit covers it, else it is dropped), after `after_bytes` of payload have passed free;
- *     a shaped direction is given its HTB class in skb->priority and queued by the egress qdisc.
+ *   - limited directions, once `after_bytes` of payload have passed free, either meet their token
+ *     bucket (`buckets`): the same policer as throttle/engine/buckets.py (credit refilled at
+ *     `rate`, at most `burst`, a packet passes when the credit covers it, else it is dropped), or,
+ *     shaped, are given their HTB class in skb->priority and queued (delayed, or dropped past the
+ *     queue's bound) by the egress interface's HTB qdisc, which the censor set up.
  *
  * Packets this program does not parse always take the normal path: IPv4 with options or
  * fragments, IPv6 with extension headers, anything but TCP and UDP, a TCP SYN (a new connection on
@@ -54,7 +55,7 @@ struct flow_value {
 	__u64 payload;          /* transport payload carried so far, dropped packets included */
 	__u64 after_bytes;      /* payload that passes before the bucket applies */
 	__u32 bucket;           /* index into `buckets`; 0: this direction is not limited */
-	__u32 priority;         /* skb->priority for the egress qdisc (a shaper's class); 0: none */
+	__u32 priority;         /* skb->priority: the shaper's HTB class (major:minor); 0: not shaped */
 };
 
 struct bucket {
@@ -192,21 +193,22 @@ int throttle_ingress(struct __sk_buff *skb)
 
 	__u64 now = bpf_ktime_get_ns();
 	v->last_ns = now;
-	if (v->bucket) {
+	if (v->bucket || v->priority) {
 		__u64 carried = __sync_fetch_and_add(&v->payload, payload);
 
 		if (carried >= v->after_bytes) {
 			__u32 index = v->bucket;
-			struct bucket *b = bpf_map_lookup_elem(&buckets, &index);
+			struct bucket *b = index ? bpf_map_lookup_elem(&buckets, &index) : 0;
 
 			if (b && !bucket_allows(b, ip_len, now)) {
 				__sync_fetch_and_add(&v->dropped_bytes, ip_len);
 				__sync_fetch_and_add(&v->dropped_packets, 1);
 				return TC_ACT_SHOT;
 			}
+			/* A shaped direction: its HTB class on the egress interface queues it. */
+			if (v->priority)
+				skb->priority = v->priority;
 		}
-		if (v->priority)
-			skb->priority = v->priority;
 	}
 
 	if (v6) {
