@@ -157,3 +157,35 @@ def test_sigkill_fails_open_and_lab_down_leaves_nothing(files) -> None:
     assert not Path(f"/run/throttle/{name}").exists()
     leftovers = subprocess.run(["pgrep", "-f", f"{name}-"], capture_output=True, text=True).stdout.split()
     assert leftovers == [], leftovers
+
+
+SHAPED = """
+[scenario]
+name = "shaped-test"
+[[rule]]
+name = "twitter"
+match = ["*.twimg.com"]
+action = "shape"
+rate = "130kbit"
+burst = "16KiB"
+queue_delay = "1s"
+"""
+
+
+def test_limited_flows_are_enforced_in_the_kernel_policed_and_shaped(lab, files, tmp_path: Path) -> None:
+    """Once decided, a limited flow leaves Python: policed by the kernel's copy of its bucket, or
+    shaped by its HTB class. Either way the upload runs at the rule's rate, and the censor's last
+    line counts it as limited by the kernel; the shaper's qdiscs are gone when the censor stops."""
+    shaped = tmp_path / "shaped.toml"
+    shaped.write_text(SHAPED)
+    for scenario in (str(ROOT / "scenarios/twitter-2021-03-10.toml"), str(shaped)):
+        with running_censor(scenario, LAB) as proc:
+            speed = curl("-T", str(files["photo"]), "https://pbs.twimg.com/upload")["speed_upload"]
+            assert proc.poll() is None
+        kernel = int(re.search(r"(\d+) limited by the kernel", proc.tail).group(1))
+        print(f"{Path(scenario).stem}: 256 KB upload at {speed * 8 / 1000:.1f} kbit/s, {kernel} flows limited by the kernel")
+        assert kernel >= 1, proc.tail
+        assert abs(speed - RATE) / RATE <= 0.25, f"{speed * 8 / 1000:.1f} kbit/s is not near 130 kbit/s"
+    qdiscs = subprocess.run(["ip", "netns", "exec", f"{LAB}-censor", "tc", "qdisc", "show"], capture_output=True,
+                            text=True).stdout
+    assert "htb" not in qdiscs, qdiscs
