@@ -26,7 +26,6 @@ import resource
 import selectors
 import signal
 import socket
-import ssl
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import time
 from pathlib import Path
 
 from throttle.errors import ThrottleError
+from throttle.lab.evasion.plans import client_hello
 from throttle.lab.topology import SERVER_V4, Lab
 from throttle.measure.runner import CensorProcess
 from throttle.scenario import load_scenario
@@ -101,7 +101,7 @@ def _cpu() -> float:
 def generate(flows: int, port: int, sni: str, seconds: float) -> int:
     """Open `flows` connections (in batches, so the SYNs do not come as one wave), send each a real
     ClientHello, then junk as fast as each socket takes it, for `seconds`; print CPU used."""
-    hello = _client_hello(sni)
+    hello = client_hello(sni)
     junk = os.urandom(CHUNK)
     sel = selectors.DefaultSelector()
     pending: dict[socket.socket, memoryview] = {}
@@ -140,19 +140,6 @@ def generate(flows: int, port: int, sni: str, seconds: float) -> int:
         s.close()
     print(json.dumps({"opened": opened, "cpu": _cpu()}), flush=True)
     return 0
-
-
-def _client_hello(sni: str) -> bytes:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    conn = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
-    try:
-        conn.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    return outgoing.read()
 
 
 # ---- one run -----------------------------------------------------------------------------------
