@@ -365,6 +365,7 @@ def test_any_bytes_get_a_verdict_and_never_raise(data: bytes) -> None:
     e = engine()
     verdict, _ = e.process(data, 1.0)
     assert verdict in (Verdict.ACCEPT, Verdict.BYPASS)
+    assert e.counters.internal == 0  # malformed input is the peer's mistake, never a bug of ours
 
 
 @settings(max_examples=300, deadline=None)
@@ -381,6 +382,7 @@ def test_mangled_real_packets_never_raise(data) -> None:
         cut = data.draw(st.integers(0, len(p)))
         verdict, _ = e.process(bytes(p[:cut]) if data.draw(st.booleans()) else bytes(p), 1.0)
         assert isinstance(verdict, Verdict)
+    assert e.counters.internal == 0, [ev for ev in e.drain_events() if getattr(ev, "kind", "") == "internal"]
 
 
 def test_sticky_rule_limits_later_flows_to_the_address_without_sni() -> None:

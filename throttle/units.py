@@ -20,6 +20,7 @@ Parsers return plain numbers in base units (bytes per second, bytes, seconds) an
 
 from __future__ import annotations
 
+import math
 import re
 
 _NUMBER_UNIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
@@ -60,8 +61,8 @@ def parse_rate(text: str | int | float) -> float:
     if isinstance(text, bool):
         raise ValueError(f"{text!r} is not a rate; write e.g. {RATE_EXAMPLE}")
     if isinstance(text, (int, float)):
-        if text < 0:
-            raise ValueError(f"{text!r} is negative; write e.g. {RATE_EXAMPLE}")
+        if not math.isfinite(text) or text < 0:
+            raise ValueError(f"{text!r} is not a rate; write a finite, positive one, e.g. {RATE_EXAMPLE}")
         return float(text) / 8.0
     if not isinstance(text, str):
         raise ValueError(f"{text!r} is not a rate; write e.g. {RATE_EXAMPLE}")
@@ -102,8 +103,8 @@ def parse_duration(text: str | int | float) -> float:
     if isinstance(text, bool):
         raise ValueError(f"{text!r} is not a duration; write e.g. 600s")
     if isinstance(text, (int, float)):
-        if text < 0:
-            raise ValueError(f"{text} is negative; write e.g. 600s")
+        if not math.isfinite(text) or text < 0:
+            raise ValueError(f"{text} is not a duration; write a finite, positive one, e.g. 600s")
         return float(text)
     if not isinstance(text, str):
         raise ValueError(f"{text!r} is not a duration; write e.g. 600s")

@@ -28,17 +28,20 @@ from throttle.wire.ip import ACK, FIN, NO_PORTS, RST, SYN, TCP, UDP, addresses, 
 from throttle.wire.names import normalise
 
 _KEY_LENGTH = {4: 13, 6: 37}
+MAX_NAME = 253  # bytes in the longest DNS name
 
 
 class Counters:
     """Packets and bytes by verdict (indexed by `Verdict`), and malformed packets."""
 
-    __slots__ = ("packets", "bytes", "malformed")
+    __slots__ = ("packets", "bytes", "malformed", "internal", "long_names")
 
     def __init__(self) -> None:
         self.packets = [0, 0, 0, 0]
         self.bytes = [0, 0, 0, 0]
         self.malformed = 0
+        self.internal = 0  # bugs caught on the per-packet path (packet passed); must stay 0
+        self.long_names = 0  # names over MAX_NAME bytes, not matched
 
 
 class Engine:
@@ -55,7 +58,7 @@ class Engine:
         self._lru = self._flows.recency
         self._inspector = Inspector(model, emit)
         self._rules = RuleSet(self.rules, model.max_flows)
-        self._enforcer = Enforcer(emit)
+        self._enforcer = Enforcer(emit, model.max_flows)
         self._inside = tuple(model.inside)
         self._budget = model.window_packets
         self._max_inspected = self._inspector.max_inspected
@@ -69,6 +72,8 @@ class Engine:
             return self._malformed("truncated IP header", now, len(packet))
         if version == 0:
             return self._malformed("not an IP packet", now, len(packet))
+        if version == 4 and packet[0] & 0x0F < 5:  # the flow key would be read from inside the header
+            return self._malformed("IPv4 header length below 20 bytes", now, len(packet))
         if proto != TCP and proto != UDP:
             return self._count(BYPASS if proto != NO_PORTS else ACCEPT, len(packet))
         key = flow_key(packet, version, proto, l4)
@@ -96,8 +101,12 @@ class Engine:
                 return BYPASS
         try:
             return self._slow_path(packet, now, from_inside, version, proto, l4, key, entry)
-        except (IndexError, ValueError) as exc:  # defensive: a bug here must not lose a packet
-            return self._malformed(f"{type(exc).__name__}: {exc}", now, len(packet))
+        except (IndexError, ValueError, ArithmeticError, KeyError, TypeError, AttributeError) as exc:
+            # A bug, not the peer's mistake: the packet passes (fail-open), and the error is counted
+            # apart from malformed input, so that tests and the exporter see it.
+            self.counters.internal += 1
+            self._events.append(EngineError("internal", f"{type(exc).__name__}: {exc}", now))
+            return self._count(ACCEPT, len(packet))
 
     def _slow_path(self, packet: bytes, now: float, from_inside: bool | None, version: int, proto: int,
                    l4: int, key: bytes, entry: tuple[Flow, Direction] | None) -> Decision:
@@ -261,6 +270,10 @@ class Engine:
                 self._classify_by_dns(flow, now)
             return
         name = self._normalise(raw)
+        if len(name) > MAX_NAME:
+            # No DNS name is longer (RFC 1035): not a name to match, and kept out of the report.
+            self.counters.long_names += 1
+            return
         flow.names_seen.append((name, source))
         flow.name, flow.name_source = name, source
         rule = self._rules.by_name(flow, name)

@@ -7,6 +7,7 @@ drops when the packet would wait longer than the queue bound.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 from throttle.engine.buckets import Bucket, Policer, Shaper
@@ -29,9 +30,16 @@ def make_bucket(rule: Rule, now: float) -> Bucket:
 class Enforcer:
     """Buckets for limited flows; the buckets shared between flows (scope client or rule) live here."""
 
-    def __init__(self, emit: Callable[[Event], None]) -> None:
+    def __init__(self, emit: Callable[[Event], None], max_shared: int = 200_000) -> None:
         self._emit = emit
-        self._shared: dict[tuple[str, Direction, bytes], Bucket] = {}
+        # Shared buckets, least recently used first, at most `max_shared` (a flow keeps its own
+        # reference, so dropping one here only means the next flow of that client starts afresh).
+        self._shared: OrderedDict[tuple[str, Direction, bytes], Bucket] = OrderedDict()
+        self._max_shared = max_shared
+
+    def __len__(self) -> int:
+        """Shared buckets remembered now."""
+        return len(self._shared)
 
     def enforce(self, flow: Flow, d: Direction, side: Side, size: int, carried: int, now: float) -> Decision:
         """The verdict for one packet of `flow` in direction `d`; `carried` is the payload the
@@ -91,6 +99,10 @@ class Enforcer:
             shared = self._shared.get(key)
             if shared is None:
                 shared = self._shared[key] = make_bucket(rule, now)
+                while len(self._shared) > self._max_shared:
+                    self._shared.popitem(last=False)
+            else:
+                self._shared.move_to_end(key)
             bucket = shared
         flow.buckets[d] = bucket
         return bucket

@@ -59,7 +59,7 @@ class NameLearned:
     at: float
 
 
-ErrorKind = Literal["malformed", "dns"]
+ErrorKind = Literal["malformed", "dns", "internal"]
 
 
 @dataclass(frozen=True, slots=True)

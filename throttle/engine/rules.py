@@ -10,6 +10,7 @@ it are limited whatever their name.
 from __future__ import annotations
 
 import ipaddress
+from collections import OrderedDict
 
 from throttle.engine.flows import Flow
 from throttle.scenario import Network, Rule
@@ -27,7 +28,8 @@ class RuleSet:
         self.rules = rules
         self.address_rules = tuple(r for r in rules if r.addresses and not r.patterns)
         self._max_sticky = max_sticky
-        self._sticky: dict[bytes, tuple[Rule, float]] = {}  # server address -> (rule, until)
+        # server address -> (rule, until), least recently armed first: bounded, O(1) eviction
+        self._sticky: OrderedDict[bytes, tuple[Rule, float]] = OrderedDict()
 
     def by_name(self, flow: Flow, name: str) -> Rule | None:
         """The first rule whose patterns match `name` and whose addresses and ports fit the flow."""
@@ -61,5 +63,10 @@ class RuleSet:
     def arm(self, server: bytes, rule: Rule, now: float) -> None:
         """A real trigger of a sticky rule: its server stays limited for `rule.sticky` seconds."""
         self._sticky[server] = (rule, now + rule.sticky)
-        if len(self._sticky) > self._max_sticky:
-            self._sticky = {a: v for a, v in self._sticky.items() if v[1] > now}
+        self._sticky.move_to_end(server)
+        while len(self._sticky) > self._max_sticky:
+            self._sticky.popitem(last=False)
+
+    def __len__(self) -> int:
+        """Sticky server addresses remembered now."""
+        return len(self._sticky)

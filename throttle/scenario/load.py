@@ -40,6 +40,9 @@ def parse_scenario(text: str, label: str = "<scenario>") -> Scenario:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(label, "", f"is not valid TOML ({exc})") from None
+    except RecursionError:
+        raise ScenarioError(label, "", "is nested too deeply to be a scenario (arrays or tables inside each other "
+                            "hundreds of levels down); a scenario is [scenario], [model], [[rule]] and [[probe]] tables") from None
     r = _Reader(label)
     r.known(doc, "", {"scenario", "model", "rule", "probe"})
     meta = r.table(doc, "scenario")
@@ -117,12 +120,16 @@ def _rule(r: _Reader, t: Any, i: int) -> Rule:
     rate = r.conv(t, f"{k}.rate", parse_rate, None)
     if rate is None:
         r.fail(f"{k}.rate", "is missing; write e.g. rate = \"130kbit\"")
+    action = r.choice(t, f"{k}.action", ACTIONS, d.action)
+    if action == "shape" and rate <= 0:
+        r.fail(f"{k}.rate", 'a shaper needs a rate above 0 (a rate of 0 that freezes flows is a policer\'s: '
+                            'action = "police")')
     return Rule(
         name=r.get(t, f"{k}.name", str, default=f"rule{i}"),
         patterns=tuple(patterns),
         addresses=addresses,
         ports=ports,
-        action=r.choice(t, f"{k}.action", ACTIONS, d.action),
+        action=action,
         rate=rate,
         burst=r.conv(t, f"{k}.burst", parse_size, d.burst),
         direction=r.choice(t, f"{k}.direction", DIRECTIONS, d.direction),
@@ -176,6 +183,21 @@ def _evasion(r: _Reader, t: dict[str, Any], k: str) -> Evasion:
 
 _TYPE_WORDS: dict[type, str] = {str: "a string", bool: "true or false", list: "a list", int: "a whole number",
                                dict: "a table"}
+# Upper bounds of the keys read with units: beyond them a value is a typo or switches the censor
+# off in effect (a queue that never drops, a timeout that never comes).
+_LIMITS: dict[str, tuple[float, str]] = {
+    "rate": (100e9 / 8, "100gbit"),
+    "burst": (2**30, "1GiB"),
+    "after_bytes": (2**40, "1TiB"),
+    "queue_delay": (60.0, "60s"),
+    "queue_bytes": (2**30, "1GiB"),
+    "sticky": (86400.0, "24h"),
+    "idle_timeout": (86400.0, "24h"),
+    "reassembly_limit": (2**20, "1MiB"),
+    "give_up_bytes": (65535, "65535"),
+    "size": (2**36, "64GiB"),
+    "timeout": (86400.0, "24h"),
+}
 T = TypeVar("T")
 D = TypeVar("D")
 C = TypeVar("C", bound=str)
@@ -222,9 +244,13 @@ class _Reader:
         if leaf not in t:
             return default
         try:
-            return parse(t[leaf])
+            value = parse(t[leaf])
         except (ValueError, TypeError) as exc:
             self.fail(key, str(exc))
+        limit = _LIMITS.get(leaf)
+        if limit is not None and isinstance(value, (int, float)) and value > limit[0]:
+            self.fail(key, f"{t[leaf]!r} is more than {limit[1]}, the most this key takes")
+        return value
 
     def count(self, t: dict[str, Any], key: str, default: int, minimum: int = 0) -> int:
         value = self.get(t, key, int, default)
