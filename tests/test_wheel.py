@@ -1,7 +1,7 @@
 """The release as a new user meets it: the wheel, built from this tree and installed WITHOUT extras
 into a fresh virtual environment in a temporary folder, runs its root-free commands from there.
 
-Dependencies (typer, rich) come from the package index: when pip cannot reach it, the test fails
+Dependencies (typer, rich, google-re2) come from the package index: when pip cannot reach it, the test fails
 with a message saying so, after pip's own short timeouts, never hanging.
 """
 

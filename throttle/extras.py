@@ -1,6 +1,6 @@
 """The optional parts of the install, and one message when a command needs one that is missing.
 
-The base install (`pip install throttle-lab`) is pure Python: the engine, the parsers, the
+The base install (`pip install throttle-lab`) needs no root or compiler: the engine, the parsers, the
 scenarios, `classify`, `demo --offline`. `[live]` adds what the lab and the live censor need
 (netfilterqueue, pyroute2, cryptography, prometheus-client); `[plots]` adds matplotlib.
 """
