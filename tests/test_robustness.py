@@ -126,3 +126,30 @@ def test_shared_buckets_and_sticky_servers_stay_within_the_table_bound() -> None
         for p in conv.handshake() + [conv.client(python_hello("pbs.twimg.com")), conv.client(b"x" * 500)]:
             e.process(p, float(i))
     assert len(e._enforcer) == 10 and len(e._rules) == 10 and len(e.flows()) <= 10
+
+
+def test_a_churn_of_100000_short_flows_leaves_every_table_at_its_bound() -> None:
+    """100,000 connections from 100,000 clients to 100,000 servers, each a SYN and a ClientHello
+    that a per-client, sticky rule limits: the flow, shared-bucket and sticky tables stay at the
+    model's bound (1,000), and every flow is classified. Packets are one crafted SYN and hello with
+    their addresses and ports patched in, so the test costs seconds, not scapy's minutes."""
+    text = ('[model]\nmax_flows = 1000\n[[rule]]\nname = "c"\nmatch = ["*.twimg.com"]\nrate = "130kbit"\n'
+            'scope = "client"\nsticky = "600s"\n')
+    s = parse_scenario(text)
+    e = Engine(s.model, s.rules)
+    conv = Conversation()
+    syn, _, _ = conv.handshake()
+    hello = conv.client(python_hello("pbs.twimg.com"))
+    decided = 0
+    for i in range(100_000):
+        client = bytes((198, 19, i >> 8 & 0xFF, i & 0xFF))
+        server = bytes((198, 18, 128 + (i >> 8 & 0x7F), i & 0xFF))
+        port = (1024 + i % 60000).to_bytes(2, "big")
+        for template in (syn, hello):
+            p = bytearray(template)
+            p[12:16], p[16:20], p[20:22] = client, server, port
+            e.process(bytes(p), i * 0.001)
+        decided += sum(type(ev).__name__ == "FlowDecided" for ev in e.drain_events())
+    sizes = e.table_sizes()
+    assert decided == 100_000
+    assert sizes["flows"] <= 1000 and sizes["shared_buckets"] == 1000 and sizes["sticky"] == 1000, sizes

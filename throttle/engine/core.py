@@ -255,6 +255,11 @@ class Engine:
         `Enforcer.bucket`); None when that direction is not limited."""
         return self._enforcer.bucket(flow, d, now)
 
+    def table_sizes(self) -> dict[str, int]:
+        """Entries in each of the engine's bounded tables (each has its bound in the model)."""
+        return {"flows": len(self._flows), "shared_buckets": len(self._enforcer), "sticky": len(self._rules),
+                "dns": self._inspector.learned}
+
     def flows(self) -> list[Flow]:
         return list(self._flows)
 

@@ -176,6 +176,11 @@ class Inspector:
         while len(self._dns) > self.model.dns_max_entries:
             self._dns.popitem(last=False)
 
+    @property
+    def learned(self) -> int:
+        """Addresses with names learned from DNS, remembered now."""
+        return len(self._dns)
+
     def learned_names(self, address: bytes, now: float) -> tuple[str, ...]:
         """The names a DNS answer gave for `address`, while its TTL lasts."""
         if "dns" not in self.sources:

@@ -1,7 +1,8 @@
 """The lab's web server, run by `throttle.lab` inside the NAME-server namespace.
 
 HTTPS on 443 answers any SNI with a certificate for that name signed by the lab CA (issued on
-demand in the SNI callback and cached), plain HTTP on 80; both on IPv4 and IPv6, every address.
+demand in the SNI callback and cached), plain HTTP on 80; both on the lab's own IPv4 and IPv6
+addresses (never on every interface of the machine).
 Routes, the same on both web ports:
 
     POST/PUT any path     read and discard the body as it streams (Content-Length, chunked,
@@ -36,6 +37,7 @@ import ssl
 import sys
 import threading
 import time
+from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Optional
@@ -49,6 +51,7 @@ from throttle.wire.names import normalise
 CHUNK = 65536
 MAX_SIZE = 1 << 40  # GET /bytes/N refuses more than 1 TiB
 MAX_CACHED_NAMES = 4096
+MAX_CONNECTIONS = 4096  # per listening socket; each has a thread
 DEFAULT_NAME = "server.lab"
 _PAYLOAD = bytes(range(256)) * (CHUNK // 256)  # not all zeros, so nothing can compress it away
 _SAFE_FILE = re.compile(r"[a-z0-9][a-z0-9._-]{0,199}")
@@ -63,7 +66,9 @@ class Certificates:
         self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._key_file = ca.leaf_key
         self._lock = threading.Lock()
-        self._cache: dict[str, ssl.SSLContext] = {}
+        # Contexts by name, least recently used first; at most MAX_CACHED_NAMES (each holds its
+        # certificate in memory: no file stays behind per name).
+        self._cache: OrderedDict[str, ssl.SSLContext] = OrderedDict()
         self.default = self._context(default_names)
         self.default.sni_callback = self._sni_callback
 
@@ -71,10 +76,13 @@ class Certificates:
         chain = self._issuer.issue(names)
         first = normalise(names[0])
         stem = first if _SAFE_FILE.fullmatch(first) else hashlib.sha256(first.encode()).hexdigest()
-        path = self._dir / f"{stem}.pem"
+        path = self._dir / f"{stem}.{threading.get_ident()}.pem"
         atomic_write(path, chain, 0o600)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(path, self._key_file)
+        try:
+            ctx.load_cert_chain(path, self._key_file)  # ssl reads chains from files only
+        finally:
+            path.unlink(missing_ok=True)
         ctx.set_alpn_protocols(["http/1.1"])
         return ctx
 
@@ -83,10 +91,15 @@ class Certificates:
         with self._lock:
             ctx = self._cache.get(key)
             if ctx is None:
-                if len(self._cache) >= MAX_CACHED_NAMES:
-                    self._cache.clear()
                 ctx = self._cache[key] = self._context([key])
+                while len(self._cache) > MAX_CACHED_NAMES:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(key)
             return ctx
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
     def _sni_callback(self, sock: Any, server_name: Optional[str], _ctx: ssl.SSLContext) -> None:
         sock.throttle_sni = server_name
@@ -265,7 +278,23 @@ class _Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def __init__(self, host: str, port: int, handler: type[socketserver.BaseRequestHandler]) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__((host, port), handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread for the connection, while fewer than MAX_CONNECTIONS are open; past that the
+        connection is closed at once (and said so), never queued without bound."""
+        if not self._slots.acquire(blocking=False):
+            sys.stderr.write(f"{client_address[0]} {self.scheme}: refused, {MAX_CONNECTIONS} connections open\n")
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
@@ -374,7 +403,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--ca-dir", required=True, help="directory holding ca.pem, ca-key.pem, leaf-key.pem")
     p.add_argument("--state-dir", required=True, help="where issued certificates and the pid file go")
     p.add_argument("--pid-file", default=None, help="default: STATE_DIR/labserver.pid")
-    p.add_argument("--listen", action="append", default=None, help="address to bind (repeatable); default 0.0.0.0 and ::")
+    p.add_argument("--listen", action="append", default=None, help="address to bind (repeatable); default: the --address ones")
     p.add_argument("--address", action="append", default=[], help="an address for the no-SNI certificate (repeatable)")
     p.add_argument("--name", action="append", default=[], help="a name to issue a certificate for at start (repeatable)")
     p.add_argument("--https-port", type=int, default=443)
@@ -382,7 +411,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--sink-port", type=int, default=8443, help="the raw byte-counting sink; 0: none")
     args = p.parse_args(argv)
     if args.listen is None:
-        args.listen = ["0.0.0.0", "::"]
+        # The lab's own addresses only, never every interface of the machine it runs on.
+        args.listen = list(args.address)
+    if not args.listen:
+        p.error("name the addresses to serve on with --address (or --listen)")
     sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     try:
         serve(args)

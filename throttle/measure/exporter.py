@@ -80,6 +80,9 @@ class Metrics:
                            ["rule", "direction", "action"], registry=r)
         self.delay = Histogram("throttle_queue_delay_seconds", "How long the shaper held delayed packets.",
                                buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10), registry=r)
+        self.tables = Gauge("throttle_table_entries", "Entries in each of the censor's bounded tables (flows, "
+                            "shared_buckets, sticky, dns; kernel_flows: flow directions the kernel handles).",
+                            ["table"], registry=r)
         self.queue = Gauge("throttle_queue_held_packets", "Packets held by the censor now (shaped, waiting for release).",
                            registry=r)
         self.errors = Counter("throttle_engine_errors", "Packets the engine could not parse, or errors in the hook.",
@@ -180,6 +183,10 @@ class Metrics:
             counts[flow.state.label] += 1
         for state, n in counts.items():
             self.active.labels(state).set(n)
+        for table, n in engine.table_sizes().items():
+            self.tables.labels(table).set(n)
+        if fast is not None:
+            self.tables.labels("kernel_flows").set(len(fast))
         self.queue.set(held)
         if fast is not None:
             for fast_key, c in fast.items():
