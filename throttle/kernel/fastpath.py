@@ -36,10 +36,9 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Optional, TypeVar, Union
-
-from dataclasses import dataclass
 
 from throttle.errors import ThrottleError
 from throttle.kernel import libbpf
