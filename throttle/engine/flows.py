@@ -25,7 +25,7 @@ DOWNLOAD: Final = 1
 Direction = Literal[0, 1]
 DIRECTION_NAMES = ("upload", "download")
 
-NameSource = Literal["sni", "host", "dns", "address", "sticky"]
+NameSource = Literal["sni", "quic", "host", "dns", "address", "sticky"]
 EndReason = Literal["idle", "fin", "rst", "evicted", "reused"]
 
 

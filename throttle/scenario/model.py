@@ -18,9 +18,9 @@ RuleDirection = Literal["upload", "download", "both"]
 ProbeDirection = Literal["upload", "download"]
 Scope = Literal["flow", "client", "rule"]
 Action = Literal["police", "shape"]
-NameSourceKind = Literal["tls", "http", "dns"]
+NameSourceKind = Literal["tls", "http", "dns", "quic"]
 Outcome = Literal["throttled", "normal", "blocked"]
-Protocol = Literal["https", "http", "tls"]  # curl over TLS, curl over plain HTTP, the raw TLS client
+Protocol = Literal["https", "http", "tls", "quic"]  # curl over TLS, curl over plain HTTP, the raw TLS client, HTTP/3
 Evasion = Literal["none", "split", "pad", "scramble", "ccs", "dot", "fake"]  # throttle.lab.evasion, §7
 
 DIRECTIONS: tuple[RuleDirection, ...] = get_args(RuleDirection)
@@ -47,7 +47,7 @@ class Model:
     fin_rst_ends_flow: bool = False  # 2021 devices kept state through FIN and RST (§14)
     idle_timeout: float = 600.0  # seconds an idle flow is remembered (§14)
     max_flows: int = 200_000  # flow table bound; the least recently used flow is evicted
-    name_sources: tuple[NameSourceKind, ...] = ("tls",)  # tls (SNI), http (Host), dns (learned addresses)
+    name_sources: tuple[NameSourceKind, ...] = ("tls",)  # tls (SNI), http (Host), dns (learned addresses), quic (Initial SNI)
     dns_max_entries: int = 65536
     inside: tuple[Network, ...] = ()  # censored side (§4)
 
