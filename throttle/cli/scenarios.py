@@ -53,11 +53,21 @@ def scenarios_show(name: Optional[str] = scenario_argument(), scenario: Optional
                f"{', '.join(m.name_sources)}, idle timeout {m.idle_timeout:.0f} s")
     typer.echo("\nrules:")
     for r in s.rules:
-        what = ", ".join([p.text for p in r.patterns] + [str(a) for a in r.addresses])
+        what = ", ".join([p.text for p in r.patterns] + [str(a) for a in r.addresses]
+                         + [f"QUIC version {v:#x}" for v in r.quic_versions])
+        if r.transport != "any":
+            what += f" over {r.transport}"
+        if r.ech is not None:
+            what += ", with ECH" if r.ech else ", without ECH"
+        if r.allow:
+            what += f", except to {', '.join(str(a) for a in r.allow)}"
         extra = f", after {format_size(r.after_bytes)}" if r.after_bytes else ""
         extra += f", sticky {r.sticky:.0f} s" if r.sticky else ""
-        typer.echo(f"  {r.name}: {what} -> {r.action} at {format_rate(r.rate)}, burst {format_size(r.burst)}, "
-                   f"{r.direction}, per {r.scope}{extra}")
+        if r.action == "drop":
+            typer.echo(f"  {r.name}: {what} -> drop, {r.direction}{extra}")
+        else:
+            typer.echo(f"  {r.name}: {what} -> {r.action} at {format_rate(r.rate)}, burst {format_size(r.burst)}, "
+                       f"{r.direction}, per {r.scope}{extra}")
     typer.echo("\nprobes:")
     rows = [[p.name, p.host, p.direction, format_size(p.size), p.protocol + (f"/{p.evasion}" if p.evasion != "none" else ""),
              p.expect + (" (control)" if p.control else "")] for p in s.probes]

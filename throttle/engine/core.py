@@ -20,7 +20,7 @@ from __future__ import annotations
 from throttle.engine.buckets import Bucket
 from throttle.engine.enforce import ACCEPT, BYPASS, Decision, Enforcer
 from throttle.engine.events import EngineError, Event, FlowDecided, FlowEnded, FlowStarted, Verdict
-from throttle.engine.flows import DOWNLOAD, UPLOAD, Direction, EndReason, Flow, FlowTable, NameSource, State
+from throttle.engine.flows import DOWNLOAD, UPLOAD, Direction, EndReason, Flow, FlowTable, NameSource, Side, State
 from throttle.engine.inspect import Inspector
 from throttle.engine.rules import RuleSet, in_networks
 from throttle.scenario import Model, Rule
@@ -62,6 +62,9 @@ class Engine:
         self._inside = tuple(model.inside)
         self._budget = model.window_packets
         self._max_inspected = self._inspector.max_inspected
+        # UDP flows other than DNS are inspected for QUIC Initials when names come from them or a
+        # rule matches QUIC versions; otherwise they pass at once.
+        self._quic = "quic" in model.name_sources or bool(self._rules.version_rules)
 
     # ---- the per-packet path -------------------------------------------------------------
     def process(self, packet: bytes, now: float, from_inside: bool | None = None) -> Decision:
@@ -137,10 +140,16 @@ class Engine:
         carried = side.payload
         side.payload += len(payload)
 
-        if flow.state == State.INSPECTING:
+        inspecting = flow.state == State.INSPECTING
+        if inspecting:
             if proto == UDP:
-                if d == DOWNLOAD and flow.server_port == 53:
-                    self._inspector.dns_answer(payload, now)
+                if flow.server_port == 53 or flow.client_port == 53:
+                    if d == DOWNLOAD:
+                        self._inspector.dns_answer(payload, now)
+                        self._close_inspection(flow, now)
+                elif d == UPLOAD and payload:
+                    self._quic_datagram(flow, side, payload, now)
+                if flow.state == State.INSPECTING and self._window_over(flow):
                     self._close_inspection(flow, now)
             else:
                 if flags & SYN:
@@ -149,13 +158,16 @@ class Engine:
                     found, give_up = self._inspector.tcp(side, payload, seq)
                     if give_up:
                         self._close_inspection(flow, now, give_up=True)
-                    for name, source in found:
+                    for name, source, ech in found:
                         if flow.state != State.INSPECTING:
                             break
-                        self._name_found(flow, name, source, now)
+                        self._name_found(flow, name, source, now, ech)
                 if flow.state == State.INSPECTING and self._window_over(flow):
                     self._close_inspection(flow, now)
-        result = self._enforcer.enforce(flow, d, side, size, carried, now)
+        if inspecting and flow.state == State.LIMITED and flow.rule is not None and flow.rule.action == "drop":
+            result = ACCEPT  # the packet that completes the match passes; the drops start after it (§4.29)
+        else:
+            result = self._enforcer.enforce(flow, d, side, size, carried, now)
         if proto == TCP and flags & (FIN | RST) and self.model.fin_rst_ends_flow:
             if flags & RST:
                 self._end(flow, now, "rst")
@@ -164,6 +176,25 @@ class Engine:
                 if flow.sides[1 - d].fin:
                     self._end(flow, now, "fin")
         return self._count(result, size)
+
+    def _quic_datagram(self, flow: Flow, side: Side, payload: bytes, now: float) -> None:
+        """A client datagram of a UDP flow under inspection: its QUIC version (for version rules,
+        §4.25) when it is the first, then the ClientHello of its Initials (§4.26-29)."""
+        if side.inspected == 0 and self._rules.version_rules:
+            version = self._inspector.quic_version(payload)
+            if version is not None:
+                rule = self._rules.by_quic_version(flow, version)
+                if rule is not None:
+                    flow.name_source = "version"
+                    self._decide(flow, rule, now)
+                    return
+        found, give_up = self._inspector.quic(side, payload, now)
+        if give_up:
+            self._close_inspection(flow, now, give_up=True)
+        for name, source, ech in found:
+            if flow.state != State.INSPECTING:
+                break
+            self._name_found(flow, name, source, now, ech)
 
     def _count(self, result: Decision, size: int) -> Decision:
         c = self.counters
@@ -222,9 +253,13 @@ class Engine:
             if sticky is not None:
                 flow.name_source = "sticky"  # §20: an earlier flow to this address triggered
                 self._decide(flow, sticky, now)
-        if flow.state == State.INSPECTING and proto == UDP and not self._inspector.udp_inspectable(
-                flow.server_port, flow.client_port):
-            self._close_inspection(flow, now)
+        if flow.state == State.INSPECTING and proto == UDP:
+            if self._inspector.udp_inspectable(flow.server_port, flow.client_port):
+                pass  # DNS: its answers are read
+            elif self._quic and flow.server_port != 53 and flow.client_port != 53:
+                flow.sides[DOWNLOAD].closed = True  # a server's datagrams carry no client hello
+            else:
+                self._close_inspection(flow, now)
         return flow, d
 
     def _end(self, flow: Flow, now: float, reason: EndReason) -> None:
@@ -269,7 +304,7 @@ class Engine:
         return events
 
     # ---- classification ------------------------------------------------------------------
-    def _name_found(self, flow: Flow, raw: str, source: NameSource, now: float) -> None:
+    def _name_found(self, flow: Flow, raw: str, source: NameSource, now: float, ech: bool = False) -> None:
         if raw == "":
             if flow.dns_names:  # no SNI: the name its address was resolved from, if any
                 self._classify_by_dns(flow, now)
@@ -281,7 +316,7 @@ class Engine:
             return
         flow.names_seen.append((name, source))
         flow.name, flow.name_source = name, source
-        rule = self._rules.by_name(flow, name)
+        rule = self._rules.by_name(flow, name, ech)
         if rule is not None:
             self._decide(flow, rule, now)
         elif not self.model.inspect_after_name:
@@ -311,7 +346,7 @@ class Engine:
     def _close_inspection(self, flow: Flow, now: float, give_up: bool = False) -> None:
         if flow.state != State.INSPECTING:
             return
-        if not give_up and flow.dns_names and flow.name_source != "sni" and flow.name_source != "host":
+        if not give_up and flow.dns_names and flow.name_source not in ("sni", "quic", "host"):
             if self._classify_by_dns(flow, now):
                 return
         self._decide(flow, None, now)

@@ -59,7 +59,7 @@ class NameLearned:
     at: float
 
 
-ErrorKind = Literal["malformed", "dns", "internal"]
+ErrorKind = Literal["malformed", "dns", "quic", "internal"]
 
 
 @dataclass(frozen=True, slots=True)

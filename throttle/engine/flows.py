@@ -19,13 +19,14 @@ from throttle.wire.ip import TCP, UDP
 if TYPE_CHECKING:
     from throttle.engine.buckets import Bucket
     from throttle.scenario import Rule
+    from throttle.wire.quic import CryptoStream
 
 UPLOAD: Final = 0
 DOWNLOAD: Final = 1
 Direction = Literal[0, 1]
 DIRECTION_NAMES = ("upload", "download")
 
-NameSource = Literal["sni", "quic", "host", "dns", "address", "sticky"]
+NameSource = Literal["sni", "quic", "host", "dns", "address", "sticky", "version"]
 EndReason = Literal["idle", "fin", "rst", "evicted", "reused"]
 
 
@@ -46,7 +47,7 @@ class Side:
     __slots__ = (
         "packets", "bytes", "payload", "dropped_packets", "dropped_bytes", "delayed_packets",
         "delayed_bytes", "delay_total", "budget", "extended", "inspected", "buffer", "next_seq",
-        "pending", "closed", "fin", "tls_offset",
+        "pending", "closed", "fin", "tls_offset", "quic",
     )
 
     def __init__(self, budget: int) -> None:
@@ -63,6 +64,7 @@ class Side:
         self.closed = False  # inspection of this direction is over
         self.fin = False
         self.tls_offset = 0  # reassembling model: where the next unread TLS record starts
+        self.quic: CryptoStream | None = None  # reassembling model: a QUIC client's CRYPTO frames
 
 
 class Flow:

@@ -4,8 +4,8 @@ The 2021 TSPU (docs/incidents.md §1.5-6) looked at the first data packet per di
 for 15-20 more once it saw a TLS record (or HTTP), gave up for good on an unparseable first packet
 of 101 bytes or more, read one TLS record per segment and never reassembled TCP. The reassembling
 model joins a direction's segments in order up to a bound and reads every ClientHello in the
-stream. Names come from the TLS SNI, the HTTP Host header, and addresses learned from DNS answers
-(the CDN-hostname path).
+stream. Names come from the TLS SNI, the HTTP Host header, the SNI of a QUIC Initial's ClientHello,
+and addresses learned from DNS answers (the CDN-hostname path).
 
 This module reads bytes and keeps per-direction windows; it decides nothing. The engine
 (`throttle.engine.core`) takes the names it finds to the rules.
@@ -20,10 +20,12 @@ from throttle.engine.events import EngineError, Event, NameLearned
 from throttle.engine.flows import NameSource, Side
 from throttle.errors import ParseError
 from throttle.scenario import Model
-from throttle.wire import dns, http, tls
+from throttle.wire import dns, http, quic, tls
 from throttle.wire.names import normalise
 
-Found = tuple[str, NameSource]  # a name as sent ("" for a complete hello without SNI), its source
+# A name as sent ("" for a complete hello without SNI), its source, and whether the hello that
+# carried it had an encrypted_client_hello extension (docs/incidents.md §4.29).
+Found = tuple[str, NameSource, bool]
 
 
 class Inspector:
@@ -62,12 +64,12 @@ class Inspector:
         first = side.inspected == 1
         found: list[Found] = []
         if model.reassemble and "tls" in self.sources and tls.is_tls_record(data):
-            found = [(name, "sni") for name in self._stream_names(side, data)]
+            found = [(name, "sni", ech) for name, ech in self._stream_names(side, data)]
             recognised = True
         else:
-            name, source, recognised = self._find_name(data)
+            name, source, recognised, ech = self._find_name(data)
             if name is not None and source:
-                found = [(name, source)]
+                found = [(name, source, ech)]
         if recognised and not side.extended:
             side.extended = True
             side.budget += model.window_extension
@@ -80,7 +82,7 @@ class Inspector:
             side.closed = True
         return found, False
 
-    def _stream_names(self, side: Side, data: bytes) -> list[str]:
+    def _stream_names(self, side: Side, data: bytes) -> list[tuple[str, bool]]:
         """Reassembling model: the SNI of every ClientHello completed in the stream since last time.
 
         Records before a hello (a ChangeCipherSpec, a decoy hello) are stepped over, so neither
@@ -102,36 +104,36 @@ class Inspector:
                 break
             if hello is None:
                 break
-            names.append(hello.sni or "")
+            names.append((hello.sni or "", hello.has_ech))
             pos += hello.length
         side.tls_offset = pos
         return names
 
-    def _find_name(self, data: bytes) -> tuple[str | None, NameSource | None, bool]:
-        """(name or None, its source, whether the bytes were recognised as TLS or HTTP)."""
+    def _find_name(self, data: bytes) -> tuple[str | None, NameSource | None, bool, bool]:
+        """(name or None, its source, whether the bytes were recognised as TLS or HTTP, whether
+        the hello had ECH)."""
         if tls.is_tls_record(data):
             if "tls" not in self.sources:
-                return None, "sni", True
+                return None, "sni", True, False
             try:
                 hello = tls.parse_client_hello(data, first_record_only=not self.model.reassemble)
             except tls.TLSParseError:
-                return None, "sni", True
+                return None, "sni", True, False
             if hello is None:
-                return None, "sni", True
-            if hello.sni is None:
-                return "", "sni", True  # a complete hello without SNI: the DNS name may apply
-            return hello.sni, "sni", True
+                return None, "sni", True, False
+            # A complete hello without SNI gives "": the DNS name may apply.
+            return hello.sni or "", "sni", True, hello.has_ech
         if http.looks_like_http_request(data):
             if "http" not in self.sources:
-                return None, "host", True
+                return None, "host", True, False
             try:
                 head = http.parse_http_host(data)
             except ParseError:
-                return None, "host", True
+                return None, "host", True, False
             if head is None or head.host is None:
-                return None, "host", True
-            return head.host, "host", True
-        return None, None, False
+                return None, "host", True, False
+            return head.host, "host", True, False
+        return None, None, False, False
 
     def _reassemble(self, side: Side, payload: bytes, seq: int) -> bytes | None:
         """Append in-order bytes to the direction's stream; None when nothing new is in order."""
@@ -156,6 +158,76 @@ class Inspector:
             side.next_seq = (side.next_seq + len(more)) & 0xFFFFFFFF
         side.buffer = grown[:limit]
         return side.buffer
+
+    # ---- QUIC ------------------------------------------------------------------------------
+    def quic(self, side: Side, payload: bytes, now: float) -> tuple[list[Found], bool]:
+        """Inspect one client-to-server datagram of a UDP flow for a QUIC Initial's ClientHello:
+        (names found; whether the flow is not QUIC and inspection gives up).
+
+        The reassembling model collects the CRYPTO frames of every Initial the client sends in its
+        window, at whatever offsets they come (Chromium shuffles them across two datagrams,
+        docs/incidents.md §4.28), up to `reassembly_limit` bytes. The other model reads the first
+        datagram alone, as a device that parses one packet does: the hello must be whole, in order,
+        in it."""
+        if side.closed:
+            return [], False
+        first = side.inspected == 0
+        side.inspected += 1
+        side.budget -= 1
+        found: list[Found] = []
+        try:
+            header = quic.peek(payload)
+        except quic.QuicParseError:
+            header = None
+        if header is None or header.kind != "initial":
+            if first:
+                return [], True  # not QUIC (or not its start): nothing here for the censor to read
+            return self._quic_window(side, found)
+        if not side.extended:
+            side.extended = True
+            side.budget += self.model.window_extension
+        if "quic" not in self.sources:
+            side.closed = True
+            return [], False
+        try:
+            if not self.model.reassemble:
+                side.closed = True  # one datagram is all this model reads
+                hello = quic.first_datagram_hello(payload)
+            else:
+                stream = side.quic
+                if stream is None:
+                    stream = side.quic = quic.CryptoStream(self.model.reassembly_limit)
+                for packet in quic.parse_initials(payload):
+                    for offset, data in packet.crypto:
+                        stream.add(offset, data)
+                hello = quic.client_hello(stream.contiguous())
+        except ParseError as exc:
+            # Not decryptable with the client's Initial keys (a later Initial after the server
+            # chose its connection ID, or garbage), or not a hello: nothing read from this one.
+            self._emit(EngineError("quic", str(exc), now))
+            if first:
+                return [], True
+            return self._quic_window(side, found)
+        if hello is not None:
+            found.append((hello.sni or "", "quic", hello.has_ech))
+            side.closed = True  # a connection sends one ClientHello
+            side.quic = None
+        return self._quic_window(side, found)
+
+    def _quic_window(self, side: Side, found: list[Found]) -> tuple[list[Found], bool]:
+        if side.budget <= 0 or side.inspected >= self.max_inspected:
+            side.closed = True
+            side.quic = None
+        return found, False
+
+    @staticmethod
+    def quic_version(payload: bytes) -> int | None:
+        """The version of a QUIC Initial (a cheap look at the long header), else None."""
+        try:
+            header = quic.peek(payload)
+        except quic.QuicParseError:
+            return None
+        return header.version if header is not None and header.kind == "initial" else None
 
     # ---- DNS -------------------------------------------------------------------------------
     def udp_inspectable(self, server_port: int, client_port: int) -> bool:

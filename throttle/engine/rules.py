@@ -2,7 +2,10 @@
 
 Rules are tried in file order; the first that matches wins. A rule with patterns matches a name
 (and, when it also lists addresses or ports, only flows to those); a rule with addresses and no
-patterns matches a flow by its server address alone, when it starts. Sticky rules (Turkey 2022,
+patterns matches a flow by its server address alone, when it starts; a rule with QUIC versions
+matches a UDP flow by the version of its first Initial (Russia 2022, docs/incidents.md §4.25). A
+rule may be limited to one transport (tcp or udp), to hellos with or without ECH (§4.29), and may
+allow some server addresses (§4.25's allowed servers). Sticky rules (Turkey 2022,
 docs/incidents.md §2.20) keep a triggering flow's server address limited for a while: later flows to
 it are limited whatever their name.
 """
@@ -21,23 +24,36 @@ def in_networks(addr: bytes, nets: tuple[Network, ...]) -> bool:
     return any(ip.version == n.version and ip in n for n in nets)
 
 
+def _fits(rule: Rule, flow: Flow) -> bool:
+    """The rule's port, transport and allow-list conditions hold for the flow."""
+    if rule.ports and flow.server_port not in rule.ports:
+        return False
+    if rule.transport != "any" and rule.transport != flow.transport:
+        return False
+    return not (rule.allow and in_networks(flow.server, rule.allow))
+
+
 class RuleSet:
     """The scenario's rules, in order, and the sticky server addresses they armed."""
 
     def __init__(self, rules: tuple[Rule, ...], max_sticky: int) -> None:
         self.rules = rules
         self.address_rules = tuple(r for r in rules if r.addresses and not r.patterns)
+        self.version_rules = tuple(r for r in rules if r.quic_versions)
         self._max_sticky = max_sticky
         # server address -> (rule, until), least recently armed first: bounded, O(1) eviction
         self._sticky: OrderedDict[bytes, tuple[Rule, float]] = OrderedDict()
 
-    def by_name(self, flow: Flow, name: str) -> Rule | None:
-        """The first rule whose patterns match `name` and whose addresses and ports fit the flow."""
+    def by_name(self, flow: Flow, name: str, ech: bool = False) -> Rule | None:
+        """The first rule whose patterns match `name` and whose addresses, ports, transport and
+        ECH condition fit the flow (`ech`: the hello that carried the name had an ECH extension)."""
         for rule in self.rules:
             if rule.patterns and rule.matches_name(name):
+                if not _fits(rule, flow):
+                    continue
                 if rule.addresses and not in_networks(flow.server, rule.addresses):
                     continue
-                if rule.ports and flow.server_port not in rule.ports:
+                if rule.ech is not None and rule.ech != ech:
                     continue
                 return rule
         return None
@@ -45,9 +61,14 @@ class RuleSet:
     def by_address(self, flow: Flow) -> Rule | None:
         """The first address-only rule that covers the flow's server address and port."""
         for rule in self.address_rules:
-            if rule.ports and flow.server_port not in rule.ports:
-                continue
-            if in_networks(flow.server, rule.addresses):
+            if _fits(rule, flow) and in_networks(flow.server, rule.addresses):
+                return rule
+        return None
+
+    def by_quic_version(self, flow: Flow, version: int) -> Rule | None:
+        """The first rule for QUIC `version` (the version of the flow's first Initial) that fits."""
+        for rule in self.version_rules:
+            if version in rule.quic_versions and _fits(rule, flow):
                 return rule
         return None
 

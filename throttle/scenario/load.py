@@ -16,8 +16,8 @@ from typing import Any, NoReturn, TypeVar
 
 from throttle.errors import ScenarioError
 from throttle.scenario.model import (ACTIONS, DIRECTIONS, EVASIONS, NAME_SOURCES, OUTCOMES, PROBE_DIRECTIONS,
-                                     PROTOCOLS, SCOPES, Evasion, Model, NameSourceKind, Network, Probe, Rule,
-                                     Scenario)
+                                     PROTOCOLS, SCOPES, TRANSPORTS, Evasion, Model, NameSourceKind, Network, Probe,
+                                     Rule, Scenario, Transport)
 from throttle.scenario.patterns import compile_pattern
 from throttle.units import parse_duration, parse_rate, parse_size
 
@@ -111,16 +111,37 @@ def _rule(r: _Reader, t: Any, i: int) -> Rule:
         except ValueError as exc:
             r.fail(f"{k}.match[{j}]", str(exc))
     addresses = r.networks(t, f"{k}.addresses")
-    if not patterns and not addresses:
-        r.fail(k, 'matches nothing; give match = ["*.twimg.com"] and/or addresses = ["198.18.2.0/24"]')
+    quic_versions = tuple(r.get(t, f"{k}.quic_versions", list, default=[]))
+    for j, version in enumerate(quic_versions, 1):
+        if not isinstance(version, int) or isinstance(version, bool) or not 0 < version < 1 << 32:
+            r.fail(f"{k}.quic_versions[{j}]", f"{version!r} is not a QUIC version number; write e.g. 1 (RFC 9000) or "
+                                              "0x6b3343cf (QUIC version 2, RFC 9369)")
+    if not patterns and not addresses and not quic_versions:
+        r.fail(k, 'matches nothing; give match = ["*.twimg.com"], addresses = ["198.18.2.0/24"] and/or '
+                  'quic_versions = [1]')
+    if quic_versions and (patterns or addresses):
+        r.fail(f"{k}.quic_versions", "matches flows by their QUIC version alone; put match and addresses in a "
+                                     "rule of their own")
+    default_transport: Transport = "udp" if quic_versions else "any"
+    transport = r.choice(t, f"{k}.transport", TRANSPORTS, default_transport)
+    if quic_versions and transport != "udp":
+        r.fail(f"{k}.transport", 'must be "udp" in a rule with quic_versions (QUIC runs over UDP)')
+    ech = t.get("ech")
+    if ech is not None and not isinstance(ech, bool):
+        r.fail(f"{k}.ech", f"{ech!r} is neither true (only hellos with ECH) nor false (only hellos without)")
     ports = tuple(r.get(t, f"{k}.ports", list, default=[]))
     for j, port in enumerate(ports, 1):
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             r.fail(f"{k}.ports[{j}]", f"{port!r} is not a port number (1-65535)")
+    action = r.choice(t, f"{k}.action", ACTIONS, d.action)
+    if action == "drop":
+        for key in ("rate", "burst", "queue_delay", "queue_bytes"):
+            if key in t:
+                r.fail(f"{k}.{key}", 'has no meaning for action = "drop" (every packet is dropped); remove it')
+        t = {**t, "rate": "0", "burst": "0"}
     rate = r.conv(t, f"{k}.rate", parse_rate, None)
     if rate is None:
         r.fail(f"{k}.rate", "is missing; write e.g. rate = \"130kbit\"")
-    action = r.choice(t, f"{k}.action", ACTIONS, d.action)
     if action == "shape" and rate <= 0:
         r.fail(f"{k}.rate", 'a shaper needs a rate above 0 (a rate of 0 that freezes flows is a policer\'s: '
                             'action = "police")')
@@ -138,6 +159,10 @@ def _rule(r: _Reader, t: Any, i: int) -> Rule:
         queue_delay=r.conv(t, f"{k}.queue_delay", parse_duration, d.queue_delay),
         queue_bytes=r.conv(t, f"{k}.queue_bytes", parse_size, d.queue_bytes),
         sticky=r.conv(t, f"{k}.sticky", parse_duration, d.sticky),
+        transport=transport,
+        ech=ech,
+        quic_versions=quic_versions,
+        allow=r.networks(t, f"{k}.allow"),
     )
 
 
@@ -171,7 +196,15 @@ def _probe(r: _Reader, t: Any, i: int) -> Probe:
         control=r.get(t, f"{k}.control", bool, default=d.control),
         evasion=_evasion(r, t, k),
         timeout=r.conv(t, f"{k}.timeout", parse_duration, d.timeout),
+        ech=_ech(r, t, k),
     )
+
+
+def _ech(r: _Reader, t: dict[str, Any], k: str) -> bool:
+    ech = r.get(t, f"{k}.ech", bool, default=False)
+    if ech and t.get("protocol") not in ("tls", "quic"):
+        r.fail(f"{k}.ech", 'needs protocol = "tls" (the raw client) or "quic"; curl here cannot send ECH')
+    return ech
 
 
 def _evasion(r: _Reader, t: dict[str, Any], k: str) -> Evasion:

@@ -17,7 +17,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 RuleDirection = Literal["upload", "download", "both"]
 ProbeDirection = Literal["upload", "download"]
 Scope = Literal["flow", "client", "rule"]
-Action = Literal["police", "shape"]
+Action = Literal["police", "shape", "drop"]
+Transport = Literal["any", "tcp", "udp"]
 NameSourceKind = Literal["tls", "http", "dns", "quic"]
 Outcome = Literal["throttled", "normal", "blocked"]
 Protocol = Literal["https", "http", "tls", "quic"]  # curl over TLS, curl over plain HTTP, the raw TLS client, HTTP/3
@@ -27,6 +28,7 @@ DIRECTIONS: tuple[RuleDirection, ...] = get_args(RuleDirection)
 PROBE_DIRECTIONS: tuple[ProbeDirection, ...] = get_args(ProbeDirection)
 SCOPES: tuple[Scope, ...] = get_args(Scope)
 ACTIONS: tuple[Action, ...] = get_args(Action)
+TRANSPORTS: tuple[Transport, ...] = get_args(Transport)
 NAME_SOURCES: tuple[NameSourceKind, ...] = get_args(NameSourceKind)
 OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
 PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
@@ -58,7 +60,9 @@ class Rule:
     patterns: tuple[Pattern, ...] = ()
     addresses: tuple[Network, ...] = ()
     ports: tuple[int, ...] = ()  # server ports; empty is any
-    action: Action = "police"  # police (drop above rate, §9) or shape (delay, §12)
+    # police (drop above rate, §9), shape (delay, §12), or drop: every packet after the one that
+    # completed the match (§4.29), in the rule's directions
+    action: Action = "police"
     rate: float = 16250.0  # bytes per second (130 kbit/s)
     burst: int = 16384  # bytes (§11: about 16 KB pass before the drops)
     direction: RuleDirection = "both"  # upload (client to server), download, both (separate buckets, §9)
@@ -67,6 +71,10 @@ class Rule:
     queue_delay: float = 1.0  # shaper: the longest a packet is held before it is dropped instead
     queue_bytes: int = 0  # shaper: a bound in bytes instead (0: use queue_delay)
     sticky: float = 0.0  # seconds a triggering flow's server address stays limited, SNI or not (§20)
+    transport: Transport = "any"  # tcp (TLS, HTTP), udp (QUIC), or either
+    ech: bool | None = None  # True: only hellos with an ECH extension; False: only without (§29)
+    quic_versions: tuple[int, ...] = ()  # a flow whose first QUIC Initial has one of these versions (§25)
+    allow: tuple[Network, ...] = ()  # server addresses the rule never applies to (§25's allowed servers)
 
     def matches_name(self, name: str) -> bool:
         return any(p.test(name) for p in self.patterns)
@@ -85,6 +93,7 @@ class Probe:
     control: bool = False
     evasion: Evasion = "none"  # protocol "tls" only: how the raw client disguises its ClientHello (§7)
     timeout: float = 0.0  # seconds before the probe is judged blocked; 0: from size and rate
+    ech: bool = False  # protocols tls and quic: the hello carries an encrypted_client_hello extension (§4.29)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,3 +106,19 @@ class Scenario:
     rules: tuple[Rule, ...]
     probes: tuple[Probe, ...]
     path: str = ""
+
+
+def probe_rule(scenario: Scenario, probe: Probe) -> Rule | None:
+    """The rule a probe's flow should meet: the first whose names match the name the probe sends
+    (its SNI or Host) over its transport, ECH condition included; None when no rule names it.
+    What the runner measures a throttled probe against, when rules differ in rate (TCP and QUIC)."""
+    name = probe.sni if isinstance(probe.sni, str) else probe.host if probe.sni else None
+    transport = "udp" if probe.protocol == "quic" else "tcp"
+    for rule in scenario.rules:
+        if rule.transport not in ("any", transport) or not rule.patterns or name is None:
+            continue
+        if rule.ech is not None and rule.ech != probe.ech:
+            continue
+        if rule.matches_name(name.lower()):
+            return rule
+    return None

@@ -65,12 +65,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     names.add_argument("--sni", default=DEFAULT_SNI, help=f"the server name in the hello (default {DEFAULT_SNI})")
     names.add_argument("--no-sni", action="store_true", help="send the hello without a server name")
     p.add_argument("--evasion", choices=EVASIONS, default="none", help="how to disguise the hello (default none)")
+    p.add_argument("--ech", action="store_true", help="add an encrypted_client_hello extension to the hello")
     p.add_argument("--timeout", type=_seconds, default=60.0, help="give up after this long (default 60 s)")
     p.add_argument("--json", action="store_true", help="JSON lines: progress about every 0.5 s, then the result")
     args = p.parse_args(argv)
     sni = None if args.no_sni else args.sni
     try:
-        segments = plan(args.evasion, sni)
+        segments = plan(args.evasion, sni, ech=args.ech)
     except ThrottleError as exc:
         p.error(str(exc))  # exits 2
     progress = (lambda n, t: _print_json({"event": "progress", "bytes": n, "seconds": round(t, 3)})) if args.json else None

@@ -22,7 +22,8 @@ from throttle.errors import ThrottleError
 from throttle.scenario import EVASIONS  # one list: what scenario files may name
 from throttle.wire.tls import TLSParseError, parse_client_hello
 
-__all__ = ["EVASIONS", "FAKE_SNI", "Segment", "client_hello", "plan", "replace_sni", "segment_count", "sni_span"]
+__all__ = ["EVASIONS", "FAKE_SNI", "Segment", "add_ech", "client_hello", "plan", "replace_sni", "segment_count",
+           "sni_span"]
 
 FAKE_SNI = "example.org"  # the innocent name of the `fake` trick's decoy hello
 PAUSE = 0.05  # seconds after a write: on an idle connection the next write is a new segment
@@ -93,6 +94,26 @@ def replace_sni(hello: bytes, name: bytes) -> bytes:
     return bytes(out)
 
 
+def add_ech(hello: bytes, noise: Callable[[int], bytes] = os.urandom) -> bytes:
+    """`hello` with an encrypted_client_hello extension (0xfe0d) appended, as a client that
+    greases ECH, or offers it, sends: the outer form (RFC 9849 §5) with HPKE suite X25519,
+    HKDF-SHA256, AES-128-GCM, a random config id, a 32-byte encapsulated key and a random 208-byte
+    payload. The SNI stays the outer name: docs/incidents.md §4.29's signature is this extension
+    next to the SNI `cloudflare-ech.com`. Every enclosing length is fixed."""
+    exts = _sni_offsets(hello)[0] if parse_client_hello(hello) is not None else -1
+    if exts < 0:
+        raise ThrottleError("not a one-record ClientHello")
+    enc, payload = noise(32), noise(208)
+    body = (b"\x00" + (1).to_bytes(2, "big") + (1).to_bytes(2, "big") + noise(1)
+            + len(enc).to_bytes(2, "big") + enc + len(payload).to_bytes(2, "big") + payload)
+    ext = (0xFE0D).to_bytes(2, "big") + len(body).to_bytes(2, "big") + body
+    end = exts + 2 + int.from_bytes(hello[exts : exts + 2], "big")  # the end of the extensions block
+    out = bytearray(hello[:end] + ext + hello[end:])
+    for off, width in ((3, 2), (6, 3), (exts, 2)):
+        out[off : off + width] = (int.from_bytes(out[off : off + width], "big") + len(ext)).to_bytes(width, "big")
+    return bytes(out)
+
+
 def _dotted_hello(sni: str) -> bytes:
     name = sni if sni.endswith(".") else sni + "."
     hello = client_hello(name)
@@ -103,9 +124,23 @@ def _dotted_hello(sni: str) -> bytes:
     return hello
 
 
-def plan(evasion: str, sni: str | None, *, noise: Callable[[int], bytes] = os.urandom) -> tuple[Segment, ...]:
+def plan(evasion: str, sni: str | None, *, noise: Callable[[int], bytes] = os.urandom,
+         ech: bool = False) -> tuple[Segment, ...]:
     """The segments a trick sends before the junk. `noise(n)` gives n random bytes (`scramble`).
+    `ech`: the real hello carries an encrypted_client_hello extension (`add_ech`).
     ThrottleError for an unknown trick, or one that needs an SNI when there is none."""
+    segments = _plan(evasion, sni, noise)
+    if not ech:
+        return segments
+    if evasion not in ("none", "fake", "ccs"):
+        raise ThrottleError(f"ech works with the evasions none, fake and ccs, not {evasion!r}")
+    last = segments[-1]
+    if evasion == "ccs":
+        return (Segment(CCS_RECORD + add_ech(last.data[len(CCS_RECORD):], noise), last.pause),)
+    return (*segments[:-1], Segment(add_ech(last.data, noise), last.pause))
+
+
+def _plan(evasion: str, sni: str | None, noise: Callable[[int], bytes]) -> tuple[Segment, ...]:
     if evasion not in EVASIONS:
         raise ThrottleError(f"evasion {evasion!r}: use one of {', '.join(EVASIONS)}")
     if evasion in ("split", "dot") and not sni:
