@@ -114,3 +114,29 @@ def mutate(data: bytes, ops: list[tuple[str, int, int]]) -> bytes:
         else:
             del buf[i:]
     return bytes(buf)
+
+
+def quic_initials(sni: str | None, *, version: int = 1, ech: bool = False, alpn: tuple[str, ...] = ("h3",),
+                  padding_alpn: int = 0) -> list[bytes]:
+    """The first flight of a real QUIC client (aioquic): its Initial datagrams (UDP payloads).
+    `ech`: the ClientHello also carries an encrypted_client_hello extension (random contents);
+    `padding_alpn`: that many 200-byte ALPN names more, to grow the hello past one datagram."""
+    import os
+
+    from aioquic.quic.configuration import QuicConfiguration  # type: ignore[import-untyped]
+    from aioquic.quic.connection import QuicConnection  # type: ignore[import-untyped]
+
+    class Connection(QuicConnection):  # type: ignore[misc]
+        def _initialize(self, peer_cid: bytes) -> None:
+            super()._initialize(peer_cid)
+            if ech:  # outer ECH: type 0, HKDF-SHA256, AES-128-GCM, config id, enc, payload
+                body = b"\x00\x00\x01\x00\x01\x07" + (32).to_bytes(2, "big") + os.urandom(32) + \
+                    (208).to_bytes(2, "big") + os.urandom(208)
+                self.tls.handshake_extensions.append((0xFE0D, body))
+
+    names = list(alpn) + [f"pad{i}-" + "x" * 194 for i in range(padding_alpn)]
+    config = QuicConfiguration(is_client=True, alpn_protocols=names, server_name=sni,
+                               supported_versions=[version])
+    conn = Connection(configuration=config)
+    conn.connect(("198.18.1.2", 443), now=0.0)
+    return [data for data, _addr in conn.datagrams_to_send(now=0.0)]

@@ -21,8 +21,11 @@ import pytest
 
 from throttle.engine import Engine, Flow, State, Verdict
 from throttle.scenario import Probe, Scenario, load_scenario
+from throttle.scenario.model import probe_rule
 
-from .packets import Conversation, python_hello
+from throttle.lab.evasion.plans import add_ech
+
+from .packets import Conversation, python_hello, quic_initials, udp
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = sorted((ROOT / "scenarios").glob("*.toml"))
@@ -31,7 +34,7 @@ SCENARIOS = {p.stem: load_scenario(p) for p in BUNDLED}
 # The lab's addresses (throttle/lab.py); every name resolves to SERVER_V4.
 CLIENT_V4, CLIENT_V6 = "198.18.0.2", "2001:2:0:1::2"
 SERVER_V4 = "198.18.1.2"
-PORTS = {"https": 443, "http": 80, "tls": 8443}  # the raw TLS client talks to the sink on 8443
+PORTS = {"https": 443, "http": 80, "tls": 8443, "quic": 443}  # the raw TLS client talks to the sink on 8443
 MSS = 1448
 STEP = 0.001  # seconds between data segments: about 11.6 Mbit/s, far above every scenario rate
 SERVER_FLIGHT = 3000  # bytes of the server's handshake records (ServerHello, certificate ...)
@@ -39,7 +42,8 @@ LIMITING = (Verdict.DROP, Verdict.HOLD)
 
 EXPECTED_FILES = {
     "media-upload", "tcp-16-20-2025", "tele2-3g-shaper", "turkey-2022", "twitter-2021-03-10",
-    "twitter-2021-04-02", "twitter-2021-evasions", "twitter-2022-03", "youtube-2024",
+    "twitter-2021-04-02", "twitter-2021-evasions", "twitter-2022-03", "youtube-2024", "russia-2022-quic",
+    "russia-2023-quic-sni", "ech-2024",
 }
 
 
@@ -81,7 +85,8 @@ def first_payload(probe: Probe) -> bytes:
         method = "PUT /upload" if probe.direction == "upload" else f"GET /bytes/{probe.size}"
         length = f"Content-Length: {probe.size}\r\n" if probe.direction == "upload" else ""
         return f"{method} HTTP/1.1\r\nHost: {probe.host}\r\nUser-Agent: curl/8\r\n{length}\r\n".encode()
-    return python_hello(sni_of(probe))
+    hello = python_hello(sni_of(probe))
+    return add_ech(hello) if probe.ech else hello
 
 
 def tls_record(kind: int, size: int) -> bytes:
@@ -103,6 +108,8 @@ class Simulation:
         return self.engine.process(packet, self.now)[0]
 
     def run(self, probe: Probe) -> ProbeResult:
+        if probe.protocol == "quic":
+            return self.run_quic(probe)
         address = probe.address or SERVER_V4
         v6 = ":" in address
         conv = Conversation(client_ip=CLIENT_V6 if v6 else CLIENT_V4, server_ip=address,
@@ -139,6 +146,43 @@ class Simulation:
                 ack = conv.server(flags="A") if upload else conv.client(flags="A")
                 result.other_side.append(self.feed(ack))
         self.now += 10.0  # a pause between probes: shared buckets drain, sticky marks stay
+        return result
+
+    def run_quic(self, probe: Probe) -> ProbeResult:
+        """A QUIC probe: a real client's Initial datagrams, the server's handshake flight, then
+        1,200-byte short-header datagrams in the probe's direction (an ACK for every second)."""
+        address = probe.address or SERVER_V4
+        client = CLIENT_V6 if ":" in address else CLIENT_V4
+        cport = next(self.ports)
+
+        def up(payload: bytes) -> Verdict:
+            return self.feed(udp(client, address, cport, 443, payload))
+
+        def down(payload: bytes) -> Verdict:
+            return self.feed(udp(address, client, 443, cport, payload))
+
+        for datagram in quic_initials(sni_of(probe), ech=probe.ech):
+            up(datagram)
+        flow = next(f for f in self.engine.flows() if f.client_port == cport)
+        result = ProbeResult(probe, flow)
+        short = bytes((0x40,)) + bytes(1199)  # a short-header packet: no long-header bit
+        flight = [down(bytes((0xE0,)) + bytes(1199)) for _ in range(3)]  # Initial + Handshake
+        result.other_side.extend(flight)
+        upload = probe.direction == "upload"
+        sent = 0
+        dropped = False
+        while sent < probe.size:
+            verdict = up(short) if upload else down(short)
+            result.verdicts.append(verdict)
+            if verdict == Verdict.DROP:
+                dropped = True
+            elif not dropped:
+                result.passed_payload += len(short)
+                result.passed_packets += 1
+            sent += len(short)
+            if len(result.verdicts) % 2 == 0:
+                result.other_side.append(down(short[:40]) if upload else up(short[:40]))
+        self.now += 10.0
         return result
 
     def run_all(self) -> dict[str, ProbeResult]:
@@ -189,10 +233,12 @@ def test_probes_fit_a_short_live_run(name: str) -> None:
     slowest = min(rates) if rates else 0.0
     slow = [p for p in scenario.probes if p.expect != "normal"]
     for probe in slow:
-        if probe.expect == "blocked" or slowest == 0:
+        rule = probe_rule(scenario, probe)
+        rate = rule.rate if rule is not None and rule.rate > 0 else slowest
+        if probe.expect == "blocked" or rate == 0:
             assert 0 < probe.timeout <= 15, f"{probe.name}: a blocked probe needs a short timeout"
         else:
-            assert probe.size / slowest <= 20, f"{probe.name}: more than 20 s at {slowest * 8 / 1000} kbit/s"
+            assert probe.size / rate <= 20, f"{probe.name}: more than 20 s at {rate * 8 / 1000} kbit/s"
     for probe in scenario.probes:
         if probe.protocol == "tls":
             assert probe.direction == "upload", "the raw TLS client only uploads"
@@ -271,12 +317,17 @@ def test_2022_handshake_crawls_past_a_ten_second_timeout() -> None:
 # ---- 2024: YouTube ---------------------------------------------------------------------------
 def test_youtube_spoofed_sni_and_web_pages() -> None:
     scenario = SCENARIOS["youtube-2024"]
-    (rule,) = scenario.rules
-    assert rule.rate * 8 == 128_000 and rule.burst <= 4096 and rule.action == "police"
+    tcp, quic = scenario.rules
+    assert tcp.rate * 8 == 128_000 and tcp.burst <= 4096 and tcp.action == "police" and tcp.transport == "tcp"
+    assert quic.rate * 8 == 512_000 and quic.burst <= 4096 and quic.action == "police" and quic.transport == "udp"
     results = Simulation(scenario).run_all()
     spoofed = results["video-spoofed-sni-other-server"]
     assert spoofed.flow.server_endpoint == "198.18.1.3:443" and spoofed.flow.state == State.LIMITED
     assert results["youtube-web"].flow.state == State.PASSED
+    video = results["video-download-quic"]
+    assert video.flow.transport == "udp" and video.flow.name_source == "quic"
+    assert video.flow.rule is quic  # the QUIC rate, not the TCP one
+    assert results["video-download"].flow.rule is tcp
 
 
 # ---- 2025: TCP 16-20 -------------------------------------------------------------------------
