@@ -45,7 +45,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, cast
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from throttle.files import atomic_write
@@ -76,6 +76,7 @@ CONGESTION = "cubic"  # as the lab's TCP (throttle.lab.topology.CONGESTION_CONTR
 PROGRESS_INTERVAL = 0.25
 PROGRESS_HEADER = b"x-throttle-progress"
 SOCKET_BUFFER = 4 << 20
+READ_BATCH = 64  # datagrams read per wake-up, then answered together
 DEFAULT_NAME = "server.lab"
 H3_REQUEST_REJECTED = 0x10B
 _PAYLOAD = bytes(range(256)) * (CHUNK // 256)  # as lab.server: nothing can compress it away
@@ -127,14 +128,75 @@ def socket_for(host: str, port: int, connect: bool = False) -> socket.socket:
     return sock
 
 
+class Sender(Protocol):
+    def sendto(self, data: bytes, addr: Address = None, /) -> None: ...
+
+    def get_extra_info(self, name: str, default: Any = None, /) -> Any: ...
+
+
+class Datagrams:
+    """A non-blocking UDP socket on the event loop. Each wake-up reads every datagram waiting (up to
+    READ_BATCH) and hands them over together, so a connection takes in a burst and answers it once:
+    asyncio's datagram transport reads one datagram per loop turn, and each would be answered
+    (acknowledged, packed, encrypted) alone, which costs a pure-Python QUIC stack most of its time."""
+
+    def __init__(self, sock: socket.socket, on_batch: Callable[[list[tuple[bytes, Address]]], None],
+                 on_error: Callable[[OSError], None]) -> None:
+        self.sock = sock
+        self._on_batch = on_batch
+        self._on_error = on_error
+        self._peer = sock.getpeername() if _connected(sock) else None
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        batch: list[tuple[bytes, Address]] = []
+        for _ in range(READ_BATCH):
+            try:
+                batch.append(self.sock.recvfrom(65535))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # a connected socket's ICMP errors (port unreachable) arrive here
+                self._on_error(exc)
+                break
+        if batch:
+            self._on_batch(batch)
+
+    def sendto(self, data: bytes, addr: Address = None, /) -> None:
+        try:
+            if self._peer is not None:
+                self.sock.send(data)
+            else:
+                self.sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            pass  # a full socket buffer drops the datagram, as a network may; QUIC sends it again
+        except OSError as exc:
+            self._on_error(exc)
+
+    def get_extra_info(self, name: str, default: Any = None, /) -> Any:
+        return self._peer if name == "peername" else default
+
+    def close(self) -> None:
+        self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+def _connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
 class Endpoint:
-    """One aioquic `QuicConnection` driven over an asyncio datagram transport.
+    """One aioquic `QuicConnection` driven over a UDP socket (`Datagrams`, or any `Sender`).
 
     aioquic is sans-I/O: datagrams and the clock go in, datagrams, a timer and events come out.
-    `receive` and the timer feed it; `pump` hands its events to `quic_event`/`h3_event`, lets
+    `take` and the timer feed it; `pump` hands its events to `quic_event`/`h3_event`, lets
     `before_send` write more body data, sends what it has and re-arms the timer."""
 
-    def __init__(self, quic: QuicConnection, transport: asyncio.DatagramTransport) -> None:
+    def __init__(self, quic: QuicConnection, transport: Sender) -> None:
         self.quic = quic
         self.h3: Optional[H3Connection] = None
         self.transport = transport
@@ -143,8 +205,12 @@ class Endpoint:
         self._timer_at: Optional[float] = None
         self.ended = False
 
-    def receive(self, data: bytes, addr: Address) -> None:
+    def take(self, data: bytes, addr: Address) -> None:
+        """One datagram in; `pump` once a batch is in."""
         self.quic.receive_datagram(data, addr, now=self.loop.time())
+
+    def receive(self, data: bytes, addr: Address) -> None:
+        self.take(data, addr)
         self.pump()
 
     def pump(self) -> None:
@@ -370,7 +436,7 @@ class Request:
 class ServerConnection(Endpoint):
     """One client connection of the HTTP/3 server: the routes of the module docstring."""
 
-    def __init__(self, server: H3Server, quic: QuicConnection, transport: asyncio.DatagramTransport,
+    def __init__(self, server: H3Server, quic: QuicConnection, transport: Sender,
                  local: tuple[str, int], peer: Address, sni: Optional[str]) -> None:
         super().__init__(quic, transport)
         self.server = server
@@ -512,42 +578,57 @@ class ServerConnection(Endpoint):
         self.server.forget(self)
 
 
-class H3Server(asyncio.DatagramProtocol):
+class H3Server:
     """The UDP socket of one address: new connections (after `HelloPeek`), and datagrams routed
     to theirs by destination connection ID. The connection count is shared by every socket."""
 
     def __init__(self, certs: Certificates, local: tuple[str, int], counter: list[int]) -> None:
         self.certs = certs
         self.local = local
-        self.transport: Optional[asyncio.DatagramTransport] = None
+        self.transport: Optional[Sender] = None
         self.connections: dict[bytes, ServerConnection] = {}
         self.pending: OrderedDict[tuple[Any, bytes], HelloPeek] = OrderedDict()
         self._count = counter  # one-element list, shared: open connections of the process
         self._refused_at = 0.0
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)  # a datagram endpoint's transport
+    def connection_made(self, transport: Sender) -> None:
+        self.transport = transport
 
-    def datagram_received(self, data: bytes, addr: Address) -> None:
+    def datagrams_received(self, batch: list[tuple[bytes, Address]]) -> None:
+        """A burst of datagrams: each connection takes its own, then answers once."""
+        touched: dict[int, ServerConnection] = {}
+        for data, addr in batch:
+            conn = self.datagram_received(data, addr, pump=False)
+            if conn is not None:
+                touched[id(conn)] = conn
+        for conn in touched.values():
+            if not conn.ended:
+                conn.pump()
+
+    def datagram_received(self, data: bytes, addr: Address, pump: bool = True) -> Optional[ServerConnection]:
+        """One datagram; the existing connection that took it and still has to `pump`, if any."""
         from aioquic.buffer import Buffer  # type: ignore[attr-defined]  # re-exported from aioquic._buffer
         from aioquic.quic.packet import QuicPacketType, encode_quic_version_negotiation, pull_quic_header
 
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=8)
         except ValueError:
-            return
+            return None
         conn = self.connections.get(header.destination_cid)
         if conn is not None:
-            conn.receive(data, addr)
-            return
+            conn.take(data, addr)
+            if pump:
+                conn.pump()
+                return None
+            return conn
         if header.packet_type != QuicPacketType.INITIAL or len(data) < 1200 or header.version is None:
-            return  # only a padded Initial may open a connection (RFC 9000 §14.1)
+            return None  # only a padded Initial may open a connection (RFC 9000 §14.1)
         assert self.transport is not None
         if header.version not in (0x00000001, 0x6B3343CF):  # QUIC v1, v2
             self.transport.sendto(encode_quic_version_negotiation(
                 source_cid=header.destination_cid, destination_cid=header.source_cid,
                 supported_versions=[0x00000001, 0x6B3343CF]), addr)
-            return
+            return None
         self._expire_pending()
         key = (addr, header.destination_cid)
         peek = self.pending.get(key)
@@ -556,14 +637,15 @@ class H3Server(asyncio.DatagramProtocol):
             while len(self.pending) > MAX_PENDING:
                 self.pending.popitem(last=False)
         if not peek.feed(data):
-            return  # the rest of the hello is in the next Initial
+            return None  # the rest of the hello is in the next Initial
         del self.pending[key]
         if self._count[0] >= MAX_CONNECTIONS:
             if time.monotonic() - self._refused_at > 1:
                 log(f"{addr[0]} h3: refused, {MAX_CONNECTIONS} connections open")
                 self._refused_at = time.monotonic()
-            return
+            return None
         self._open(header.destination_cid, addr, peek)
+        return None
 
     def _open(self, dcid: bytes, addr: Address, peek: HelloPeek) -> None:
         from aioquic.quic.connection import QuicConnection
@@ -619,6 +701,10 @@ def _html(value: Any) -> str:
     return html.escape(str(value))
 
 
+def _socket_error(host: str) -> Callable[[OSError], None]:
+    return lambda exc: log(f"h3: {host}: {exc}")
+
+
 async def serve(args: argparse.Namespace) -> None:
     state = Path(args.state_dir)
     certs = Certificates(Path(args.ca_dir), [DEFAULT_NAME, *args.address])
@@ -627,11 +713,13 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     counter = [0]
     servers: list[H3Server] = []
+    sockets: list[Datagrams] = []
     for host in args.listen:
+        srv = H3Server(certs, (host, args.port), counter)
         sock = socket_for(host, args.port)
-        _, proto = await loop.create_datagram_endpoint(
-            lambda h=host: H3Server(certs, (h, args.port), counter), sock=sock)  # type: ignore[misc]
-        servers.append(proto)
+        sockets.append(Datagrams(sock, srv.datagrams_received, _socket_error(host)))
+        srv.connection_made(sockets[-1])
+        servers.append(srv)
     pid_file = Path(args.pid_file) if args.pid_file else state / "h3server.pid"
     atomic_write(pid_file, f"{os.getpid()}\n".encode())
     log(f"h3: pid {os.getpid()} serving h3 on udp:{args.port} on {', '.join(args.listen)}")
@@ -644,6 +732,8 @@ async def serve(args: argparse.Namespace) -> None:
             srv.close_all()
         await asyncio.sleep(0.05)  # let the closes leave
     finally:
+        for datagrams in sockets:
+            datagrams.close()
         try:
             if pid_file.read_text().strip() == str(os.getpid()):
                 pid_file.unlink()

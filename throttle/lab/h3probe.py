@@ -33,7 +33,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
-from throttle.lab.h3 import CONGESTION, DATAGRAM_SIZE, PROGRESS_HEADER, SEND_AHEAD, Endpoint, socket_for, unsent
+from throttle.lab.h3 import (CONGESTION, DATAGRAM_SIZE, PROGRESS_HEADER, SEND_AHEAD, Datagrams, Endpoint, Sender,
+                             socket_for, unsent)
 from throttle.units import parse_size
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from aioquic.quic.events import QuicEvent
 
 SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+SILENCE = 1.0  # seconds without a datagram from the server before a PING asks whether it is there
 CHUNK = 65536
 EXIT_REFUSED, EXIT_HTTP, EXIT_TIMEOUT, EXIT_HANDSHAKE, EXIT_LOST = 7, 22, 28, 35, 56
 
@@ -55,7 +57,7 @@ class Failure(Exception):
 class Probe(Endpoint):
     """The probe's one connection and one request; `result` resolves when it is over."""
 
-    def __init__(self, quic: QuicConnection, transport: asyncio.DatagramTransport, args: argparse.Namespace,
+    def __init__(self, quic: QuicConnection, transport: Sender, args: argparse.Namespace,
                  authority: str) -> None:
         super().__init__(quic, transport)
         self.args = args
@@ -74,6 +76,23 @@ class Probe(Endpoint):
         self.written = 0
         self._lines = b""
         self._body = os.urandom(CHUNK)  # incompressible, like a photo
+        self.heard = self.loop.time()  # when the server last sent a datagram
+        self._pinged = 0.0
+
+    def take(self, data: bytes, addr: Any) -> None:
+        self.heard = self.loop.time()
+        super().take(data, addr)
+
+    def check_silence(self) -> None:
+        """A PING after SILENCE seconds without a datagram. A download's client only acknowledges
+        what arrives, so if its server dies it sends nothing and learns nothing; the PING makes the
+        server's host answer "port unreachable" (see `_Socket.error`), or a living server answer
+        it. A policed flow's server is slow, not silent for long, and costs one tiny packet a second."""
+        now = self.loop.time()
+        if self.handshake_at is not None and now - self.heard > SILENCE and now - self._pinged > SILENCE:
+            self._pinged = now
+            self.quic.send_ping(int(now))
+            self.pump()
 
     def start(self) -> None:
         from aioquic.h3.connection import H3Connection
@@ -171,16 +190,21 @@ class Probe(Endpoint):
         return self.server_received if self.upload else self.downloaded
 
 
-class _Socket(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
+class _Socket:
+    """What the probe's socket delivers: datagrams in batches, and ICMP errors."""
+
+    def __init__(self, peer: Any) -> None:
         self.probe: Optional[Probe] = None
-        self.peer: Any = None
+        self.peer = peer
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        if self.probe is not None:
-            self.probe.receive(data, addr)
+    def datagrams(self, batch: list[tuple[bytes, Any]]) -> None:
+        if self.probe is None:
+            return
+        for data, _ in batch:
+            self.probe.take(data, self.peer)  # a connected socket: only the peer's datagrams arrive
+        self.probe.pump()
 
-    def error_received(self, exc: Exception) -> None:
+    def error(self, exc: OSError) -> None:
         if self.probe is None:
             return
         if isinstance(exc, ConnectionRefusedError):
@@ -209,8 +233,8 @@ async def run(args: argparse.Namespace) -> int:
                                congestion_control_algorithm=CONGESTION)
     loop = asyncio.get_running_loop()
     sock = socket_for(args.address, args.port, connect=True)
-    transport, proto = await loop.create_datagram_endpoint(_Socket, sock=sock)
-    proto.peer = sock.getpeername()
+    proto = _Socket(sock.getpeername())
+    transport = Datagrams(sock, proto.datagrams, proto.error)
     probe = Probe(QuicConnection(configuration=config), transport, args, authority)
     proto.probe = probe
     shown = -1
@@ -233,6 +257,8 @@ async def run(args: argparse.Namespace) -> int:
                 break
             await asyncio.wait([probe.result], timeout=min(args.interval, left))
             show()
+            if not probe.result.done() and not probe.ended:
+                probe.check_silence()
         probe.result.result()
         show()
         end = time.monotonic()
