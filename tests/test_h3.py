@@ -233,3 +233,49 @@ def test_info_route_reports_the_sni_and_authority(tmp_path: Path) -> None:
     info = asyncio.run(go())
     assert info["sni"] == "example.org" and info["host"] == "example.org" and info["client"] == CLIENT[0]
     assert info["server"] == SERVER[0] and info["protocol"] == "h3"
+
+
+def test_connections_past_the_cap_get_no_answer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aioquic.h3.connection import H3_ALPN
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    from throttle.lab import h3
+    from throttle.lab.ca import ensure_ca
+
+    monkeypatch.setattr(h3, "MAX_CONNECTIONS", 1)
+
+    async def go() -> tuple[int, bool]:
+        ensure_ca(tmp_path / "ca")
+        server = h3.H3Server(h3.Certificates(tmp_path / "ca", ["server.lab"]), SERVER, [0])
+        server.connection_made(Wire(lambda d: None, CLIENT))  # the answers go nowhere: only the count matters
+        for _ in range(3):
+            quic = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN,
+                                                                  server_name="a.example"))
+            quic.connect(SERVER, now=0.0)
+            for data, _ in quic.datagrams_to_send(now=0.0):
+                server.datagram_received(data, CLIENT)
+        return len(set(server.connections.values())), not server.pending
+
+    assert asyncio.run(go()) == (1, True)
+
+
+def test_a_client_that_stops_a_download_does_not_upset_the_server(tmp_path: Path) -> None:
+    async def go() -> Any:
+        client, server = await exchange(tmp_path, sni="pbs.twimg.com", size=10)
+        (conn,) = set(server.connections.values())
+        stream = client.quic.get_next_available_stream_id()
+        client.h3.send_headers(stream, [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"x"),
+                                        (b":path", b"/bytes/100MB")], end_stream=True)
+        client.pump()
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert stream in conn.requests
+        client.quic.stop_stream(stream, 0x10C)  # H3_REQUEST_CANCELLED
+        client.pump()
+        for _ in range(200):
+            await asyncio.sleep(0)
+        return conn
+
+    conn = asyncio.run(go())
+    assert not conn.requests and not conn.ended

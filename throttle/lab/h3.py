@@ -449,7 +449,8 @@ class ServerConnection(Endpoint):
 
     def quic_event(self, event: QuicEvent) -> None:
         from aioquic.h3.connection import H3Connection
-        from aioquic.quic.events import ConnectionIdIssued, ConnectionIdRetired, ProtocolNegotiated, StreamReset
+        from aioquic.quic.events import (ConnectionIdIssued, ConnectionIdRetired, ProtocolNegotiated,
+                                         StopSendingReceived, StreamReset)
 
         if isinstance(event, ProtocolNegotiated) and self.h3 is None:
             self.h3 = H3Connection(self.quic)
@@ -457,8 +458,8 @@ class ServerConnection(Endpoint):
             self.server.route(event.connection_id, self)
         elif isinstance(event, ConnectionIdRetired):
             self.server.unroute(event.connection_id)
-        elif isinstance(event, StreamReset):
-            self.requests.pop(event.stream_id, None)
+        elif isinstance(event, (StreamReset, StopSendingReceived)):
+            self.requests.pop(event.stream_id, None)  # the client gave up: aioquic has reset our side
 
     def h3_event(self, event: H3Event) -> None:
         from aioquic.h3.events import DataReceived, HeadersReceived
