@@ -24,8 +24,14 @@ connection with a configuration whose certificate names that SNI (issued once pe
 No SNI, or an unreadable hello: the default certificate (server.lab and the server's addresses).
 Driving the connection ourselves also bounds it: at most MAX_CONNECTIONS connections, MAX_PENDING
 half-seen hellos, MAX_REQUESTS open requests per connection (QUIC's own stream limit is 128), and
-every body streams through: uploads are counted and dropped, downloads are written only while less
-than SEND_AHEAD bytes wait unsent (see `unsent`).
+every body streams through: uploads are counted and dropped as they arrive in order, downloads are
+written only while less than SEND_AHEAD bytes wait unsent (see `unsent`). What aioquic itself holds
+is its business: data in flight, and data received after a gap until the gap is filled (its
+flow-control windows start at 1 MiB and double as a transfer proceeds; it has no setting to cap
+them). In the lab the process stays near 40 MiB through 64 MiB downloads and parallel uploads.
+
+aioquic's asyncio layer reads one datagram per event-loop turn and answers each alone; `Datagrams`
+reads all that wait and a connection answers the batch once, which doubles the throughput.
 
 The pid file is written only once every socket is bound, so its presence means "ready".
 
@@ -62,7 +68,7 @@ if TYPE_CHECKING:
 PORT = 443
 CHUNK = 65536
 MAX_SIZE = 1 << 40  # GET /bytes/N refuses more than 1 TiB
-MAX_CONNECTIONS = 256  # each may hold about 2 MiB (flow-control windows, SEND_AHEAD)
+MAX_CONNECTIONS = 256  # each holds SEND_AHEAD, its data in flight and out-of-order data received
 MAX_PENDING = 256  # connections whose ClientHello is not yet whole
 MAX_HELLO_DATAGRAMS = 8
 MAX_HELLO_BYTES = 16384
@@ -94,10 +100,11 @@ def unsent(quic: QuicConnection, stream_id: int, written: int) -> int:
     """Bytes of the `written` ones given to a stream that aioquic has not sent even once.
 
     aioquic has no public backpressure: `send_stream_data` buffers whatever it is given. This is
-    the one place that reads its stream table (`highest_offset` is a public attribute of the
-    stream's sender). Sent-but-unacknowledged data is bounded by the peer's flow-control window,
-    so writing only while this is small bounds a stream's buffer. `written` counts body bytes, a
-    few bytes short of the stream offset (frame headers): the estimate errs on the small side.
+    the one place that reads its stream table (`_streams` is private; `highest_offset` is a public
+    attribute of the stream's sender). Writing only while this is small keeps a stream's buffer
+    to SEND_AHEAD plus what is in flight (the congestion window, and lost data awaiting its
+    retransmission). `written` counts body bytes, a few bytes short of the stream offset (frame
+    headers): the estimate errs on the small side.
     """
     stream = quic._streams.get(stream_id)
     if stream is None:
