@@ -301,6 +301,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         p.error(f"bad size: {exc}")
     if args.max_time <= 0 or args.interval <= 0:
         p.error("--max-time and --interval must be positive")
+    if not os.path.isfile(args.cafile):
+        p.error(f"no CA bundle at {args.cafile} (inside the lab's client namespace it holds the lab CA)")
     try:
         code = asyncio.run(run(args))
     except OSError as exc:
