@@ -160,7 +160,7 @@ def test_nothing_in_the_package_reads_the_repository_by_path() -> None:
 def test_the_command_line_starts_without_heavy_libraries() -> None:
     """`classify`, `scenarios` and `demo --offline` need none of these: each is imported by the
     function that uses it."""
-    heavy = ("matplotlib", "prometheus_client", "netfilterqueue", "pyroute2", "cryptography", "scapy")
+    heavy = ("matplotlib", "prometheus_client", "netfilterqueue", "pyroute2", "cryptography", "scapy", "aioquic")
     code = f"import sys, throttle.cli; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr

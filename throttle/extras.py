@@ -2,7 +2,7 @@
 
 The base install (`pip install throttle-lab`) needs no root or compiler: the engine, the parsers, the
 scenarios, `classify`, `demo --offline`. `[live]` adds what the lab and the live censor need
-(netfilterqueue, pyroute2, cryptography, prometheus-client); `[plots]` adds matplotlib.
+(netfilterqueue, pyroute2, cryptography, aioquic for HTTP/3, prometheus-client); `[plots]` adds matplotlib.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ DISTRIBUTION = "throttle-lab"
 
 # extra -> the importable modules it provides
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "live": ("netfilterqueue", "pyroute2", "cryptography", "prometheus_client"),
+    "live": ("netfilterqueue", "pyroute2", "cryptography", "aioquic", "prometheus_client"),
     "plots": ("matplotlib",),
 }
 

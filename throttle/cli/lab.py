@@ -77,7 +77,7 @@ def format_status(st: LabStatus) -> str:
         lines.append(f"  {r.namespace:<22} {', '.join(r.ipv4_all + r.ipv6_all)}  [{', '.join(r.interfaces)}]{state}")
     lines.append(f"  dns         {st.dns}, {st.dns6} (every name resolves to the server)")
     lines.append(f"  ca          {st.ca or '-'}")
-    for proc, pid in (("labserver", st.labserver), ("dnsmasq", st.dnsmasq)):
+    for proc, pid in (("labserver", st.labserver), ("h3server", st.h3server), ("dnsmasq", st.dnsmasq)):
         lines.append(f"  {proc:<11} {'pid ' + str(pid) if pid else 'not running'}")
     if st.up:
         lines.append(f"  try:        sudo ip netns exec {st.roles['client'].namespace} curl https://pbs.twimg.com/")

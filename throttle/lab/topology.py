@@ -9,7 +9,8 @@
 The censor namespace forwards IPv4 and IPv6 between the two links, as a middlebox on the path
 would; the client and the server route everything through it. Every lab interface has MTU 1500
 and GRO/GSO/TSO off, so the censor sees wire-sized segments, as on a real link. The server
-namespace runs `throttle.lab.server` (HTTPS for any name, signed by the lab CA; HTTP) and dnsmasq
+namespace runs `throttle.lab.server` (HTTPS for any name, signed by the lab CA; HTTP),
+`throttle.lab.h3` (HTTP/3 on UDP 443, the same names and routes) and dnsmasq
 (every name resolves to 198.18.1.2 and 2001:2:0:2::2). The client namespace resolves names with
 that dnsmasq and trusts the lab CA through `/etc/netns/NAME-client/`, which `ip netns exec`
 mounts over `/etc`, so `ip netns exec NAME-client curl https://pbs.twimg.com/` just works.
@@ -119,7 +120,7 @@ HOSTS_FILE = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 STATE_FILES = (  # what the lab writes in its state directory, besides certs/
     "ca.pem", "ca-key.pem", "leaf-key.pem", "lab.json", "labserver.pid", "labserver.log",
-    "dnsmasq.pid", "dnsmasq.log", "*.tmp", ".*.tmp",
+    "h3server.pid", "h3server.log", "dnsmasq.pid", "dnsmasq.log", "*.tmp", ".*.tmp",
 )
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 3.0
@@ -133,10 +134,12 @@ def _require_root() -> None:
 
 
 def _require_pyroute2() -> None:
-    try:
-        import pyroute2  # noqa: F401
-    except ImportError:
-        raise ThrottleError("the Python package pyroute2 is missing: .venv/bin/pip install pyroute2") from None
+    import importlib.util
+
+    for module in ("pyroute2", "aioquic"):  # aioquic: the lab's HTTP/3 server
+        if importlib.util.find_spec(module) is None:
+            raise ThrottleError(f"the Python package {module} is missing: .venv/bin/pip install {module} "
+                                "(both come with the [live] extra; scripts/setup installs them)")
 
 
 def _ns_id(path: Path | str) -> Optional[tuple[int, int]]:
@@ -236,6 +239,10 @@ class Lab:
         return self.state_dir / "labserver.pid"
 
     @property
+    def _h3server_pid(self) -> Path:
+        return self.state_dir / "h3server.pid"
+
+    @property
     def _dnsmasq_pid(self) -> Path:
         return self.state_dir / "dnsmasq.pid"
 
@@ -281,7 +288,9 @@ class Lab:
         ensure_ca(self.state_dir, self.name)
         self._write_client_etc()
         self._start_dnsmasq(ip, dnsmasq)
-        self._start_labserver(ip, hostnames, restart=self._read_ca() != ca_before)
+        restart = self._read_ca() != ca_before
+        self._start_labserver(ip, hostnames, restart=restart)
+        self._start_h3server(ip, hostnames, restart=restart)
         atomic_write(self.state_dir / "lab.json", json.dumps({"name": self.name, "hostnames": hostnames}).encode(), 0o600)
         return self.status()
 
@@ -424,16 +433,27 @@ class Lab:
             time.sleep(0.02)
 
     def _start_labserver(self, ip: str, hostnames: list[str], restart: bool = False) -> None:
-        if not restart and self._running(self._labserver_pid, "server") is not None:
+        self._start_server(ip, "throttle.lab.server", self._labserver_pid, "labserver.log", "the lab server",
+                           hostnames, restart)
+
+    def _start_h3server(self, ip: str, hostnames: list[str], restart: bool = False) -> None:
+        """The HTTP/3 server: a process of its own, so its pure-Python QUIC work never takes the
+        GIL from the TCP servers' threads (a QUIC probe beside a curl control would slow both)."""
+        self._start_server(ip, "throttle.lab.h3", self._h3server_pid, "h3server.log", "the HTTP/3 server",
+                           hostnames, restart)
+
+    def _start_server(self, ip: str, module: str, pid_file: Path, log_name: str, what: str,
+                      hostnames: list[str], restart: bool) -> None:
+        if not restart and self._running(pid_file, "server") is not None:
             return
-        self._labserver_pid.unlink(missing_ok=True)
+        pid_file.unlink(missing_ok=True)
         # One whose pid file is gone, or that signs with a CA that no longer exists, holds the ports.
-        self._stop_strays(lambda argv: "throttle.lab.server" in argv)
-        log_path = self.state_dir / "labserver.log"
+        self._stop_strays(lambda argv: module in argv)
+        log_path = self.state_dir / log_name
         argv = [
-            ip, "netns", "exec", self.ns("server"), sys.executable, "-m", "throttle.lab.server",
+            ip, "netns", "exec", self.ns("server"), sys.executable, "-m", module,
             "--ca-dir", str(self.state_dir), "--state-dir", str(self.state_dir),
-            "--pid-file", str(self._labserver_pid),
+            "--pid-file", str(pid_file),
             *(w for a in (SERVER_V4, *SERVER_EXTRA_V4, SERVER_V6, *SERVER_EXTRA_V6) for w in ("--address", a)),
             *(w for h in hostnames for w in ("--name", h)),
         ]
@@ -447,14 +467,14 @@ class Lab:
             )
         _children[child.pid] = child
         deadline = time.monotonic() + START_TIMEOUT
-        while _read_pid(self._labserver_pid) != child.pid:  # written once its sockets are bound
+        while _read_pid(pid_file) != child.pid:  # written once its sockets are bound
             if child.poll() is not None or time.monotonic() > deadline:
                 if child.returncode is None:
                     child.kill()
                     child.wait()
                 _children.pop(child.pid, None)
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-                raise ThrottleError("the lab server did not start: " + (" / ".join(tail) or f"see {log_path}"))
+                raise ThrottleError(f"{what} did not start: " + (" / ".join(tail) or f"see {log_path}"))
             time.sleep(0.02)
 
     def _stop_strays(self, match: Callable[[list[str]], bool]) -> None:
@@ -481,7 +501,7 @@ class Lab:
         pids = set(p for pids in self._pids_in_namespaces().values() for p in pids)
         # A server whose namespace was unmounted behind our back is found through its pid file,
         # and only killed if its command line names this lab's state directory.
-        for pid_file in (self._labserver_pid, self._dnsmasq_pid):
+        for pid_file in (self._labserver_pid, self._h3server_pid, self._dnsmasq_pid):
             pid = _read_pid(pid_file)
             if pid and _alive(pid) and any(str(self.state_dir) in a for a in _cmdline(pid)):
                 pids.add(pid)
@@ -561,6 +581,7 @@ class Lab:
     def status(self) -> LabStatus:
         _require_root()
         labserver = self._running(self._labserver_pid, "server")
+        h3server = self._running(self._h3server_pid, "server")
         dnsmasq = self._running(self._dnsmasq_pid, "server")
         try:
             hostnames = json.loads((self.state_dir / "lab.json").read_text()).get("hostnames", [])
@@ -569,7 +590,8 @@ class Lab:
         roles = {role: _role_status(self.ns(role), role) for role in ROLES}
         return LabStatus(
             name=self.name,
-            up=all(r.exists for r in roles.values()) and labserver is not None and dnsmasq is not None,
+            up=(all(r.exists for r in roles.values()) and labserver is not None and h3server is not None
+                and dnsmasq is not None),
             roles=roles,
             dns=DNS_V4,
             dns6=DNS_V6,
@@ -580,6 +602,7 @@ class Lab:
             labserver=labserver,
             dnsmasq=dnsmasq,
             in_namespaces=self._pids_in_namespaces(),
+            h3server=h3server,
         )
 
 
@@ -599,7 +622,7 @@ class RoleStatus:
 @dataclass(frozen=True, slots=True)
 class LabStatus:
     name: str
-    up: bool  # every namespace exists and both servers run
+    up: bool  # every namespace exists and the servers (web, HTTP/3, DNS) run
     roles: dict[str, RoleStatus]
     dns: str
     dns6: str
@@ -610,6 +633,7 @@ class LabStatus:
     labserver: int | None  # pids, when running
     dnsmasq: int | None
     in_namespaces: dict[str, list[int]]  # every process in each namespace, by role
+    h3server: int | None = None  # the HTTP/3 server's pid, when running
 
     def to_json(self) -> dict[str, Any]:
         """The shape `throttle lab status --json` prints."""
@@ -626,7 +650,8 @@ class LabStatus:
             "state_dir": self.state_dir,
             "etc": self.etc,
             "hostnames": list(self.hostnames),
-            "processes": {"labserver": self.labserver, "dnsmasq": self.dnsmasq, "in_namespaces": self.in_namespaces},
+            "processes": {"labserver": self.labserver, "h3server": self.h3server, "dnsmasq": self.dnsmasq,
+                          "in_namespaces": self.in_namespaces},
         }
 
 

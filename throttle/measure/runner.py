@@ -2,8 +2,9 @@
 
 The runner brings the lab up (or reuses it), starts `throttle censor` with the scenario in the
 lab's censor namespace, runs every probe with a real client in the client namespace (curl for
-HTTPS and HTTP, `throttle.lab.evasion` for hand-made ClientHellos), and judges each probe from what it
-measured, never from the engine's opinion (docs/incidents.md §3.22-23):
+HTTPS and HTTP, `throttle.lab.evasion` for hand-made ClientHellos, `throttle.lab.h3probe` for
+HTTP/3 over QUIC), and judges each probe from what it measured, never from the engine's opinion
+(docs/incidents.md §3.22-23):
 
 - blocked    the transfer did not complete before its timeout;
 - throttled  its speed is below 3 x the slowest limiting rate of the scenario, and below a tenth of
@@ -56,6 +57,7 @@ class ProbeRun:
     observed: str = ""
     samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds, bytes) over time
     final: dict[str, Any] | None = None  # the raw TLS client's closing report
+    client_error: str = ""  # the QUIC client's own account of a failure
 
     @property
     def speed(self) -> float:
@@ -127,6 +129,16 @@ def default_timeout(probe: Probe, rate: float) -> float:
     return min(300.0, 2.5 * expected + 15.0)
 
 
+_QUIC_PROGRESS = re.compile(rb"^progress (\d+)$")
+
+
+def quic_progress(line: bytes) -> int | None:
+    """The byte count of one of `throttle.lab.h3probe`'s progress lines (stderr), else None: bytes
+    received for a download, bytes the server reports it has received for an upload."""
+    m = _QUIC_PROGRESS.match(line.strip())
+    return int(m.group(1)) if m else None
+
+
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([kMGT]?)$")
 _MULT = {"": 1, "k": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
@@ -177,6 +189,15 @@ class Runner:
             else:
                 argv += ["--sni", probe.sni if isinstance(probe.sni, str) else probe.host]
             return self.lab.exec_argv("client", argv)
+        if probe.protocol == "quic":
+            # HTTP/3 GET /bytes/N or POST of N bytes to the address; the SNI as for curl below.
+            argv = [sys.executable, "-m", "throttle.lab.h3probe", probe.host, "--address", address,
+                    f"--{probe.direction}", str(probe.size), "--max-time", f"{max(timeout, 1):.0f}"]
+            if probe.sni is False:
+                argv.append("--no-sni")
+            elif isinstance(probe.sni, str):
+                argv += ["--sni", probe.sni]
+            return self.lab.exec_argv("client", argv)
         family = "-6" if ":" in address else "-4"
         scheme, port = ("http", 80) if probe.protocol == "http" else ("https", 443)
         name = probe.sni if isinstance(probe.sni, str) else probe.host
@@ -211,7 +232,7 @@ class Runner:
         argv = self.lab.exec_argv("client", ["ss", "-tinH", f"( sport >= :{PORT_BASE} and sport <= :{PORT_BASE + 999} )"])
         by_port: dict[int, ProbeRun] = {}
         for run in self.runs:
-            if run.probe.protocol != "tls" and run.probe.direction == "upload":
+            if run.probe.protocol in ("https", "http") and run.probe.direction == "upload":
                 lo, hi = self._ports(run.probe)
                 for p in range(lo, hi + 1):
                     by_port[p] = run
@@ -274,7 +295,8 @@ class Runner:
         self._finish(run, "" if run.probe.protocol == "tls" else out.decode(errors="replace"), proc.returncode)
 
     def _read_progress(self, run: ProbeRun, proc: subprocess.Popen[bytes]) -> None:
-        """curl's progress meter (stderr, lines ended by CR), or the evasion client's JSON lines."""
+        """curl's progress meter (stderr, lines ended by CR), the evasion client's JSON lines, or the
+        QUIC client's `progress N` lines (stderr; any other line there is its error message)."""
         assert proc.stderr is not None and proc.stdout is not None
         stream = proc.stdout if run.probe.protocol == "tls" else proc.stderr
         buf = b""
@@ -295,6 +317,16 @@ class Runner:
                 buf += chunk
                 *lines, buf = re.split(rb"[\r\n]", buf)
                 value = -1
+                if run.probe.protocol == "quic":
+                    for line in lines:
+                        got = quic_progress(line)
+                        if got is not None:
+                            value = got
+                        elif line.strip():
+                            run.client_error = line.decode(errors="replace").strip().removeprefix("h3probe: ")
+                    if value >= 0:  # uploads too: the count is what the server says it received
+                        self._progress(run, value)
+                    continue
                 for line in lines:
                     parts = line.decode(errors="replace").split()
                     if len(parts) >= 12 and parts[0].isdigit():
@@ -327,8 +359,11 @@ class Runner:
                 run.completed = True
             else:
                 run.seconds = time.monotonic() - run.started
-                run.error = run.error or (f"curl exit {code}" + (" (timeout)" if code == 28 else "")
-                                          + (f", HTTP {m.group(1)}" if m else ""))
+                if probe.protocol == "quic":
+                    run.error = run.error or run.client_error or f"the QUIC client exited with {code}"
+                else:
+                    run.error = run.error or (f"curl exit {code}" + (" (timeout)" if code == 28 else "")
+                                              + (f", HTTP {m.group(1)}" if m else ""))
         run.done = True
         run.current_speed = 0.0
         if self.on_update is not None:

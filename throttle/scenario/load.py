@@ -209,6 +209,10 @@ def _ech(r: _Reader, t: dict[str, Any], k: str) -> bool:
 
 def _evasion(r: _Reader, t: dict[str, Any], k: str) -> Evasion:
     evasion = r.choice(t, f"{k}.evasion", EVASIONS, "none")
+    if evasion != "none" and t.get("protocol") == "quic":
+        r.fail(f"{k}.evasion", f'"{evasion}" cannot apply to protocol = "quic": the QUIC client sends an ordinary '
+                               'Initial; evasions disguise the raw TLS client\'s ClientHello (protocol = "tls"). '
+                               'Remove evasion or write evasion = "none"')
     if evasion != "none" and t.get("protocol") != "tls":
         r.fail(f"{k}.evasion", 'needs protocol = "tls" (the raw client); curl cannot disguise its hello')
     return evasion
