@@ -235,7 +235,20 @@ async def run(args: argparse.Namespace) -> int:
     sock = socket_for(args.address, args.port, connect=True)
     proto = _Socket(sock.getpeername())
     transport = Datagrams(sock, proto.datagrams, proto.error)
-    probe = Probe(QuicConnection(configuration=config), transport, args, authority)
+    connection_class: type[QuicConnection] = QuicConnection
+    if args.ech:
+        from throttle.lab.evasion.plans import ech_outer
+
+        class EchConnection(QuicConnection):
+            """Adds an outer encrypted_client_hello extension to the ClientHello (docs/incidents.md
+            §4.29's signature needs it); aioquic builds its TLS context when the connection starts."""
+
+            def _initialize(self, peer_cid: bytes) -> None:
+                super()._initialize(peer_cid)
+                self.tls.handshake_extensions.append((0xFE0D, ech_outer()))
+
+        connection_class = EchConnection
+    probe = Probe(connection_class(configuration=config), transport, args, authority)
     proto.probe = probe
     shown = -1
 
@@ -290,6 +303,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     sni = p.add_mutually_exclusive_group()
     sni.add_argument("--sni", default=None, help="send this SNI (and :authority) instead of HOST")
     sni.add_argument("--no-sni", action="store_true", help="send no SNI; the certificate must name the address")
+    p.add_argument("--ech", action="store_true", help="add an encrypted_client_hello extension to the ClientHello")
     p.add_argument("--max-time", type=float, default=60.0, help="seconds for the whole transfer")
     p.add_argument("--cafile", default=SYSTEM_BUNDLE, help=f"CA bundle to trust (default {SYSTEM_BUNDLE})")
     p.add_argument("--interval", type=float, default=0.25, help="seconds between progress lines")

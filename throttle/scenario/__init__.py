@@ -7,7 +7,7 @@ from throttle.scenario.load import load_scenario, parse_scenario
 from throttle.scenario.model import (ACTIONS, DIRECTIONS, EVASIONS, NAME_SOURCES, OUTCOMES, PROBE_DIRECTIONS,
                                      PROTOCOLS, SCOPES, TRANSPORTS, Action, Evasion, Model, NameSourceKind, Network, Outcome,
                                      Probe, ProbeDirection, Protocol, Rule, RuleDirection, Scenario, Scope,
-                                     Transport)
+                                     Transport, probe_rule)
 from throttle.scenario.patterns import Pattern, compile_pattern
 
 __all__ = [
@@ -15,4 +15,5 @@ __all__ = [
     "TRANSPORTS", "Transport",
     "Action", "Evasion", "Model", "NameSourceKind", "Network", "Outcome", "Pattern", "Probe", "ProbeDirection",
     "Protocol", "Rule", "RuleDirection", "Scenario", "Scope", "compile_pattern", "load_scenario", "parse_scenario",
+    "probe_rule",
 ]

@@ -22,7 +22,7 @@ from throttle.errors import ThrottleError
 from throttle.scenario import EVASIONS  # one list: what scenario files may name
 from throttle.wire.tls import TLSParseError, parse_client_hello
 
-__all__ = ["EVASIONS", "FAKE_SNI", "Segment", "add_ech", "client_hello", "plan", "replace_sni", "segment_count",
+__all__ = ["EVASIONS", "FAKE_SNI", "Segment", "add_ech", "client_hello", "ech_outer", "plan", "replace_sni", "segment_count",
            "sni_span"]
 
 FAKE_SNI = "example.org"  # the innocent name of the `fake` trick's decoy hello
@@ -94,6 +94,14 @@ def replace_sni(hello: bytes, name: bytes) -> bytes:
     return bytes(out)
 
 
+def ech_outer(noise: Callable[[int], bytes] = os.urandom) -> bytes:
+    """The body of an outer encrypted_client_hello extension (RFC 9849 §5): HPKE suite HKDF-SHA256
+    and AES-128-GCM, a random config id, a 32-byte encapsulated key, a random 208-byte payload."""
+    enc, payload = noise(32), noise(208)
+    return (b"\x00" + (1).to_bytes(2, "big") + (1).to_bytes(2, "big") + noise(1)
+            + len(enc).to_bytes(2, "big") + enc + len(payload).to_bytes(2, "big") + payload)
+
+
 def add_ech(hello: bytes, noise: Callable[[int], bytes] = os.urandom) -> bytes:
     """`hello` with an encrypted_client_hello extension (0xfe0d) appended, as a client that
     greases ECH, or offers it, sends: the outer form (RFC 9849 §5) with HPKE suite X25519,
@@ -103,9 +111,7 @@ def add_ech(hello: bytes, noise: Callable[[int], bytes] = os.urandom) -> bytes:
     exts = _sni_offsets(hello)[0] if parse_client_hello(hello) is not None else -1
     if exts < 0:
         raise ThrottleError("not a one-record ClientHello")
-    enc, payload = noise(32), noise(208)
-    body = (b"\x00" + (1).to_bytes(2, "big") + (1).to_bytes(2, "big") + noise(1)
-            + len(enc).to_bytes(2, "big") + enc + len(payload).to_bytes(2, "big") + payload)
+    body = ech_outer(noise)
     ext = (0xFE0D).to_bytes(2, "big") + len(body).to_bytes(2, "big") + body
     end = exts + 2 + int.from_bytes(hello[exts : exts + 2], "big")  # the end of the extensions block
     out = bytearray(hello[:end] + ext + hello[end:])
