@@ -717,3 +717,65 @@ def client_datagrams(capture: str) -> list[bytes]:
         if d is not None and d.proto == UDP and d.dport == 443:
             out.append(packet[d.payload_offset : d.payload_offset + d.payload_length])
     return out
+
+
+# file, SNI, QUIC version, datagrams in the first flight, found by the first-datagram model
+CAPTURED = [
+    ("chromium-quic-rr1---sn-xxx.googlevideo.com.pcap", "rr1---sn-xxx.googlevideo.com", QUIC_V1, 2, False),
+    ("aioquic-quic-video.twimg.com.pcap", "video.twimg.com", QUIC_V1, 1, True),
+    ("aioquic-quicv2-pbs.twimg.com.pcap", "pbs.twimg.com", QUIC_V2, 1, True),
+]
+
+
+@pytest.mark.parametrize("capture,sni,version,count,first_finds", CAPTURED)
+def test_captured_first_flights(capture: str, sni: str, version: int, count: int, first_finds: bool) -> None:
+    packets = list(read_packets(VECTORS / capture))
+    assert len(packets) == count
+    for _, packet in packets:  # UDP from the lab client to port 443 of the lab server, nothing else
+        d = decode(packet)
+        assert d is not None and d.proto == UDP and d.dport == 443
+        assert d.src == bytes([198, 18, 0, 1]) and d.dst == bytes([198, 18, 0, 2])
+    datagrams = client_datagrams(capture)
+    stream = CryptoStream()
+    dcids = set()
+    for n, datagram in enumerate(datagrams):
+        header = quic.peek(datagram)
+        assert header is not None and header.kind == "initial" and header.version == version
+        dcids.add(header.dcid)
+        for initial in quic.parse_initials(datagram):
+            for offset, data in initial.crypto:
+                stream.add(offset, data)
+        hello = quic.client_hello(stream.contiguous())
+        # complete exactly with the last datagram of the flight
+        assert (hello is not None) is (n == count - 1)
+    assert len(dcids) == 1
+    assert hello is not None and hello.sni == sni and "h3" in hello.alpn and 0x0304 in hello.versions
+    first = quic.first_datagram_hello(datagrams[0])
+    assert (first is not None and first.sni == sni) is first_finds
+
+
+def test_captured_chromium_two_datagram_hello() -> None:
+    """What Chromium 156 really sent (tests/vectors/README.md): a post-quantum hello over two
+    1,250-byte datagrams, CRYPTO frames out of order and PING/PADDING between them, the server
+    name itself cut between the datagrams."""
+    d1, d2 = client_datagrams("chromium-quic-rr1---sn-xxx.googlevideo.com.pcap")
+    assert len(d1) == len(d2) == 1250
+    (i1,), (i2,) = quic.parse_initials(d1), quic.parse_initials(d2)
+    assert i1.packet_number < i2.packet_number and i1.token == i2.token == b""
+    for i in (i1, i2):
+        offsets = [o for o, _ in i.crypto]
+        assert len(offsets) >= 3 and offsets != sorted(offsets)
+        assert i.pings > 0 and i.padding > 0
+    whole = CryptoStream()
+    for o, b in i1.crypto + i2.crypto:
+        whole.add(o, b)
+    hello = quic.client_hello(whole.contiguous())
+    assert hello is not None and hello.has_ech and hello.length > 1500
+    start = 4 + hello.server_name_offset + 9  # the name's bytes in the stream
+    first = CryptoStream()
+    for o, b in i1.crypto:
+        first.add(o, b)
+    # the first datagram's in-order bytes stop inside the name: no SNI from it alone
+    assert start < len(first.contiguous()) < start + len(hello.sni or "")
+    assert quic.first_datagram_hello(d1) is None
+    assert quic.first_datagram_hello(d2) is None  # the second one does not start at offset 0
