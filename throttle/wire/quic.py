@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import re
 from bisect import bisect_left, bisect_right
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -78,6 +79,7 @@ _Kind = Literal["initial", "0rtt", "handshake", "retry", "version_negotiation", 
 
 # Frame types allowed in an Initial packet (RFC 9000 §12.4, Table 3).
 _PADDING, _PING, _ACK, _ACK_ECN, _CRYPTO, _CLOSE = 0x00, 0x01, 0x02, 0x03, 0x06, 0x1C
+_NONZERO = re.compile(b"[^\x00]").search  # the end of a run of PADDING, found without copying
 
 
 class QuicParseError(ParseError):
@@ -149,15 +151,17 @@ def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
     if pos >= end:
         raise QuicParseError("variable-length integer runs past the end")
     first = data[pos]
-    size = 1 << (first >> 6)
+    prefix = first >> 6
+    if prefix == 0:
+        return first, pos + 1
+    if prefix == 1:
+        if pos + 2 > end:
+            raise QuicParseError("variable-length integer runs past the end")
+        return (first & 0x3F) << 8 | data[pos + 1], pos + 2
+    size = 4 if prefix == 2 else 8
     if pos + size > end:
         raise QuicParseError("variable-length integer runs past the end")
-    if size == 1:
-        return first, pos + 1
-    value = first & 0x3F
-    for i in range(pos + 1, pos + size):
-        value = value << 8 | data[i]
-    return value, pos + size
+    return int.from_bytes(data[pos : pos + size], "big") & ((1 << (8 * size - 2)) - 1), pos + size
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,9 +293,10 @@ def _frames(plain: bytes) -> tuple[tuple[tuple[int, bytes], ...], int, int]:
     while pos < end:
         ftype = plain[pos]
         if ftype == _PADDING:
-            rest = plain[pos:].lstrip(b"\x00")
-            padding += end - pos - len(rest)
-            pos = end - len(rest)
+            found = _NONZERO(plain, pos)
+            stop = end if found is None else found.start()
+            padding += stop - pos
+            pos = stop
         elif ftype == _CRYPTO:
             offset, pos = _varint(plain, pos + 1, end)
             length, pos = _varint(plain, pos, end)
@@ -351,32 +356,42 @@ class CryptoStream:
         self._ends: list[int] = []
 
     def add(self, offset: int, data: bytes) -> None:
-        if offset < 0 or offset + len(data) > MAX_STREAM_OFFSET:
+        n = len(data)
+        if offset < 0 or offset + n > MAX_STREAM_OFFSET:
             raise QuicParseError(f"CRYPTO offset {offset} is out of range")
-        end = min(offset + len(data), self.limit)
+        end = offset + n
+        if end > self.limit:
+            end = self.limit
         if offset >= end:
             return
-        starts, ends = self._starts, self._ends
+        starts, ends, buf = self._starts, self._ends, self._buf
         # Ranges touching or overlapping [offset, end): indexes lo..hi-1.
         lo = bisect_left(ends, offset)
         hi = bisect_right(starts, end)
-        if lo == hi and len(starts) >= self.max_pieces:
-            return  # a new separate range, and the table is full
-        if len(self._buf) < end:
-            self._buf.extend(bytes(end - len(self._buf)))
-        buf = self._buf
+        if len(buf) < end:
+            if lo == hi and len(starts) >= self.max_pieces:
+                return  # a new separate range, and the table is full
+            buf.extend(bytes(end - len(buf)))
+        if lo == hi:  # the common case: a piece that touches nothing received
+            if len(starts) >= self.max_pieces:
+                return
+            buf[offset:end] = data if end - offset == n else data[: end - offset]
+            starts.insert(lo, offset)
+            ends.insert(lo, end)
+            return
         # Fill the gaps between the existing ranges; what is there already stays.
         cursor = offset
         for i in range(lo, hi):
-            if starts[i] > cursor:
-                buf[cursor : starts[i]] = data[cursor - offset : starts[i] - offset]
-            cursor = max(cursor, ends[i])
+            s = starts[i]
+            if s > cursor:
+                buf[cursor:s] = data[cursor - offset : s - offset]
+            if ends[i] > cursor:
+                cursor = ends[i]
         if cursor < end:
             buf[cursor:end] = data[cursor - offset : end - offset]
-        new_start = min(offset, starts[lo]) if lo < hi else offset
-        new_end = max(end, ends[hi - 1]) if lo < hi else end
-        starts[lo:hi] = [new_start]
-        ends[lo:hi] = [new_end]
+        first, last = starts[lo], ends[hi - 1]
+        starts[lo:hi] = [offset if offset < first else first]
+        ends[lo:hi] = [end if end > last else last]
 
     def contiguous(self) -> bytes:
         """The in-order bytes from offset 0 received so far."""
