@@ -142,7 +142,7 @@ def peek(datagram: bytes) -> LongHeader | None:
     """The long header at the start of `datagram`; None without the long-header bit."""
     if not datagram or not datagram[0] & 0x80:
         return None
-    kind, version, dcid, scid, _ = _header(bytes(datagram), 0)
+    kind, version, dcid, scid, _ = _header(datagram if isinstance(datagram, bytes) else bytes(datagram), 0)
     return LongHeader(kind, version, dcid, scid)
 
 
@@ -189,7 +189,7 @@ def initial_secrets(version: int, dcid: bytes) -> tuple[bytes, bytes, bytes]:
 
 class _Keys(NamedTuple):
     aead: AESGCM
-    hp: Any  # a reusable AES-128-ECB encryptor (ECB keeps no state between blocks)
+    hp: Any  # a reusable AES-128-ECB encryptor (ECB keeps no state between blocks; one thread)
     iv: int
 
 
@@ -215,7 +215,7 @@ def parse_initials(datagram: bytes) -> list[Initial]:
     DCID are parsed, other long-header packets skipped by their length, and the walk stops at a short
     header (it fills the rest of the datagram), at a packet with another DCID, at one without a length
     field (Retry, Version Negotiation, unknown version) or at one that does not decrypt."""
-    data = bytes(datagram)
+    data = datagram if isinstance(datagram, bytes) else bytes(datagram)
     if not data or not data[0] & 0x80:
         raise QuicParseError("not a QUIC long-header packet")
     first, pos = _initial(data, 0, None)
