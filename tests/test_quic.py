@@ -779,3 +779,101 @@ def test_captured_chromium_two_datagram_hello() -> None:
     assert start < len(first.contiguous()) < start + len(hello.sni or "")
     assert quic.first_datagram_hello(d1) is None
     assert quic.first_datagram_hello(d2) is None  # the second one does not start at offset 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The long fuzz run, out of CI: THROTTLE_QUIC_FUZZ=250000 pytest -q tests/test_quic.py -k long_fuzz -s
+# ------------------------------------------------------------------------------------------------
+
+
+def _random_frame(rng: random.Random) -> bytes:
+    kind = rng.randrange(9)
+    if kind == 0:
+        return qb.crypto(rng.choice([0, rng.randrange(5000), rng.randrange(1 << 62)]), rng.randbytes(rng.randrange(60)))
+    if kind == 1:
+        return qb.ping()
+    if kind == 2:
+        return qb.padding(rng.randrange(1, 50))
+    if kind == 3:
+        ranges = [(rng.randrange(1 << 40), rng.randrange(1 << 20)) for _ in range(rng.randrange(4))]
+        return qb.ack(rng.randrange(1 << 62), rng.randrange(1 << 30), 0, ranges, (1, 2, 3) if rng.random() < 0.5 else None)
+    if kind == 4:
+        return qb.connection_close(rng.randrange(1 << 20), rng.randrange(64), rng.randbytes(rng.randrange(20)))
+    if kind == 5:
+        return bytes([rng.randrange(256)]) + rng.randbytes(rng.randrange(12))
+    if kind == 6:  # a frame cut short
+        whole = qb.crypto(rng.randrange(1 << 30), rng.randbytes(rng.randrange(1, 30)))
+        return whole[: rng.randrange(1, len(whole))]
+    if kind == 7:  # lengths and counts far past the packet, in every varint size
+        out = rng.choice([b"\x06", b"\x02", b"\x03", b"\x1c"])
+        for _ in range(rng.randrange(7)):
+            size = rng.choice([1, 2, 4, 8])
+            out += qb.varint(rng.randrange(1 << (8 * size - 2)), size)
+        return out
+    return rng.randbytes(rng.randrange(1, 40))
+
+
+def test_long_fuzz() -> None:
+    import os
+    import time
+
+    total = int(os.environ.get("THROTTLE_QUIC_FUZZ", "0"))
+    if not total:
+        pytest.skip("set THROTTLE_QUIC_FUZZ=<inputs> for the long fuzz run")
+    rng = random.Random(int(os.environ.get("THROTTLE_QUIC_FUZZ_SEED", "2026")))
+    seeds = [RFC_CLIENT_INITIAL[QUIC_V1], RFC_CLIENT_INITIAL[QUIC_V2]]
+    for capture, *_ in CAPTURED:
+        seeds += client_datagrams(capture)
+    counts = dict.fromkeys(["bytes", "mutations", "plaintext", "crypto stream"], 0)
+    accepted = 0
+    started = time.monotonic()
+    for n in range(total):
+        which = n % 4
+        if which == 0:
+            data = rng.randbytes(rng.randrange(1400))
+            if rng.random() < 0.5:  # behind a plausible long header
+                version = rng.choice([QUIC_V1, QUIC_V2, 0, 0x1A2A3A4A])
+                cid = rng.randbytes(rng.randrange(22))
+                data = bytes([rng.randrange(256) | 0x80]) + version.to_bytes(4, "big") + bytes([len(cid)]) + cid + data
+            _only_parse_errors(data)
+            counts["bytes"] += 1
+        elif which == 1:
+            packet = bytearray(rng.choice(seeds))
+            for _ in range(rng.randrange(1, 4)):
+                op = rng.randrange(4)
+                pos = rng.randrange(len(packet))
+                if op == 0:
+                    packet[pos] ^= 1 << rng.randrange(8)
+                elif op == 1:
+                    del packet[pos:]
+                elif op == 2:
+                    packet[pos:pos] = rng.randbytes(rng.randrange(1, 8))
+                else:
+                    del packet[pos : pos + rng.randrange(1, 8)]
+                if not packet:
+                    break
+            _only_parse_errors(bytes(packet))
+            counts["mutations"] += 1
+        elif which == 2:
+            version = rng.choice([QUIC_V1, QUIC_V2])
+            payload = b"".join(_random_frame(rng) for _ in range(rng.randrange(12))).ljust(4, b"\x00")
+            packet = qb.long_packet(version, rng.randbytes(rng.randrange(21)), payload, pn_len=rng.randrange(1, 5), pn=rng.randrange(1 << 8))
+            try:
+                quic.parse_initials(packet)
+                accepted += 1
+            except QuicParseError:
+                pass
+            _only_parse_errors(packet)
+            counts["plaintext"] += 1
+        else:
+            limit = rng.randrange(1, 400)
+            ours, model = CryptoStream(limit=limit), _Model(limit)
+            for _ in range(rng.randrange(40)):
+                offset, data = rng.randrange(450), rng.randbytes(rng.randrange(50))
+                ours.add(offset, data)
+                model.add(offset, data)
+            assert ours.contiguous() == model.contiguous() and len(ours) == len(model.bytes)
+            assert len(ours._buf) <= limit
+            counts["crypto stream"] += 1
+    print(f"long fuzz: {sum(counts.values())} inputs in {time.monotonic() - started:.0f} s: {counts}; "
+          f"{accepted} sealed plaintexts accepted as well-formed")

@@ -191,15 +191,18 @@ class _Keys(NamedTuple):
     aead: AESGCM
     hp: Any  # a reusable AES-128-ECB encryptor (ECB keeps no state between blocks; one thread)
     iv: int
+    invalid_tag: type[Exception]  # cryptography's InvalidTag, imported with the rest
 
 
 @functools.lru_cache(maxsize=1024)
 def _keys(version: int, dcid: bytes) -> _Keys:
+    from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     key, iv, hp = initial_secrets(version, dcid)
-    return _Keys(AESGCM(key), Cipher(algorithms.AES(hp), modes.ECB()).encryptor(), int.from_bytes(iv, "big"))
+    hp_encryptor = Cipher(algorithms.AES(hp), modes.ECB()).encryptor()
+    return _Keys(AESGCM(key), hp_encryptor, int.from_bytes(iv, "big"), InvalidTag)
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,13 +275,14 @@ def _initial(data: bytes, pos: int, expect_version: int | None) -> tuple[Initial
     nonce = (keys.iv ^ pn).to_bytes(12, "big")
     try:
         plain = keys.aead.decrypt(nonce, data[pn_offset + pn_len : end], header)
-    except Exception as exc:  # cryptography's InvalidTag; imported lazily, so caught broadly
+    except keys.invalid_tag as exc:
         raise QuicParseError("Initial packet does not authenticate (not a client Initial for this DCID)") from exc
     if first & 0x0C:
         raise QuicParseError("reserved header bits are set")  # RFC 9000 §17.2: PROTOCOL_VIOLATION
     crypto, pings, padding = _frames(plain)
-    # The first Initial of a connection has no earlier packet number: the truncated number is the
-    # full one (RFC 9000 Appendix A.3 with no packet yet received).
+    # Read alone, an Initial has no earlier packet number to decode against: the truncated number is
+    # taken as the full one. It is, for a sender following RFC 9000 §17.1 / Appendix A.2: with nothing
+    # acknowledged in the Initial space it must encode enough bits for the whole number.
     return Initial(version, dcid, scid, token, pn, crypto, pings, padding), end
 
 
