@@ -449,7 +449,8 @@ def test_two_datagram_hello(version: int, seed: int) -> None:
     d1, d2 = qb.split_hello(hello, version, DCID, seed=seed)
     assert len(d1) == len(d2) == 1250
     initials = quic.parse_initials(d1) + quic.parse_initials(d2)
-    assert sum(len(i.crypto) for i in initials) == 12 and sum(i.pings for i in initials) >= 0
+    assert sum(len(i.crypto) for i in initials) == 12
+    assert all(i.pings > 0 and i.padding > 0 for i in initials)
     offsets = [o for i in initials for o, _ in i.crypto]
     assert offsets != sorted(offsets)  # shuffled
     # The censor that reassembles: complete after both datagrams, whichever arrives first.
@@ -763,9 +764,9 @@ def test_captured_chromium_two_datagram_hello() -> None:
     (i1,), (i2,) = quic.parse_initials(d1), quic.parse_initials(d2)
     assert i1.packet_number < i2.packet_number and i1.token == i2.token == b""
     for i in (i1, i2):
-        offsets = [o for o, _ in i.crypto]
-        assert len(offsets) >= 3 and offsets != sorted(offsets)
-        assert i.pings > 0 and i.padding > 0
+        assert len(i.crypto) >= 3 and i.pings > 0 and i.padding > 0
+    offsets = [o for o, _ in i1.crypto + i2.crypto]
+    assert offsets != sorted(offsets)
     whole = CryptoStream()
     for o, b in i1.crypto + i2.crypto:
         whole.add(o, b)
@@ -775,8 +776,10 @@ def test_captured_chromium_two_datagram_hello() -> None:
     first = CryptoStream()
     for o, b in i1.crypto:
         first.add(o, b)
-    # the first datagram's in-order bytes stop inside the name: no SNI from it alone
-    assert start < len(first.contiguous()) < start + len(hello.sni or "")
+    # The first datagram's in-order bytes stop before the end of the name: no SNI from it alone.
+    # (In the committed capture they stop inside the name itself; Chromium permutes its extensions,
+    # so in other runs the name sat after them, or in the first datagram's out-of-order tail.)
+    assert len(first.contiguous()) < start + len(hello.sni or "")
     assert quic.first_datagram_hello(d1) is None
     assert quic.first_datagram_hello(d2) is None  # the second one does not start at offset 0
 
