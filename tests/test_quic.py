@@ -555,7 +555,7 @@ def test_fuzz_arbitrary_bytes(data: bytes) -> None:
     _only_parse_errors(data)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(
     st.sampled_from([QUIC_V1, QUIC_V2, 0, 0x1A2A3A4A]),
     st.integers(0, 255),
@@ -612,7 +612,7 @@ def frame(draw: st.DrawFn) -> tuple[bytes, tuple[int, bytes] | None, int, bool]:
     return t + b"".join(_big_varint(draw) for _ in range(draw(st.integers(0, 6)))), None, 0, False
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.sampled_from([QUIC_V1, QUIC_V2]),
     st.binary(max_size=20),
@@ -666,7 +666,7 @@ class _Model:
         return bytes(out)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(
     st.integers(1, 300),
     st.lists(st.tuples(st.integers(0, 320), st.binary(max_size=40)), max_size=60),
