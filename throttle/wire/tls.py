@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from throttle.errors import ParseError
 
-__all__ = ["ClientHello", "TLSParseError", "parse_client_hello", "is_tls_record", "is_grease"]
+__all__ = ["ClientHello", "TLSParseError", "parse_client_hello", "parse_handshake", "is_tls_record", "is_grease"]
 
 CONTENT_CHANGE_CIPHER_SPEC = 20
 CONTENT_HANDSHAKE = 22
@@ -101,6 +101,18 @@ def parse_client_hello(data: bytes | memoryview, *, first_record_only: bool = Fa
         if need < 0 and len(message) >= 4:
             need = 4 + _check_handshake_header(message)
     return _parse_body(message[4:need], pos - (len(message) - need), records)
+
+
+def parse_handshake(data: bytes | memoryview) -> ClientHello | None:
+    """Parse a ClientHello handshake message at the start of `data`, without record headers (as
+    QUIC's CRYPTO frames carry it); the same contract as `parse_client_hello`. `length` is the bytes
+    of the handshake message (its 4-byte header included) and `records` is 0."""
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    length = _check_handshake_header(data[:4])
+    if length < 0 or len(data) < 4 + length:
+        return None
+    return _parse_body(data[4 : 4 + length], 4 + length, 0)
 
 
 def _check_prefix(data: bytes | memoryview, pos: int, n: int) -> None:
