@@ -54,8 +54,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 from urllib.parse import parse_qs, urlsplit
 
+from throttle.errors import ParseError
 from throttle.files import atomic_write
 from throttle.units import parse_size
+from throttle.wire import quic as wire_quic
 from throttle.wire.names import normalise
 
 if TYPE_CHECKING:
@@ -276,21 +278,19 @@ class HelloPeek:
     """The ClientHello of one new connection, from the CRYPTO frames of its Initial packets.
 
     Initial packets are encrypted with keys derived from the destination connection ID the client
-    chose (RFC 9001 §5.2), so they can be read before any handshake. `feed` takes the client's
-    datagrams until the hello is whole (`done`); `sni` is its server_name, None when it has none
-    or the bytes could not be read (aioquic will judge those bytes itself)."""
+    chose (RFC 9001 §5.2), so they can be read before any handshake, by the same parser the censor
+    uses (`throttle.wire.quic`). `feed` takes the client's datagrams until the hello is whole
+    (`done`); `sni` is its server_name, None when it has none or the bytes could not be read
+    (aioquic will judge those bytes itself)."""
 
     def __init__(self, dcid: bytes, version: int) -> None:
-        from aioquic.quic.crypto import CryptoPair
-
         self.dcid = dcid
+        self.version = version
         self.datagrams: list[bytes] = []
         self.started = time.monotonic()
         self.done = False
         self.sni: Optional[str] = None
-        self._crypto = CryptoPair()
-        self._crypto.setup_initial(cid=dcid, is_client=False, version=version)
-        self._chunks: dict[int, bytes] = {}
+        self._stream = wire_quic.CryptoStream(MAX_HELLO_BYTES)
 
     def feed(self, datagram: bytes) -> bool:
         """Add a datagram; True once the hello is whole or cannot be read."""
@@ -298,80 +298,21 @@ class HelloPeek:
         if self.done:
             return True
         try:
-            self._read_datagram(datagram)
-            self._try_hello()
-        except Exception as exc:  # untrusted bytes: any failure means "no name seen here"
-            log(f"h3: unreadable Initial ({type(exc).__name__}: {exc}); default certificate")
+            for packet in wire_quic.parse_initials(datagram):
+                if packet.dcid == self.dcid:
+                    for offset, data in packet.crypto:
+                        self._stream.add(offset, data)
+            hello = wire_quic.client_hello(self._stream.contiguous())
+        except ParseError as exc:
+            log(f"h3: unreadable Initial ({exc}); default certificate")
             self.done = True
-        if not self.done and (len(self.datagrams) >= MAX_HELLO_DATAGRAMS
-                              or sum(len(c) for c in self._chunks.values()) > MAX_HELLO_BYTES):
+            return True
+        if hello is not None:
+            self.sni = hello.sni
+            self.done = True
+        elif len(self.datagrams) >= MAX_HELLO_DATAGRAMS:
             self.done = True
         return self.done
-
-    def _read_datagram(self, datagram: bytes) -> None:
-        from aioquic.buffer import Buffer  # type: ignore[attr-defined]  # re-exported from aioquic._buffer
-        from aioquic.quic.packet import QuicPacketType, pull_quic_header
-
-        buf = Buffer(data=datagram)
-        while not buf.eof():
-            start = buf.tell()
-            try:
-                header = pull_quic_header(buf, host_cid_length=8)
-            except ValueError:
-                if start == 0:
-                    raise
-                break  # zeros padding the datagram after its packets
-            end = start + header.packet_length
-            if header.packet_type == QuicPacketType.INITIAL and header.destination_cid == self.dcid:
-                _, payload, _ = self._crypto.decrypt_packet(datagram[start:end], buf.tell() - start, 0)
-                self._read_frames(payload)
-            if header.version is None or end <= start:
-                break  # a short header packet runs to the end of the datagram
-            buf.seek(end)
-
-    def _read_frames(self, payload: bytes) -> None:
-        from aioquic.buffer import Buffer  # type: ignore[attr-defined]  # re-exported from aioquic._buffer
-
-        buf = Buffer(data=payload)
-        while not buf.eof():
-            kind = buf.pull_uint_var()
-            if kind in (0x00, 0x01):  # PADDING, PING
-                continue
-            if kind in (0x02, 0x03):  # ACK (with ECN counts for 0x03)
-                buf.pull_uint_var()
-                buf.pull_uint_var()
-                ranges = buf.pull_uint_var()
-                buf.pull_uint_var()
-                for _ in range(2 * ranges + (3 if kind == 0x03 else 0)):
-                    buf.pull_uint_var()
-            elif kind == 0x06:  # CRYPTO
-                offset = buf.pull_uint_var()
-                length = buf.pull_uint_var()
-                if offset + length > MAX_HELLO_BYTES:
-                    raise ValueError(f"CRYPTO data beyond {MAX_HELLO_BYTES} bytes")
-                self._chunks[offset] = buf.pull_bytes(length)
-            else:  # CONNECTION_CLOSE or anything an Initial should not carry
-                return
-
-    def _try_hello(self) -> None:
-        from aioquic.buffer import Buffer  # type: ignore[attr-defined]  # re-exported from aioquic._buffer
-        from aioquic.tls import pull_client_hello
-
-        data = bytearray()
-        for offset in sorted(self._chunks):
-            chunk = self._chunks[offset]
-            if offset > len(data):
-                break
-            data += chunk[len(data) - offset:]
-        if len(data) < 4:
-            return
-        if data[0] != 1:
-            raise ValueError(f"the first handshake message is type {data[0]}, not a ClientHello")
-        need = 4 + int.from_bytes(data[1:4], "big")
-        if len(data) < need:
-            return
-        self.sni = pull_client_hello(Buffer(data=bytes(data[:need]))).server_name
-        self.done = True
 
 
 # -- certificates ---------------------------------------------------------------------------------
