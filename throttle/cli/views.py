@@ -75,9 +75,16 @@ def result_table(report: RunReport) -> Table:
 
 def footnote(report: RunReport) -> str:
     control = format_rate(report.control_speed) if report.control_speed else "none"
-    return (f"throttled = below {format_rate(3 * report.rate)} (3 x the scenario's {format_rate(report.rate)}) "
-            f"and 10 x slower than the control ({control}); blocked = not done before its timeout. "
-            f"{report.seconds:.0f} s in all.")
+    rates = sorted({r.rate for r in report.runs if r.rate > 0} or {report.rate})
+    if rates[0] <= 0:  # rules that drop or freeze only
+        return (f"no rule here slows a flow (they drop); blocked = not done before its timeout (control "
+                f"{control}). {report.seconds:.0f} s in all.")
+    if len(rates) > 1:  # rules of different rates (youtube-2024: TCP and QUIC)
+        below = f"below 3 x its rule's rate ({', '.join(format_rate(r) for r in rates)})"
+    else:
+        below = f"below {format_rate(3 * rates[0])} (3 x the scenario's {format_rate(rates[0])})"
+    return (f"throttled = {below} and 10 x slower than the control ({control}; QUIC probes against QUIC "
+            f"controls when there are some); blocked = not done before its timeout. {report.seconds:.0f} s in all.")
 
 
 class Progress:

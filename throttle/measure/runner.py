@@ -58,6 +58,7 @@ class ProbeRun:
     samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds, bytes) over time
     final: dict[str, Any] | None = None  # the raw TLS client's closing report
     client_error: str = ""  # the QUIC client's own account of a failure
+    rate: float = 0.0  # the rate (bytes/s) it was judged against: its rule's, or the scenario's slowest
 
     @property
     def speed(self) -> float:
@@ -97,7 +98,7 @@ class RunReport:
                     "sni": r.probe.sni, "size": r.probe.size, "bytes": r.bytes, "seconds": round(r.seconds, 4),
                     "speed_bytes_per_second": round(r.speed, 1), "completed": r.completed, "error": r.error,
                     "expected": r.probe.expect, "observed": r.observed, "passed": r.passed,
-                    "control": r.probe.control,
+                    "control": r.probe.control, "rate_bytes_per_second": r.rate,
                 }
                 for r in self.runs
             ],
@@ -435,7 +436,8 @@ class Runner:
         stop.set()
         poller.join(timeout=5)
         for run in self.runs:
-            run.observed = judge(run, self.rate_for(run.probe), same[run.probe.protocol == "quic"])
+            run.rate = self.rate_for(run.probe)
+            run.observed = judge(run, run.rate, same[run.probe.protocol == "quic"])
         return RunReport(self.scenario.name, self.scenario.path, self.runs, self.rate, control_speed,
                          started, time.monotonic() - t0)
 
