@@ -187,7 +187,7 @@ def _decided_flow_cost() -> float:
     for i in range(200):
         syn = bytes(IP(src="198.18.0.2", dst="198.18.1.2") / ScapyTCP(sport=20000 + i, dport=443, flags="S"))
         engine.process(syn, 0.0)
-        data = bytes(IP(src="198.18.0.2", dst="198.18.1.2") / ScapyTCP(sport=20000 + i, dport=443, flags="A") / (b"\xaa" * 1460))
+        data = bytes(IP(src="198.18.0.2", dst="198.18.1.2") / ScapyTCP(sport=20000 + i, dport=443, flags="A", seq=1) / (b"\xaa" * 1460))
         engine.process(data, 0.0)  # an unparseable first packet of >= 101 bytes: decided, passed
         packets.append(data)
     assert all(f.state == State.PASSED for f in engine.flows())

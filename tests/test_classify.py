@@ -37,6 +37,23 @@ def test_chromium_two_segment_hello_needs_the_reassembling_model() -> None:
     assert new["server"] == "198.18.0.2:443" and new["transport"] == "tcp"
 
 
+def test_chromium_quic_hello_over_two_datagrams_needs_the_reassembling_model() -> None:
+    capture = str(VECTORS / "chromium-quic-rr1---sn-xxx.googlevideo.com.pcap")
+    (new,) = json_rows(capture, "--scenario", "youtube-2024")
+    assert (new["name"], new["name_source"], new["rule"], new["verdict"], new["transport"]) == (
+        "rr1---sn-xxx.googlevideo.com", "quic", "googlevideo-quic", "limited", "udp")
+    (old,) = json_rows(capture, "--scenario", "youtube-2024", "--no-reassemble")
+    assert old["name"] is None and old["verdict"] == "passed" and old["transport"] == "udp"
+
+
+@pytest.mark.parametrize("capture,name", [("aioquic-quic-video.twimg.com.pcap", "video.twimg.com"),
+                                          ("aioquic-quicv2-pbs.twimg.com.pcap", "pbs.twimg.com")])
+def test_aioquic_initials_v1_and_v2_are_named_under_both_models(capture: str, name: str) -> None:
+    for model in ("--reassemble", "--no-reassemble"):
+        rows = json_rows(str(VECTORS / capture), "--scenario", "russia-2023-quic-sni", model)
+        assert [(r["name"], r["name_source"], r["transport"]) for r in rows] == [(name, "quic", "udp")]
+
+
 @pytest.mark.parametrize("scenario,limited", [("twitter-2021-03-10", True), ("twitter-2021-04-02", False)])
 def test_microsoft_and_the_substring_rule(scenario: str, limited: bool) -> None:
     (row,) = json_rows(str(VECTORS / "curl-tls12-www.microsoft.com.pcap"), "--scenario", f"scenarios/{scenario}.toml")
