@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import csv
 import json
 from pathlib import Path
@@ -49,7 +51,10 @@ def test_parse_segment_ipv6_with_extension_header_and_udp() -> None:
               / TCP(sport=5, dport=443, seq=9) / b"ab")
     assert parse_segment(0.0, pkt) == Segment(0.0, "2001:2:0:1::2", "2001:2:0:2::2", 5, 443, 6, 9, 2)
     u = parse_segment(2.0, raw(IP(src=C, dst=S) / UDP(sport=53, dport=5353) / b"hello"))
-    assert u is not None and (u.proto, u.length, u.seq) == (17, 5, 0)
+    # A datagram's "sequence number" is a checksum of its first bytes: the same copy on both sides.
+    assert u is not None and (u.proto, u.length, u.seq) == (17, 5, zlib.crc32(b"hello"))
+    other = parse_segment(2.0, raw(IP(src=C, dst=S) / UDP(sport=53, dport=5353) / b"hellO"))
+    assert other is not None and other.seq != u.seq
 
 
 @pytest.mark.parametrize("data", [b"", b"\x45", b"\x60" + b"\x00" * 10, b"\x20" * 40, b"\x45" + b"\x00" * 15,
@@ -76,6 +81,16 @@ def test_flow_segments_by_client_port_range_and_tls_by_order() -> None:
     assert [s.time for s in flows[3]] == [0.3, 0.6]  # the TLS control runs first, so it is the first 8443 flow
     assert [s.time for s in flows[2]] == [0.5]
     assert all(s.sport != 50000 for f in flows.values() for s in f)
+
+
+def test_flow_segments_quic_probes_by_port_and_udp_only() -> None:
+    probes = [Probe("tcp", "a"), Probe("quic", "b", protocol="quic")]
+    segs = [seg(0.0, BASE + 1, 443, 1, 10), seg(0.1, BASE + 11, 443, 1, 10)._replace(proto=17),
+            seg(0.2, 443, BASE + 11, 2, 10, S, C)._replace(proto=17), seg(0.3, BASE + 12, 443, 1, 10),
+            seg(0.4, BASE + 2, 443, 1, 10)._replace(proto=17)]
+    flows = flow_segments(segs, probes, BASE)
+    assert [s.time for s in flows[0]] == [0.0]  # not the UDP datagram in its port range
+    assert [s.time for s in flows[1]] == [0.1, 0.2]  # not the TCP segment in its port range
 
 
 # ---- binning and drops ---------------------------------------------------------------------------

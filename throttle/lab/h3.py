@@ -114,8 +114,11 @@ def unsent(quic: QuicConnection, stream_id: int, written: int) -> int:
     return max(0, written - stream.sender.highest_offset)
 
 
-def socket_for(host: str, port: int, connect: bool = False) -> socket.socket:
-    """A UDP socket bound to (or, for a client, connected to) `host`; IPv6 sockets take IPv6 only."""
+def socket_for(host: str, port: int, connect: bool = False,
+               local_ports: tuple[int, int] | None = None) -> socket.socket:
+    """A UDP socket bound to (or, for a client, connected to) `host`; IPv6 sockets take IPv6 only.
+    A client given `local_ports` (lo, hi) takes the first free port of that range, as curl's
+    --local-port does, so that captures can tell its datagrams apart."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
@@ -126,6 +129,14 @@ def socket_for(host: str, port: int, connect: bool = False) -> socket.socket:
                 sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if connect and local_ports is not None:
+            for local in range(local_ports[0], local_ports[1] + 1):
+                try:
+                    sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", local))
+                    break
+                except OSError:
+                    if local == local_ports[1]:
+                        raise
         if connect:
             sock.connect((host, port))
         else:

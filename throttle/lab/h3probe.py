@@ -232,7 +232,7 @@ async def run(args: argparse.Namespace) -> int:
                                cafile=args.cafile, idle_timeout=args.max_time, max_datagram_size=DATAGRAM_SIZE,
                                congestion_control_algorithm=CONGESTION)
     loop = asyncio.get_running_loop()
-    sock = socket_for(args.address, args.port, connect=True)
+    sock = socket_for(args.address, args.port, connect=True, local_ports=args.local_port)
     proto = _Socket(sock.getpeername())
     transport = Datagrams(sock, proto.datagrams, proto.error)
     connection_class: type[QuicConnection] = QuicConnection
@@ -292,6 +292,13 @@ async def run(args: argparse.Namespace) -> int:
     return code
 
 
+def _port_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    if not (lo.isdigit() and (hi or lo).isdigit()) or not 0 < int(lo) <= int(hi or lo) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port range; write e.g. 40000-40009")
+    return int(lo), int(hi or lo)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m throttle.lab.h3probe", description=__doc__.split("\n")[0])
     p.add_argument("host", help="the name of the request (:authority) and, by default, the SNI")
@@ -303,6 +310,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     sni = p.add_mutually_exclusive_group()
     sni.add_argument("--sni", default=None, help="send this SNI (and :authority) instead of HOST")
     sni.add_argument("--no-sni", action="store_true", help="send no SNI; the certificate must name the address")
+    p.add_argument("--local-port", type=_port_range, default=None, metavar="LO-HI",
+                   help="take the client's UDP port from this range (as curl's --local-port)")
     p.add_argument("--ech", action="store_true", help="add an encrypted_client_hello extension to the ClientHello")
     p.add_argument("--max-time", type=float, default=60.0, help="seconds for the whole transfer")
     p.add_argument("--cafile", default=SYSTEM_BUNDLE, help=f"CA bundle to trust (default {SYSTEM_BUNDLE})")

@@ -32,6 +32,7 @@ import platform
 import random
 import statistics
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ from throttle.lab.topology import CENSOR_CLIENT_IF, CENSOR_SERVER_IF, Lab
 from throttle.measure.runner import PORT_BASE, SINK_PORT, RunReport, reference_rate, run_scenario
 from throttle.scenario import Probe, Scenario
 from throttle.units import format_rate
-from throttle.wire.ip import TCP, decode
+from throttle.wire.ip import TCP, UDP, decode
 from throttle.wire.pcap import read_packets
 
 __all__ = [
@@ -84,7 +85,12 @@ def parse_segment(ts: float, ip: bytes) -> Segment | None:
     d = decode(ip)
     if d is None:
         return None
-    return Segment(ts, _address(d.src), _address(d.dst), d.sport, d.dport, d.proto, d.seq, d.payload_length)
+    seq = d.seq
+    if d.proto == UDP:
+        # No sequence number: a datagram is known by its first payload bytes, the same on both
+        # sides of the censor (a QUIC packet's are its encrypted header and payload).
+        seq = zlib.crc32(ip[d.payload_offset : d.payload_offset + 64])
+    return Segment(ts, _address(d.src), _address(d.dst), d.sport, d.dport, d.proto, seq, d.payload_length)
 
 
 def _address(packed: bytes) -> str:
@@ -107,21 +113,27 @@ def probe_ports(probes: Sequence[Probe], port_base: int) -> dict[int, int]:
 
 
 def flow_segments(segments: Iterable[Segment], probes: Sequence[Probe], port_base: int) -> dict[int, list[Segment]]:
-    """Probe index -> its TCP segments (both directions), in capture order.
+    """Probe index -> its TCP segments or UDP datagrams (both directions), in capture order.
 
-    curl probes are found by their client port range. Raw TLS probes pick their own ports: their
+    curl and QUIC probes are found by their client port range. Raw TLS probes pick their own ports: their
     connections to port 8443 are taken in order of first appearance and given to the TLS probes in
     the order the runner starts them (controls first, then file order)."""
     ports = probe_ports(probes, port_base)
     out: dict[int, list[Segment]] = defaultdict(list)
     tls: dict[int, list[Segment]] = {}
+    quic = {i for i, p in enumerate(probes) if p.protocol == "quic"}
     for seg in segments:
-        if seg.proto != TCP:
+        if seg.proto != TCP and seg.proto != UDP:
             continue
+        index = ports.get(seg.sport, ports.get(seg.dport))
+        if index is not None and (seg.proto == UDP) != (index in quic):
+            continue  # a QUIC probe's datagrams, a TCP probe's segments
         if seg.sport in ports:
             out[ports[seg.sport]].append(seg)
         elif seg.dport in ports:
             out[ports[seg.dport]].append(seg)
+        elif seg.proto != TCP:
+            continue
         elif seg.dport == TLS_PORT:
             tls.setdefault(seg.sport, []).append(seg)
         elif seg.sport == TLS_PORT:

@@ -202,6 +202,9 @@ class Runner:
             # HTTP/3 GET /bytes/N or POST of N bytes to the address; the SNI as for curl below.
             argv = [sys.executable, "-m", "throttle.lab.h3probe", probe.host, "--address", address,
                     f"--{probe.direction}", str(probe.size), "--max-time", f"{max(timeout, 1):.0f}"]
+            if fixed_port:  # captures (throttle bench) find the probe by its port, as curl's
+                lo, hi = self._ports(probe)
+                argv += ["--local-port", f"{lo}-{hi}"]
             if probe.sni is False:
                 argv.append("--no-sni")
             elif isinstance(probe.sni, str):
