@@ -21,7 +21,7 @@ from throttle.engine.buckets import Bucket
 from throttle.engine.enforce import ACCEPT, BYPASS, Decision, Enforcer
 from throttle.engine.events import EngineError, Event, FlowDecided, FlowEnded, FlowStarted, Verdict
 from throttle.engine.flows import DOWNLOAD, UPLOAD, Direction, EndReason, Flow, FlowTable, NameSource, Side, State
-from throttle.engine.inspect import Inspector
+from throttle.engine.inspect import Found, Inspector
 from throttle.engine.rules import RuleSet, in_networks
 from throttle.scenario import Model, Rule
 from throttle.wire.ip import ACK, FIN, NO_PORTS, RST, SYN, TCP, UDP, addresses, flow_key, ip_end, locate, reverse_key
@@ -155,13 +155,7 @@ class Engine:
                 if flags & SYN:
                     seq = side.next_seq = (seq + 1) & 0xFFFFFFFF  # data in a SYN (TCP Fast Open) is at ISN+1
                 if payload:
-                    found, give_up = self._inspector.tcp(side, payload, seq)
-                    if give_up:
-                        self._close_inspection(flow, now, give_up=True)
-                    for name, source, ech in found:
-                        if flow.state != State.INSPECTING:
-                            break
-                        self._name_found(flow, name, source, now, ech)
+                    self._take(flow, *self._inspector.tcp(side, payload, seq), now)
                 if flow.state == State.INSPECTING and self._window_over(flow):
                     self._close_inspection(flow, now)
         if inspecting and flow.state == State.LIMITED and flow.rule is not None and flow.rule.action == "drop":
@@ -188,7 +182,10 @@ class Engine:
                     flow.name_source = "version"
                     self._decide(flow, rule, now)
                     return
-        found, give_up = self._inspector.quic(side, payload, now)
+        self._take(flow, *self._inspector.quic(side, payload, now), now)
+
+    def _take(self, flow: Flow, found: list[Found], give_up: bool, now: float) -> None:
+        """What inspecting one packet gave: the names found, in order, and whether to give up."""
         if give_up:
             self._close_inspection(flow, now, give_up=True)
         for name, source, ech in found:

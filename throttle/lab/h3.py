@@ -52,11 +52,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from throttle.errors import ParseError
 from throttle.files import atomic_write
-from throttle.units import parse_size
+from throttle.lab.server import release_pid_file, requested_size, server_arguments
 from throttle.wire import quic as wire_quic
 from throttle.wire.names import normalise
 
@@ -69,7 +69,6 @@ if TYPE_CHECKING:
 
 PORT = 443
 CHUNK = 65536
-MAX_SIZE = 1 << 40  # GET /bytes/N refuses more than 1 TiB
 MAX_CONNECTIONS = 256  # each holds SEND_AHEAD, its data in flight and out-of-order data received
 MAX_PENDING = 256  # connections whose ClientHello is not yet whole
 MAX_HELLO_DATAGRAMS = 8
@@ -461,19 +460,11 @@ class ServerConnection(Endpoint):
 
     def _get(self, req: Request) -> None:
         url = urlsplit(req.path)
-        size_text: Optional[str] = None
-        if url.path.startswith("/bytes/"):
-            size_text = url.path[len("/bytes/"):]
-        elif url.path == "/download":
-            size_text = parse_qs(url.query).get("size", ["0"])[0]
-        if size_text is not None:
-            try:
-                size = parse_size(size_text)
-                if not 0 <= size <= MAX_SIZE:
-                    raise ValueError(f"{size} is out of range")
-            except (ValueError, TypeError) as exc:
-                self._reply(req, 400, "text/plain", f"bad size {size_text!r}: {exc}\n".encode())
-                return
+        size = requested_size(req.path)
+        if isinstance(size, str):
+            self._reply(req, 400, "text/plain", size.encode())
+            return
+        if size is not None:
             self._start(req, 200, "application/octet-stream", size)
             if req.method == "HEAD" or size == 0:
                 self._data(req, b"", True)
@@ -694,21 +685,12 @@ async def serve(args: argparse.Namespace) -> None:
     finally:
         for datagrams in sockets:
             datagrams.close()
-        try:
-            if pid_file.read_text().strip() == str(os.getpid()):
-                pid_file.unlink()
-        except OSError:
-            pass
+        release_pid_file(pid_file)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m throttle.lab.h3", description=__doc__.split("\n")[0])
-    p.add_argument("--ca-dir", required=True, help="directory holding ca.pem, ca-key.pem, leaf-key.pem")
-    p.add_argument("--state-dir", required=True, help="where the pid file goes")
-    p.add_argument("--pid-file", default=None, help="default: STATE_DIR/h3server.pid")
-    p.add_argument("--listen", action="append", default=None, help="address to bind (repeatable); default: the --address ones")
-    p.add_argument("--address", action="append", default=[], help="an address for the no-SNI certificate (repeatable)")
-    p.add_argument("--name", action="append", default=[], help="a name to issue a certificate for at start (repeatable)")
+    p = server_arguments("python -m throttle.lab.h3", "h3server.pid")
+    p.description = __doc__.split("\n")[0]
     p.add_argument("--port", type=int, default=PORT)
     args = p.parse_args(argv)
     if args.listen is None:

@@ -143,22 +143,12 @@ class Handler(BaseHTTPRequestHandler):
         self._get(head=True)
 
     def _get(self, head: bool) -> None:
-        url = urlsplit(self.path)
-        path = url.path
-        size_text: Optional[str] = None
-        if path.startswith("/bytes/"):
-            size_text = path[len("/bytes/"):]
-        elif path == "/download":
-            size_text = parse_qs(url.query).get("size", ["0"])[0]
-        if size_text is not None:
-            try:
-                size = parse_size(size_text)
-                if not 0 <= size <= MAX_SIZE:
-                    raise ValueError(f"{size} is out of range")
-            except (ValueError, TypeError) as exc:
-                self._send(400, "text/plain", f"bad size {size_text!r}: {exc}\n".encode())
-                return
-            self._stream(size, head)
+        path = urlsplit(self.path).path
+        wanted = requested_size(self.path)
+        if isinstance(wanted, str):
+            self._send(400, "text/plain", wanted.encode())
+        elif wanted is not None:
+            self._stream(wanted, head)
         elif path == "/info":
             self._send(200, "application/json", json.dumps(self._info()).encode() + b"\n", head)
         elif path in ("/", "/index.html"):
@@ -257,6 +247,25 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         sys.stderr.write(f"{self.client_address[0]} {getattr(self.server, 'scheme', '-')} {format % args}\n")
+
+
+def requested_size(target: str) -> int | str | None:
+    """The size a download route asks for (`/bytes/N`, `/download?size=N`): bytes, an error
+    message for a bad size, or None when the target is another route. Both web servers use it."""
+    url = urlsplit(target)
+    if url.path.startswith("/bytes/"):
+        text = url.path[len("/bytes/"):]
+    elif url.path == "/download":
+        text = parse_qs(url.query).get("size", ["0"])[0]
+    else:
+        return None
+    try:
+        size = parse_size(text)
+        if not 0 <= size <= MAX_SIZE:
+            raise ValueError(f"{size} is out of range")
+    except (ValueError, TypeError) as exc:
+        return f"bad size {text!r}: {exc}\n"
+    return size
 
 
 def _html(value: Any) -> str:
@@ -391,21 +400,32 @@ def serve(args: argparse.Namespace) -> None:
         while not stop.wait(3600):
             pass
     finally:
-        try:
-            if pid_file.read_text().strip() == str(os.getpid()):
-                pid_file.unlink()
-        except OSError:
-            pass
+        release_pid_file(pid_file)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m throttle.lab.server", description=__doc__.split("\n")[0])
+def release_pid_file(pid_file: Path) -> None:
+    """Remove the pid file if it is still this process's (a newer server may have replaced it)."""
+    try:
+        if pid_file.read_text().strip() == str(os.getpid()):
+            pid_file.unlink()
+    except OSError:
+        pass
+
+
+def server_arguments(prog: str, pid_file: str) -> argparse.ArgumentParser:
+    """The options every lab server takes: its CA, state directory, pid file, addresses, names."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--ca-dir", required=True, help="directory holding ca.pem, ca-key.pem, leaf-key.pem")
-    p.add_argument("--state-dir", required=True, help="where issued certificates and the pid file go")
-    p.add_argument("--pid-file", default=None, help="default: STATE_DIR/labserver.pid")
+    p.add_argument("--state-dir", required=True, help="where the pid file goes")
+    p.add_argument("--pid-file", default=None, help=f"default: STATE_DIR/{pid_file}")
     p.add_argument("--listen", action="append", default=None, help="address to bind (repeatable); default: the --address ones")
     p.add_argument("--address", action="append", default=[], help="an address for the no-SNI certificate (repeatable)")
     p.add_argument("--name", action="append", default=[], help="a name to issue a certificate for at start (repeatable)")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = server_arguments("python -m throttle.lab.server", "labserver.pid")
     p.add_argument("--https-port", type=int, default=443)
     p.add_argument("--http-port", type=int, default=80)
     p.add_argument("--sink-port", type=int, default=8443, help="the raw byte-counting sink; 0: none")
