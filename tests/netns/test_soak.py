@@ -524,3 +524,96 @@ def test_a_run_whose_lab_server_dies_fails_naming_it(tmp_path: Path) -> None:
     print(f"\nthrottle run ended {took:.0f} s after it started, exit {run.returncode}: {err.strip().splitlines()[-1]}")
     assert run.returncode == 2
     assert "lab server" in err.splitlines()[-1], err[-1000:]
+
+
+# -- churn through the live censor ----------------------------------------------------------------
+
+CHURN_FLOWS = int(os.environ.get("THROTTLE_CHURN_FLOWS", "100000"))
+CHURN_RATE = 1000  # new connections a second
+CHURN_METRICS = 18233
+CHURN = """
+import json, selectors, socket, struct, sys, time
+from throttle.lab.evasion.plans import client_hello
+total, rate, host, port = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+hello = client_hello("pbs.twimg.com")
+linger = struct.pack("ii", 1, 0)  # close() sends a RST: no TIME_WAIT, ports free at once
+sel = selectors.DefaultSelector()
+opened = done = failed = 0
+since = {}
+start = time.monotonic()
+print("ready", flush=True)
+while done < total and time.monotonic() - start < 3 * total / rate + 60:
+    now = time.monotonic()
+    while opened < total and opened < (now - start) * rate and len(since) < 2000:
+        s = socket.socket()
+        s.setblocking(False)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        try:
+            s.connect((host, port))
+        except BlockingIOError:
+            pass
+        sel.register(s, selectors.EVENT_WRITE)
+        since[s] = now
+        opened += 1
+    for key, _ in sel.select(0.01):
+        s = key.fileobj
+        try:
+            s.send(hello)
+        except OSError:
+            failed += 1
+        sel.unregister(s)
+        del since[s]
+        s.close()
+        done += 1
+    for s, t in list(since.items()):
+        if now - t > 10:
+            sel.unregister(s); del since[s]; s.close(); failed += 1; done += 1
+print(json.dumps({"opened": opened, "done": done, "failed": failed, "seconds": time.monotonic() - start}), flush=True)
+"""
+
+
+def test_a_churn_of_100000_flows_through_the_live_censor_stays_at_the_bounds(soak: Lab, tmp_path: Path) -> None:
+    """THROTTLE_CHURN_FLOWS (default 100,000) connections at 1,000 a second, each a handshake, a
+    real ClientHello that a policing rule matches, and a RST, through the censor with a flow table
+    of 1,000: the engine's and the kernel's tables stay at their bounds (sampled every 2 s from
+    throttle_table_entries), the censor lives and its memory stays flat, and the flows are
+    classified."""
+    scenario = tmp_path / "churn.toml"
+    scenario.write_text(MIXED.replace('name_sources = ["tls"]', 'name_sources = ["tls"]\nmax_flows = 1000'))
+    sink = Sink(soak, 9151)
+    proc = censor(scenario, soak, CHURN_METRICS)
+    gen: subprocess.Popen[str] | None = None
+    peaks: dict[str, float] = {}
+    rss: list[int] = []
+    try:
+        gen = subprocess.Popen(soak.exec_argv("client", [sys.executable, "-c", CHURN, str(CHURN_FLOWS), str(CHURN_RATE),
+                                                         SERVER_V4, "9151"]),
+                               stdout=subprocess.PIPE, text=True, cwd=REPO)
+        assert gen.stdout is not None and gen.stdout.readline().strip() == "ready"
+        while gen.poll() is None:
+            time.sleep(2)
+            m = scrape(CHURN_METRICS)
+            for table in ("flows", "shared_buckets", "sticky", "dns", "kernel_flows"):
+                peaks[table] = max(peaks.get(table, 0.0), metric(m, "throttle_table_entries", table=table))
+            rss.append(rss_kb(proc.pid))
+            assert proc.poll() is None, "the censor died"
+        out = json.loads(gen.stdout.read().strip().splitlines()[-1])
+        time.sleep(3)
+        final = scrape(CHURN_METRICS)
+    finally:
+        kill(gen)
+        err = stop(proc)
+        sink.stop()
+    classified = metric(final, "throttle_flows_classified_total")
+    limited = metric(final, "throttle_flows_classified_total", verdict="limited")
+    lost = final.get("throttle_packets_lost_before_inspection_total", 0)
+    print(f"\nchurn: {out}\npeak table sizes: {peaks}\nclassified {classified:.0f} ({limited:.0f} limited), "
+          f"lost before inspection {lost:.0f}, engine errors {metric(final, 'throttle_engine_errors_total'):.0f}\n"
+          f"censor RSS (MB) every 2 s: {' '.join(f'{kb / 1024:.0f}' for kb in rss)}\n"
+          f"censor: {err.strip().splitlines()[-1] if err.strip() else ''}")
+    if out["seconds"] > 2 * CHURN_FLOWS / CHURN_RATE + 30 or out["failed"] > 0.01 * CHURN_FLOWS:
+        pytest.fail(f"the generator could not keep up on this machine ({out}): no verdict on the tables")
+    assert peaks["flows"] <= 1000 and peaks["kernel_flows"] <= 2 * 1000, peaks
+    assert classified >= 0.9 * CHURN_FLOWS, f"only {classified:.0f} of {CHURN_FLOWS} flows classified"
+    assert metric(final, "throttle_engine_errors_total") == 0
+    assert max(rss[len(rss) // 4:]) - rss[len(rss) // 4] <= max(32 * 1024, 0.25 * rss[len(rss) // 4]), rss
