@@ -25,6 +25,11 @@ constructs the FastPath and therefore in the same network namespace.
 Map layout: `KEY`, `VALUE` and `BUCKET` below mirror the C structs. Because redirected packets
 skip conntrack, the censor's conntrack entries of those flows stop advancing; `expire()` (or
 `remove()`) hands idle or finished flows back to the slow path.
+
+Walks of the whole flows map (every direction's counters for the exporter, idle expiry) run on a
+`Walker` thread (`FastPath.walker`), never on the censor's packet loop: `counters()` reads the map
+in batches into a `Snapshot` (raw values, no object per entry), and `expire_stale` deletes a key
+only if it is still idle, under the lock `add()` takes. `close()` stops the walkers first.
 """
 
 from __future__ import annotations
