@@ -108,8 +108,11 @@ def generate(flows: int, port: int, sni: str, seconds: float) -> int:
     opened = 0
     start = time.monotonic()
     deadline = start + seconds
+    max_gap, last = 0.0, start  # the longest time between two wake-ups: > 1 s means it fell behind
     print("ready", flush=True)
     while time.monotonic() < deadline:
+        now = time.monotonic()
+        max_gap, last = max(max_gap, now - last), now
         while opened < flows and opened < (time.monotonic() - start) * 2000 + 200:  # 2,000 new flows/s
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             # Writable only when less than 64 KB wait unsent: one wake-up per 64 KB, not per ACK.
@@ -138,7 +141,7 @@ def generate(flows: int, port: int, sni: str, seconds: float) -> int:
             pending[s] = rest if rest else memoryview(junk)
     for s in list(pending):
         s.close()
-    print(json.dumps({"opened": opened, "cpu": _cpu()}), flush=True)
+    print(json.dumps({"opened": opened, "cpu": _cpu(), "max_gap": round(max_gap, 3)}), flush=True)
     return 0
 
 

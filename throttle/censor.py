@@ -39,6 +39,7 @@ T = TypeVar("T")
 # is OpenTelemetry's exporter), and below Linux's ephemeral ports.
 DEFAULT_METRICS = "127.0.0.1:18130"
 EXPIRE_EVERY = 10.0  # seconds between sweeps of the fast path's idle entries
+WALK_EVERY = 1.0  # seconds between reads of the fast path's counters (on its walker thread)
 
 
 class Censor:
@@ -65,9 +66,10 @@ class Censor:
         self._classes = BucketSlots(HTB_CLASSES)  # the shaper's HTB classes, per bucket
         self._class_if: dict[int, str] = {}  # class minor -> the interface it is on
         self._kernel: dict[bytes, list[tuple[BucketSlots, int]]] = {}  # upload map key -> slots it holds
+        self._kernel_since: dict[bytes, float] = {}  # upload map key -> when it was (last) added
         self._stop: asyncio.Event | None = None
         self._shaping = False  # the interfaces have the shaper's HTB qdiscs
-        self._last_expire = 0.0
+        self.walker: fastpath.Walker | None = None  # reads the kernel's map off the packet loop
 
     @property
     def stats(self) -> HookStats:
@@ -124,6 +126,7 @@ class Censor:
         down = fastpath.flow_key(flow.proto, flow.server, flow.server_port, flow.client, flow.client_port)
         self._release(up)  # a reused 5-tuple: the old flow's slots
         self._kernel[up] = slots
+        self._kernel_since[up] = time.monotonic()
         if rule is None:
             self.fast_flows += 1
         else:
@@ -156,6 +159,7 @@ class Censor:
         return fastpath.Limit(slot, rule.after_bytes, carried)
 
     def _release(self, up_key: bytes) -> None:
+        self._kernel_since.pop(up_key, None)
         self._release_slots(self._kernel.pop(up_key, []))
 
     def _release_slots(self, slots: list[tuple[BucketSlots, int]]) -> None:
@@ -206,6 +210,8 @@ class Censor:
             loop.add_signal_handler(sig, self._stop.set)
         self._attach_fastpath()
         try:
+            if self.fastpath is not None:
+                self.walker = self._start_walker(loop, self.fastpath)
             with installed(self.fw), self.hook.bound(self.queue):
                 if ready is not None:
                     ready()
@@ -217,27 +223,54 @@ class Censor:
                     self._tick(loop.time(), tick)
         finally:
             if self.fastpath is not None:
-                self.fastpath.close()
+                self.fastpath.close()  # stops and joins the walker first
                 self.fastpath = None
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
 
+    def _start_walker(self, loop: asyncio.AbstractEventLoop, fast: fastpath.FastPath) -> fastpath.Walker:
+        """The walks of the kernel's map (its counters for the exporter, idle expiry) on a thread
+        of the fast path's, never on this loop: at 65,536 directions a walk takes longer than
+        packets may wait. What the loop must do with the results comes back through the loop."""
+        metrics = self.metrics
+        walked = [0.0]  # when the last walk's counters were read: its expiry deletes after that
+
+        def on_walk(counters: fastpath.Snapshot) -> None:
+            walked[0] = time.monotonic()
+            if metrics is not None:
+                metrics.kernel_tick(counters)
+
+        def on_expired(keys: list[bytes]) -> None:
+            loop.call_soon_threadsafe(self._expired, keys, walked[0])
+
+        def on_error(message: str) -> None:
+            loop.call_soon_threadsafe(self._walk_error, message)
+
+        return fast.walker(every=WALK_EVERY, idle=self.scenario.model.idle_timeout, expire_every=EXPIRE_EVERY,
+                           on_walk=on_walk, on_expired=on_expired, on_error=on_error)
+
+    def _expired(self, keys: list[bytes], since: float) -> None:
+        """Directions the walker removed as idle (after `since`): their kernel slots and classes
+        are free, unless the 5-tuple was handed to the kernel again since (a new flow's)."""
+        for key in keys:
+            if self._kernel_since.get(key, since) < since:
+                self._release(key)
+
+    def _walk_error(self, message: str) -> None:
+        self.hook.stats.errors += 1
+        self.fastpath_note = message
+
     def _tick(self, now: float, tick: Callable[[HookStats], None] | None) -> None:
+        """Once a second on the loop: cheap things only (the flow table's gauges, queue losses)."""
         if tick is not None:
             tick(self.stats)
-        fast = self.fastpath
         lost = queue_losses(self.queue)
         if lost is not None:
             self.stats.lost = lost
             if self.metrics is not None:
                 self.metrics.lost_before_inspection(lost)
         if self.metrics is not None:
-            counters = self._fastpath_call(fast.counters) if fast is not None else None
-            self.metrics.tick(self.engine, self.hook.holding, counters, now)
-        if fast is not None and now - self._last_expire > EXPIRE_EVERY:
-            self._last_expire = now
-            for key in self._fastpath_call(fast.expire_keys, self.scenario.model.idle_timeout) or ():
-                self._release(key)
+            self.metrics.tick(self.engine, self.hook.holding, None, now)
 
     def describe(self) -> str:
         s = self.stats

@@ -25,6 +25,11 @@ constructs the FastPath and therefore in the same network namespace.
 Map layout: `KEY`, `VALUE` and `BUCKET` below mirror the C structs. Because redirected packets
 skip conntrack, the censor's conntrack entries of those flows stop advancing; `expire()` (or
 `remove()`) hands idle or finished flows back to the slow path.
+
+Walks of the whole flows map (every direction's counters for the exporter, idle expiry) run on a
+`Walker` thread (`FastPath.walker`), never on the censor's packet loop: `counters()` reads the map
+in batches into a `Snapshot` (raw values, no object per entry), and `expire_stale` deletes a key
+only if it is still idle, under the lock `add()` takes. `close()` stops the walkers first.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
@@ -43,7 +48,7 @@ from typing import Any, Optional, TypeVar, Union
 from throttle.errors import ThrottleError
 from throttle.kernel import libbpf
 
-__all__ = ["FastPath", "available", "interface_mac", "neighbour_mac"]
+__all__ = ["FastPath", "Snapshot", "Walker", "available", "interface_mac", "neighbour_mac"]
 
 T = TypeVar("T")
 Address = Union[bytes, str, ipaddress.IPv4Address, ipaddress.IPv6Address]  # packed, or any form ipaddress takes
@@ -99,6 +104,49 @@ class Counters:
     dropped_bytes: int
     dropped_packets: int
     last_ns: int
+
+
+class Snapshot(Mapping[bytes, Counters]):
+    """Every direction's counters as one walk of the map read them: a read-only mapping of map key
+    to `Counters`, made on access. It holds the keys and the raw values, not an object per entry:
+    a walk of 65,536 directions every second must not feed the garbage collector (whose full
+    collections, run by whichever thread allocates, would stall the packet loop)."""
+
+    __slots__ = ("_keys", "_raw", "_index")
+
+    def __init__(self, keys: list[bytes], raw: bytes) -> None:
+        self._keys = keys
+        self._raw = raw
+        self._index: dict[bytes, int] | None = None
+
+    def _at(self, i: int) -> Counters:
+        _, _, _, last, nbytes, packets, dbytes, dpackets, *_ = VALUE.unpack_from(self._raw, i * VALUE.size)
+        return Counters(nbytes, packets, dbytes, dpackets, last)
+
+    def __getitem__(self, key: bytes) -> Counters:
+        if self._index is None:
+            self._index = {k: i for i, k in enumerate(self._keys)}
+        return self._at(self._index[key])
+
+    def __contains__(self, key: object) -> bool:
+        if self._index is None:
+            self._index = {k: i for i, k in enumerate(self._keys)}
+        return key in self._index
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def totals(self) -> Iterator[tuple[bytes, int, int, int, int]]:
+        """(key, bytes, packets, dropped bytes, dropped packets) of every direction, quickly."""
+        for key, (_, _, _, _, nbytes, packets, dbytes, dpackets, *_) in zip(self._keys, VALUE.iter_unpack(self._raw)):
+            yield key, nbytes, packets, dbytes, dpackets
+
+    def stale(self, limit_ns: int) -> list[bytes]:
+        """Keys whose last packet was before `limit_ns` (CLOCK_MONOTONIC)."""
+        return [key for key, value in zip(self._keys, VALUE.iter_unpack(self._raw)) if value[3] < limit_ns]
 
 
 class BucketSlots:
@@ -324,6 +372,7 @@ class FastPath:
         self._rtnl: Optional[_Rtnl] = None
         self._object: Optional[libbpf.BpfObject] = None
         self._shaping: list[int] = []  # ifindexes whose root qdisc is our HTB
+        self._walkers: list[Walker] = []
         try:
             self._object = libbpf.BpfObject(libbpf.object_path(), PROGRAM, ("flows", "buckets", "hits"),
                                             max_entries={"flows": max_entries})
@@ -380,10 +429,11 @@ class FastPath:
             raise ThrottleError("MAC addresses are 6 bytes")
         key = flow_key(proto, src, sport, dst, dport)
         lim = limit or Limit(0)
-        value = VALUE.pack(egress_ifindex, dst_mac, src_mac, time.monotonic_ns(), 0, 0, 0, 0, lim.carried,
-                           lim.after_bytes, lim.bucket, lim.priority)
         try:
-            libbpf.map_update(self._flows, key, value)
+            with self._lock:  # see expire_stale
+                value = VALUE.pack(egress_ifindex, dst_mac, src_mac, time.monotonic_ns(), 0, 0, 0, 0, lim.carried,
+                                   lim.after_bytes, lim.bucket, lim.priority)
+                libbpf.map_update(self._flows, key, value)
         except OSError as exc:
             if exc.errno == 7:  # E2BIG: the map is full
                 return False
@@ -499,26 +549,56 @@ class FastPath:
 
     def expire_keys(self, idle: float, now_ns: Optional[int] = None) -> list[bytes]:
         """`expire`, returning the map keys removed."""
+        return self.expire_stale(self.counters(), idle, now_ns)
+
+    def expire_stale(self, counters: Mapping[bytes, Counters], idle: float, now_ns: Optional[int] = None) -> list[bytes]:
+        """Remove the directions that `counters` (a snapshot from `counters()`) shows idle for
+        `idle` seconds and that are still idle now; returns the keys removed. Each key is looked up
+        again and deleted under the lock `add` takes, so a direction added (or a 5-tuple reused)
+        after the snapshot is never removed: safe from another thread than the one adding flows."""
+        self._check_open()
         now = time.monotonic_ns() if now_ns is None else now_ns
         limit = now - int(idle * 1e9)
-        stale = [key for key, c in self.counters().items() if c.last_ns < limit]
+        removed = []
         try:
-            return [key for key in stale if libbpf.map_delete(self._flows, key)]
+            stale = counters.stale(limit) if isinstance(counters, Snapshot) else \
+                [key for key, c in counters.items() if c.last_ns < limit]
+            for key in stale:
+                with self._lock:
+                    value = libbpf.map_lookup(self._flows, key, VALUE.size)
+                    if value is None or VALUE.unpack(value)[3] >= limit:
+                        continue
+                    if libbpf.map_delete(self._flows, key):
+                        removed.append(key)
         except OSError as exc:
             raise ThrottleError(f"cannot remove idle fast-path flows: {exc.strerror}") from None
+        return removed
 
-    def counters(self) -> dict[bytes, Counters]:
+    def walker(self, *, every: float, idle: float, expire_every: float,
+               on_walk: Callable[[Snapshot], None],
+               on_expired: Callable[[list[bytes]], None],
+               on_error: Callable[[str], None]) -> Walker:
+        """A `Walker` of this fast path's map, started; stopped by `close()` at the latest."""
+        self._check_open()
+        walker = Walker(self, every=every, idle=idle, expire_every=expire_every, on_walk=on_walk,
+                        on_expired=on_expired, on_error=on_error)
+        self._walkers.append(walker)
+        walker.start()
+        return walker
+
+    def counters(self) -> Snapshot:
         """What the kernel did with every direction in the map, by map key (see `flow_key`); read
         in batches, a few syscalls for the whole map."""
         self._check_open()
-        out = {}
+        keys: list[bytes] = []
+        values: list[bytes] = []
         try:
-            for key, value in libbpf.map_items(self._flows, KEY.size, VALUE.size):
-                _, _, _, last, nbytes, packets, dbytes, dpackets, *_ = VALUE.unpack(value)
-                out[key] = Counters(nbytes, packets, dbytes, dpackets, last)
+            for kraw, vraw, n in libbpf.map_batches(self._flows, KEY.size, VALUE.size):
+                keys += [kraw[i * KEY.size : (i + 1) * KEY.size] for i in range(n)]
+                values.append(vraw)
         except OSError as exc:
             raise ThrottleError(f"cannot read the fast-path flows: {exc.strerror}") from None
-        return out
+        return Snapshot(keys, b"".join(values))
 
     def flow_bytes(self) -> dict[bytes, int]:
         """Bytes forwarded so far by every direction in the map, by map key (see `flow_key`)."""
@@ -571,6 +651,9 @@ class FastPath:
     def close(self) -> None:
         """Detach from every interface, delete the clsact qdiscs added, close the fds. Idempotent;
         interfaces (or the namespace) already gone are no error."""
+        for walker in self._walkers:  # before the maps' fds close under them
+            walker.stop()
+        self._walkers.clear()
         with self._lock:
             if self._closed:
                 return
@@ -609,6 +692,66 @@ class FastPath:
         obj = getattr(self, "_object", None)
         if obj is not None:
             obj.close()
+
+
+class Walker:
+    """The periodic walk of the whole flows map, on a thread of its own, never on the thread that
+    reads packets: every `every` seconds it reads every direction's counters (`on_walk(counters)`,
+    called on this thread) and every `expire_every` seconds removes the directions idle for `idle`
+    seconds (`on_expired(keys)`, also on this thread: hand them to the packet loop with
+    `loop.call_soon_threadsafe`). Errors go to `on_error(message)` and the walks go on.
+
+    Reading 65,536 directions costs tens of milliseconds of Python and a few syscalls; the thread
+    gives the interpreter back to the packet loop every switch interval (5 ms) meanwhile. Made by
+    `FastPath.walker`; `stop()` (or the FastPath's `close()`) ends and joins the thread."""
+
+    def __init__(self, fastpath: FastPath, *, every: float, idle: float, expire_every: float,
+                 on_walk: Callable[[Snapshot], None], on_expired: Callable[[list[bytes]], None],
+                 on_error: Callable[[str], None]) -> None:
+        self._fp = fastpath
+        self.every, self.idle, self.expire_every = every, idle, expire_every
+        self._on_walk, self._on_expired, self._on_error = on_walk, on_expired, on_error
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fastpath-walker", daemon=True)
+        self.walks = 0
+        self.last_walk_seconds = 0.0  # the last walk's duration (read, callbacks, expiry)
+        self.longest_walk_seconds = 0.0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the thread and wait for it (a walk in progress finishes first). Idempotent."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        last_expire = time.monotonic()
+        while not self._stop.wait(self.every):
+            start = time.monotonic()
+            try:
+                counters = self._fp.counters()
+                self._on_walk(counters)
+                if start - last_expire >= self.expire_every:
+                    last_expire = start
+                    expired = self._fp.expire_stale(counters, self.idle)
+                    if expired:
+                        self._on_expired(expired)
+            except ThrottleError as exc:
+                if self._stop.is_set():
+                    return  # closed under us: nothing more to read
+                self._on_error(str(exc))
+            except Exception as exc:  # noqa: BLE001 - a bug in a callback must not end the walks
+                self._on_error(f"fast-path walk: {type(exc).__name__}: {exc}")
+            took = time.monotonic() - start
+            self.walks += 1
+            self.last_walk_seconds = took
+            self.longest_walk_seconds = max(self.longest_walk_seconds, took)
 
 
 def _filters(ipr: Any, index: int, parent: int) -> list[Any]:

@@ -206,8 +206,9 @@ def map_delete(fd: int, key: bytes) -> bool:
     return True
 
 
-def map_items(fd: int, key_size: int, value_size: int, batch: int = 4096) -> Iterator[tuple[bytes, bytes]]:
-    """Every (key, value) of a hash map, read `batch` at a time (one syscall per batch)."""
+def map_batches(fd: int, key_size: int, value_size: int, batch: int = 4096) -> Iterator[tuple[bytes, bytes, int]]:
+    """Every entry of a hash map, `batch` at a time (one syscall per batch): (keys, values, n),
+    the n keys and n values of a batch each packed end to end."""
     lb = lib()
     keys = ctypes.create_string_buffer(key_size * batch)
     values = ctypes.create_string_buffer(value_size * batch)
@@ -219,13 +220,21 @@ def map_items(fd: int, key_size: int, value_size: int, batch: int = 4096) -> Ite
         ret = lb.bpf_map_lookup_batch(fd, None if first else token, token, keys, values, ctypes.byref(count), None)
         first = False
         n = count.value
-        for i in range(n):
-            yield keys.raw[i * key_size : (i + 1) * key_size], values.raw[i * value_size : (i + 1) * value_size]
+        if n:
+            # One copy of each buffer per batch (`.raw` would copy the whole buffer per access).
+            yield ctypes.string_at(keys, n * key_size), ctypes.string_at(values, n * value_size), n
         if ret == -2:  # ENOENT: that was the last batch
             return
         _check(ret, "map batch lookup")
         if n == 0:
             return
+
+
+def map_items(fd: int, key_size: int, value_size: int, batch: int = 4096) -> Iterator[tuple[bytes, bytes]]:
+    """Every (key, value) of a hash map, read `batch` at a time (one syscall per batch)."""
+    for kraw, vraw, n in map_batches(fd, key_size, value_size, batch):
+        for i in range(n):
+            yield kraw[i * key_size : (i + 1) * key_size], vraw[i * value_size : (i + 1) * value_size]
 
 
 if __name__ == "__main__":  # `python -m throttle.kernel.libbpf build`, from scripts/setup

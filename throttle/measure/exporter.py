@@ -29,6 +29,8 @@ speeds; `throttle_build_info` and the process collector's `process_*` describe t
 from __future__ import annotations
 
 import platform
+import struct
+import threading
 from collections import deque
 from collections.abc import Mapping
 from typing import Protocol
@@ -95,11 +97,21 @@ class Metrics:
         build.labels(__version__, platform.python_version()).set(1)
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
+        # The kernel's counters may be read on another thread than the packet loop (`kernel_tick`,
+        # from the fast path's walker): what both touch is changed under this lock, briefly.
+        self._lock = threading.Lock()
         self._names: dict[str, set[str]] = {}
         self._passed: dict[tuple[str, str, str], int] = {}  # cumulative passed bytes by speed labels
         self._history: deque[tuple[float, dict[tuple[str, str, str], int]]] = deque()
-        # kernel map key -> (rule, server_name, direction labels; its counters as last seen)
-        self._fast: dict[bytes, tuple[tuple[str, str, str], tuple[int, int, int, int]]] = {}
+        # Per kernel map key: its labels (rule, server_name, direction; one shared tuple per label
+        # set), its counters as last seen (packed: bytes are no work for the garbage collector, and
+        # 65,536 of them are replaced every second), and the walk during which it was added (a
+        # key added after a walk's snapshot was read is not that walk's to drop).
+        self._fast_labels: dict[bytes, tuple[str, str, str]] = {}
+        self._fast_seen: dict[bytes, bytes] = {}
+        self._fast_walk: dict[bytes, int] = {}
+        self._label_sets: dict[tuple[str, str, str], tuple[str, str, str]] = {}
+        self._walk = 0
         self._kernel: dict[str, int] = {}  # direction -> kernel bytes seen so far
         self._rules_shown: tuple[object, ...] | None = None
         for state in ("inspecting", "limited", "passed"):
@@ -120,7 +132,8 @@ class Metrics:
             self.packets.labels(*labels, stage, verdict).inc(packets)
         self.bytes.labels(*labels, stage, verdict).inc(size)
         if verdict != "dropped":
-            self._passed[labels] = self._passed.get(labels, 0) + size
+            with self._lock:
+                self._passed[labels] = self._passed.get(labels, 0) + size
 
     # ---- events ---------------------------------------------------------------------------
     def on_event(self, ev: Event) -> None:
@@ -150,7 +163,10 @@ class Metrics:
     def fast_flow_added(self, key: bytes, direction: str, rule: str = "none", name: str | None = None) -> None:
         """A direction of a flow the kernel now forwards (rule none) or polices (that rule): its
         bytes and packets come from the kernel's counters from now on (see `tick`)."""
-        self._fast[key] = ((rule, self._name(rule, name), direction), (0, 0, 0, 0))
+        labels = (rule, self._name(rule, name), direction)
+        self._fast_labels[key] = self._label_sets.setdefault(labels, labels)
+        self._fast_seen[key] = _NOTHING_SEEN
+        self._fast_walk[key] = self._walk
 
     def lost_before_inspection(self, total: int) -> None:
         """The kernel's running count of packets it could not queue (`nfqueue.queue_losses`)."""
@@ -185,31 +201,69 @@ class Metrics:
             self.active.labels(state).set(n)
         for table, n in engine.table_sizes().items():
             self.tables.labels(table).set(n)
-        if fast is not None:
-            self.tables.labels("kernel_flows").set(len(fast))
         self.queue.set(held)
         if fast is not None:
-            for fast_key, c in fast.items():
-                labels, before = self._fast.get(fast_key, (("none", "other", "upload"), (0, 0, 0, 0)))
-                seen = (c.bytes, c.packets, c.dropped_bytes, c.dropped_packets)
-                if seen[0] > before[0]:
-                    self._count(labels, "kernel", "passed", seen[1] - before[1], seen[0] - before[0])
-                if seen[2] > before[2]:
-                    self._count(labels, "kernel", "dropped", seen[3] - before[3], seen[2] - before[2])
-                self._fast[fast_key] = (labels, seen)
-            for fast_key in list(self._fast):
-                if fast_key not in fast:
-                    del self._fast[fast_key]
+            self.kernel_tick(fast)
         for direction, total in (kernel_bytes or {}).items():
             seen_before = self._kernel.get(direction, 0)
             if total > seen_before:  # (a counter that went back, a reset rule, starts again from there)
                 self._count(("none", "other", direction), "kernel", "passed", 0, total - seen_before)
             self._kernel[direction] = total
-        self._history.append((now, dict(self._passed)))
+        with self._lock:
+            passed = dict(self._passed)
+        self._history.append((now, passed))
         while len(self._history) > 1 and now - self._history[1][0] >= SPEED_WINDOW:
             self._history.popleft()
         t0, old = self._history[0]
         span = now - t0
-        for key, total in self._passed.items():
+        for key, total in passed.items():
             rate = (total - old.get(key, 0)) / span if span > 0 else 0.0
             self.speed.labels(*key).set(rate)
+
+    def kernel_tick(self, fast: Mapping[bytes, KernelCounters]) -> None:
+        """The eBPF program's cumulative counters per flow key (`fastpath.Counters`, or the
+        fast path's `Snapshot`), read by a walk of its map: what each direction carried since the
+        last walk is counted at stage kernel. Safe on another thread than the one handling events
+        (the censor calls it on the fast path's walker, so the walk of a big map never holds up
+        packets): the per-key work needs no lock, the sums are added at the end."""
+        walk = self._walk
+        self._walk = walk + 1
+        self.tables.labels("kernel_flows").set(len(fast))
+        sums: dict[tuple[tuple[str, str, str], str], list[int]] = {}
+        labels_of, seen_of, walk_of = self._fast_labels, self._fast_seen, self._fast_walk
+        unknown = ("none", "other", "upload")
+        totals = fast.totals() if hasattr(fast, "totals") else \
+            ((k, c.bytes, c.packets, c.dropped_bytes, c.dropped_packets) for k, c in fast.items())
+        pack, unpack = _SEEN.pack, _SEEN.unpack
+        for fast_key, nbytes, packets, dbytes, dpackets in totals:
+            before = seen_of.get(fast_key, _NOTHING_SEEN)
+            if before is _NOTHING_SEEN or before == _NOTHING_SEEN:
+                b0 = b1 = b2 = b3 = 0
+            else:
+                b0, b1, b2, b3 = unpack(before)
+            if nbytes == b0 and dbytes == b2:
+                continue
+            labels = labels_of.get(fast_key, unknown)
+            if nbytes > b0:
+                acc = sums.setdefault((labels, "passed"), [0, 0])
+                acc[0] += packets - b1
+                acc[1] += nbytes - b0
+            if dbytes > b2:
+                acc = sums.setdefault((labels, "dropped"), [0, 0])
+                acc[0] += dpackets - b3
+                acc[1] += dbytes - b2
+            if seen_of.get(fast_key, _NOTHING_SEEN) is before:  # not re-added meanwhile
+                seen_of[fast_key] = pack(nbytes, packets, dbytes, dpackets)
+                if fast_key not in walk_of:
+                    walk_of[fast_key] = walk
+        for fast_key, added in list(walk_of.items()):
+            if added < walk and fast_key not in fast:
+                walk_of.pop(fast_key, None)
+                seen_of.pop(fast_key, None)
+                labels_of.pop(fast_key, None)
+        for (labels, verdict), (packets, size) in sums.items():
+            self._count(labels, "kernel", verdict, packets, size)
+
+
+_SEEN = struct.Struct("=QQQQ")
+_NOTHING_SEEN = _SEEN.pack(0, 0, 0, 0)

@@ -471,7 +471,12 @@ def run_scenario(scenario: Scenario, *, lab_name: str = "throttle", keep: bool =
             phase(f"starting the censor with {scenario.name}")
             with CensorProcess(scenario.path, lab.ns("censor")):
                 phase("running the probes")
-                return Runner(scenario, lab, Path(tmp), on_update, busy_controls).run()
+                report = Runner(scenario, lab, Path(tmp), on_update, busy_controls).run()
+            if lab.status().labserver is None:  # its probes failed for the lab's sake, not the censor's
+                raise ThrottleError(f"the lab server of lab {lab.name} stopped during the run, so its probes say "
+                                    f"nothing about the censor (its log: {lab.state_dir / 'labserver.log'}); "
+                                    f"`throttle lab up --lab {lab.name}` starts it again")
+            return report
     finally:
         if not keep and not was_up:
             phase("taking the lab down")
