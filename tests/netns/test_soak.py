@@ -576,8 +576,11 @@ def test_a_churn_of_100000_flows_through_the_live_censor_stays_at_the_bounds(soa
     """THROTTLE_CHURN_FLOWS (default 100,000) connections at 1,000 a second, each a handshake, a
     real ClientHello that a policing rule matches, and a RST, through the censor with a flow table
     of 1,000: the engine's and the kernel's tables stay at their bounds (sampled every 2 s from
-    throttle_table_entries), the censor lives and its memory stays flat, and the flows are
-    classified."""
+    throttle_table_entries), the censor lives, its RSS grows by at most 32 MB (or 25%) after the
+    first quarter, and the flows are classified. Measured: 62-64 MB over 250,000 flows at 1,000 a
+    second; 61-68 MB over 100,000 on a loaded machine, where 40,000-57,000 stray packets of flows
+    already evicted (a table of 1,000 holds a flow about a second) became flows of their own,
+    passed. The cause of those few MB is not known yet."""
     scenario = tmp_path / "churn.toml"
     scenario.write_text(MIXED.replace('name_sources = ["tls"]', 'name_sources = ["tls"]\nmax_flows = 1000'))
     sink = Sink(soak, 9151)
@@ -613,7 +616,10 @@ def test_a_churn_of_100000_flows_through_the_live_censor_stays_at_the_bounds(soa
           f"censor: {err.strip().splitlines()[-1] if err.strip() else ''}")
     if out["seconds"] > 2 * CHURN_FLOWS / CHURN_RATE + 30 or out["failed"] > 0.01 * CHURN_FLOWS:
         pytest.fail(f"the generator could not keep up on this machine ({out}): no verdict on the tables")
-    assert peaks["flows"] <= 1000 and peaks["kernel_flows"] <= 2 * 1000, peaks
+    # Two kernel directions per engine flow; a walk of the map is not atomic (a batch read of a hash
+    # map while ~2,000 keys a second come and go), so it may count a key removed and its successor
+    # both: a few over 2,000 (2,002 seen), never the 200,000 that an unbounded table would hold.
+    assert peaks["flows"] <= 1000 and peaks["kernel_flows"] <= 2 * 1000 * 1.02, peaks
     assert classified >= 0.9 * CHURN_FLOWS, f"only {classified:.0f} of {CHURN_FLOWS} flows classified"
     assert metric(final, "throttle_engine_errors_total") == 0
     assert max(rss[len(rss) // 4:]) - rss[len(rss) // 4] <= max(32 * 1024, 0.25 * rss[len(rss) // 4]), rss
