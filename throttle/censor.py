@@ -40,6 +40,9 @@ T = TypeVar("T")
 DEFAULT_METRICS = "127.0.0.1:18130"
 EXPIRE_EVERY = 10.0  # seconds between sweeps of the fast path's idle entries
 WALK_EVERY = 1.0  # seconds between reads of the fast path's counters (on its walker thread)
+# Seconds the kernel's decisions hold without the walker renewing them: after a SIGKILL the program
+# and maps stay attached, and once the lease runs out every flow is back on the fail-open path.
+LEASE = 10.0
 
 
 class Censor:
@@ -247,7 +250,7 @@ class Censor:
             loop.call_soon_threadsafe(self._walk_error, message)
 
         return fast.walker(every=WALK_EVERY, idle=self.scenario.model.idle_timeout, expire_every=EXPIRE_EVERY,
-                           on_walk=on_walk, on_expired=on_expired, on_error=on_error)
+                           on_walk=on_walk, on_expired=on_expired, on_error=on_error, lease=LEASE)
 
     def _expired(self, keys: list[bytes], since: float) -> None:
         """Directions the walker removed as idle (after `since`): their kernel slots and classes

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from tests.netns.conftest import SBIN_PATH, lab_session
+from throttle.censor import LEASE
 from throttle.lab.topology import CENSOR_CLIENT_IF, CENSOR_SERVER_IF, SERVER_V4, Lab
 
 pytestmark = pytest.mark.netns
@@ -413,7 +414,8 @@ def _host_state() -> dict[str, Any]:
 
 def test_a_killed_censor_fails_open_and_lab_down_leaves_nothing(tmp_path: Path) -> None:
     """SIGKILL to a censor that polices and shapes: traffic keeps flowing (new flows unlimited
-    through --queue-bypass; decided flows keep going in the kernel), then `throttle lab down`
+    through --queue-bypass; decided flows keep going in the kernel, limited until the fast path's
+    lease runs out and free after it), then `throttle lab down`
     leaves no namespace, process, program, pinned map or state file."""
     for tool, package in (("tc", "iproute2"), ("bpftool", "bpftool"), ("iptables-save", "iptables")):
         _tool(tool, package)
@@ -438,6 +440,7 @@ def test_a_killed_censor_fails_open_and_lab_down_leaves_nothing(tmp_path: Path) 
         progs = _bpf_prog_ids(lab)
         assert progs, "no eBPF program attached in the censor namespace"
         proc.kill()  # SIGKILL: no cleanup at all
+        killed = time.monotonic()
         proc.wait(timeout=10)
         time.sleep(2)
         c = sink.snap()
@@ -453,18 +456,28 @@ def test_a_killed_censor_fails_open_and_lab_down_leaves_nothing(tmp_path: Path) 
         e = sink.snap()
         finish(fresh, timeout=30)
         f = sink.snap()
+        # Past the fast path's lease (10 s without the censor renewing it): the dead censor's
+        # decisions no longer hold, and the flows it had limited run free.
+        time.sleep(max(0.0, killed + LEASE + 2 - time.monotonic()))
+        g = sink.snap()
+        time.sleep(5)
+        h = sink.snap()
         curl = subprocess.run(lab.exec_argv("client", ["curl", "-sS", "--fail", "--max-time", "10", "-o", "/dev/null",
                                                        f"http://{SERVER_V4}/info"]), capture_output=True, text=True)
-        before, after_kill = speeds(a, b), speeds(c, d)
+        before, after_kill, after_lease = speeds(a, b), speeds(c, d), speeds(g, h)
         new = {p: s for p, s in speeds(e, f).items() if p not in after_kill}
         print(f"\nbefore SIGKILL (kbit/s): {sorted(round(s * 8 / 1000) for s in before.values())}"
               f"\nafter SIGKILL  (kbit/s): {sorted(round(s * 8 / 1000) for s in after_kill.values())}"
               f"\na new flow after it: {[round(s * 8 / 1000) for s in new.values()]} kbit/s"
+              f"\nafter the lease (kbit/s): {sorted(round(s * 8 / 1000) for s in after_lease.values())}"
               f"\nleft attached: bpf filter {'bpf' in left}, HTB {'htb' in htb}, programs {sorted(progs)}")
         assert len(before) == 8 and all(s < 3 * RATE for s in before.values()), before
         # Fail-open: every decided flow still moves, a new flow is not limited, plain HTTP works.
         assert len(after_kill) == 8 and all(s > 0.5 * RATE * GOODPUT for s in after_kill.values()), after_kill
         assert new and max(new.values()) > 3 * RATE, f"a flow opened after the censor died was limited: {new}"
+        old_flows = {k: v for k, v in after_lease.items() if k in after_kill}
+        assert len(old_flows) == 8 and all(v > 3 * RATE for v in old_flows.values()), \
+            f"flows the dead censor limited are still limited after its lease ran out: {old_flows}"
         assert curl.returncode == 0, curl.stderr
         # `throttle lab down` as a user runs it.
         down = subprocess.run([sys.executable, "-m", "throttle", "lab", "down", "--lab", "fault"], capture_output=True,

@@ -374,12 +374,13 @@ class FastPath:
         self._shaping: list[int] = []  # ifindexes whose root qdisc is our HTB
         self._walkers: list[Walker] = []
         try:
-            self._object = libbpf.BpfObject(libbpf.object_path(), PROGRAM, ("flows", "buckets", "hits"),
+            self._object = libbpf.BpfObject(libbpf.object_path(), PROGRAM, ("flows", "buckets", "hits", "lease"),
                                             max_entries={"flows": max_entries})
             self._prog = self._object.program_fd
             self._flows = self._object.map_fds["flows"]
             self._buckets = self._object.map_fds["buckets"]
             self._hits = self._object.map_fds["hits"]
+            self._lease = self._object.map_fds["lease"]
             self._rtnl = _Rtnl()
             for name in interfaces:
                 self._attach(name)
@@ -574,14 +575,29 @@ class FastPath:
             raise ThrottleError(f"cannot remove idle fast-path flows: {exc.strerror}") from None
         return removed
 
+    def renew(self, seconds: float) -> None:
+        """The map's decisions hold for `seconds` from now, and no longer unless renewed: a censor
+        that dies (SIGKILL) leaves a program and maps behind, and the lease makes them inert once
+        it runs out (every packet back on the normal path, which fails open). Without a first
+        renewal the decisions hold forever (what tests of the map alone want)."""
+        self._check_open()
+        until = time.monotonic_ns() + int(seconds * NS)
+        try:
+            libbpf.map_update(self._lease, struct.pack("=I", 0), struct.pack("=Q", until))
+        except OSError as exc:
+            raise ThrottleError(f"cannot renew the fast path's lease: {exc.strerror}") from None
+
     def walker(self, *, every: float, idle: float, expire_every: float,
                on_walk: Callable[[Snapshot], None],
                on_expired: Callable[[list[bytes]], None],
-               on_error: Callable[[str], None]) -> Walker:
-        """A `Walker` of this fast path's map, started; stopped by `close()` at the latest."""
+               on_error: Callable[[str], None], lease: float = 0.0) -> Walker:
+        """A `Walker` of this fast path's map, started; stopped by `close()` at the latest. With
+        `lease`, it renews the map's lease for that long before every walk (see `renew`)."""
         self._check_open()
+        if lease:
+            self.renew(lease)
         walker = Walker(self, every=every, idle=idle, expire_every=expire_every, on_walk=on_walk,
-                        on_expired=on_expired, on_error=on_error)
+                        on_expired=on_expired, on_error=on_error, lease=lease)
         self._walkers.append(walker)
         walker.start()
         return walker
@@ -707,8 +723,9 @@ class Walker:
 
     def __init__(self, fastpath: FastPath, *, every: float, idle: float, expire_every: float,
                  on_walk: Callable[[Snapshot], None], on_expired: Callable[[list[bytes]], None],
-                 on_error: Callable[[str], None]) -> None:
+                 on_error: Callable[[str], None], lease: float = 0.0) -> None:
         self._fp = fastpath
+        self.lease = lease
         self.every, self.idle, self.expire_every = every, idle, expire_every
         self._on_walk, self._on_expired, self._on_error = on_walk, on_expired, on_error
         self._stop = threading.Event()
@@ -735,6 +752,8 @@ class Walker:
         while not self._stop.wait(self.every):
             start = time.monotonic()
             try:
+                if self.lease:
+                    self._fp.renew(self.lease)
                 counters = self._fp.counters()
                 self._on_walk(counters)
                 if start - last_expire >= self.expire_every:

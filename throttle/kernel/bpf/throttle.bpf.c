@@ -89,6 +89,17 @@ struct {
 	__type(value, __u64);
 } hits SEC(".maps");
 
+/* The censor's lease on its decisions: CLOCK_MONOTONIC ns until which the entries of `flows` hold
+ * (0: no lease, they always hold). The censor renews it every second; if it dies (SIGKILL), the
+ * lease runs out and every packet takes the normal path again, where the NFQUEUE rules pass it
+ * with nobody bound to the queue (fail-open): no flow stays policed or shaped by a dead censor. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} lease SEC(".maps");
+
 /* Whether the bucket's credit covers `size` bytes now; takes it if so (engine/buckets.py Policer). */
 static __always_inline int bucket_allows(struct bucket *b, __u64 size, __u64 now)
 {
@@ -185,6 +196,9 @@ int throttle_ingress(struct __sk_buff *skb)
 	struct flow_value *v = bpf_map_lookup_elem(&flows, &key);
 	if (!v)
 		return TC_ACT_OK;
+	__u64 *until = bpf_map_lookup_elem(&lease, &zero);
+	if (until && *until && bpf_ktime_get_ns() > *until)
+		return TC_ACT_OK;  /* the censor is gone: its decisions no longer hold */
 
 	/* The router's part: TTL / hop limit. At 1 the kernel must answer (ICMP time exceeded). */
 	__u8 ttl;
