@@ -155,7 +155,7 @@ class Engine:
                 if flags & SYN:
                     seq = side.next_seq = (seq + 1) & 0xFFFFFFFF  # data in a SYN (TCP Fast Open) is at ISN+1
                 if payload:
-                    self._take(flow, *self._inspector.tcp(side, payload, seq), now)
+                    self._take(flow, *self._inspector.tcp(side, payload, seq, flow.sides[1 - d]), now)
                 if flow.state == State.INSPECTING and self._window_over(flow):
                     self._close_inspection(flow, now)
         if inspecting and flow.state == State.LIMITED and flow.rule is not None and flow.rule.action == "drop":
