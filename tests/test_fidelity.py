@@ -1,5 +1,6 @@
 """Fidelity to the 2021 device and later incidents (issue 12), with crafted conversations and a
-literal clock: proxies do not evade (§1.5, §1.7)."""
+literal clock: proxies do not evade (§1.5, §1.7), an injected SYN does not free a flow (§1.7, §1.14),
+the sticky scope of Turkey 2022 (§2.20), the window meter's loss pattern (§1.11)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from throttle.engine import Engine, State, Verdict
-from throttle.scenario import load_scenario
+from throttle.engine import Engine, FlowEnded, Policer, State, Verdict, WindowMeter
+from throttle.errors import ScenarioError
+from throttle.scenario import load_scenario, parse_scenario
 
 from .packets import Conversation, python_hello
 
@@ -95,3 +97,129 @@ def test_an_http_reply_without_a_connect_still_ends_inspection() -> None:
     feed(e, conv.handshake() + [conv.client(b"\x01\x02\x03"), conv.server(SQUID_REPLY)])
     (flow,) = e.flows()
     assert flow.state == State.PASSED
+
+
+# ---- 2. an injected SYN does not free a limited flow (§1.7, §1.14) --------------------------
+def _limited_then_syn(e: Engine) -> tuple[Conversation, list[Verdict]]:
+    conv = Conversation()
+    feed(e, conv.handshake() + [conv.client(python_hello("pbs.twimg.com"))])
+    feed(e, [conv.server(b"\xab" * 1448) for _ in range(20)], now=1.1)  # the burst is spent
+    injected = Conversation(seq=[777_000, 0])  # a SYN on the same 5-tuple, out of the blue
+    feed(e, [injected.client(flags="S")], now=1.2)
+    return conv, feed(e, [conv.server(b"\xab" * 1448) for _ in range(20)], now=1.3)
+
+
+def test_an_injected_syn_leaves_a_2021_flow_limited() -> None:
+    assert DAY_ONE.model.syn_restarts_flow is False
+    e = engine()
+    _, after = _limited_then_syn(e)
+    (flow,) = e.flows()
+    assert flow.state == State.LIMITED and flow.first_seen == 1.0
+    assert Verdict.DROP in after
+    assert not any(isinstance(ev, FlowEnded) for ev in e.drain_events())
+
+
+def test_a_model_where_a_syn_restarts_the_flow_frees_it() -> None:
+    e = engine(syn_restarts_flow=True)
+    _, after = _limited_then_syn(e)
+    (flow,) = e.flows()
+    assert flow.first_seen == 1.2 and flow.state != State.LIMITED
+    assert Verdict.DROP not in after
+    assert any(isinstance(ev, FlowEnded) and ev.reason == "reused" for ev in e.drain_events())
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "scenarios").glob("*.toml")), ids=lambda p: p.stem)
+def test_every_bundled_scenario_states_whether_a_syn_restarts_a_flow(path: Path) -> None:
+    assert "syn_restarts_flow" in path.read_text(), path.name
+
+
+# ---- 3. sticky scope (§2.20) ----------------------------------------------------------------
+STICKY = '[[rule]]\nname = "tr"\nmatch = ["*.twimg.com"]\nrate = "130kbit"\nsticky = "60s"\n'
+
+
+@pytest.mark.parametrize("scope,other_client_limited", [("client_server", False), ("server", True), (None, False)])
+def test_sticky_scope(scope: str | None, other_client_limited: bool) -> None:
+    s = parse_scenario(STICKY + (f'sticky_scope = "{scope}"\n' if scope else ""))
+    assert s.rules[0].sticky_scope == (scope or "client_server")
+    e = Engine(s.model, s.rules)
+    trigger = Conversation(client_port=40001)
+    feed(e, trigger.handshake() + [trigger.client(python_hello("pbs.twimg.com"))])
+    same = Conversation(client_port=40002)  # the same client, no SNI: limited by the mark either way
+    other = Conversation(client_ip="198.18.0.3", client_port=40003)  # another client, no SNI
+    feed(e, same.handshake() + other.handshake(), now=10.0)
+    flows = {f.client_port: f for f in e.flows()}
+    assert (flows[40002].state, flows[40002].name_source) == (State.LIMITED, "sticky")
+    assert (flows[40003].state == State.LIMITED) is other_client_limited
+
+
+def test_turkey_states_its_sticky_scope() -> None:
+    turkey = load_scenario(ROOT / "scenarios/turkey-2022.toml")
+    assert "sticky_scope" in (ROOT / "scenarios/turkey-2022.toml").read_text()
+    assert turkey.rules[0].sticky_scope == "client_server"
+
+
+def test_sticky_scope_without_sticky_is_an_error() -> None:
+    with pytest.raises(ScenarioError, match=r"rule\[1\]\.sticky_scope"):
+        parse_scenario('[[rule]]\nname = "x"\nmatch = ["a.b"]\nrate = "1kbit"\nsticky_scope = "server"\n', "x.toml")
+    with pytest.raises(ScenarioError, match=r'rule\[1\]\.sticky_scope.*"everyone" is not one of'):
+        parse_scenario(STICKY + 'sticky_scope = "everyone"\n', "x.toml")
+
+
+# ---- 4. the window meter (§1.11) -------------------------------------------------------------
+def offered(meter: Policer | WindowMeter, seconds: float, size: int = 1500, gap: float = 0.001) -> list[tuple[float, bool]]:
+    """Line-rate load (1,500-byte packets every millisecond, 12 Mbit/s): (time, passed) per packet."""
+    out = []
+    for i in range(int(seconds / gap)):
+        t = i * gap
+        out.append((t, meter.allow(size, t)))
+    return out
+
+
+def test_the_window_meter_passes_the_burst_at_the_start_of_each_interval_then_drops_the_rest() -> None:
+    rate, burst = 16250.0, 16384  # 130 kbit/s, 16 KB: an interval of 1.008 s
+    meter = WindowMeter(rate, burst, 0.0)
+    assert meter.interval == pytest.approx(1.008, abs=1e-3)
+    log = offered(meter, 5.0)
+    for k in range(4):
+        start, end = k * meter.interval, (k + 1) * meter.interval
+        passed = [t for t, ok in log if ok and start <= t < end]
+        assert len(passed) * 1500 == 10 * 1500 <= burst  # as many whole packets as fit in the budget
+        assert max(passed) - start < 0.1  # §11: the ~16 KB within 100 ms ...
+        dropped = [t for t, ok in log if not ok and start <= t < end]
+        assert min(dropped) - start < 0.1 and end - max(dropped) < 0.002  # ... then drops to the end
+    # The long-run rate is the rule's rate, give or take a packet per interval.
+    assert sum(1500 for _, ok in log if ok) / 5.0 == pytest.approx(rate, rel=0.1)
+
+
+def test_the_token_bucket_drops_in_short_bursts_instead() -> None:
+    """The default meter at the same rate and burst: after the burst, a packet every ~92 ms passes,
+    so drop runs last ~90 ms, not ~900 ms (what §11 did not see)."""
+    log = offered(Policer(16250.0, 16384, 0.0), 5.0)
+    passes = [t for t, ok in log if ok and t > 0.1]
+    gaps = [b - a for a, b in zip(passes, passes[1:])]
+    assert max(gaps) < 0.1
+
+
+def test_a_window_rule_in_the_engine_and_in_the_loader() -> None:
+    text = '[[rule]]\nname = "w"\nmatch = ["*.twimg.com"]\nrate = "130kbit"\nburst = "16KB"\nmeter = "window"\n'
+    s = parse_scenario(text)
+    assert s.rules[0].meter == "window"
+    e = Engine(dataclasses.replace(s.model, window_packets=1), s.rules)
+    conv = Conversation()
+    feed(e, conv.handshake() + [conv.client(python_hello("pbs.twimg.com"))], now=0.0)
+    (flow,) = e.flows()
+    assert isinstance(e.bucket(flow, 1, 0.0), WindowMeter)
+    packet = conv.server(b"\xab" * 1448)
+    fit = 16384 // len(packet)  # whole packets in the budget
+    verdicts = [e.process(conv.server(b"\xab" * 1448), 0.001 * i)[0] for i in range(1, 2000)]
+    # The download meter was made at 0 s (by `bucket` above); its first interval lasts 1.008 s:
+    # the first `fit` packets pass, then everything is dropped until it ends.
+    assert verdicts[:fit] == [Verdict.ACCEPT] * fit
+    assert set(verdicts[fit:1000]) == {Verdict.DROP}
+    nxt = next(i for i in range(1, 2000) if 0.001 * i >= 16384 / 16250)
+    assert set(verdicts[1000 : nxt - 1]) == {Verdict.DROP}
+    assert verdicts[nxt - 1 : nxt - 1 + fit] == [Verdict.ACCEPT] * fit
+    for bad, match in (('action = "shape"\n', "is a policer's meter"), ('meter = "leaky"\n', "is not one of")):
+        changed = text.replace('meter = "window"\n', bad + ('meter = "window"\n' if "shape" in bad else ""))
+        with pytest.raises(ScenarioError, match=match):
+            parse_scenario(changed, "w.toml")

@@ -87,7 +87,7 @@ class Engine:
         if entry is not None:
             flow, d = entry
             if proto == TCP and len(packet) > l4 + 13 and packet[l4 + 13] & 0x12 == 0x02 and (
-                    flow.sides[0].payload or flow.state):
+                    flow.sides[0].payload or flow.state) and self.model.syn_restarts_flow:
                 # A new connection on the 5-tuple of an old one (its end unseen): start afresh.
                 self._end(flow, now, "reused")
                 entry = None
@@ -246,7 +246,7 @@ class Engine:
             flow.name_source = "address"
             self._decide(flow, rule, now)
         if flow.state == State.INSPECTING:
-            sticky = self._rules.sticky(flow.server, now)
+            sticky = self._rules.sticky(flow, now)
             if sticky is not None:
                 flow.name_source = "sticky"  # §20: an earlier flow to this address triggered
                 self._decide(flow, sticky, now)
@@ -359,7 +359,7 @@ class Engine:
             flow.state = State.LIMITED
             flow.rule = rule
             if rule.sticky > 0 and flow.name_source != "sticky":  # only a real trigger re-arms it
-                self._rules.arm(flow.server, rule, now)
+                self._rules.arm(flow, rule, now)
         self._events.append(FlowDecided(flow, now))
 
 
