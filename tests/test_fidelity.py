@@ -1,6 +1,6 @@
 """Fidelity to the 2021 device and later incidents (issue 12), with crafted conversations and a
 literal clock: proxies do not evade (§1.5, §1.7), an injected SYN does not free a flow (§1.7, §1.14),
-the sticky scope of Turkey 2022 (§2.20), the window meter's loss pattern (§1.11)."""
+the sticky scope of Turkey 2022 (§2.20), the window meter's loss pattern (§1.11), a RST action (§2.17)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from throttle.engine import Engine, FlowEnded, Policer, State, Verdict, WindowMeter
+from throttle.engine import Engine, FlowEnded, Policer, ResetRequested, State, Verdict, WindowMeter
 from throttle.errors import ScenarioError
 from throttle.scenario import load_scenario, parse_scenario
 
@@ -223,3 +223,43 @@ def test_a_window_rule_in_the_engine_and_in_the_loader() -> None:
         changed = text.replace('meter = "window"\n', bad + ('meter = "window"\n' if "shape" in bad else ""))
         with pytest.raises(ScenarioError, match=match):
             parse_scenario(changed, "w.toml")
+
+
+# ---- 6. action = "rst": a RST each way after the ClientHello (§2.17 from 2022-03-04, §4.30) ----
+RST_RULE = '[[rule]]\nname = "reset"\nmatch = ["*.twimg.com"]\naction = "rst"\n'
+
+
+def test_rst_action_asks_for_a_reset_each_way_with_the_sequence_numbers_seen() -> None:
+    s = parse_scenario(RST_RULE)
+    e = Engine(s.model, s.rules)
+    conv = Conversation(seq=[1000, 5000])
+    feed(e, conv.handshake())  # client ISN 1000, server ISN 5000: next are 1001 and 5001
+    hello = python_hello("pbs.twimg.com")
+    assert feed(e, [conv.client(hello)]) == [Verdict.ACCEPT]  # the hello itself passes
+    (reset,) = [ev for ev in e.drain_events() if isinstance(ev, ResetRequested)]
+    assert reset.direction == 0 and reset.at == 1.0
+    assert reset.to_server == (1001 + len(hello), 5001)  # from the client: its next seq, acking the server
+    assert reset.to_client == (5001, 1001 + len(hello))  # from the server: its next seq
+    assert feed(e, [conv.server(b"\x16\x03\x03\x00\x10" + bytes(16)), conv.client(b"x")]) == [Verdict.DROP] * 2
+
+
+def test_rst_action_for_a_hello_from_the_server_side() -> None:
+    s = parse_scenario(RST_RULE)
+    e = Engine(s.model, s.rules)
+    conv = Conversation(seq=[1000, 5000])
+    feed(e, conv.handshake())
+    hello = python_hello("pbs.twimg.com")
+    feed(e, [conv.server(hello)])  # §1.4: a hello in either direction triggers
+    (reset,) = [ev for ev in e.drain_events() if isinstance(ev, ResetRequested)]
+    assert reset.direction == 1
+    assert reset.to_client == (5001 + len(hello), 1001)
+    assert reset.to_server == (1001, 5001 + len(hello))
+
+
+def test_rst_action_in_the_loader() -> None:
+    s = parse_scenario(RST_RULE)
+    assert (s.rules[0].action, s.rules[0].rate, s.rules[0].burst) == ("rst", 0, 0)
+    with pytest.raises(ScenarioError, match=r'rule\[1\]\.rate: has no meaning for action = "rst"'):
+        parse_scenario(RST_RULE + 'rate = "1kbit"\n', "r.toml")
+    with pytest.raises(ScenarioError, match=r"rule\[1\]\.action.*QUIC"):
+        parse_scenario(RST_RULE + 'transport = "udp"\n', "r.toml")

@@ -24,7 +24,7 @@ DROP: Decision = (Verdict.DROP, 0.0)
 def make_bucket(rule: Rule, now: float) -> Bucket:
     if rule.meter == "window":  # police only (the loader checks): fixed intervals of burst bytes (§11)
         return WindowMeter(rule.rate, rule.burst, now)
-    if rule.action != "shape":  # police, or drop: a policer without rate or burst (the loader sets both 0)
+    if rule.action != "shape":  # police, or drop and rst: a policer without rate or burst (the loader sets both 0)
         return Policer(rule.rate, rule.burst, now)
     return Shaper(rule.rate, rule.burst, now, max_delay=rule.queue_delay, max_bytes=rule.queue_bytes)
 

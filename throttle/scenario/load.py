@@ -135,10 +135,12 @@ def _rule(r: _Reader, t: Any, i: int) -> Rule:
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             r.fail(f"{k}.ports[{j}]", f"{port!r} is not a port number (1-65535)")
     action = r.choice(t, f"{k}.action", ACTIONS, d.action)
-    if action == "drop":
+    if action in ("drop", "rst"):
         for key in ("rate", "burst", "queue_delay", "queue_bytes"):
             if key in t:
-                r.fail(f"{k}.{key}", 'has no meaning for action = "drop" (every packet is dropped); remove it')
+                r.fail(f"{k}.{key}", f'has no meaning for action = "{action}" (every packet is dropped); remove it')
+        if action == "rst" and (transport == "udp" or quic_versions):
+            r.fail(f"{k}.action", '"rst" resets TCP connections; for QUIC (udp) write action = "drop"')
         t = {**t, "rate": "0", "burst": "0"}
     rate = r.conv(t, f"{k}.rate", parse_rate, None)
     if rate is None:

@@ -17,7 +17,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 RuleDirection = Literal["upload", "download", "both"]
 ProbeDirection = Literal["upload", "download"]
 Scope = Literal["flow", "client", "rule"]
-Action = Literal["police", "shape", "drop"]
+Action = Literal["police", "shape", "drop", "rst"]
 Meter = Literal["bucket", "window"]  # a refilling token bucket, or a fixed-interval byte budget (§1.11)
 StickyScope = Literal["client_server", "server"]  # who a sticky mark slows: that client, or every client (§2.20)
 Transport = Literal["any", "tcp", "udp"]
@@ -69,7 +69,9 @@ class Rule:
     addresses: tuple[Network, ...] = ()
     ports: tuple[int, ...] = ()  # server ports; empty is any
     # police (drop above rate, §9), shape (delay, §12), or drop: every packet after the one that
-    # completed the match (§4.29), in the rule's directions
+    # completed the match (§4.29), in the rule's directions; or rst: as drop, and the engine asks
+    # the adapter to inject a RST each way after the TCP packet that completed the match (§2.17 from
+    # 2022-03-04, §4.30; flows decided before any payload, by address or sticky mark, only drop)
     action: Action = "police"
     rate: float = 16250.0  # bytes per second (130 kbit/s)
     burst: int = 16384  # bytes (§11: about 16 KB pass before the drops)
