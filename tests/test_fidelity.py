@@ -263,3 +263,13 @@ def test_rst_action_in_the_loader() -> None:
         parse_scenario(RST_RULE + 'rate = "1kbit"\n', "r.toml")
     with pytest.raises(ScenarioError, match=r"rule\[1\]\.action.*QUIC"):
         parse_scenario(RST_RULE + 'transport = "udp"\n', "r.toml")
+
+
+def test_the_host_of_a_connect_request_still_counts_where_host_headers_do() -> None:
+    """A model that reads Host headers (Turkey 2024, §2.20) reads the CONNECT request's too."""
+    e = engine(name_sources=("tls", "http"))
+    conv = Conversation(server_port=3128)
+    request = b"CONNECT pbs.twimg.com:443 HTTP/1.1\r\nHost: pbs.twimg.com:443\r\n\r\n"
+    feed(e, conv.handshake() + [conv.client(request)])
+    (flow,) = e.flows()
+    assert (flow.state, flow.name_source) == (State.LIMITED, "host")

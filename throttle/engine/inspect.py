@@ -69,10 +69,15 @@ class Inspector:
         # ClientHello inside the tunnel that follows is read as if it opened the connection.
         pos = side.tunnel if model.reassemble else 0
         proxied = False
+        in_proxy: list[Found] = []
         while peer is not None:
             kind, length = proxy.message(data[pos:], side.proxy, peer.proxy)
             if not kind:
                 break
+            if kind == "http" and side.proxy == "" and "http" in self.sources:
+                name, source, _, _ = self._find_name(data[pos : pos + length])  # the CONNECT's Host
+                if name and source:
+                    in_proxy.append((name, source, False))
             side.proxy, pos, proxied = kind, pos + length, True
         if model.reassemble:
             side.tunnel = pos
@@ -88,6 +93,8 @@ class Inspector:
         else:
             recognised = False
         recognised = recognised or proxied
+        if in_proxy:
+            found = in_proxy + found
         if recognised and not side.extended:
             side.extended = True
             side.budget += model.window_extension
