@@ -417,8 +417,9 @@ def test_reassembling_model_reads_past_a_ccs_record_or_a_decoy_hello(prefix: str
 
 
 def test_a_new_connection_on_an_old_5_tuple_is_inspected_afresh() -> None:
-    """The end of a bypassed flow is never seen; a SYN on its 5-tuple starts a new flow."""
-    e = engine()
+    """The end of a bypassed flow is never seen; a SYN on its 5-tuple starts a new flow, in a model
+    where a SYN restarts a flow (not the 2021 device's: tests/test_fidelity.py)."""
+    e = engine(syn_restarts_flow=True)
     old = Conversation()
     run(e, old.handshake() + [old.client(b"\xaa" * 200)])  # decided: passed
     assert only_flow(e).state == State.PASSED

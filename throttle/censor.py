@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from throttle.engine import DOWNLOAD, UPLOAD, Bucket, Engine, Event, Flow, FlowDecided, FlowEnded, Shaper, State
+from throttle.engine import (DOWNLOAD, UPLOAD, Bucket, Engine, Event, Flow, FlowDecided, FlowEnded, Shaper, State,
+                             WindowMeter)
 from throttle.errors import ThrottleError
 from throttle.kernel import fastpath, netns
 from throttle.kernel.firewall import Firewall, installed
@@ -143,6 +144,8 @@ class Censor:
                       slots: list[tuple[BucketSlots, int]]) -> fastpath.Limit | None:
         """The kernel's limit for one direction: a bucket slot (policed) or an HTB class on the
         egress interface (shaped), made from the engine's bucket the first time it is used."""
+        if isinstance(bucket, WindowMeter):
+            return None  # the kernel has token buckets only: the engine keeps metering this flow (§1.11)
         table = self._classes if isinstance(bucket, Shaper) else self._slots
         slot, new = table.acquire(bucket)
         if slot is None:

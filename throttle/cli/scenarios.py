@@ -62,9 +62,12 @@ def scenarios_show(name: Optional[str] = scenario_argument(), scenario: Optional
         if r.allow:
             what += f", except to {', '.join(str(a) for a in r.allow)}"
         extra = f", after {format_size(r.after_bytes)}" if r.after_bytes else ""
-        extra += f", sticky {r.sticky:.0f} s" if r.sticky else ""
-        if r.action == "drop":
-            typer.echo(f"  {r.name}: {what} -> drop, {r.direction}{extra}")
+        extra += f", sticky {r.sticky:.0f} s ({r.sticky_scope.replace('_', ' to ')})" if r.sticky else ""
+        if r.meter == "window":
+            extra += f", window meter ({format_size(r.burst)} per {r.burst / r.rate:.2f} s)"
+        if r.action in ("drop", "rst"):
+            how = "drop" if r.action == "drop" else "RST both ways, then drop"
+            typer.echo(f"  {r.name}: {what} -> {how}, {r.direction}{extra}")
         else:
             typer.echo(f"  {r.name}: {what} -> {r.action} at {format_rate(r.rate)}, burst {format_size(r.burst)}, "
                        f"{r.direction}, per {r.scope}{extra}")

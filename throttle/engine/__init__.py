@@ -6,14 +6,14 @@ adapters (the NFQUEUE hook, offline classification, metrics) use what is exporte
 
 from __future__ import annotations
 
-from throttle.engine.buckets import Bucket, Policer, Shaper
+from throttle.engine.buckets import Bucket, Policer, Shaper, WindowMeter
 from throttle.engine.core import Counters, Engine
 from throttle.engine.events import (EngineError, Event, FlowDecided, FlowEnded, FlowStarted, Limited, NameLearned,
-                                    Verdict)
+                                    ResetRequested, Verdict)
 from throttle.engine.flows import DIRECTION_NAMES, DOWNLOAD, UPLOAD, Direction, Flow, State
 
 __all__ = [
     "DIRECTION_NAMES", "DOWNLOAD", "UPLOAD", "Bucket", "Counters", "Direction", "Engine", "EngineError", "Event",
-    "Flow", "FlowDecided", "FlowEnded", "FlowStarted", "Limited", "NameLearned", "Policer", "Shaper", "State",
-    "Verdict",
+    "Flow", "FlowDecided", "FlowEnded", "FlowStarted", "Limited", "NameLearned", "Policer", "ResetRequested",
+    "Shaper", "State", "Verdict", "WindowMeter",
 ]

@@ -7,6 +7,15 @@ Policer (what the TSPU did, docs/incidents.md §1.9-11): a packet passes if the 
 otherwise it is dropped and costs nothing. A full bucket lets `burst` bytes through at line rate,
 then the flow gets `rate` on average.
 
+Window meter (the loss pattern of §11): time is cut into fixed intervals of `burst / rate` seconds,
+the first starting at the meter's creation (the direction's first limited packet). In each interval
+the packets that fit in `burst` bytes pass, in arrival order; every later packet of that interval
+is dropped and costs nothing. Unused bytes are not carried over. At line rate, a 16 KB budget over
+1.008 s (130 kbit/s) passes 16 KB in the first few milliseconds, then drops for the rest of the
+interval, as the captures showed (~16 KB within 100 ms, then ~900 ms of drops); a token bucket at
+the same rate and burst instead drops a packet every ~90 ms once its burst is spent. The long-run
+rate is `rate` for both.
+
 Shaper (the Tele2 3G confounder, §12): every packet is released, but not before the credit covers
 it. Credit may go negative; the deficit is the queue, and `-credit / rate` is how long the newest
 packet waits. A packet that would wait longer than the bound (in seconds or bytes) is dropped
@@ -35,6 +44,29 @@ class Policer:
             self.stamp = now
         if self.tokens >= size:
             self.tokens -= size
+            return True
+        return False
+
+
+class WindowMeter:
+    __slots__ = ("rate", "burst", "interval", "start", "used")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        if rate <= 0 or burst <= 0:
+            raise ValueError("a window meter needs a positive rate and burst")
+        self.rate = rate
+        self.burst = burst
+        self.interval = burst / rate  # seconds; `burst` bytes per interval is `rate` on average
+        self.start = now  # when the current interval began
+        self.used = 0  # bytes passed in the current interval
+
+    def allow(self, size: int, now: float) -> bool:
+        """Whether a packet of `size` bytes arriving at `now` passes; counts it if so."""
+        if now >= self.start + self.interval:
+            self.start += self.interval * ((now - self.start) // self.interval)
+            self.used = 0
+        if self.used + size <= self.burst:
+            self.used += size
             return True
         return False
 
@@ -74,4 +106,4 @@ class Shaper:
         return max(0.0, -tokens)
 
 
-Bucket = Policer | Shaper  # what a limited flow direction holds (`Flow.buckets`)
+Bucket = Policer | WindowMeter | Shaper  # what a limited flow direction holds (`Flow.buckets`)

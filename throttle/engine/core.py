@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from throttle.engine.buckets import Bucket
 from throttle.engine.enforce import ACCEPT, BYPASS, Decision, Enforcer
-from throttle.engine.events import EngineError, Event, FlowDecided, FlowEnded, FlowStarted, Verdict
+from throttle.engine.events import EngineError, Event, FlowDecided, FlowEnded, FlowStarted, ResetRequested, Verdict
 from throttle.engine.flows import DOWNLOAD, UPLOAD, Direction, EndReason, Flow, FlowTable, NameSource, Side, State
 from throttle.engine.inspect import Found, Inspector
 from throttle.engine.rules import RuleSet, in_networks
@@ -87,7 +87,7 @@ class Engine:
         if entry is not None:
             flow, d = entry
             if proto == TCP and len(packet) > l4 + 13 and packet[l4 + 13] & 0x12 == 0x02 and (
-                    flow.sides[0].payload or flow.state):
+                    flow.sides[0].payload or flow.state) and self.model.syn_restarts_flow:
                 # A new connection on the 5-tuple of an old one (its end unseen): start afresh.
                 self._end(flow, now, "reused")
                 entry = None
@@ -155,11 +155,13 @@ class Engine:
                 if flags & SYN:
                     seq = side.next_seq = (seq + 1) & 0xFFFFFFFF  # data in a SYN (TCP Fast Open) is at ISN+1
                 if payload:
-                    self._take(flow, *self._inspector.tcp(side, payload, seq), now)
+                    self._take(flow, *self._inspector.tcp(side, payload, seq, flow.sides[1 - d]), now)
                 if flow.state == State.INSPECTING and self._window_over(flow):
                     self._close_inspection(flow, now)
-        if inspecting and flow.state == State.LIMITED and flow.rule is not None and flow.rule.action == "drop":
+        if inspecting and flow.state == State.LIMITED and flow.rule is not None and flow.rule.action in ("drop", "rst"):
             result = ACCEPT  # the packet that completes the match passes; the drops start after it (§4.29)
+            if flow.rule.action == "rst" and proto == TCP:
+                self._reset(flow, d, packet, l4, seq, len(payload), now)
         else:
             result = self._enforcer.enforce(flow, d, side, size, carried, now)
         if proto == TCP and flags & (FIN | RST) and self.model.fin_rst_ends_flow:
@@ -170,6 +172,18 @@ class Engine:
                 if flow.sides[1 - d].fin:
                     self._end(flow, now, "fin")
         return self._count(result, size)
+
+    def _reset(self, flow: Flow, d: Direction, packet: bytes, l4: int, seq: int, length: int, now: float) -> None:
+        """Ask the adapter for a RST each way after this packet (a rule with action "rst", §2.17):
+        its sender's next sequence number is seq + length; the other end's is the packet's ack."""
+        sent = (seq + length) & 0xFFFFFFFF
+        acked = int.from_bytes(packet[l4 + 8 : l4 + 12], "big")
+        from_sender, from_receiver = (sent, acked), (acked, sent)
+        if d == UPLOAD:
+            event = ResetRequested(flow, d, from_sender, from_receiver, now)
+        else:
+            event = ResetRequested(flow, d, from_receiver, from_sender, now)
+        self._events.append(event)
 
     def _quic_datagram(self, flow: Flow, side: Side, payload: bytes, now: float) -> None:
         """A client datagram of a UDP flow under inspection: its QUIC version (for version rules,
@@ -246,7 +260,7 @@ class Engine:
             flow.name_source = "address"
             self._decide(flow, rule, now)
         if flow.state == State.INSPECTING:
-            sticky = self._rules.sticky(flow.server, now)
+            sticky = self._rules.sticky(flow, now)
             if sticky is not None:
                 flow.name_source = "sticky"  # §20: an earlier flow to this address triggered
                 self._decide(flow, sticky, now)
@@ -359,7 +373,7 @@ class Engine:
             flow.state = State.LIMITED
             flow.rule = rule
             if rule.sticky > 0 and flow.name_source != "sticky":  # only a real trigger re-arms it
-                self._rules.arm(flow.server, rule, now)
+                self._rules.arm(flow, rule, now)
         self._events.append(FlowDecided(flow, now))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
-from throttle.engine.buckets import Bucket, Policer, Shaper
+from throttle.engine.buckets import Bucket, Policer, Shaper, WindowMeter
 from throttle.engine.events import Event, Limited, Verdict
 from throttle.engine.flows import DIRECTION_NAMES, Direction, Flow, Side, State
 from throttle.scenario import Rule
@@ -22,7 +22,9 @@ DROP: Decision = (Verdict.DROP, 0.0)
 
 
 def make_bucket(rule: Rule, now: float) -> Bucket:
-    if rule.action != "shape":  # police, or drop: a policer without rate or burst (the loader sets both 0)
+    if rule.meter == "window":  # police only (the loader checks): fixed intervals of burst bytes (§11)
+        return WindowMeter(rule.rate, rule.burst, now)
+    if rule.action != "shape":  # police, or drop and rst: a policer without rate or burst (the loader sets both 0)
         return Policer(rule.rate, rule.burst, now)
     return Shaper(rule.rate, rule.burst, now, max_delay=rule.queue_delay, max_bytes=rule.queue_bytes)
 
@@ -56,7 +58,7 @@ class Enforcer:
         if bucket is None:
             bucket = self._bucket(flow, rule, d, now)
         name = flow.name or ""
-        if isinstance(bucket, Policer):
+        if isinstance(bucket, (Policer, WindowMeter)):
             if bucket.allow(size, now):
                 self._emit(Limited(rule.name, name, d, size, Verdict.ACCEPT, 0.0, now))
                 return ACCEPT

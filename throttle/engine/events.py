@@ -59,6 +59,21 @@ class NameLearned:
     at: float
 
 
+@dataclass(frozen=True, slots=True)
+class ResetRequested:
+    """A rule with action "rst" matched on a TCP packet (docs/incidents.md §2.17 from 2022-03-04,
+    §4.30): the adapter should inject a RST each way. `to_server` is (seq, ack) for a RST from the
+    client's address and port to the server's, `to_client` for one from the server to the client:
+    the next sequence numbers each end expects, read from the packet that completed the match
+    (which passes; the flow's later packets are dropped). `direction` is that packet's."""
+
+    flow: Flow
+    direction: Direction
+    to_server: tuple[int, int]
+    to_client: tuple[int, int]
+    at: float
+
+
 ErrorKind = Literal["malformed", "dns", "quic", "internal"]
 
 
@@ -69,4 +84,4 @@ class EngineError:
     at: float
 
 
-Event = FlowStarted | FlowDecided | FlowEnded | Limited | NameLearned | EngineError
+Event = FlowStarted | FlowDecided | FlowEnded | Limited | NameLearned | ResetRequested | EngineError

@@ -18,6 +18,7 @@ from throttle.wire.ip import TCP, UDP
 
 if TYPE_CHECKING:
     from throttle.engine.buckets import Bucket
+    from throttle.engine.proxy import Kind as ProxyKind
     from throttle.scenario import Rule
     from throttle.wire.quic import CryptoStream
 
@@ -47,7 +48,7 @@ class Side:
     __slots__ = (
         "packets", "bytes", "payload", "dropped_packets", "dropped_bytes", "delayed_packets",
         "delayed_bytes", "delay_total", "budget", "extended", "inspected", "buffer", "next_seq",
-        "pending", "closed", "fin", "tls_offset", "quic",
+        "pending", "closed", "fin", "tls_offset", "quic", "proxy", "tunnel",
     )
 
     def __init__(self, budget: int) -> None:
@@ -65,6 +66,8 @@ class Side:
         self.fin = False
         self.tls_offset = 0  # reassembling model: where the next unread TLS record starts
         self.quic: CryptoStream | None = None  # reassembling model: a QUIC client's CRYPTO frames
+        self.proxy: ProxyKind = ""  # the proxy handshake messages this direction sent (engine.proxy)
+        self.tunnel = 0  # reassembling model: where the stream inside the proxy's tunnel starts
 
 
 class Flow:

@@ -1,7 +1,8 @@
 """Inspection: reading names out of a flow's first packets, as the scenario's model says to.
 
 The 2021 TSPU (docs/incidents.md §1.5-6) looked at the first data packet per direction, kept looking
-for 15-20 more once it saw a TLS record (or HTTP), gave up for good on an unparseable first packet
+for 15-20 more once it saw a TLS record (or HTTP, or an HTTP-proxy or SOCKS handshake: `engine.proxy`,
+§1.5, §1.7), gave up for good on an unparseable first packet
 of 101 bytes or more, read one TLS record per segment and never reassembled TCP. The reassembling
 model joins a direction's segments in order up to a bound and reads every ClientHello in the
 stream. Names come from the TLS SNI, the HTTP Host header, the SNI of a QUIC Initial's ClientHello,
@@ -16,6 +17,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
+from throttle.engine import proxy
 from throttle.engine.events import EngineError, Event, NameLearned
 from throttle.engine.flows import NameSource, Side
 from throttle.errors import ParseError
@@ -40,9 +42,9 @@ class Inspector:
         self._dns: OrderedDict[bytes, tuple[tuple[str, ...], float]] = OrderedDict()
 
     # ---- TCP -------------------------------------------------------------------------------
-    def tcp(self, side: Side, payload: bytes, seq: int) -> tuple[list[Found], bool]:
+    def tcp(self, side: Side, payload: bytes, seq: int, peer: Side | None = None) -> tuple[list[Found], bool]:
         """Inspect one data segment of a direction: (names found, in order; whether inspection of
-        the whole flow gives up for good, §5)."""
+        the whole flow gives up for good, §5). `peer` is the other direction (for proxy replies)."""
         if side.closed:
             return [], False
         model = self.model
@@ -63,13 +65,36 @@ class Inspector:
         side.budget -= 1
         first = side.inspected == 1
         found: list[Found] = []
-        if model.reassemble and "tls" in self.sources and tls.is_tls_record(data):
+        # §1.5, §1.7: an HTTP CONNECT or SOCKS handshake is recognised and stepped over; the
+        # ClientHello inside the tunnel that follows is read as if it opened the connection.
+        pos = side.tunnel if model.reassemble else 0
+        proxied = False
+        in_proxy: list[Found] = []
+        while peer is not None:
+            kind, length = proxy.message(data[pos:], side.proxy, peer.proxy)
+            if not kind:
+                break
+            if kind == "http" and side.proxy == "" and "http" in self.sources:
+                name, source, _, _ = self._find_name(data[pos : pos + length])  # the CONNECT's Host
+                if name and source:
+                    in_proxy.append((name, source, False))
+            side.proxy, pos, proxied = kind, pos + length, True
+        if model.reassemble:
+            side.tunnel = pos
+            side.tls_offset = max(side.tls_offset, pos)
+        stream = data[pos:] if pos else data
+        if model.reassemble and "tls" in self.sources and tls.is_tls_record(data[side.tunnel:]):
             found = [(name, "sni", ech) for name, ech in self._stream_names(side, data)]
             recognised = True
-        else:
-            name, source, recognised, ech = self._find_name(data)
+        elif stream:
+            name, source, recognised, ech = self._find_name(stream)
             if name is not None and source:
                 found = [(name, source, ech)]
+        else:
+            recognised = False
+        recognised = recognised or proxied
+        if in_proxy:
+            found = in_proxy + found
         if recognised and not side.extended:
             side.extended = True
             side.budget += model.window_extension

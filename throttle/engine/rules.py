@@ -7,7 +7,8 @@ matches a UDP flow by the version of its first Initial (Russia 2022, docs/incide
 rule may be limited to one transport (tcp or udp), to hellos with or without ECH (§4.29), and may
 allow some server addresses (§4.25's allowed servers). Sticky rules (Turkey 2022,
 docs/incidents.md §2.20) keep a triggering flow's server address limited for a while: later flows to
-it are limited whatever their name.
+it are limited whatever their name; from the triggering client only (`sticky_scope = "client_server"`)
+or from every client (`"server"`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ class RuleSet:
         self.address_rules = tuple(r for r in rules if r.addresses and not r.patterns)
         self.version_rules = tuple(r for r in rules if r.quic_versions)
         self._max_sticky = max_sticky
-        # server address -> (rule, until), least recently armed first: bounded, O(1) eviction
+        # sticky key -> (rule, until), least recently armed first: bounded, O(1) eviction. The key is
+        # the server address (scope "server") or client + server (scope "client_server"); their
+        # lengths (4 or 16 bytes, 8 or 32) tell them apart.
         self._sticky: OrderedDict[bytes, tuple[Rule, float]] = OrderedDict()
 
     def by_name(self, flow: Flow, name: str, ech: bool = False) -> Rule | None:
@@ -72,22 +75,26 @@ class RuleSet:
                 return rule
         return None
 
-    def sticky(self, server: bytes, now: float) -> Rule | None:
-        """The rule an earlier flow to this server armed, while it lasts."""
+    def sticky(self, flow: Flow, now: float) -> Rule | None:
+        """The rule an earlier flow to this server armed (from this client, or from any client for
+        a rule of scope "server"), while it lasts."""
         if not self._sticky:
             return None
-        entry = self._sticky.get(server)
-        if entry is not None and entry[1] > now:
-            return entry[0]
+        for key in (flow.client + flow.server, flow.server):
+            entry = self._sticky.get(key)
+            if entry is not None and entry[1] > now:
+                return entry[0]
         return None
 
-    def arm(self, server: bytes, rule: Rule, now: float) -> None:
-        """A real trigger of a sticky rule: its server stays limited for `rule.sticky` seconds."""
-        self._sticky[server] = (rule, now + rule.sticky)
-        self._sticky.move_to_end(server)
+    def arm(self, flow: Flow, rule: Rule, now: float) -> None:
+        """A real trigger of a sticky rule: its server stays limited for `rule.sticky` seconds, for
+        the triggering client (scope "client_server") or for every client (scope "server")."""
+        key = flow.server if rule.sticky_scope == "server" else flow.client + flow.server
+        self._sticky[key] = (rule, now + rule.sticky)
+        self._sticky.move_to_end(key)
         while len(self._sticky) > self._max_sticky:
             self._sticky.popitem(last=False)
 
     def __len__(self) -> int:
-        """Sticky server addresses remembered now."""
+        """Sticky marks (server addresses, or client and server pairs) remembered now."""
         return len(self._sticky)

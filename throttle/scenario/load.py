@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from throttle.errors import ScenarioError
-from throttle.scenario.model import (ACTIONS, DIRECTIONS, EVASIONS, NAME_SOURCES, OUTCOMES, PROBE_DIRECTIONS,
-                                     PROTOCOLS, SCOPES, TRANSPORTS, Evasion, Model, NameSourceKind, Network, Probe,
+from throttle.scenario.model import (ACTIONS, DIRECTIONS, EVASIONS, METERS, NAME_SOURCES, OUTCOMES, PROBE_DIRECTIONS,
+                                     PROTOCOLS, SCOPES, STICKY_SCOPES, TRANSPORTS, Evasion, Model, NameSourceKind, Network, Probe,
                                      Rule, Scenario, Transport)
 from throttle.scenario.patterns import compile_pattern
 from throttle.units import parse_duration, parse_rate, parse_size
@@ -90,6 +90,7 @@ def _model(r: _Reader, t: dict[str, Any]) -> Model:
         strip_trailing_dot=r.get(t, "model.strip_trailing_dot", bool, default=d.strip_trailing_dot),
         inspect_after_name=r.get(t, "model.inspect_after_name", bool, default=d.inspect_after_name),
         fin_rst_ends_flow=r.get(t, "model.fin_rst_ends_flow", bool, default=d.fin_rst_ends_flow),
+        syn_restarts_flow=r.get(t, "model.syn_restarts_flow", bool, default=d.syn_restarts_flow),
         idle_timeout=r.conv(t, "model.idle_timeout", parse_duration, d.idle_timeout),
         max_flows=r.count(t, "model.max_flows", d.max_flows, minimum=1),
         name_sources=tuple(sources),
@@ -134,10 +135,12 @@ def _rule(r: _Reader, t: Any, i: int) -> Rule:
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             r.fail(f"{k}.ports[{j}]", f"{port!r} is not a port number (1-65535)")
     action = r.choice(t, f"{k}.action", ACTIONS, d.action)
-    if action == "drop":
+    if action in ("drop", "rst"):
         for key in ("rate", "burst", "queue_delay", "queue_bytes"):
             if key in t:
-                r.fail(f"{k}.{key}", 'has no meaning for action = "drop" (every packet is dropped); remove it')
+                r.fail(f"{k}.{key}", f'has no meaning for action = "{action}" (every packet is dropped); remove it')
+        if action == "rst" and (transport == "udp" or quic_versions):
+            r.fail(f"{k}.action", '"rst" resets TCP connections; for QUIC (udp) write action = "drop"')
         t = {**t, "rate": "0", "burst": "0"}
     rate = r.conv(t, f"{k}.rate", parse_rate, None)
     if rate is None:
@@ -145,6 +148,18 @@ def _rule(r: _Reader, t: Any, i: int) -> Rule:
     if action == "shape" and rate <= 0:
         r.fail(f"{k}.rate", 'a shaper needs a rate above 0 (a rate of 0 that freezes flows is a policer\'s: '
                             'action = "police")')
+    meter = r.choice(t, f"{k}.meter", METERS, d.meter)
+    if meter == "window" and action != "police":
+        r.fail(f"{k}.meter", f'"window" is a policer\'s meter (it drops); with action = "{action}" remove meter '
+                             'or write meter = "bucket"')
+    burst = r.conv(t, f"{k}.burst", parse_size, d.burst)
+    if meter == "window" and (rate <= 0 or burst <= 0):
+        r.fail(f"{k}.meter", '"window" needs a rate and a burst above 0: each interval of burst / rate seconds '
+                             'passes burst bytes; write e.g. rate = "130kbit" and burst = "16KB"')
+    sticky = r.conv(t, f"{k}.sticky", parse_duration, d.sticky)
+    sticky_scope = r.choice(t, f"{k}.sticky_scope", STICKY_SCOPES, d.sticky_scope)
+    if "sticky_scope" in t and not sticky:
+        r.fail(f"{k}.sticky_scope", 'has no meaning without sticky; add e.g. sticky = "600s" or remove it')
     return Rule(
         name=r.get(t, f"{k}.name", str, default=f"rule{i}"),
         patterns=tuple(patterns),
@@ -152,13 +167,15 @@ def _rule(r: _Reader, t: Any, i: int) -> Rule:
         ports=ports,
         action=action,
         rate=rate,
-        burst=r.conv(t, f"{k}.burst", parse_size, d.burst),
+        burst=burst,
         direction=r.choice(t, f"{k}.direction", DIRECTIONS, d.direction),
         scope=r.choice(t, f"{k}.scope", SCOPES, d.scope),
         after_bytes=r.conv(t, f"{k}.after_bytes", parse_size, d.after_bytes),
         queue_delay=r.conv(t, f"{k}.queue_delay", parse_duration, d.queue_delay),
         queue_bytes=r.conv(t, f"{k}.queue_bytes", parse_size, d.queue_bytes),
-        sticky=r.conv(t, f"{k}.sticky", parse_duration, d.sticky),
+        sticky=sticky,
+        sticky_scope=sticky_scope,
+        meter=meter,
         transport=transport,
         ech=ech,
         quic_versions=quic_versions,

@@ -17,7 +17,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 RuleDirection = Literal["upload", "download", "both"]
 ProbeDirection = Literal["upload", "download"]
 Scope = Literal["flow", "client", "rule"]
-Action = Literal["police", "shape", "drop"]
+Action = Literal["police", "shape", "drop", "rst"]
+Meter = Literal["bucket", "window"]  # a refilling token bucket, or a fixed-interval byte budget (§1.11)
+StickyScope = Literal["client_server", "server"]  # who a sticky mark slows: that client, or every client (§2.20)
 Transport = Literal["any", "tcp", "udp"]
 NameSourceKind = Literal["tls", "http", "dns", "quic"]
 Outcome = Literal["throttled", "normal", "blocked"]
@@ -28,6 +30,8 @@ DIRECTIONS: tuple[RuleDirection, ...] = get_args(RuleDirection)
 PROBE_DIRECTIONS: tuple[ProbeDirection, ...] = get_args(ProbeDirection)
 SCOPES: tuple[Scope, ...] = get_args(Scope)
 ACTIONS: tuple[Action, ...] = get_args(Action)
+METERS: tuple[Meter, ...] = get_args(Meter)
+STICKY_SCOPES: tuple[StickyScope, ...] = get_args(StickyScope)
 TRANSPORTS: tuple[Transport, ...] = get_args(Transport)
 NAME_SOURCES: tuple[NameSourceKind, ...] = get_args(NameSourceKind)
 OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
@@ -47,6 +51,10 @@ class Model:
     strip_trailing_dot: bool = False  # False: `pbs.twimg.com.` evades, as in 2021 (§7)
     inspect_after_name: bool = True  # keep looking after a non-matching name (fake hellos fail, §7)
     fin_rst_ends_flow: bool = False  # 2021 devices kept state through FIN and RST (§14)
+    # A SYN on the 5-tuple of a flow that carried data (or was decided) starts a new flow. True
+    # fixes port reuse when the old flow's end went unseen; the 2021 device kept its state by
+    # 5-tuple for ~10 minutes (§1.14) and injected packets did not free a flow (§1.7): False.
+    syn_restarts_flow: bool = True
     idle_timeout: float = 600.0  # seconds an idle flow is remembered (§14)
     max_flows: int = 200_000  # flow table bound; the least recently used flow is evicted
     name_sources: tuple[NameSourceKind, ...] = ("tls",)  # tls (SNI), http (Host), dns (learned addresses), quic (Initial SNI)
@@ -61,7 +69,9 @@ class Rule:
     addresses: tuple[Network, ...] = ()
     ports: tuple[int, ...] = ()  # server ports; empty is any
     # police (drop above rate, §9), shape (delay, §12), or drop: every packet after the one that
-    # completed the match (§4.29), in the rule's directions
+    # completed the match (§4.29), in the rule's directions; or rst: as drop, and the engine asks
+    # the adapter to inject a RST each way after the TCP packet that completed the match (§2.17 from
+    # 2022-03-04, §4.30; flows decided before any payload, by address or sticky mark, only drop)
     action: Action = "police"
     rate: float = 16250.0  # bytes per second (130 kbit/s)
     burst: int = 16384  # bytes (§11: about 16 KB pass before the drops)
@@ -71,6 +81,13 @@ class Rule:
     queue_delay: float = 1.0  # shaper: the longest a packet is held before it is dropped instead
     queue_bytes: int = 0  # shaper: a bound in bytes instead (0: use queue_delay)
     sticky: float = 0.0  # seconds a triggering flow's server address stays limited, SNI or not (§20)
+    # whom the sticky mark slows: the triggering client's later flows to that server address
+    # (client_server), or every client's (server)
+    sticky_scope: StickyScope = "client_server"
+    # police with a token bucket refilled continuously at `rate` (bucket), or in fixed intervals of
+    # burst / rate seconds, each letting its first `burst` bytes through and dropping the rest
+    # (window: §1.11's ~16 KB in 100 ms, then ~900 ms of drops); police only
+    meter: Meter = "bucket"
     transport: Transport = "any"  # tcp (TLS, HTTP), udp (QUIC), or either
     ech: bool | None = None  # True: only hellos with an ECH extension; False: only without (§29)
     quic_versions: tuple[int, ...] = ()  # a flow whose first QUIC Initial has one of these versions (§25)
