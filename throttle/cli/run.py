@@ -50,6 +50,9 @@ def run(
     out.print(result_table(report))
     out.print(footnote(report), style="dim", highlight=False)
     emit_json(report.to_json(), as_json, output)
+    if report.lab_failures:  # the lab broke: these probes say nothing about the censor
+        raise ThrottleError(f"lab {lab_name} failed, so {scen.name}'s probes below say nothing about the censor:\n  "
+                            + "\n  ".join(report.lab_failures))
     raise typer.Exit(0 if report.passed else 1)
 
 

@@ -18,6 +18,7 @@ from throttle.errors import ScenarioError
 from throttle.scenario.model import (ACTIONS, DIRECTIONS, EVASIONS, NAME_SOURCES, OUTCOMES, PROBE_DIRECTIONS,
                                      PROTOCOLS, SCOPES, TRANSPORTS, Evasion, Model, NameSourceKind, Network, Probe,
                                      Rule, Scenario, Transport)
+from throttle.scenario.model import HANDSHAKE_EXPECTATIONS, HandshakeExpectation  # probe keys
 from throttle.scenario.patterns import compile_pattern
 from throttle.units import parse_duration, parse_rate, parse_size
 
@@ -197,7 +198,36 @@ def _probe(r: _Reader, t: Any, i: int) -> Probe:
         evasion=_evasion(r, t, k),
         timeout=r.conv(t, f"{k}.timeout", parse_duration, d.timeout),
         ech=_ech(r, t, k),
+        freeze_bytes=_freeze_bytes(r, t, k),
+        expect_handshake=_expect_handshake(r, t, k),
     )
+
+
+def _freeze_bytes(r: _Reader, t: dict[str, Any], k: str) -> tuple[int, int] | None:
+    value = r.get(t, f"{k}.freeze_bytes", list, default=None)
+    if value is None:
+        return None
+    if len(value) != 2:
+        r.fail(f"{k}.freeze_bytes", 'is a range of two sizes; write e.g. freeze_bytes = ["15KB", "20KB"]')
+    try:
+        low, high = parse_size(value[0]), parse_size(value[1])
+    except (ValueError, TypeError) as exc:
+        r.fail(f"{k}.freeze_bytes", str(exc))
+    if low > high:
+        r.fail(f"{k}.freeze_bytes", f"{value[0]!r} is more than {value[1]!r}; write the smaller first")
+    if t.get("expect", "throttled") != "blocked":
+        r.fail(f"{k}.freeze_bytes", 'needs expect = "blocked": only a transfer that stalls has bytes before a freeze')
+    return low, high
+
+
+def _expect_handshake(r: _Reader, t: dict[str, Any], k: str) -> HandshakeExpectation:
+    value = r.choice(t, f"{k}.expect_handshake", HANDSHAKE_EXPECTATIONS, "")
+    if value and t.get("protocol", "https") not in ("https", "quic"):
+        r.fail(f"{k}.expect_handshake", 'needs protocol = "https" or "quic": the other clients do no TLS handshake '
+                                        'they can time')
+    if value and t.get("control", False):
+        r.fail(f"{k}.expect_handshake", "a control is what handshakes are judged against; remove the key here")
+    return value
 
 
 def _ech(r: _Reader, t: dict[str, Any], k: str) -> bool:
