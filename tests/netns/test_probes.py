@@ -1,0 +1,77 @@
+"""Probes as `throttle run` judges them, live: a lab failure fails the run instead of reading as
+blocked, and `throttle lab exec` gives a command the probes' environment. Lab `probetest`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import lab_session
+
+pytestmark = pytest.mark.netns
+
+ROOT = Path(__file__).resolve().parents[2]
+LAB = "probetest"
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[object]:
+    yield from lab_session(LAB, ["pbs.twimg.com"])
+
+
+def throttle(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "throttle", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
+
+
+SCENARIO = """
+[scenario]
+name = "probe-causes"
+sources = ["docs/incidents.md §3.22"]
+[[rule]]
+name = "twimg"
+match = ["*.twimg.com"]
+rate = "130kbit"
+[[probe]]
+name = "control"
+host = "example.org"
+direction = "download"
+size = "8KB"
+expect = "normal"
+control = true
+timeout = "10s"
+[[probe]]
+name = "refused"
+host = "example.org"
+address = "198.18.1.1"   # the censor's own address: nothing listens on 443 there, the kernel refuses
+direction = "download"
+size = "8KB"
+expect = "blocked"
+timeout = "10s"
+"""
+
+
+def test_a_refused_connection_fails_the_run_naming_it(lab: object, tmp_path: Path) -> None:
+    path = tmp_path / "causes.toml"
+    path.write_text(SCENARIO)
+    out = tmp_path / "run.json"
+    result = throttle("run", str(path), "--lab", LAB, "--keep", "-o", str(out))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "say nothing about the censor" in result.stderr and "refused:" in result.stderr
+    report = json.loads(out.read_text())
+    by_name = {p["name"]: p for p in report["probes"]}
+    assert by_name["refused"]["cause"] == "lab" and by_name["refused"]["observed"] == "error"
+    assert by_name["control"]["cause"] == "completed" and by_name["control"]["handshake_seconds"] > 0
+    assert not report["passed"]
+
+
+def test_lab_exec_runs_with_the_labs_dns_and_ca(lab: object) -> None:
+    info = throttle("lab", "exec", "--lab", LAB, "--", "curl", "-sS", "https://pbs.twimg.com/info", timeout=60)
+    assert info.returncode == 0, info.stderr  # resolved by the lab's DNS, verified against its CA
+    assert json.loads(info.stdout)["sni"] == "pbs.twimg.com"
+    assert throttle("lab", "exec", "--lab", LAB, "--", "sh", "-c", "exit 7", timeout=60).returncode == 7
