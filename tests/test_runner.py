@@ -9,7 +9,7 @@ import pytest
 
 from throttle.errors import ScenarioError
 from throttle.measure.runner import (ProbeRun, Runner, RunReport, check_expectations, classify_curl, classify_quic,
-                                     classify_raw, default_timeout, handshake_verdict, judge, parse_result,
+                                     classify_raw, default_timeout, finish_command, handshake_verdict, judge, parse_result,
                                      reference_rate)
 from throttle.scenario import Probe, load_scenario
 
@@ -254,3 +254,75 @@ def test_probe_keys_load(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ScenarioError, match=says):
             load_scenario(scenario(f'host = "a.example"\n{bad}'))
+
+
+# ---- command probes --------------------------------------------------------------------------
+
+def command_probe(**kw: object) -> Probe:
+    base: dict[str, object] = {"name": "c", "host": "pbs.twimg.com", "protocol": "command", "size": 1000,
+                               "command": "curl -sS -T {file} {url}"}
+    base.update(kw)
+    return Probe(**base)  # type: ignore[arg-type]
+
+
+def test_command_placeholders_are_filled_and_quoted(tmp_path: Path) -> None:
+    s = load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml")
+    runner = Runner(s, FakeLab(), tmp_path)
+    up = command_probe(command="curl -T {file} {url} # {host} {address} {size} {port}")
+    argv = runner.shell_command(up, up.command)
+    assert argv[:6] == ["ip", "netns", "exec", "t-client", "sh", "-c"]
+    assert argv[6] == (f"curl -T {tmp_path / 'upload-1000'} https://pbs.twimg.com/upload # pbs.twimg.com "
+                       f"198.18.1.2 1000 {41000 + len(runner.runs)}")
+    assert (tmp_path / "upload-1000").stat().st_size == 1000
+    down = command_probe(direction="download", command="wget -O- {url}", host="a b")
+    assert runner.shell_command(down, down.command)[6] == "wget -O- 'https://a b/bytes/1000'"
+
+
+@pytest.mark.parametrize(
+    "out,err,code,cause,got,seconds",
+    [
+        ('{"received": 1000, "seconds": 0.25}\n', "", 0, "completed", 1000, 0.25),  # the server's count and time
+        ("", "", 0, "completed", 1000, 2.0),  # no reply shown: the exit and the command's own time
+        ('{"received": 400, "seconds": 0.25}\n', "", 0, "lab", 400, 2.0),
+        ("", "curl: (28) Operation timed out after 5000 ms", 28, "timeout", 0, 2.0),
+        ("", "curl: (56) Recv failure: Connection reset by peer", 56, "reset", 0, 2.0),
+        ("", "curl: (7) Failed to connect", 7, "lab", 0, 2.0),
+        ("", "", None, "timeout", 0, 2.0),  # killed by the runner at the timeout
+    ],
+)
+def test_command_uploads_are_judged_by_the_servers_count(out: str, err: str, code: int | None, cause: str,
+                                                          got: int, seconds: float) -> None:
+    run = ProbeRun(command_probe())
+    finish_command(run, out, err, code, 2.0)
+    assert (run.cause, run.bytes, run.seconds, run.completed) == (cause, got, seconds, cause == "completed")
+    if cause == "lab":
+        assert judge(run, RATE, None) == "error" and run.error
+
+
+def test_other_commands_failing_are_lab_failures() -> None:
+    run = ProbeRun(command_probe(command="chromium --headless=new {url}", direction="download"))
+    finish_command(run, "", "some warning\nERROR: net::ERR_CERT_AUTHORITY_INVALID\n", 1, 3.0)
+    assert run.cause == "lab" and run.error == "the command exited with 1: ERROR: net::ERR_CERT_AUTHORITY_INVALID"
+    ok = ProbeRun(command_probe(command="wget -q -O /dev/null {url}", direction="download"))
+    finish_command(ok, "", "", 0, 3.0)
+    assert ok.completed and ok.bytes == 1000 and ok.seconds == 3.0
+
+
+def test_command_keys_load(tmp_path: Path) -> None:
+    def scenario(probe: str) -> Path:
+        path = tmp_path / "s.toml"
+        path.write_text(f'[scenario]\nname = "s"\n[[rule]]\nname = "r"\nmatch = ["a.example"]\nrate = "130kbit"\n'
+                        f'[[probe]]\nhost = "a.example"\n{probe}\n')
+        return path
+
+    s = load_scenario(scenario('protocol = "command"\ncommand = "curl -T {file} {url}"\nwrap = "proxy {port}"'))
+    assert s.probes[0].command == "curl -T {file} {url}" and s.probes[0].wrap == "proxy {port}"
+    for bad, says in [
+        ('protocol = "command"', "is missing"),
+        ('command = "curl {url}"', 'needs protocol = "command"'),
+        ('protocol = "command"\ncommand = "curl {uri}"', r"\{uri\} is not a placeholder"),
+        ('protocol = "command"\ncommand = "curl {url"', "braces"),
+        ('protocol = "command"\ncommand = "x"\nwrap = "proxy"', r"needs \{port\}"),
+    ]:
+        with pytest.raises(ScenarioError, match=says):
+            load_scenario(scenario(bad))

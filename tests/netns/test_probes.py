@@ -75,3 +75,69 @@ def test_lab_exec_runs_with_the_labs_dns_and_ca(lab: object) -> None:
     assert info.returncode == 0, info.stderr  # resolved by the lab's DNS, verified against its CA
     assert json.loads(info.stdout)["sni"] == "pbs.twimg.com"
     assert throttle("lab", "exec", "--lab", LAB, "--", "sh", "-c", "exit 7", timeout=60).returncode == 7
+
+
+COMMANDS = """
+[scenario]
+name = "probe-commands"
+sources = ["docs/incidents.md §3.22"]
+[[rule]]
+name = "twimg"
+match = ["*.twimg.com"]
+rate = "130kbit"
+[[probe]]
+name = "control"
+host = "example.org"
+size = "128KB"
+expect = "normal"
+control = true
+[[probe]]
+name = "upload-throttled"
+host = "pbs.twimg.com"
+size = "128KB"
+protocol = "command"
+command = "curl -sS -T {file} {url}"
+expect = "throttled"
+[[probe]]
+name = "download"
+host = "example.org"
+direction = "download"
+size = "1MB"
+protocol = "command"
+command = "curl -sS -o /dev/null {url}"
+expect = "normal"
+[[probe]]
+name = "wrapped"
+host = "example.org"
+size = "64KB"
+protocol = "command"
+wrap = "exec python3 -m http.server {port} --bind 127.0.0.1"
+command = "curl -sS -o /dev/null http://127.0.0.1:{port}/ && curl -sS -T {file} {url}"
+expect = "normal"
+[[probe]]
+name = "wrap-fails"
+host = "example.org"
+size = "1KB"
+protocol = "command"
+wrap = "echo no proxy here >&2; exit 3; : {port}"
+command = "true"
+expect = "normal"
+"""
+
+
+def test_command_probes_judged_by_the_servers_count_and_wraps_always_stopped(lab: object, tmp_path: Path) -> None:
+    path = tmp_path / "commands.toml"
+    path.write_text(COMMANDS)
+    out = tmp_path / "run.json"
+    result = throttle("run", str(path), "--lab", LAB, "--keep", "-o", str(out))
+    report = json.loads(out.read_text())
+    by_name = {p["name"]: p for p in report["probes"]}
+    for name in ("control", "upload-throttled", "download", "wrapped"):
+        assert by_name[name]["passed"], (by_name[name], result.stderr[-2000:])
+    assert by_name["upload-throttled"]["bytes"] == 128 * 1024  # the lab server's own count
+    # A helper that never listens is the lab's failure: the run fails and says so.
+    assert by_name["wrap-fails"]["cause"] == "lab" and "exited with 3" in by_name["wrap-fails"]["error"]
+    assert result.returncode == 2 and "no proxy here" in result.stderr
+    listening = subprocess.run(["ip", "netns", "exec", f"{LAB}-client", "ss", "-ltnH"], capture_output=True,
+                               text=True, check=True).stdout
+    assert ":4100" not in listening, listening  # the wrap helpers are gone

@@ -29,6 +29,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,6 +51,8 @@ CONTROL_FACTOR = 10.0  # ... and at least 10 x slower than the control (§23)
 SINK_PORT = 8443
 SPEED_WINDOW = 4.0  # seconds the live speed is averaged over
 PORT_BASE = 31000  # probe i uses client ports PORT_BASE + 10 i ... + 9, so `ss` can find it
+WRAP_PORT_BASE = 41000  # probe i's wrap helper listens on WRAP_PORT_BASE + i in the client namespace
+WRAP_READY = 10.0  # seconds a wrap helper has to start listening
 HANDSHAKE_FACTOR = 10.0  # a "slow" handshake takes at least 10 x the controls' (§3.23) ...
 HANDSHAKE_FLOOR = 0.5  # ... and at least half a second (a loaded machine's jitter is not a censor)
 
@@ -330,6 +334,59 @@ def _curl_size(text: str) -> int | None:
     return int(float(m.group(1)) * _MULT[m.group(2)]) if m else None
 
 
+def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+    """Stop a child started in its own session, with everything it started (a browser's helpers)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+
+
+_SERVER_REPLY = re.compile(r'"received":\s*(\d+),\s*"seconds":\s*([\d.]+)')
+
+
+def finish_command(run: ProbeRun, out: str, err: str, code: int | None, wall: float) -> None:
+    """Judge a command probe from its exit, and for uploads from the lab server's reply if the command
+    shows it (`{"received": N, "seconds": T}`, as `curl -T` prints and the upload page writes): the
+    server's own count of the body and its time to receive it. Without the reply, and for downloads,
+    a zero exit is the whole transfer in the command's own time (`wall`, its start-up included)."""
+    probe = run.probe
+    said = err.strip().splitlines()[-1] if err.strip() else ""
+    run.seconds = wall
+    run.done = True
+    run.current_speed = 0.0
+    if code is None:
+        run.cause, run.error = CAUSE_TIMEOUT, "the command did not finish before its timeout (killed)"
+        return
+    words = shlex.split(probe.command)[:1] if probe.command.strip() else []
+    if code != 0:
+        if words and os.path.basename(words[0]) == "curl":  # curl's exit codes say why
+            run.cause, run.error = classify_curl(code, None, said)
+        else:
+            run.cause, run.error = CAUSE_LAB, f"the command exited with {code}" + (f": {said}" if said else "")
+        return
+    replies = _SERVER_REPLY.findall(out) if probe.direction == "upload" else []
+    if replies:
+        received, seconds = int(replies[-1][0]), float(replies[-1][1])
+        if received < probe.size:
+            run.cause, run.error = CAUSE_LAB, f"the lab server received {received} of {probe.size} bytes"
+            run.bytes = received
+            return
+        run.bytes = received
+        run.seconds = seconds if seconds > 0 else wall
+    else:
+        run.bytes = probe.size
+    run.cause, run.completed = CAUSE_COMPLETED, True
+
+
 class Runner:
     """Runs one scenario's probes in a lab whose censor already runs (see `run_scenario`)."""
 
@@ -416,8 +473,29 @@ class Runner:
             argv += ["-H", f"Host: {probe.host}"]
         return self.lab.exec_argv("client", argv)
 
+    def command_values(self, probe: Probe) -> dict[str, str]:
+        """What a command probe's placeholders stand for (unquoted)."""
+        upload = probe.direction == "upload"
+        return {
+            "url": f"https://{probe.host}/upload" if upload else f"https://{probe.host}/bytes/{probe.size}",
+            "host": probe.host,
+            "address": self._address(probe),
+            "file": str(self._upload_file(probe.size)) if upload else "",
+            "size": str(probe.size),
+            "port": str(WRAP_PORT_BASE + self._index(probe)),
+        }
+
+    def shell_command(self, probe: Probe, template: str) -> list[str]:
+        """A command probe's `command` or `wrap`, its placeholders filled in (shell-quoted), as
+        `sh -c` in the client namespace."""
+        values = {k: shlex.quote(v) for k, v in self.command_values(probe).items()}
+        return self.lab.exec_argv("client", ["sh", "-c", template.format(**values)])
+
+    def _index(self, probe: Probe) -> int:
+        return next((k for k, r in enumerate(self.runs) if r.probe is probe), len(self.runs))
+
     def _ports(self, probe: Probe) -> tuple[int, int]:
-        i = next((k for k, r in enumerate(self.runs) if r.probe is probe), len(self.runs))
+        i = self._index(probe)
         return PORT_BASE + 10 * i, PORT_BASE + 10 * i + 9
 
     def _poll_acked(self, stop: threading.Event) -> None:
@@ -473,6 +551,9 @@ class Runner:
     def run_probe(self, run: ProbeRun, fixed_port: bool = True) -> None:
         probe = run.probe
         timeout = default_timeout(probe, self.rate_for(probe))
+        if probe.protocol == "command":
+            self._run_command(run, timeout)
+            return
         argv = self.command(probe, timeout, fixed_port)
         run.started = time.monotonic()
         try:
@@ -494,6 +575,59 @@ class Runner:
             watchdog.cancel()
         reader.join(timeout=5)
         self._finish(run, "" if run.probe.protocol == "tls" else out.decode(errors="replace"), proc.returncode)
+
+    def _run_command(self, run: ProbeRun, timeout: float) -> None:
+        """A command probe: its wrap helper (if any) listening first, then the command, killed with
+        its whole process group at the timeout; the helper always stopped."""
+        probe = run.probe
+        helper: subprocess.Popen[bytes] | None = None
+        out, err, code = b"", b"", None
+        try:
+            if probe.wrap:
+                helper = subprocess.Popen(self.shell_command(probe, probe.wrap), stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.PIPE, start_new_session=True)
+                port = self.command_values(probe)["port"]
+                problem = self._wait_listening(helper, int(port))
+                if problem:
+                    run.cause, run.error, run.done = CAUSE_LAB, f"the wrap helper {problem}", True
+                    return
+            run.started = time.monotonic()
+            try:
+                proc = subprocess.Popen(self.shell_command(probe, probe.command), stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, start_new_session=True)
+            except OSError as exc:
+                run.error, run.done, run.cause = f"the command could not start: {exc}", True, CAUSE_LAB
+                return
+            try:
+                out, err = proc.communicate(timeout=timeout)
+                code = proc.returncode
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                out, err = proc.communicate()
+                code = None
+            wall = time.monotonic() - run.started
+        finally:
+            if helper is not None:
+                _kill_group(helper, signal.SIGTERM)
+        finish_command(run, out.decode(errors="replace"), err.decode(errors="replace"), code, wall)
+        if self.on_update is not None:
+            self.on_update(self.runs)
+
+    def _wait_listening(self, helper: subprocess.Popen[bytes], port: int) -> str:
+        """"" once something listens on `port` in the client namespace, else what went wrong."""
+        argv = self.lab.exec_argv("client", ["ss", "-ltnH", f"sport = :{port}"])
+        deadline = time.monotonic() + WRAP_READY
+        while time.monotonic() < deadline:
+            if helper.poll() is not None:
+                said = helper.stderr.read().decode(errors="replace").strip() if helper.stderr else ""
+                return f"exited with {helper.returncode} before listening on port {port}" + (f": {said}" if said else "")
+            try:
+                if subprocess.run(argv, capture_output=True, text=True, timeout=5).stdout.strip():
+                    return ""
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+            time.sleep(0.2)
+        return f"did not listen on port {port} within {WRAP_READY:g} s"
 
     def _read_progress(self, run: ProbeRun, proc: subprocess.Popen[bytes]) -> None:
         """curl's progress meter (stderr, lines ended by CR), the evasion client's JSON lines, or the
@@ -598,6 +732,8 @@ class Runner:
             shown.current_speed = 0.0
 
     def _parallel(self) -> bool:
+        if any(p.protocol == "command" for p in self.scenario.probes):
+            return False  # a browser's start-up would crowd the others' measurements
         return all(r.scope == "flow" and r.sticky == 0 for r in self.scenario.rules)
 
     def run(self) -> RunReport:

@@ -8,6 +8,7 @@ Rules and probes are counted from 1 in those keys, as a person counts the `[[rul
 from __future__ import annotations
 
 import ipaddress
+import string
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -200,7 +201,33 @@ def _probe(r: _Reader, t: Any, i: int) -> Probe:
         ech=_ech(r, t, k),
         freeze_bytes=_freeze_bytes(r, t, k),
         expect_handshake=_expect_handshake(r, t, k),
+        command=_command(r, t, k, "command"),
+        wrap=_command(r, t, k, "wrap"),
     )
+
+
+COMMAND_PLACEHOLDERS = ("url", "host", "address", "file", "size", "port")
+
+
+def _command(r: _Reader, t: dict[str, Any], k: str, key: str) -> str:
+    """A probe's command or wrap: only with protocol = "command"; known {placeholders} only."""
+    text = r.get(t, f"{k}.{key}", str, default="")
+    is_command = t.get("protocol") == "command"
+    if key == "command" and is_command and not text.strip():
+        r.fail(f"{k}.command", 'is missing; protocol = "command" runs it, e.g. command = "curl -sS -T {file} {url}"')
+    if text and not is_command:
+        r.fail(f"{k}.{key}", 'needs protocol = "command"')
+    try:
+        names = [name for _, name, spec, conv in string.Formatter().parse(text) if name is not None]
+    except ValueError as exc:
+        r.fail(f"{k}.{key}", f"{exc} (write {{{{ and }}}} for literal braces)")
+    for name in names:
+        if name not in COMMAND_PLACEHOLDERS:
+            r.fail(f"{k}.{key}", f"{{{name}}} is not a placeholder; known: "
+                                 + ", ".join("{" + p + "}" for p in COMMAND_PLACEHOLDERS))
+    if key == "wrap" and text and "port" not in names:
+        r.fail(f"{k}.wrap", "needs {port}: the port the helper listens on, which the runner waits for")
+    return text
 
 
 def _freeze_bytes(r: _Reader, t: dict[str, Any], k: str) -> tuple[int, int] | None:

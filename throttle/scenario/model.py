@@ -21,7 +21,8 @@ Action = Literal["police", "shape", "drop"]
 Transport = Literal["any", "tcp", "udp"]
 NameSourceKind = Literal["tls", "http", "dns", "quic"]
 Outcome = Literal["throttled", "normal", "blocked"]
-Protocol = Literal["https", "http", "tls", "quic"]  # curl over TLS, curl over plain HTTP, the raw TLS client, HTTP/3
+# curl over TLS, curl over plain HTTP, the raw TLS client, HTTP/3, a command of the scenario's own
+Protocol = Literal["https", "http", "tls", "quic", "command"]
 HandshakeExpectation = Literal["", "slow", "normal"]
 Evasion = Literal["none", "split", "pad", "scramble", "ccs", "dot", "fake"]  # throttle.lab.evasion, §7
 
@@ -102,6 +103,10 @@ class Probe:
     # the TLS handshake's time against the controls' (§3.23, §2.17, §2.21): "slow" is at least
     # HANDSHAKE_FACTOR x theirs and HANDSHAKE_FLOOR seconds, or never completed; "" is not judged
     expect_handshake: HandshakeExpectation = ""
+    # protocol "command": a shell command run in the client namespace, with {url} {host} {address}
+    # {file} {size} {port} filled in (measure/runner.py, COMMAND_PLACEHOLDERS)
+    command: str = ""
+    wrap: str = ""  # protocol "command": a helper (e.g. a proxy on {port}) running while the probe does
 
 
 @dataclass(frozen=True, slots=True)
