@@ -120,6 +120,13 @@ def test_quic_causes(code: int, cause: str) -> None:
     assert classify_quic(code, "the own message")[1] == ("" if code == 0 else "the own message")
 
 
+def test_a_quic_handshake_dropped_until_the_idle_timeout_is_a_timeout() -> None:
+    # The censor drops the Initials: aioquic's idle timeout ends the handshake before --max-time.
+    assert classify_quic(35, "the QUIC handshake failed: Idle timeout (error 0x1)")[0] == "timeout"
+    assert classify_quic(56, "the connection closed before the transfer ended: Idle timeout")[0] == "timeout"
+    assert classify_quic(35, "the QUIC handshake failed: certificate verify failed (error 0x12a)")[0] == "lab"
+
+
 @pytest.mark.parametrize(
     "final,code,cause",
     [

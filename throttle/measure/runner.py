@@ -110,6 +110,9 @@ def classify_quic(code: int | None, message: str = "") -> tuple[str, str]:
         return CAUSE_COMPLETED, ""
     if code is not None and code < 0:
         return CAUSE_TIMEOUT, message or "killed by the runner's watchdog after its timeout"
+    if code in (35, 56) and "idle timeout" in message.lower():
+        # aioquic gave up on a silent path before --max-time: nothing came back, as a timeout
+        return CAUSE_TIMEOUT, message
     cause, what = _QUIC.get(code if code is not None else -1, (CAUSE_LAB, f"the QUIC client exited with {code}"))
     return cause, message or what  # its own message says more than the code
 
