@@ -80,10 +80,12 @@ def result_table(report: RunReport) -> Table:
             expected += f", {r.probe.expect_handshake} handshake"
             shake += f" ({r.observed_handshake})"
         table.add_row(r.probe.name, host, r.probe.direction, size, speed, shake, expected, observed, mark)
-    for r in report.runs:
-        for failure in r.check_failures:
-            table.add_row(r.probe.name, Text(failure, style="red"), *[""] * 8)
     return table
+
+
+def check_failures(report: RunReport) -> list[str]:
+    """One line per failed freeze_bytes or expect_handshake check, to print under the table."""
+    return [f"{r.probe.name}: {failure}" for r in report.runs for failure in r.check_failures]
 
 
 def footnote(report: RunReport) -> str:
