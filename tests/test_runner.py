@@ -289,7 +289,7 @@ def test_command_placeholders_are_filled_and_quoted(tmp_path: Path) -> None:
     "out,err,code,cause,got,seconds",
     [
         ('{"received": 1000, "seconds": 0.25}\n', "", 0, "completed", 1000, 0.25),  # the server's count and time
-        ("", "", 0, "completed", 1000, 2.0),  # no reply shown: the exit and the command's own time
+        ("", "", 0, "lab", 0, 2.0),  # no reply shown: what the server received is unknown
         ('{"received": 400, "seconds": 0.25}\n', "", 0, "lab", 400, 2.0),
         ("", "curl: (28) Operation timed out after 5000 ms", 28, "timeout", 0, 2.0),
         ("", "curl: (56) Recv failure: Connection reset by peer", 56, "reset", 0, 2.0),
@@ -313,6 +313,12 @@ def test_other_commands_failing_are_lab_failures() -> None:
     ok = ProbeRun(command_probe(command="wget -q -O /dev/null {url}", direction="download"))
     finish_command(ok, "", "", 0, 3.0)
     assert ok.completed and ok.bytes == 1000 and ok.seconds == 3.0
+    said = ProbeRun(command_probe(command="curl -o /dev/null -w '%{{size_download}}' {url}", direction="download"))
+    finish_command(said, "1000", "", 0, 3.0)  # the count it printed
+    assert said.completed and said.bytes == 1000
+    short = ProbeRun(command_probe(command="curl -o /dev/null -w '%{{size_download}}' {url}", direction="download"))
+    finish_command(short, "512\n", "", 0, 3.0)
+    assert short.cause == "lab" and short.error == "the command received 512 of 1000 bytes"
 
 
 def test_command_keys_load(tmp_path: Path) -> None:

@@ -104,7 +104,7 @@ host = "example.org"
 direction = "download"
 size = "1MB"
 protocol = "command"
-command = "curl -sS -o /dev/null {url}"
+command = "curl -sS -o /dev/null -w '%{{size_download}}' {url}"  # prints the bytes it received
 expect = "normal"
 [[probe]]
 name = "wrapped"
@@ -135,6 +135,7 @@ def test_command_probes_judged_by_the_servers_count_and_wraps_always_stopped(lab
     for name in ("control", "upload-throttled", "download", "wrapped"):
         assert by_name[name]["passed"], (by_name[name], result.stderr[-2000:])
     assert by_name["upload-throttled"]["bytes"] == 128 * 1024  # the lab server's own count
+    assert by_name["download"]["bytes"] == 1024 * 1024  # what curl said it received
     # A helper that never listens is the lab's failure: the run fails and says so.
     assert by_name["wrap-fails"]["cause"] == "lab" and "exited with 3" in by_name["wrap-fails"]["error"]
     assert result.returncode == 2 and "no proxy here" in result.stderr

@@ -357,10 +357,11 @@ _SERVER_REPLY = re.compile(r'"received":\s*(\d+),\s*"seconds":\s*([\d.]+)')
 
 
 def finish_command(run: ProbeRun, out: str, err: str, code: int | None, wall: float) -> None:
-    """Judge a command probe from its exit, and for uploads from the lab server's reply if the command
-    shows it (`{"received": N, "seconds": T}`, as `curl -T` prints and the upload page writes): the
-    server's own count of the body and its time to receive it. Without the reply, and for downloads,
-    a zero exit is the whole transfer in the command's own time (`wall`, its start-up included)."""
+    """Judge a command probe from its exit, and an upload from the lab server's reply, which the
+    command must show (`{"received": N, "seconds": T}`, as `curl -T` prints and the upload page
+    writes): the server's own count of the body and its time to receive it; an upload that shows no
+    reply is a lab failure, never a guess. A download's zero exit is the whole transfer in the
+    command's own time (`wall`, its start-up included)."""
     probe = run.probe
     said = err.strip().splitlines()[-1] if err.strip() else ""
     run.seconds = wall
@@ -385,8 +386,18 @@ def finish_command(run: ProbeRun, out: str, err: str, code: int | None, wall: fl
             return
         run.bytes = received
         run.seconds = seconds if seconds > 0 else wall
-    else:
-        run.bytes = probe.size
+    elif probe.direction == "upload":
+        run.cause, run.error = CAUSE_LAB, ('the command did not show the lab server\'s reply {"received": N, ...}, '
+                                           "so what the server received is unknown (let it print the reply: "
+                                           "curl -T without -o)")
+        return
+    else:  # a download: a bare number on the last line of its output is the bytes it received
+        last = out.strip().splitlines()[-1].strip() if out.strip() else ""
+        if last.isdigit() and int(last) < probe.size:
+            run.cause, run.error = CAUSE_LAB, f"the command received {last} of {probe.size} bytes"
+            run.bytes = int(last)
+            return
+        run.bytes = int(last) if last.isdigit() else probe.size
     run.cause, run.completed = CAUSE_COMPLETED, True
 
 
