@@ -122,3 +122,14 @@ def test_two_different_scenarios_are_refused() -> None:
 def test_cleanup_is_a_command() -> None:
     result = throttle("cleanup", "--help")
     assert result.returncode == 0 and "--lab" in result.stdout and "--netns" in result.stdout
+
+
+def test_lab_exec_on_a_lab_that_is_down_says_so() -> None:
+    import os
+
+    result = throttle("lab", "exec", "--lab", "probenone", "--", "true")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    if os.geteuid() == 0:  # as root it looks at the namespaces; otherwise it says root is needed
+        assert "lab probenone is down" in result.stderr and "throttle lab up --lab probenone" in result.stderr
+    no_command = throttle("lab", "exec", "--lab", "probenone")
+    assert no_command.returncode == 2 and "Missing argument" in no_command.stderr

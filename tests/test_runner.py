@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
 
-from throttle.measure.runner import ProbeRun, Runner, default_timeout, judge, reference_rate
+from throttle.errors import ScenarioError
+from throttle.measure.runner import (ProbeRun, Runner, RunReport, check_expectations, classify_curl, classify_quic,
+                                     classify_raw, default_timeout, finish_command, handshake_verdict, judge, parse_result,
+                                     reference_rate)
 from throttle.scenario import Probe, load_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,3 +79,263 @@ def test_rate_zero_scenarios_only_block() -> None:
     # §19's freeze has no rate to be slowed to: a completed transfer is normal, however small.
     assert judge(run_of(400_000.0, size=8192), 0.0, 5e6) == "normal"
     assert judge(run_of(400_000.0, completed=False), 0.0, 5e6) == "blocked"
+
+
+# ---- causes: blocked by the network, or the lab's own failure (never read as blocked) -----------
+
+@pytest.mark.parametrize(
+    "code,status,message,cause",
+    [
+        (0, "200", "", "completed"),
+        (0, "404", "", "lab"),  # the lab server answered, but not with the transfer
+        (0, "502", "", "lab"),
+        (28, "000", "curl: (28) Operation timed out after 10001 milliseconds", "timeout"),
+        (-9, None, "", "timeout"),  # the runner's watchdog
+        (56, "000", "curl: (56) Recv failure: Connection reset by peer", "reset"),
+        (35, "000", "curl: (35) OpenSSL SSL_connect: Connection reset by peer in connection to x:443", "reset"),
+        (55, "000", "curl: (55) Send failure: Broken pipe", "reset"),
+        (7, "000", "curl: (7) Failed to connect to example.org port 443 after 1 ms: Couldn't connect to server",
+         "lab"),
+        (35, "000", "curl: (35) error:0A000410:SSL routines::sslv3 alert handshake failure", "lab"),
+        (60, "000", "curl: (60) SSL certificate problem: unable to get local issuer certificate", "lab"),
+        (6, "000", "curl: (6) Could not resolve host: x.example", "lab"),
+        (22, "404", "", "lab"),
+        (3, "000", "", "lab"),  # anything else curl says is not the network's doing
+    ],
+)
+def test_curl_causes(code: int, status: str | None, message: str, cause: str) -> None:
+    got, detail = classify_curl(code, status, message)
+    assert got == cause
+    if cause == "lab":
+        assert detail and (str(code) in detail or (status or "") in detail)
+
+
+@pytest.mark.parametrize(
+    "code,cause",
+    [(0, "completed"), (7, "lab"), (22, "lab"), (28, "timeout"), (35, "lab"), (56, "reset"), (1, "lab"),
+     (-9, "timeout")],
+)
+def test_quic_causes(code: int, cause: str) -> None:
+    assert classify_quic(code)[0] == cause
+    assert classify_quic(code, "the own message")[1] == ("" if code == 0 else "the own message")
+
+
+def test_a_quic_handshake_dropped_until_the_idle_timeout_is_a_timeout() -> None:
+    # The censor drops the Initials: aioquic's idle timeout ends the handshake before --max-time.
+    assert classify_quic(35, "the QUIC handshake failed: Idle timeout (error 0x1)")[0] == "timeout"
+    assert classify_quic(56, "the connection closed before the transfer ended: Idle timeout")[0] == "timeout"
+    assert classify_quic(35, "the QUIC handshake failed: certificate verify failed (error 0x12a)")[0] == "lab"
+
+
+@pytest.mark.parametrize(
+    "final,code,cause",
+    [
+        ({"ok": True, "bytes": 10}, 0, "completed"),
+        ({"ok": False, "error": "timed out after 10 s with 16384 of 262144 bytes acknowledged"}, 1, "timeout"),
+        ({"ok": False, "error": "Connection reset by peer"}, 1, "reset"),
+        ({"ok": False, "error": "Broken pipe"}, 1, "reset"),
+        ({"ok": False, "error": "Connection refused"}, 1, "lab"),
+        ({"ok": False, "error": "unexpected reply b'HTTP/1.1 400'"}, 1, "lab"),
+        ({"ok": False, "error": "the server received 10 of 20 bytes"}, 1, "lab"),
+        (None, 1, "lab"),  # the client died without its report
+        (None, -9, "timeout"),
+    ],
+)
+def test_raw_client_causes(final: dict[str, object] | None, code: int, cause: str) -> None:
+    assert classify_raw(final, code)[0] == cause
+
+
+def finished(tmp_path: Path, probe: Probe, out: str, code: int, stderr: bytes = b"") -> ProbeRun:
+    s = load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml")
+    runner = Runner(s, FakeLab(), tmp_path)
+    run = ProbeRun(probe)
+    runner.runs = [run]
+    run.started = 1.0
+
+    class Proc:
+        def __init__(self) -> None:
+            self.stderr, self.stdout = io.BytesIO(stderr), io.BytesIO(b"")
+
+    runner._read_progress(run, Proc())  # type: ignore[arg-type]
+    runner._finish(run, out, code)
+    return run
+
+
+def test_a_refused_connection_is_a_lab_failure_not_blocked(tmp_path: Path) -> None:
+    run = finished(tmp_path, Probe(name="p", host="h", expect="blocked"), "\nRESULT 000 0 0 0.001 0 0 0\n", 7,
+                   b"curl: (7) Failed to connect to h port 443 after 1 ms: Couldn't connect to server\n")
+    assert run.cause == "lab" and "Couldn't connect" in run.error and "refused" in run.error
+    assert judge(run, RATE, 1e8) == "error" and not run.passed
+    report = RunReport("s", "p", [run], RATE, None, 0.0, 1.0)
+    assert report.lab_failures == [f"p: {run.error}"] and not report.passed
+    assert report.to_json()["probes"][0]["cause"] == "lab"
+
+
+def test_an_http_error_is_a_lab_failure(tmp_path: Path) -> None:
+    run = finished(tmp_path, Probe(name="p", host="h", direction="download"),
+                   "\nRESULT 404 0 10 0.01 0.005 0.001 0.004\n", 0)
+    assert run.cause == "lab" and "HTTP status 404" in run.error and not run.completed
+
+
+def test_a_stall_is_blocked_by_timeout_with_its_handshake(tmp_path: Path) -> None:
+    run = finished(tmp_path, Probe(name="p", host="h", direction="download", expect="blocked"),
+                   "\nRESULT 000 0 14000 10.0 0.020 0.001 0.019\n", 28,
+                   b"curl: (28) Operation timed out after 10000 milliseconds with 14000 bytes received\n")
+    assert run.cause == "timeout" and judge(run, RATE, 1e8) == "blocked"
+    assert run.handshake == pytest.approx(0.018)
+    run.tcp_received = 17000
+    assert run.stalled_bytes == 17000  # downloads: the TCP payload, the TLS flight included
+
+
+def test_a_reset_is_blocked_by_the_network(tmp_path: Path) -> None:
+    run = finished(tmp_path, Probe(name="p", host="h", expect="blocked"), "\nRESULT 000 0 0 0.1 0 0.001 0\n", 35,
+                   b"curl: (35) OpenSSL SSL_connect: Connection reset by peer in connection to h:443\n")
+    assert run.cause == "reset" and judge(run, RATE, 1e8) == "blocked" and run.handshake is None
+
+
+def test_handshake_times_from_each_client() -> None:
+    curl = parse_result("RESULT 200 0 5 0.5 0.30 0.10 0.30")
+    assert curl is not None and curl.handshake(quic=False) == pytest.approx(0.2)
+    assert curl.handshake(quic=False, tls=False) is None  # plain HTTP
+    quic = parse_result("RESULT 200 0 5 0.5 0.25")  # h3probe: no connect time, the handshake is its set-up
+    assert quic is not None and quic.handshake(quic=True) == pytest.approx(0.25)
+    never = parse_result("RESULT 000 0 0 10.0 0 0.001 0")
+    assert never is not None and never.handshake(quic=False) is None
+
+
+def test_freeze_bytes_are_checked() -> None:
+    probe = Probe(name="f", host="h", direction="download", expect="blocked", freeze_bytes=(15000, 20000))
+    run = ProbeRun(probe)
+    run.cause, run.tcp_received = "timeout", 17500
+    assert check_expectations(run, None) == []
+    run.tcp_received = 40000
+    assert check_expectations(run, None) == ["freeze_bytes: stalled after 40000 bytes, expected 15000-20000"]
+    done = ProbeRun(probe)
+    done.cause, done.completed = "completed", True
+    assert "completed" in check_expectations(done, None)[0]
+    reset = ProbeRun(probe)
+    reset.cause = "reset"
+    assert "reset" in check_expectations(reset, None)[0]
+    raw = ProbeRun(Probe(name="u", host="h", protocol="tls", expect="blocked", freeze_bytes=(1, 2)))
+    raw.cause, raw.bytes = "timeout", 2
+    assert raw.stalled_bytes == 2 and check_expectations(raw, None) == []
+
+
+def test_handshake_expectations() -> None:
+    slow = ProbeRun(Probe(name="s", host="h", expect_handshake="slow"))
+    slow.handshake = 4.0
+    assert handshake_verdict(slow, 0.01) == "slow" and check_expectations(slow, 0.01) == []
+    slow.handshake = 0.08  # 8 x the control: not slow
+    assert handshake_verdict(slow, 0.01) == "normal" and "observed normal" in check_expectations(slow, 0.01)[0]
+    slow.handshake = 0.3  # 30 x the control but under the floor: a loaded machine, not a censor
+    assert handshake_verdict(slow, 0.01) == "normal"
+    slow.handshake = 0.6
+    assert handshake_verdict(slow, None) == "slow"  # no control: the floor alone
+    crawl = ProbeRun(Probe(name="c", host="h", expect_handshake="slow", expect="blocked"))
+    crawl.cause = "timeout"  # never completed its handshake before the timeout (§2.17)
+    assert handshake_verdict(crawl, 0.01) == "slow"
+    fine = ProbeRun(Probe(name="n", host="h", expect_handshake="normal"))
+    fine.handshake = 0.01
+    assert check_expectations(fine, 0.01) == []
+    assert fine.passed is False  # observed is unset: the outcome is judged separately
+
+
+def test_probe_keys_load(tmp_path: Path) -> None:
+    def scenario(probe: str) -> Path:
+        path = tmp_path / "s.toml"
+        path.write_text(f'[scenario]\nname = "s"\n[[rule]]\nname = "r"\nmatch = ["a.example"]\nrate = "130kbit"\n'
+                            f'[[probe]]\n{probe}\n')
+        return path
+
+    s = load_scenario(scenario('host = "a.example"\nexpect = "blocked"\nfreeze_bytes = ["15KB", "20KB"]'))
+    assert s.probes[0].freeze_bytes == (15 * 1024, 20 * 1024)
+    s = load_scenario(scenario('host = "a.example"\nexpect_handshake = "slow"'))
+    assert s.probes[0].expect_handshake == "slow"
+    for bad, says in [
+        ('freeze_bytes = ["20KB", "15KB"]\nexpect = "blocked"', "smaller first"),
+        ('freeze_bytes = ["15KB"]\nexpect = "blocked"', "range of two"),
+        ('freeze_bytes = ["15KB", "20KB"]', 'expect = "blocked"'),
+        ('expect_handshake = "quick"', "slow"),
+        ('expect_handshake = "slow"\nprotocol = "tls"', "https"),
+        ('expect_handshake = "slow"\ncontrol = true', "control"),
+    ]:
+        with pytest.raises(ScenarioError, match=says):
+            load_scenario(scenario(f'host = "a.example"\n{bad}'))
+
+
+# ---- command probes --------------------------------------------------------------------------
+
+def command_probe(**kw: object) -> Probe:
+    base: dict[str, object] = {"name": "c", "host": "pbs.twimg.com", "protocol": "command", "size": 1000,
+                               "command": "curl -sS -T {file} {url}"}
+    base.update(kw)
+    return Probe(**base)  # type: ignore[arg-type]
+
+
+def test_command_placeholders_are_filled_and_quoted(tmp_path: Path) -> None:
+    s = load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml")
+    runner = Runner(s, FakeLab(), tmp_path)
+    up = command_probe(command="curl -T {file} {url} # {host} {address} {size} {port}")
+    argv = runner.shell_command(up, up.command)
+    assert argv[:6] == ["ip", "netns", "exec", "t-client", "sh", "-c"]
+    assert argv[6] == (f"curl -T {tmp_path / 'upload-1000'} https://pbs.twimg.com/upload # pbs.twimg.com "
+                       f"198.18.1.2 1000 {41000 + len(runner.runs)}")
+    assert (tmp_path / "upload-1000").stat().st_size == 1000
+    down = command_probe(direction="download", command="wget -O- {url}", host="a b")
+    assert runner.shell_command(down, down.command)[6] == "wget -O- 'https://a b/bytes/1000'"
+
+
+@pytest.mark.parametrize(
+    "out,err,code,cause,got,seconds",
+    [
+        ('{"received": 1000, "seconds": 0.25}\n', "", 0, "completed", 1000, 0.25),  # the server's count and time
+        ("", "", 0, "lab", 0, 2.0),  # no reply shown: what the server received is unknown
+        ('{"received": 400, "seconds": 0.25}\n', "", 0, "lab", 400, 2.0),
+        ("", "curl: (28) Operation timed out after 5000 ms", 28, "timeout", 0, 2.0),
+        ("", "curl: (56) Recv failure: Connection reset by peer", 56, "reset", 0, 2.0),
+        ("", "curl: (7) Failed to connect", 7, "lab", 0, 2.0),
+        ("", "", None, "timeout", 0, 2.0),  # killed by the runner at the timeout
+    ],
+)
+def test_command_uploads_are_judged_by_the_servers_count(out: str, err: str, code: int | None, cause: str,
+                                                          got: int, seconds: float) -> None:
+    run = ProbeRun(command_probe())
+    finish_command(run, out, err, code, 2.0)
+    assert (run.cause, run.bytes, run.seconds, run.completed) == (cause, got, seconds, cause == "completed")
+    if cause == "lab":
+        assert judge(run, RATE, None) == "error" and run.error
+
+
+def test_other_commands_failing_are_lab_failures() -> None:
+    run = ProbeRun(command_probe(command="chromium --headless=new {url}", direction="download"))
+    finish_command(run, "", "some warning\nERROR: net::ERR_CERT_AUTHORITY_INVALID\n", 1, 3.0)
+    assert run.cause == "lab" and run.error == "the command exited with 1: ERROR: net::ERR_CERT_AUTHORITY_INVALID"
+    ok = ProbeRun(command_probe(command="wget -q -O /dev/null {url}", direction="download"))
+    finish_command(ok, "", "", 0, 3.0)
+    assert ok.completed and ok.bytes == 1000 and ok.seconds == 3.0
+    said = ProbeRun(command_probe(command="curl -o /dev/null -w '%{{size_download}}' {url}", direction="download"))
+    finish_command(said, "1000", "", 0, 3.0)  # the count it printed
+    assert said.completed and said.bytes == 1000
+    short = ProbeRun(command_probe(command="curl -o /dev/null -w '%{{size_download}}' {url}", direction="download"))
+    finish_command(short, "512\n", "", 0, 3.0)
+    assert short.cause == "lab" and short.error == "the command received 512 of 1000 bytes"
+
+
+def test_command_keys_load(tmp_path: Path) -> None:
+    def scenario(probe: str) -> Path:
+        path = tmp_path / "s.toml"
+        path.write_text(f'[scenario]\nname = "s"\n[[rule]]\nname = "r"\nmatch = ["a.example"]\nrate = "130kbit"\n'
+                        f'[[probe]]\nhost = "a.example"\n{probe}\n')
+        return path
+
+    s = load_scenario(scenario('protocol = "command"\ncommand = "curl -T {file} {url}"\nwrap = "proxy {port}"'))
+    assert s.probes[0].command == "curl -T {file} {url}" and s.probes[0].wrap == "proxy {port}"
+    for bad, says in [
+        ('protocol = "command"', "is missing"),
+        ('command = "curl {url}"', 'needs protocol = "command"'),
+        ('protocol = "command"\ncommand = "curl {uri}"', r"\{uri\} is not a placeholder"),
+        ('protocol = "command"\ncommand = "curl {url"', "braces"),
+        ('protocol = "command"\ncommand = "x"\nwrap = "proxy"', r"needs \{port\}"),
+    ]:
+        with pytest.raises(ScenarioError, match=says):
+            load_scenario(scenario(bad))

@@ -43,7 +43,7 @@ LIMITING = (Verdict.DROP, Verdict.HOLD)
 EXPECTED_FILES = {
     "media-upload", "tcp-16-20-2025", "tele2-3g-shaper", "turkey-2022", "twitter-2021-03-10",
     "twitter-2021-04-02", "twitter-2021-evasions", "twitter-2022-03", "youtube-2024", "russia-2022-quic",
-    "russia-2023-quic-sni", "ech-2024",
+    "russia-2023-quic-sni", "ech-2024", "browser-chromium",
 }
 
 
@@ -186,7 +186,10 @@ class Simulation:
         return result
 
     def run_all(self) -> dict[str, ProbeResult]:
-        return {p.name: self.run(p) for p in runner_order(self.scenario) if p.evasion == "none"}
+        # A command probe's client (a browser) sends what it sends: its scenario has its own test on
+        # a capture of that client (the Chromium one below).
+        return {p.name: self.run(p) for p in runner_order(self.scenario)
+                if p.evasion == "none" and p.protocol != "command"}
 
 
 def check_expectation(result: ProbeResult, rules_by_name: dict) -> None:
@@ -445,3 +448,30 @@ def test_every_citation_points_at_a_section_and_points_of_the_incidents_document
                     lo, _, hi = part.partition("-")
                     for point in range(int(lo), int(hi or lo) + 1):
                         assert point in sections[section], (name, source, point)
+
+
+# ---- command probes ------------------------------------------------------------------------
+def test_browser_chromium_two_segment_hello_passes_only_the_first_packet_model() -> None:
+    # §1.8: Chromium's post-quantum ClientHello (captured from the same Chromium, two segments)
+    # under the scenario's 2021 model passes unnamed; under a reassembling model it is throttled.
+    from throttle.engine.offline import classify_file
+
+    scenario = SCENARIOS["browser-chromium"]
+    capture = ROOT / "tests" / "vectors" / "chromium-pbs.twimg.com.pcap"
+    (old,) = classify_file(capture, scenario)
+    assert old.name is None and old.verdict != "limited"
+    reassembling = dataclasses.replace(scenario, model=dataclasses.replace(scenario.model, reassemble=True))
+    (new,) = classify_file(capture, reassembling)
+    assert (new.name, new.rule, new.verdict) == ("pbs.twimg.com", "twitter", "limited")
+    browser = next(p for p in scenario.probes if p.protocol == "command")
+    assert browser.expect == "normal" and "chromium" in browser.command and "apt-get install chromium" in browser.command
+    assert any(p.protocol == "https" and p.host == browser.host and p.expect == "throttled" for p in scenario.probes)
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_command_probes_name_their_package_when_missing(name: str) -> None:
+    # CI runs every bundled scenario: a missing client must fail naming what to install.
+    for probe in SCENARIOS[name].probes:
+        if probe.protocol == "command":
+            tool = probe.command.split("command -v ", 1)[-1].split()[0] if "command -v " in probe.command else ""
+            assert tool and f"apt-get install {tool}" in probe.command, f"{probe.name}: say what to install"

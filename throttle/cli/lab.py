@@ -1,12 +1,14 @@
-"""`throttle lab up|down|status`: the namespace lab from the command line."""
+"""`throttle lab up|down|status|exec`: the namespace lab from the command line."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
+from throttle.errors import ThrottleError
 from throttle.cli.options import emit_json, json_option, lab_option, output_option, scenario_option
 from throttle.extras import require
 from throttle.lab.topology import ROLES, Lab, LabStatus
@@ -67,6 +69,31 @@ def status(
     emit_json(st.to_json(), as_json, output)
     if not as_json:
         typer.echo(format_status(st))
+
+
+@lab_app.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+def exec_(
+    command: List[str] = typer.Argument(..., help="The command and its arguments; put -- before it.",
+                                        show_default=False),
+    name: str = lab_option("--name"),
+) -> None:
+    """Run a command in the lab's client namespace, as the probes run: the lab's DNS (every name is
+    the server) and its CA in the system bundle. Its exit status is passed through.
+
+    Example: throttle lab exec --lab probetest -- curl -sS https://pbs.twimg.com/info"""
+    lab = _lab(name)
+    st = lab.status()
+    if not st.roles["client"].exists:
+        raise ThrottleError(f"lab {name} is down (no namespace {lab.ns('client')}); `throttle lab up --lab {name}` "
+                            "brings it up")
+    if not st.up:
+        typer.echo(f"throttle: lab {name} is not whole (see `throttle lab status --lab {name}`); running anyway",
+                   err=True)
+    try:
+        code = subprocess.call(lab.exec_argv("client", command))
+    except OSError as exc:
+        raise ThrottleError(f"could not run {command[0]} in {lab.ns('client')}: {exc}") from None
+    raise typer.Exit(code if code >= 0 else 128 - code)
 
 
 def format_status(st: LabStatus) -> str:

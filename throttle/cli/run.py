@@ -39,7 +39,7 @@ def run(
     if plot is not None:
         require("plots", "throttle run --plot", ("matplotlib",))
         raise typer.Exit(run_bench(scen, 1, plot, lab_name, seed=None, keep=keep, as_json=as_json, output=output))
-    from throttle.cli.views import Progress, footnote, result_table, stderr_console, stdout_console
+    from throttle.cli.views import Progress, check_failures, footnote, result_table, stderr_console, stdout_console
     from throttle.measure.runner import run_scenario
 
     progress = Progress(f"{scen.name}: {scen.title}")
@@ -48,8 +48,13 @@ def run(
         report = run_scenario(scen, lab_name=lab_name, keep=keep, on_update=progress.update, on_phase=progress.phase)
     out = stderr_console() if as_json else stdout_console()
     out.print(result_table(report))
+    for line in check_failures(report):
+        out.print(line, style="bold red", highlight=False, markup=False)
     out.print(footnote(report), style="dim", highlight=False)
     emit_json(report.to_json(), as_json, output)
+    if report.lab_failures:  # the lab broke: these probes say nothing about the censor
+        raise ThrottleError(f"lab {lab_name} failed, so {scen.name}'s probes below say nothing about the censor:\n  "
+                            + "\n  ".join(report.lab_failures))
     raise typer.Exit(0 if report.passed else 1)
 
 

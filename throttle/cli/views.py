@@ -59,7 +59,7 @@ def live_table(runs: list[ProbeRun], title: str, top: float) -> Table:
 def result_table(report: RunReport) -> Table:
     table = Table(title=f"{report.scenario}: {'all expectations met' if report.passed else 'EXPECTATIONS FAILED'}",
                   title_justify="left")
-    _columns(table, "probe", "host", "direction", ">bytes", ">speed", "expected", "observed", "")
+    _columns(table, "probe", "host", "direction", ">bytes", ">speed", ">handshake", "expected", "observed", "")
     for r in report.runs:
         host = r.probe.host + (f" @{r.probe.address}" if r.probe.address else "")
         if r.probe.protocol == "tls" and r.probe.evasion != "none":
@@ -68,23 +68,39 @@ def result_table(report: RunReport) -> Table:
             host += " (no SNI)"
         speed = format_rate(r.speed) if r.completed else (r.error or "-")
         mark = Text("✓", style="green") if r.passed else Text("✗", style="bold red")
-        table.add_row(r.probe.name, host, r.probe.direction, format_size(r.bytes), speed,
-                      r.probe.expect, r.observed, mark)
+        observed = r.observed + (f" ({r.cause})" if r.cause not in ("", "completed") else "")
+        expected: str = r.probe.expect
+        stalled = r.stalled_bytes
+        size = format_size(r.bytes) if stalled is None else f"stalled at {format_size(stalled)}"
+        if r.probe.freeze_bytes:
+            lo, hi = r.probe.freeze_bytes
+            expected += f", stall at {format_size(lo)}-{format_size(hi)}"
+        shake = "-" if r.handshake is None else f"{r.handshake * 1000:.0f} ms"
+        if r.probe.expect_handshake:
+            expected += f", {r.probe.expect_handshake} handshake"
+            shake += f" ({r.observed_handshake})"
+        table.add_row(r.probe.name, host, r.probe.direction, size, speed, shake, expected, observed, mark)
     return table
+
+
+def check_failures(report: RunReport) -> list[str]:
+    """One line per failed freeze_bytes or expect_handshake check, to print under the table."""
+    return [f"{r.probe.name}: {failure}" for r in report.runs for failure in r.check_failures]
 
 
 def footnote(report: RunReport) -> str:
     control = format_rate(report.control_speed) if report.control_speed else "none"
     rates = sorted({r.rate for r in report.runs if r.rate > 0} or {report.rate})
     if rates[0] <= 0:  # rules that drop or freeze only
-        return (f"no rule here slows a flow (they drop); blocked = not done before its timeout (control "
+        return (f"no rule here slows a flow (they drop); blocked = stalled until its timeout, or reset (control "
                 f"{control}). {report.seconds:.0f} s in all.")
     if len(rates) > 1:  # rules of different rates (youtube-2024: TCP and QUIC)
         below = f"below 3 x its rule's rate ({', '.join(format_rate(r) for r in rates)})"
     else:
         below = f"below {format_rate(3 * rates[0])} (3 x the scenario's {format_rate(rates[0])})"
     return (f"throttled = {below} and 10 x slower than the control ({control}; QUIC probes against QUIC "
-            f"controls when there are some); blocked = not done before its timeout. {report.seconds:.0f} s in all.")
+            f"controls when there are some); blocked = not done: stalled until its timeout, or reset. "
+            f"{report.seconds:.0f} s in all.")
 
 
 class Progress:

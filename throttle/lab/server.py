@@ -9,6 +9,9 @@ Routes, the same on both web ports:
                           Expect: 100-continue); reply {"received": N, "seconds": T}
     GET /bytes/N          N bytes, streamed (also GET /download?size=N; N may be e.g. 8MB)
     GET /info             JSON: the SNI, Host, client and server addresses of this request
+    GET /upload-page/N    a page whose script POSTs N random bytes to /upload while it loads (a
+                          synchronous request, so a headless browser's --dump-dom waits for it) and
+                          writes the server's reply into the page: a browser's upload
     GET /                 a small page
 
 A raw sink on TCP 8443, for the evasion client (`throttle.lab.evasion`): it counts every byte until
@@ -50,6 +53,7 @@ from throttle.wire.names import normalise
 
 CHUNK = 65536
 MAX_SIZE = 1 << 40  # GET /bytes/N refuses more than 1 TiB
+MAX_UPLOAD_PAGE = 1 << 30  # GET /upload-page/N: the browser holds the N bytes in memory
 MAX_CACHED_NAMES = 4096
 MAX_CONNECTIONS = 4096  # per listening socket; each has a thread
 DEFAULT_NAME = "server.lab"
@@ -149,6 +153,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send(400, "text/plain", wanted.encode())
         elif wanted is not None:
             self._stream(wanted, head)
+        elif path.startswith("/upload-page/"):
+            self._upload_page(path[len("/upload-page/"):], head)
         elif path == "/info":
             self._send(200, "application/json", json.dumps(self._info()).encode() + b"\n", head)
         elif path in ("/", "/index.html"):
@@ -162,6 +168,33 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, "text/html; charset=utf-8", page, head)
         else:
             self._send(404, "text/plain", b"not found\n", head)
+
+    def _upload_page(self, text: str, head: bool) -> None:
+        try:
+            size = parse_size(text)
+        except ValueError as exc:
+            self._send(400, "text/plain", f"{exc}\n".encode(), head)
+            return
+        if not 0 <= size <= MAX_UPLOAD_PAGE:
+            self._send(400, "text/plain", f"an upload page sends at most {MAX_UPLOAD_PAGE} bytes\n".encode(), head)
+            return
+        page = (
+            "<!doctype html><title>throttle lab upload</title>\n<pre id=result>uploading</pre>\n<script>\n"
+            f"const size = {size};\n"
+            "const body = new Uint8Array(size);\n"
+            "for (let i = 0; i < size; i += 65536) crypto.getRandomValues(body.subarray(i, Math.min(size, i + 65536)));\n"
+            "const out = document.getElementById('result');\n"
+            "try {\n"
+            "  const xhr = new XMLHttpRequest();\n"
+            "  xhr.open('POST', '/upload', false);  // synchronous: the page's load waits for it\n"
+            "  xhr.send(body);\n"
+            "  out.textContent = xhr.status === 200 ? xhr.responseText : 'upload failed: HTTP ' + xhr.status;\n"
+            "} catch (e) {\n"
+            "  out.textContent = 'upload failed: ' + e;\n"
+            "}\n"
+            "</script>\n"
+        ).encode()
+        self._send(200, "text/html; charset=utf-8", page, head)
 
     # -- helpers --------------------------------------------------------------------------------
 

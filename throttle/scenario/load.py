@@ -8,6 +8,7 @@ Rules and probes are counted from 1 in those keys, as a person counts the `[[rul
 from __future__ import annotations
 
 import ipaddress
+import string
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -18,6 +19,7 @@ from throttle.errors import ScenarioError
 from throttle.scenario.model import (ACTIONS, DIRECTIONS, EVASIONS, METERS, NAME_SOURCES, OUTCOMES, PROBE_DIRECTIONS,
                                      PROTOCOLS, SCOPES, STICKY_SCOPES, TRANSPORTS, Evasion, Model, NameSourceKind, Network, Probe,
                                      Rule, Scenario, Transport)
+from throttle.scenario.model import HANDSHAKE_EXPECTATIONS, HandshakeExpectation  # probe keys
 from throttle.scenario.patterns import compile_pattern
 from throttle.units import parse_duration, parse_rate, parse_size
 
@@ -214,7 +216,62 @@ def _probe(r: _Reader, t: Any, i: int) -> Probe:
         evasion=_evasion(r, t, k),
         timeout=r.conv(t, f"{k}.timeout", parse_duration, d.timeout),
         ech=_ech(r, t, k),
+        freeze_bytes=_freeze_bytes(r, t, k),
+        expect_handshake=_expect_handshake(r, t, k),
+        command=_command(r, t, k, "command"),
+        wrap=_command(r, t, k, "wrap"),
     )
+
+
+COMMAND_PLACEHOLDERS = ("url", "host", "address", "file", "size", "port")
+
+
+def _command(r: _Reader, t: dict[str, Any], k: str, key: str) -> str:
+    """A probe's command or wrap: only with protocol = "command"; known {placeholders} only."""
+    text = r.get(t, f"{k}.{key}", str, default="")
+    is_command = t.get("protocol") == "command"
+    if key == "command" and is_command and not text.strip():
+        r.fail(f"{k}.command", 'is missing; protocol = "command" runs it, e.g. command = "curl -sS -T {file} {url}"')
+    if text and not is_command:
+        r.fail(f"{k}.{key}", 'needs protocol = "command"')
+    try:
+        names = [name for _, name, spec, conv in string.Formatter().parse(text) if name is not None]
+    except ValueError as exc:
+        r.fail(f"{k}.{key}", f"{exc} (write {{{{ and }}}} for literal braces)")
+    for name in names:
+        if name not in COMMAND_PLACEHOLDERS:
+            r.fail(f"{k}.{key}", f"{{{name}}} is not a placeholder; known: "
+                                 + ", ".join("{" + p + "}" for p in COMMAND_PLACEHOLDERS))
+    if key == "wrap" and text and "port" not in names:
+        r.fail(f"{k}.wrap", "needs {port}: the port the helper listens on, which the runner waits for")
+    return text
+
+
+def _freeze_bytes(r: _Reader, t: dict[str, Any], k: str) -> tuple[int, int] | None:
+    value = r.get(t, f"{k}.freeze_bytes", list, default=None)
+    if value is None:
+        return None
+    if len(value) != 2:
+        r.fail(f"{k}.freeze_bytes", 'is a range of two sizes; write e.g. freeze_bytes = ["15KB", "20KB"]')
+    try:
+        low, high = parse_size(value[0]), parse_size(value[1])
+    except (ValueError, TypeError) as exc:
+        r.fail(f"{k}.freeze_bytes", str(exc))
+    if low > high:
+        r.fail(f"{k}.freeze_bytes", f"{value[0]!r} is more than {value[1]!r}; write the smaller first")
+    if t.get("expect", "throttled") != "blocked":
+        r.fail(f"{k}.freeze_bytes", 'needs expect = "blocked": only a transfer that stalls has bytes before a freeze')
+    return low, high
+
+
+def _expect_handshake(r: _Reader, t: dict[str, Any], k: str) -> HandshakeExpectation:
+    value = r.choice(t, f"{k}.expect_handshake", HANDSHAKE_EXPECTATIONS, "")
+    if value and t.get("protocol", "https") not in ("https", "quic"):
+        r.fail(f"{k}.expect_handshake", 'needs protocol = "https" or "quic": the other clients do no TLS handshake '
+                                        'they can time')
+    if value and t.get("control", False):
+        r.fail(f"{k}.expect_handshake", "a control is what handshakes are judged against; remove the key here")
+    return value
 
 
 def _ech(r: _Reader, t: dict[str, Any], k: str) -> bool:

@@ -23,7 +23,9 @@ StickyScope = Literal["client_server", "server"]  # who a sticky mark slows: tha
 Transport = Literal["any", "tcp", "udp"]
 NameSourceKind = Literal["tls", "http", "dns", "quic"]
 Outcome = Literal["throttled", "normal", "blocked"]
-Protocol = Literal["https", "http", "tls", "quic"]  # curl over TLS, curl over plain HTTP, the raw TLS client, HTTP/3
+# curl over TLS, curl over plain HTTP, the raw TLS client, HTTP/3, a command of the scenario's own
+Protocol = Literal["https", "http", "tls", "quic", "command"]
+HandshakeExpectation = Literal["", "slow", "normal"]
 Evasion = Literal["none", "split", "pad", "scramble", "ccs", "dot", "fake"]  # throttle.lab.evasion, §7
 
 DIRECTIONS: tuple[RuleDirection, ...] = get_args(RuleDirection)
@@ -37,6 +39,7 @@ NAME_SOURCES: tuple[NameSourceKind, ...] = get_args(NameSourceKind)
 OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
 PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
 EVASIONS: tuple[Evasion, ...] = get_args(Evasion)
+HANDSHAKE_EXPECTATIONS: tuple[HandshakeExpectation, ...] = get_args(HandshakeExpectation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +114,16 @@ class Probe:
     evasion: Evasion = "none"  # protocol "tls" only: how the raw client disguises its ClientHello (§7)
     timeout: float = 0.0  # seconds before the probe is judged blocked; 0: from size and rate
     ech: bool = False  # protocols tls and quic: the hello carries an encrypted_client_hello extension (§4.29)
+    # (low, high) bytes: the transfer must stall having delivered this many (§2.19's 15-20 KB);
+    # downloads count the TCP payload the client received, TLS handshake included
+    freeze_bytes: tuple[int, int] | None = None
+    # the TLS handshake's time against the controls' (§3.23, §2.17, §2.21): "slow" is at least
+    # HANDSHAKE_FACTOR x theirs and HANDSHAKE_FLOOR seconds, or never completed; "" is not judged
+    expect_handshake: HandshakeExpectation = ""
+    # protocol "command": a shell command run in the client namespace, with {url} {host} {address}
+    # {file} {size} {port} filled in (measure/runner.py, COMMAND_PLACEHOLDERS)
+    command: str = ""
+    wrap: str = ""  # protocol "command": a helper (e.g. a proxy on {port}) running while the probe does
 
 
 @dataclass(frozen=True, slots=True)

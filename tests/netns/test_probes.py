@@ -1,0 +1,144 @@
+"""Probes as `throttle run` judges them, live: a lab failure fails the run instead of reading as
+blocked, and `throttle lab exec` gives a command the probes' environment. Lab `probetest`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import lab_session
+
+pytestmark = pytest.mark.netns
+
+ROOT = Path(__file__).resolve().parents[2]
+LAB = "probetest"
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[object]:
+    yield from lab_session(LAB, ["pbs.twimg.com"])
+
+
+def throttle(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "throttle", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
+
+
+SCENARIO = """
+[scenario]
+name = "probe-causes"
+sources = ["docs/incidents.md §3.22"]
+[[rule]]
+name = "twimg"
+match = ["*.twimg.com"]
+rate = "130kbit"
+[[probe]]
+name = "control"
+host = "example.org"
+direction = "download"
+size = "8KB"
+expect = "normal"
+control = true
+timeout = "10s"
+[[probe]]
+name = "refused"
+host = "example.org"
+address = "198.18.1.1"   # the censor's own address: nothing listens on 443 there, the kernel refuses
+direction = "download"
+size = "8KB"
+expect = "blocked"
+timeout = "10s"
+"""
+
+
+def test_a_refused_connection_fails_the_run_naming_it(lab: object, tmp_path: Path) -> None:
+    path = tmp_path / "causes.toml"
+    path.write_text(SCENARIO)
+    out = tmp_path / "run.json"
+    result = throttle("run", str(path), "--lab", LAB, "--keep", "-o", str(out))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "say nothing about the censor" in result.stderr and "refused:" in result.stderr
+    report = json.loads(out.read_text())
+    by_name = {p["name"]: p for p in report["probes"]}
+    assert by_name["refused"]["cause"] == "lab" and by_name["refused"]["observed"] == "error"
+    assert by_name["control"]["cause"] == "completed" and by_name["control"]["handshake_seconds"] > 0
+    assert not report["passed"]
+
+
+def test_lab_exec_runs_with_the_labs_dns_and_ca(lab: object) -> None:
+    info = throttle("lab", "exec", "--lab", LAB, "--", "curl", "-sS", "https://pbs.twimg.com/info", timeout=60)
+    assert info.returncode == 0, info.stderr  # resolved by the lab's DNS, verified against its CA
+    assert json.loads(info.stdout)["sni"] == "pbs.twimg.com"
+    assert throttle("lab", "exec", "--lab", LAB, "--", "sh", "-c", "exit 7", timeout=60).returncode == 7
+
+
+COMMANDS = """
+[scenario]
+name = "probe-commands"
+sources = ["docs/incidents.md §3.22"]
+[[rule]]
+name = "twimg"
+match = ["*.twimg.com"]
+rate = "130kbit"
+[[probe]]
+name = "control"
+host = "example.org"
+size = "128KB"
+expect = "normal"
+control = true
+[[probe]]
+name = "upload-throttled"
+host = "pbs.twimg.com"
+size = "128KB"
+protocol = "command"
+command = "curl -sS -T {file} {url}"
+expect = "throttled"
+[[probe]]
+name = "download"
+host = "example.org"
+direction = "download"
+size = "1MB"
+protocol = "command"
+command = "curl -sS -o /dev/null -w '%{{size_download}}' {url}"  # prints the bytes it received
+expect = "normal"
+[[probe]]
+name = "wrapped"
+host = "example.org"
+size = "64KB"
+protocol = "command"
+wrap = "exec python3 -m http.server {port} --bind 127.0.0.1"
+command = "curl -sS -o /dev/null http://127.0.0.1:{port}/ && curl -sS -T {file} {url}"
+expect = "normal"
+[[probe]]
+name = "wrap-fails"
+host = "example.org"
+size = "1KB"
+protocol = "command"
+wrap = "echo no proxy here >&2; exit 3; : {port}"
+command = "true"
+expect = "normal"
+"""
+
+
+def test_command_probes_judged_by_the_servers_count_and_wraps_always_stopped(lab: object, tmp_path: Path) -> None:
+    path = tmp_path / "commands.toml"
+    path.write_text(COMMANDS)
+    out = tmp_path / "run.json"
+    result = throttle("run", str(path), "--lab", LAB, "--keep", "-o", str(out))
+    report = json.loads(out.read_text())
+    by_name = {p["name"]: p for p in report["probes"]}
+    for name in ("control", "upload-throttled", "download", "wrapped"):
+        assert by_name[name]["passed"], (by_name[name], result.stderr[-2000:])
+    assert by_name["upload-throttled"]["bytes"] == 128 * 1024  # the lab server's own count
+    assert by_name["download"]["bytes"] == 1024 * 1024  # what curl said it received
+    # A helper that never listens is the lab's failure: the run fails and says so.
+    assert by_name["wrap-fails"]["cause"] == "lab" and "exited with 3" in by_name["wrap-fails"]["error"]
+    assert result.returncode == 2 and "no proxy here" in result.stderr
+    listening = subprocess.run(["ip", "netns", "exec", f"{LAB}-client", "ss", "-ltnH"], capture_output=True,
+                               text=True, check=True).stdout
+    assert ":4100" not in listening, listening  # the wrap helpers are gone
