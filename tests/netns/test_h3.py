@@ -169,7 +169,8 @@ control = true
     os.kill(pid, signal.SIGKILL)
     worker.join(timeout=260)  # the probe's own timeout and the runner's watchdog are far shorter
     assert not worker.is_alive(), "the probe hung after its server was killed"
-    assert not run.completed and run.observed == "blocked"
+    # A dead server is the lab's failure, not the censor's: judged "error" (the run fails), never "blocked".
+    assert not run.completed and run.observed == "error" and run.cause == "lab", (run.observed, run.cause)
     assert "nothing answers on UDP 198.18.1.2 port 443" in run.error, run.error
     lab.up()  # type: ignore[attr-defined]  # the lab repairs itself: a new HTTP/3 server
     assert lab.status().h3server not in (None, pid)  # type: ignore[attr-defined]
