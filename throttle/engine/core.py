@@ -158,9 +158,10 @@ class Engine:
                     self._take(flow, *self._inspector.tcp(side, payload, seq, flow.sides[1 - d]), now)
                 if flow.state == State.INSPECTING and self._window_over(flow):
                     self._close_inspection(flow, now)
-        if inspecting and flow.state == State.LIMITED and flow.rule is not None and flow.rule.action in ("drop", "rst"):
+        rule = flow.rule
+        if inspecting and flow.state == State.LIMITED and rule is not None and rule.action in ("drop", "rst"):
             result = ACCEPT  # the packet that completes the match passes; the drops start after it (§4.29)
-            if flow.rule.action == "rst" and proto == TCP:
+            if rule.action == "rst" and proto == TCP:
                 self._reset(flow, d, packet, l4, seq, len(payload), now)
         else:
             result = self._enforcer.enforce(flow, d, side, size, carried, now)
@@ -188,15 +189,14 @@ class Engine:
     def _quic_datagram(self, flow: Flow, side: Side, payload: bytes, now: float) -> None:
         """A client datagram of a UDP flow under inspection: its QUIC version (for version rules,
         §4.25) when it is the first, then the ClientHello of its Initials (§4.26-29)."""
-        if side.inspected == 0 and self._rules.version_rules:
-            version = self._inspector.quic_version(payload)
-            if version is not None:
-                rule = self._rules.by_quic_version(flow, version)
-                if rule is not None:
-                    flow.name_source = "version"
-                    self._decide(flow, rule, now)
-                    return
-        self._take(flow, *self._inspector.quic(side, payload, now), now)
+        version = self._inspector.initial_version(payload)  # the long header alone, read once
+        if version is not None and side.inspected == 0 and self._rules.version_rules:
+            rule = self._rules.by_quic_version(flow, version)
+            if rule is not None:
+                flow.name_source = "version"
+                self._decide(flow, rule, now)
+                return
+        self._take(flow, *self._inspector.quic(side, payload, now, version), now)
 
     def _take(self, flow: Flow, found: list[Found], give_up: bool, now: float) -> None:
         """What inspecting one packet gave: the names found, in order, and whether to give up."""

@@ -185,7 +185,7 @@ class Inspector:
         return side.buffer
 
     # ---- QUIC ------------------------------------------------------------------------------
-    def quic(self, side: Side, payload: bytes, now: float) -> tuple[list[Found], bool]:
+    def quic(self, side: Side, payload: bytes, now: float, version: int | None) -> tuple[list[Found], bool]:
         """Inspect one client-to-server datagram of a UDP flow for a QUIC Initial's ClientHello:
         (names found; whether the flow is not QUIC and inspection gives up).
 
@@ -193,18 +193,14 @@ class Inspector:
         window, at whatever offsets they come (Chromium shuffles them across two datagrams,
         docs/incidents.md §4.28), up to `reassembly_limit` bytes. The other model reads the first
         datagram alone, as a device that parses one packet does: the hello must be whole, in order,
-        in it."""
+        in it. `version`: the datagram's QUIC Initial version (`initial_version`), None if it is none."""
         if side.closed:
             return [], False
         first = side.inspected == 0
         side.inspected += 1
         side.budget -= 1
         found: list[Found] = []
-        try:
-            header = quic.peek(payload)
-        except quic.QuicParseError:
-            header = None
-        if header is None or header.kind != "initial":
+        if version is None:
             if first:
                 return [], True  # not QUIC (or not its start): nothing here for the censor to read
             return self._quic_window(side, found)
@@ -246,7 +242,7 @@ class Inspector:
         return found, False
 
     @staticmethod
-    def quic_version(payload: bytes) -> int | None:
+    def initial_version(payload: bytes) -> int | None:
         """The version of a QUIC Initial (a cheap look at the long header), else None."""
         try:
             header = quic.peek(payload)
