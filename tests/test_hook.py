@@ -25,6 +25,7 @@ class FakePacket:
     def __init__(self, payload: bytes, indev: int = 1) -> None:
         self.payload = payload
         self.indev = indev
+        self.physindev = 0
         self.mark = 0
         self.verdict: str | None = None
         self.verdict_at: float | None = None

@@ -295,6 +295,15 @@ def ifindex(name: str) -> int | None:
         return None
 
 
+def bridge_port(name: str) -> bool:
+    """Whether interface `name` of this namespace is a port of a bridge."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        return bool(found) and fastpath.bridge_port(ipr, found[0])
+
+
 def start_metrics(listen: str | None) -> tuple[Metrics | None, str | None]:
     """The exporter's HTTP server, bound now, in this (the host's) namespace: it stays reachable
     from the host after the process enters the lab's namespace. `listen` None means the default,
@@ -336,8 +345,13 @@ def run_censor(scenario: Scenario, *, netns_name: str | None, queue: int, inside
         raise ThrottleError(f"no interface {inside_if} in {where_ns}")
     if outside_if and ifindex(outside_if) is None:
         raise ThrottleError(f"no interface {outside_if} in {where_ns}")
-    # With both interfaces known, rules see only what crosses between them (gateway mode).
-    fw = Firewall.gateway(inside_if, outside_if, queue) if inside_if and outside_if else Firewall(queue=queue)
+    # With both interfaces known, rules see only what crosses between them (gateway mode); ports
+    # of a bridge (the lab's in-path censor, or a bridging box) are matched as ports.
+    if inside_if and outside_if:
+        bridged = bridge_port(inside_if) and bridge_port(outside_if)
+        fw = (Firewall.bridge if bridged else Firewall.gateway)(inside_if, outside_if, queue)
+    else:
+        fw = Firewall(queue=queue)
     censor = Censor(scenario, queue=queue, inside_if=inside_if, outside_if=outside_if, inside_ifindex=index,
                     bypass=bypass, metrics=metrics, fw=fw)
     where = where_ns if netns_name else f"this namespace, between {inside_if} (inside) and {outside_if}"

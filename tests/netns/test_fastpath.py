@@ -333,8 +333,8 @@ def test_uploads_are_whole_and_skip_netfilter(fplab: Lab, helper: Helper, rules:
     assert hits >= size / 1448, f"only {hits} packets took the fast path"
     # Only the SYN takes the normal path (a new connection is always inspected afresh).
     assert counter(fplab, v6, comment) == 1, "netfilter saw more of a fast-path flow than its SYN"
-    # TTL / hop limit were decremented and (IPv4) the header checksum fixed, or the server's kernel
-    # would have dropped every packet; the upload being whole says the rewrite is right.
+    # The lab's censor is a bridge: frames went out as they came. The routed rewrite (next-hop
+    # MACs, TTL decremented, IPv4 checksum fixed) carries test_gateway's flows, on the router.
 
 
 UDP_SENDER = """

@@ -1,5 +1,7 @@
-"""Gateway mode: the lab's censor namespace plays a real router, the censor started *inside* it
-with `--inside`/`--outside` (no --netns), as it would run on a Linux gateway."""
+"""Gateway mode: the lab's router namespace plays the user's Linux router, the censor started
+*inside* it with `--inside`/`--outside` (no --netns), as it would run on a real gateway. This is also
+where the fast path's routed mode (next-hop MACs, TTL decremented) is exercised: the lab's own
+censor is a bridge."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def lab() -> Iterator[object]:
 
 
 def on_router(lab, argv: list[str], **kw) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
-    return subprocess.run(lab.exec_argv("censor", argv), capture_output=True, text=True, **kw)
+    return subprocess.run(lab.exec_argv("router", argv), capture_output=True, text=True, **kw)
 
 
 def forward_rules(lab) -> str:  # type: ignore[no-untyped-def]
@@ -44,11 +46,13 @@ def upload_speed(lab, host: str, body: Path) -> float:  # type: ignore[no-untype
 
 def start_gateway(lab) -> subprocess.Popen[str]:  # type: ignore[no-untyped-def]
     proc = subprocess.Popen(
-        lab.exec_argv("censor", [sys.executable, "-m", "throttle", "censor", "--scenario", "twitter-2021-03-10",
-                                 "--inside", "to-client", "--outside", "to-server", "--metrics-listen", "off"]),
+        lab.exec_argv("router", [sys.executable, "-m", "throttle", "censor", "--scenario", "twitter-2021-03-10",
+                                 "--inside", "to-censor", "--outside", "to-server", "--metrics-listen", "off"]),
         stderr=subprocess.PIPE, text=True, cwd=ROOT)
     line = proc.stderr.readline()  # type: ignore[union-attr]
-    assert "between to-client (inside) and to-server" in line, line
+    assert "between to-censor (inside) and to-server" in line, line
+    fast = proc.stderr.readline()  # type: ignore[union-attr]
+    assert "eBPF fast path on" in fast, fast
     return proc
 
 

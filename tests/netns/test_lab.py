@@ -16,7 +16,7 @@ import pytest
 
 from tests.netns.conftest import LAB_NAME, require_lab_prerequisites
 from throttle.errors import ThrottleError
-from throttle.lab.topology import CENSOR_CLIENT_V4, ETC_NETNS, INTERFACES, NETNS_DIR, ROLES, SERVER_V4, SERVER_V6, Lab
+from throttle.lab.topology import ROUTER_CLIENT_V4, ETC_NETNS, INTERFACES, NETNS_DIR, ROLES, SERVER_V4, SERVER_V6, Lab
 
 pytestmark = pytest.mark.netns
 
@@ -98,7 +98,7 @@ def test_download_is_exact(lab: Lab, tmp_path: Path) -> None:
 
 def test_packets_cross_the_censor(lab: Lab) -> None:
     route = run_in(lab, "client", ["ip", "route", "get", SERVER_V4]).stdout
-    assert f"via {CENSOR_CLIENT_V4}" in route
+    assert f"via {ROUTER_CLIENT_V4}" in route
     before = censor_tx_bytes(lab)
     curl(lab, "-4", "-o", "/dev/null", "https://pbs.twimg.com/bytes/200000")
     after = censor_tx_bytes(lab)

@@ -48,7 +48,7 @@ timeout = "10s"
 [[probe]]
 name = "refused"
 host = "example.org"
-address = "198.18.1.1"   # the censor's own address: nothing listens on 443 there, the kernel refuses
+address = "198.18.1.1"   # the router's own address: nothing listens on 443 there, the kernel refuses
 direction = "download"
 size = "8KB"
 expect = "blocked"

@@ -101,7 +101,8 @@ def format_status(st: LabStatus) -> str:
     for role in ROLES:
         r = st.roles[role]
         state = "" if r.exists else "  (missing)"
-        lines.append(f"  {r.namespace:<22} {', '.join(r.ipv4_all + r.ipv6_all)}  [{', '.join(r.interfaces)}]{state}")
+        addresses = ", ".join(r.ipv4_all + r.ipv6_all) or "no address (an in-path bridge)"
+        lines.append(f"  {r.namespace:<22} {addresses}  [{', '.join(r.interfaces)}]{state}")
     lines.append(f"  dns         {st.dns}, {st.dns6} (every name resolves to the server)")
     lines.append(f"  ca          {st.ca or '-'}")
     for proc, pid in (("labserver", st.labserver), ("h3server", st.h3server), ("dnsmasq", st.dnsmasq)):

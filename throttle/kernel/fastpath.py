@@ -7,7 +7,9 @@ libbpf through `throttle.kernel.libbpf`) on the clsact *ingress* hook of each ce
 looks the 5-tuple up in the `flows` map; on a hit it applies the direction's limit, if any (a
 token bucket in the `buckets` map: the engine's policer, in the kernel; a shaped direction gets
 its HTB class), rewrites the Ethernet addresses, decrements the TTL / hop limit and redirects the
-packet to the egress interface, so it never reaches the IP stack, netfilter or NFQUEUE. On a miss
+packet to the egress interface, so it never reaches the IP stack, netfilter or NFQUEUE. When both
+interfaces are ports of a bridge (the lab's in-path censor) a flow's entries carry no MACs
+(`NO_MAC`) and the program redirects the frame unchanged, TTL included. On a miss
 it returns TC_ACT_OK and the packet takes the normal path (to the engine). Packets it does not
 parse always take the normal path: IPv4 with options or fragments, IPv6 with extension headers,
 anything but TCP and UDP, a TCP SYN, and packets whose TTL would expire (the kernel then sends
@@ -58,6 +60,7 @@ Address = Union[bytes, str, ipaddress.IPv4Address, ipaddress.IPv6Address]  # pac
 TC_H_CLSACT_INGRESS = 0xFFFFFFF2  # parent "ffff:fff2"
 TC_H_CLSACT_EGRESS = 0xFFFFFFF3
 FILTER_NAME = "throttle-fastpath"
+NO_MAC = bytes(6)  # a flow entry without MACs: bridged, the frame goes out unchanged
 FILTER_PRIO = 1  # evaluated before any other ingress filter
 FILTER_HANDLE = 0x7A57
 ETH_P_ALL = 0x0003
@@ -264,6 +267,17 @@ def _ifindex(ipr: Any, ifname_or_index: Union[str, int]) -> int:
     return int(found[0])
 
 
+def bridge_port(ipr: Any, index: int) -> bool:
+    """Whether an interface is a port of a bridge: its frames are then forwarded as they came."""
+    links = ipr.get_links(index)
+    master = links[0].get("master") if links else None
+    if not master:
+        return False
+    masters = ipr.get_links(master)
+    info = masters[0].get_attr("IFLA_LINKINFO") if masters else None
+    return bool(info is not None and info.get_attr("IFLA_INFO_KIND") == "bridge")
+
+
 def _mac_bytes(text: Optional[str]) -> Optional[bytes]:
     if not text:
         return None
@@ -373,6 +387,7 @@ class FastPath:
         self._object: Optional[libbpf.BpfObject] = None
         self._shaping: list[int] = []  # ifindexes whose root qdisc is our HTB
         self._walkers: list[Walker] = []
+        self._bridged: set[int] = set()  # ifindexes that are ports of a bridge (an in-path censor)
         try:
             self._object = libbpf.BpfObject(libbpf.object_path(), PROGRAM, ("flows", "buckets", "hits", "lease"),
                                             max_entries={"flows": max_entries})
@@ -417,16 +432,18 @@ class FastPath:
         index, ours = self._rtnl(work)
         self._attached.append((index, ours))
         self._ifindex[name] = index
+        if self._rtnl(lambda ipr: bridge_port(ipr, index)):
+            self._bridged.add(index)
 
     # -- flows ----------------------------------------------------------------------------------
 
     def add(self, proto: int, src: Address, sport: int, dst: Address, dport: int, egress_ifindex: int,
             dst_mac: bytes, src_mac: bytes, limit: Optional[Limit] = None) -> bool:
-        """Forward packets src:sport -> dst:dport out of `egress_ifindex` with these MACs, through
-        `limit`'s bucket if given. False when the map is full (the flow then stays on the normal
+        """Forward packets src:sport -> dst:dport out of `egress_ifindex` with these MACs (both
+        `NO_MAC`: unchanged, bridged), through `limit`'s bucket if given. False when the map is full (the flow then stays on the normal
         path)."""
         self._check_open()
-        if len(dst_mac) != 6 or len(src_mac) != 6:
+        if len(dst_mac) != 6 or len(src_mac) != 6 or (dst_mac == NO_MAC) != (src_mac == NO_MAC):
             raise ThrottleError("MAC addresses are 6 bytes")
         key = flow_key(proto, src, sport, dst, dport)
         lim = limit or Limit(0)
@@ -527,6 +544,13 @@ class FastPath:
         self._check_open()
         client, server = _packed(client), _packed(server)
         cidx, sidx = self._index(client_if), self._index(server_if)
+        if cidx in self._bridged and sidx in self._bridged:  # frames go out unchanged: no MACs
+            if not self.add(proto, client, cport, server, sport, sidx, NO_MAC, NO_MAC, upload):
+                return False
+            if not self.add(proto, server, sport, client, cport, cidx, NO_MAC, NO_MAC, download):
+                self.remove(proto, client, cport, server, sport)
+                return False
+            return True
         to_server = self._next_hop_mac(sidx, server)
         to_client = self._next_hop_mac(cidx, client)
         if to_server is None or to_client is None:

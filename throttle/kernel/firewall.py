@@ -1,7 +1,9 @@
 """The firewall rules that send undecided and limited flows to the censor's queue.
 
 Rules live in one chain of our own per address family (`THROTTLE_Q<n>` in the mangle table),
-jumped to from FORWARD, and are created inside a context manager that always removes them.
+jumped to from FORWARD, and are created inside a context manager that always removes them. On a
+router the jumps name the two interfaces (`-i`/`-o`); on a bridge (the lab's in-path censor) the
+two ports, with physdev, since br_netfilter hands bridged packets to FORWARD.
 
     -p tcp --syn -j CONNMARK (clear BIT)      a new connection is never a decided one
     -m connmark --mark BIT/BIT -j RETURN      a decided flow: the kernel forwards it, no Python
@@ -42,6 +44,14 @@ class Firewall:
     @classmethod
     def gateway(cls, inside: str, outside: str, queue: int = 0) -> Firewall:
         return cls(queue=queue, jumps=(("-i", inside, "-o", outside), ("-i", outside, "-o", inside)))
+
+    @classmethod
+    def bridge(cls, inside: str, outside: str, queue: int = 0) -> Firewall:
+        """Gateway mode on two ports of a bridge (an in-path device that does not route): bridged
+        packets reach FORWARD through br_netfilter with the bridge as their interface, so the
+        ports are matched with physdev, by the port a packet came in on."""
+        return cls(queue=queue, jumps=tuple(("-m", "physdev", "--physdev-is-bridged", "--physdev-in", port)
+                                            for port in (inside, outside)))
 
     @property
     def chain(self) -> str:

@@ -42,6 +42,7 @@ class QueuedPacket(Protocol):
     """What netfilterqueue hands the callback, reduced to what the adapter uses."""
 
     indev: int
+    physindev: int  # the bridge port it came in on (0 when routed, not bridged)
 
     def get_payload(self) -> bytes: ...
     def get_mark(self) -> int: ...
@@ -143,7 +144,8 @@ class Hook:
         stats.queued += 1
         loop = self.loop
         try:
-            inside = None if self.inside_ifindex is None else pkt.indev == self.inside_ifindex
+            # A bridged packet's indev is the bridge; the interface it arrived on is its port.
+            inside = None if self.inside_ifindex is None else (pkt.physindev or pkt.indev) == self.inside_ifindex
             verdict, release = self.engine.process(pkt.get_payload(), loop.time(), inside)
         except Exception:  # noqa: BLE001 - a bug must cost a verdict, never a packet
             stats.errors += 1

@@ -1,24 +1,31 @@
-"""The namespace lab: a client, an ISP middlebox (the censor) and a server, in three namespaces.
+"""The namespace lab: a client, an ISP's in-path middlebox (the censor), a router and a server.
 
-    NAME-client                 NAME-censor                      NAME-server
-    to-censor 198.18.0.2/24 --- to-client 198.18.0.1/24
-              2001:2:0:1::2/64            2001:2:0:1::1/64
-                                to-server 198.18.1.1/24 ------ to-censor 198.18.1.2/24 (.3, .4)
-                                          2001:2:0:2::1/64               2001:2:0:2::2/64 (::3, ::4)
+    NAME-client              NAME-censor (a bridge)          NAME-router                  NAME-server
+    to-censor 198.18.0.2 --- to-client [bridge inpath] to-server --- to-censor 198.18.0.1
+              2001:2:0:1::2                                                2001:2:0:1::1
+                                                                 to-server 198.18.1.1 --- to-router 198.18.1.2 (.3, .4)
+                                                                           2001:2:0:2::1          2001:2:0:2::2 (::3, ::4)
 
-The censor namespace forwards IPv4 and IPv6 between the two links, as a middlebox on the path
-would; the client and the server route everything through it. Every lab interface has MTU 1500
-and GRO/GSO/TSO off, so the censor sees wire-sized segments, as on a real link. The server
-namespace runs `throttle.lab.server` (HTTPS for any name, signed by the lab CA; HTTP),
-`throttle.lab.h3` (HTTP/3 on UDP 443, the same names and routes) and dnsmasq
-(every name resolves to 198.18.1.2 and 2001:2:0:2::2). The client namespace resolves names with
-that dnsmasq and trusts the lab CA through `/etc/netns/NAME-client/`, which `ip netns exec`
-mounts over `/etc`, so `ip netns exec NAME-client curl https://pbs.twimg.com/` just works.
+The censor is in-path and does not route, as the TSPU devices of docs/incidents.md §4.30 are: its
+namespace bridges its two ports and has no address, and the bridge hands every IPv4 and IPv6
+packet it forwards to netfilter (br_netfilter's `bridge-nf-call-iptables`), where the censor's
+NFQUEUE rules see it. It spends no TTL, so a packet from the client whose TTL runs out at the
+first hop reaches the censor and then dies at the router, which answers with ICMP time exceeded
+(§1.15-16: TTL-limited packets reach the device; that is how fake-packet evasions and locating the
+device work). The router forwards between the client's and the server's subnets; the client and
+the server route everything through it. Every lab interface has MTU 1500 and GRO/GSO/TSO off, so
+the censor sees wire-sized segments, as on a real link. The server namespace runs
+`throttle.lab.server` (HTTPS for any name, signed by the lab CA; HTTP), `throttle.lab.h3` (HTTP/3
+on UDP 443, the same names and routes) and dnsmasq (every name resolves to 198.18.1.2 and
+2001:2:0:2::2). The client namespace resolves names with that dnsmasq and trusts the lab CA through
+`/etc/netns/NAME-client/`, which `ip netns exec` mounts over `/etc`, so
+`ip netns exec NAME-client curl https://pbs.twimg.com/` just works.
 
-This module owns the kernel state (through pyroute2; `ethtool -K` and process starts are the only
-commands it runs, as argument lists) and the files under `/run/throttle/NAME/` and
-`/etc/netns/NAME-*`. `up()` is idempotent and repairs what is missing; `down()` removes all of it
-and succeeds whatever is left, including nothing.
+This module owns the kernel state (through pyroute2; `ethtool -K`, `modprobe br_netfilter` when
+the kernel has it as a module, and process starts are the only commands it runs, as argument
+lists) and the files under `/run/throttle/NAME/` and `/etc/netns/NAME-*`. `up()` is idempotent
+and repairs what is missing; `down()` removes all of it and succeeds whatever is left, including
+nothing.
 """
 
 from __future__ import annotations
@@ -42,9 +49,9 @@ from throttle.errors import ThrottleError
 from throttle.files import atomic_write
 from throttle.kernel import netns
 from throttle.kernel.netns import NETNS_DIR
-from throttle.kernel.tools import require_root, require_tool
+from throttle.kernel.tools import find_tool, require_root, require_tool
 
-ROLES = ("client", "censor", "server")
+ROLES = ("client", "censor", "router", "server")
 ETC_NETNS = Path("/etc/netns")
 STATE_ROOT = Path("/run/throttle")
 MTU = 1500
@@ -52,16 +59,19 @@ IFA_F_NODAD = 0x02  # an IPv6 address usable at once, without duplicate address 
 
 # Interface names as seen inside each namespace.
 CLIENT_IF = "to-censor"
-CENSOR_CLIENT_IF = "to-client"
-CENSOR_SERVER_IF = "to-server"
-SERVER_IF = "to-censor"
+CENSOR_CLIENT_IF = "to-client"  # the censor's two bridge ports
+CENSOR_SERVER_IF = "to-server"  # (towards the server, through the router)
+BRIDGE = "inpath"
+ROUTER_CLIENT_IF = "to-censor"
+ROUTER_SERVER_IF = "to-server"
+SERVER_IF = "to-router"
 
 CLIENT_V4 = "198.18.0.2"
 CLIENT_V6 = "2001:2:0:1::2"
-CENSOR_CLIENT_V4 = "198.18.0.1"
-CENSOR_CLIENT_V6 = "2001:2:0:1::1"
-CENSOR_SERVER_V4 = "198.18.1.1"
-CENSOR_SERVER_V6 = "2001:2:0:2::1"
+ROUTER_CLIENT_V4 = "198.18.0.1"  # the client's gateway
+ROUTER_CLIENT_V6 = "2001:2:0:1::1"
+ROUTER_SERVER_V4 = "198.18.1.1"  # the server's gateway
+ROUTER_SERVER_V6 = "2001:2:0:2::1"
 SERVER_V4 = "198.18.1.2"
 SERVER_V6 = "2001:2:0:2::2"
 SERVER_EXTRA_V4 = ("198.18.1.3", "198.18.1.4")  # other servers, for names sent elsewhere
@@ -79,22 +89,26 @@ class Iface:
 
 INTERFACES = (
     Iface("client", CLIENT_IF, (f"{CLIENT_V4}/24", f"{CLIENT_V6}/64")),
-    Iface("censor", CENSOR_CLIENT_IF, (f"{CENSOR_CLIENT_V4}/24", f"{CENSOR_CLIENT_V6}/64")),
-    Iface("censor", CENSOR_SERVER_IF, (f"{CENSOR_SERVER_V4}/24", f"{CENSOR_SERVER_V6}/64")),
+    Iface("censor", CENSOR_CLIENT_IF, ()),  # bridge ports: no addresses
+    Iface("censor", CENSOR_SERVER_IF, ()),
+    Iface("router", ROUTER_CLIENT_IF, (f"{ROUTER_CLIENT_V4}/24", f"{ROUTER_CLIENT_V6}/64")),
+    Iface("router", ROUTER_SERVER_IF, (f"{ROUTER_SERVER_V4}/24", f"{ROUTER_SERVER_V6}/64")),
     Iface(
         "server", SERVER_IF,
         tuple(f"{a}/24" for a in (SERVER_V4, *SERVER_EXTRA_V4))
         + tuple(f"{a}/64" for a in (SERVER_V6, *SERVER_EXTRA_V6)),
     ),
 )
-# Veth pairs: (censor-side interface, other role, other-side interface).
+# Veth pairs, (role, interface) at each end; the first end's namespace creates the pair.
 VETHS = (
-    (CENSOR_CLIENT_IF, "client", CLIENT_IF),
-    (CENSOR_SERVER_IF, "server", SERVER_IF),
+    (("censor", CENSOR_CLIENT_IF), ("client", CLIENT_IF)),
+    (("censor", CENSOR_SERVER_IF), ("router", ROUTER_CLIENT_IF)),
+    (("router", ROUTER_SERVER_IF), ("server", SERVER_IF)),
 )
+BRIDGE_PORTS = (CENSOR_CLIENT_IF, CENSOR_SERVER_IF)
 GATEWAYS = {
-    "client": (CENSOR_CLIENT_V4, CENSOR_CLIENT_V6),
-    "server": (CENSOR_SERVER_V4, CENSOR_SERVER_V6),
+    "client": (ROUTER_CLIENT_V4, ROUTER_CLIENT_V6),
+    "server": (ROUTER_SERVER_V4, ROUTER_SERVER_V6),
 }
 SYSCTLS_ALL = (
     # No DAD (addresses usable at once), no router advertisements or solicitations on the wire.
@@ -111,9 +125,17 @@ SYSCTLS_ALL = (
 # clients of the 2021 measurements ran; set on the client's and server's default routes, when this
 # kernel has it.
 CONGESTION_CONTROL = "cubic"
-SYSCTLS_CENSOR = (
-    ("net.ipv4.ip_forward", "1"),
-    ("net.ipv6.conf.all.forwarding", "1"),
+SYSCTLS_ROLE = {
+    "router": (("net.ipv4.ip_forward", "1"), ("net.ipv6.conf.all.forwarding", "1")),
+    # The censor has no IP of its own: no IPv6 link-local addresses, no forwarding; the bridge's
+    # packets go through iptables and ip6tables (written once the bridge exists, see _bridge).
+    "censor": (("net.ipv4.ip_forward", "0"), ("net.ipv6.conf.all.disable_ipv6", "1"),
+               ("net.ipv6.conf.default.disable_ipv6", "1")),
+}
+SYSCTLS_BRIDGE = (
+    ("net.bridge.bridge-nf-call-iptables", "1"),
+    ("net.bridge.bridge-nf-call-ip6tables", "1"),
+    ("net.bridge.bridge-nf-call-arptables", "0"),
 )
 OFFLOADS = ("gro", "gso", "tso")
 HOSTS_FILE = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
@@ -193,9 +215,15 @@ def _route_metrics() -> dict[str, Any]:
     return {"metrics": {"RTAX_CC_ALGO": CONGESTION_CONTROL}} if CONGESTION_CONTROL in available else {}
 
 
-def _write_sysctls(ns: str, values: Iterable[tuple[str, str]]) -> None:
+_BR_NETFILTER_MISSING = (
+    "this kernel does not hand bridged packets to netfilter (no br_netfilter), so the lab's in-path "
+    "censor would see nothing: load it with `modprobe br_netfilter` (CONFIG_BRIDGE_NETFILTER)")
+
+
+def _write_sysctls(ns: str, values: Iterable[tuple[str, str]], missing: str | None = None) -> None:
     """Write sysctls inside a namespace (files under /proc/sys/net belong to the namespace of the
-    thread that opens them: `netns.run_in` writes them from a thread inside it)."""
+    thread that opens them: `netns.run_in` writes them from a thread inside it). `missing`: the
+    message when a key does not exist (its kernel feature is absent)."""
     values = list(values)
 
     def work() -> None:
@@ -205,8 +233,32 @@ def _write_sysctls(ns: str, values: Iterable[tuple[str, str]]) -> None:
 
     try:
         netns.run_in(ns, work)
+    except FileNotFoundError as exc:
+        if missing is not None:
+            raise ThrottleError(missing) from None
+        raise ThrottleError(f"cannot set sysctls in namespace {ns}: {exc}") from None
     except OSError as exc:
         raise ThrottleError(f"cannot set sysctls in namespace {ns}: {exc}") from None
+
+
+def _load_br_netfilter() -> None:
+    """br_netfilter, when this kernel has it as a module that is not loaded (Debian's and Ubuntu's
+    kernels do; it is built in on others). Loading it makes every namespace's bridges, the host's
+    included, hand their packets to iptables by default; this process sets the host's three
+    switches back to 0 at once, as they behaved before, so that only the lab's bridge is affected."""
+    if Path("/proc/sys/net/bridge/bridge-nf-call-iptables").exists():
+        return  # built in or loaded already (by us or by whoever runs bridges here)
+    modprobe = find_tool("modprobe")
+    if modprobe is None:
+        raise ThrottleError(_BR_NETFILTER_MISSING)
+    proc = subprocess.run([modprobe, "br_netfilter"], stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if proc.returncode != 0 or not Path("/proc/sys/net/bridge/bridge-nf-call-iptables").exists():
+        raise ThrottleError(f"{_BR_NETFILTER_MISSING} ({(proc.stderr or proc.stdout).strip() or 'modprobe failed'})")
+    for key in ("iptables", "ip6tables", "arptables"):
+        try:
+            Path(f"/proc/sys/net/bridge/bridge-nf-call-{key}").write_text("0")
+        except OSError:
+            pass
 
 
 class Lab:
@@ -275,10 +327,11 @@ class Lab:
         STATE_ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
+        _load_br_netfilter()
         for role in ROLES:
             self._ensure_namespace(self.ns(role))
         for role in ROLES:
-            _write_sysctls(self.ns(role), SYSCTLS_ALL + (SYSCTLS_CENSOR if role == "censor" else ()))
+            _write_sysctls(self.ns(role), SYSCTLS_ALL + SYSCTLS_ROLE.get(role, ()))
         self._ensure_links()
         self._wait_links_up()
         for iface in INTERFACES:
@@ -322,19 +375,19 @@ class Lab:
         from pyroute2 import NetlinkError
 
         try:
-            with self._ipr("censor") as censor:
-                for censor_if, role, other_if in VETHS:
-                    if censor.link_lookup(ifname=censor_if):
+            for (role, ifname), (peer_role, peer_if) in VETHS:
+                with self._ipr(role) as ipr:
+                    if ipr.link_lookup(ifname=ifname):
                         continue
-                    with self._ipr(role) as other:
-                        for stale in other.link_lookup(ifname=other_if):
+                    with self._ipr(peer_role) as other:
+                        for stale in other.link_lookup(ifname=peer_if):
                             other.link("del", index=stale)  # half of a pair whose peer is gone
-                    fd = os.open(NETNS_DIR / self.ns(role), os.O_RDONLY)
+                    fd = os.open(NETNS_DIR / self.ns(peer_role), os.O_RDONLY)
                     try:
-                        censor.link("add", ifname=censor_if, kind="veth",
-                                    peer={"ifname": other_if, "net_ns_fd": fd})
+                        ipr.link("add", ifname=ifname, kind="veth", peer={"ifname": peer_if, "net_ns_fd": fd})
                     finally:
                         os.close(fd)
+            self._bridge()
             for role in ROLES:
                 with self._ipr(role) as ipr:
                     ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
@@ -353,6 +406,19 @@ class Lab:
                         ipr.route("replace", dst="::/0", gateway=gw6, family=socket.AF_INET6, **_route_metrics())
         except NetlinkError as exc:
             raise ThrottleError(f"cannot configure the lab's links: {exc}") from None
+
+    def _bridge(self) -> None:
+        """The censor's bridge: both ports in it, no STP (ports forward at once), no address, and
+        its IP packets handed to iptables and ip6tables."""
+        with self._ipr("censor") as ipr:
+            if not ipr.link_lookup(ifname=BRIDGE):
+                ipr.link("add", ifname=BRIDGE, kind="bridge", br_stp_state=0, br_forward_delay=0,
+                         br_mcast_snooping=0)
+            bridge = ipr.link_lookup(ifname=BRIDGE)[0]
+            for port in BRIDGE_PORTS:
+                ipr.link("set", index=ipr.link_lookup(ifname=port)[0], master=bridge)
+            ipr.link("set", index=bridge, mtu=MTU, state="up")
+        _write_sysctls(self.ns("censor"), SYSCTLS_BRIDGE, missing=_BR_NETFILTER_MISSING)
 
     def _wait_links_up(self) -> None:
         """Wait for the kernel to finish bringing the veths up. Until linkwatch has run (up to a
@@ -660,4 +726,4 @@ def _role_status(namespace: str, role: str) -> RoleStatus:
     v4 = tuple(a for a in specs if ipaddress.ip_address(a).version == 4)
     v6 = tuple(a for a in specs if ipaddress.ip_address(a).version == 6)
     return RoleStatus(namespace, os.path.ismount(NETNS_DIR / namespace),
-                      tuple(i.name for i in INTERFACES if i.role == role), v4[0], v6[0], v4, v6)
+                      tuple(i.name for i in INTERFACES if i.role == role), v4[0] if v4 else "", v6[0] if v6 else "", v4, v6)

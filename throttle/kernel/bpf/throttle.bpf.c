@@ -14,8 +14,10 @@
  *
  * Packets this program does not parse always take the normal path: IPv4 with options or
  * fragments, IPv6 with extension headers, anything but TCP and UDP, a TCP SYN (a new connection on
- * an old 5-tuple must be inspected afresh), and packets whose TTL or hop limit would expire (the
- * kernel then answers with the ICMP error, as the router it is).
+ * an old 5-tuple must be inspected afresh), and, when the censor routes, packets whose TTL or hop
+ * limit would expire (the kernel then answers with the ICMP error, as the router it is). When the
+ * censor is an in-path bridge (the lab's), a flow's entries carry no MACs: frames are redirected to
+ * the other port unchanged, TTL included, as an in-path device that is not a hop forwards them.
  *
  * Built by scripts/setup (clang -target bpf), loaded with libbpf by throttle/kernel/fastpath.py,
  * whose Python structs mirror the two map values below.
@@ -45,7 +47,7 @@ struct flow_key {           /* one direction of a flow, addresses and ports as o
 
 struct flow_value {
 	__u32 ifindex;          /* egress interface */
-	__u8 dst_mac[6];        /* the next hop's */
+	__u8 dst_mac[6];        /* the next hop's; all zero: bridged, the frame goes out as it came */
 	__u8 src_mac[6];        /* the egress interface's */
 	__u64 last_ns;          /* CLOCK_MONOTONIC of the last packet seen, for idle expiry */
 	__u64 bytes;            /* IP bytes forwarded */
@@ -200,9 +202,13 @@ int throttle_ingress(struct __sk_buff *skb)
 	if (until && *until && bpf_ktime_get_ns() > *until)
 		return TC_ACT_OK;  /* the censor is gone: its decisions no longer hold */
 
-	/* The router's part: TTL / hop limit. At 1 the kernel must answer (ICMP time exceeded). */
+	/* A bridged direction (no MACs to write: the censor is an in-path bridge) leaves the frame
+	 * as it came, TTL included. A routed one does the router's part: at TTL / hop limit 1 the
+	 * kernel must answer (ICMP time exceeded). */
+	int bridged = !(v->dst_mac[0] | v->dst_mac[1] | v->dst_mac[2] | v->dst_mac[3] | v->dst_mac[4] |
+			v->dst_mac[5]);
 	__u8 ttl;
-	if (bpf_skb_load_bytes(skb, l3 + (v6 ? 7 : 8), &ttl, 1) || ttl <= 1)
+	if (!bridged && (bpf_skb_load_bytes(skb, l3 + (v6 ? 7 : 8), &ttl, 1) || ttl <= 1))
 		return TC_ACT_OK;
 
 	__u64 now = bpf_ktime_get_ns();
@@ -225,7 +231,9 @@ int throttle_ingress(struct __sk_buff *skb)
 		}
 	}
 
-	if (v6) {
+	if (bridged) {
+		/* as it came */
+	} else if (v6) {
 		ttl -= 1;
 		if (bpf_skb_store_bytes(skb, l3 + 7, &ttl, 1, 0))
 			return TC_ACT_OK;
@@ -243,7 +251,7 @@ int throttle_ingress(struct __sk_buff *skb)
 		if (bpf_skb_store_bytes(skb, l3 + 8, &ttl, 1, 0))
 			return TC_ACT_SHOT;  /* the checksum already changed: never let this one go on */
 	}
-	if (bpf_skb_store_bytes(skb, 0, v->dst_mac, 12, 0))
+	if (!bridged && bpf_skb_store_bytes(skb, 0, v->dst_mac, 12, 0))
 		return TC_ACT_SHOT;
 
 	__sync_fetch_and_add(&v->bytes, ip_len);
