@@ -376,12 +376,15 @@ class Lab:
 
         try:
             for (role, ifname), (peer_role, peer_if) in VETHS:
-                with self._ipr(role) as ipr:
-                    if ipr.link_lookup(ifname=ifname):
+                with self._ipr(role) as ipr, self._ipr(peer_role) as other:
+                    mine, theirs = ipr.link_lookup(ifname=ifname), other.link_lookup(ifname=peer_if)
+                    if mine and theirs:
                         continue
-                    with self._ipr(peer_role) as other:
-                        for stale in other.link_lookup(ifname=peer_if):
-                            other.link("del", index=stale)  # half of a pair whose peer is gone
+                    # Half of a pair whose peer is gone, or a pair of an older layout of the lab.
+                    for stale in mine:
+                        ipr.link("del", index=stale)
+                    for stale in other.link_lookup(ifname=peer_if):
+                        other.link("del", index=stale)
                     fd = os.open(NETNS_DIR / self.ns(peer_role), os.O_RDONLY)
                     try:
                         ipr.link("add", ifname=ifname, kind="veth", peer={"ifname": peer_if, "net_ns_fd": fd})
@@ -394,6 +397,8 @@ class Lab:
                     for iface in (i for i in INTERFACES if i.role == role):
                         index = ipr.link_lookup(ifname=iface.name)[0]
                         ipr.link("set", index=index, mtu=MTU)
+                        if not iface.addresses:
+                            ipr.flush_addr(index=index)  # a bridge port (an older lab gave them some)
                         for spec in iface.addresses:
                             address, prefix = spec.split("/")
                             v6 = ":" in address
