@@ -22,11 +22,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from throttle.engine import (DOWNLOAD, UPLOAD, Bucket, Engine, Event, Flow, FlowDecided, FlowEnded, Shaper, State,
-                             WindowMeter)
+from throttle.engine import (DOWNLOAD, UPLOAD, Bucket, Engine, Event, Flow, FlowDecided, FlowEnded, ResetRequested,
+                             Shaper, State, WindowMeter)
 from throttle.errors import ThrottleError
 from throttle.kernel import fastpath, netns
 from throttle.kernel.firewall import Firewall, installed
+from throttle.kernel.inject import Injector
 from throttle.kernel.fastpath import HTB_CLASSES, BucketSlots
 from throttle.kernel.nfqueue import Hook, HookStats, check_requirements, queue_losses
 from throttle.scenario import Rule, Scenario
@@ -60,8 +61,11 @@ class Censor:
         self.metrics = metrics
         self.fw = fw or Firewall(queue=queue)
         self.engine = Engine(scenario.model, scenario.rules)
+        # RSTs to inject (action "rst"): the injector learns from every packet where each end is.
+        self.injector = Injector() if any(rule.action == "rst" for rule in scenario.rules) else None
         self.hook = Hook(self.engine, bypass=bypass, inside_ifindex=inside_ifindex, on_events=self._on_events,
-                         on_error=metrics.hook_error if metrics is not None else None)
+                         on_error=metrics.hook_error if metrics is not None else None,
+                         learn=self.injector.learn if self.injector is not None else None)
         self.fastpath: fastpath.FastPath | None = None
         self.fastpath_note: str | None = None  # why there is none
         self.fast_flows = 0  # passed flows handed to the kernel
@@ -83,6 +87,13 @@ class Censor:
     def _on_events(self, events: list[Event]) -> None:
         fast = self.fastpath
         for ev in events:
+            if isinstance(ev, ResetRequested) and self.injector is not None:
+                f = ev.flow
+                try:
+                    self.injector.reset(f.client, f.client_port, f.server, f.server_port, ev.to_server, ev.to_client)
+                except Exception:  # noqa: BLE001 - a bug here must not stop the packet loop
+                    self.injector.failed += 2
+                    self.hook.stats.errors += 1
             if fast is not None:
                 if isinstance(ev, FlowDecided) and self.bypass:
                     self._to_kernel(fast, ev.flow)
@@ -231,6 +242,8 @@ class Censor:
             if self.fastpath is not None:
                 self.fastpath.close()  # stops and joins the walker first
                 self.fastpath = None
+            if self.injector is not None:
+                self.injector.close()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
 
@@ -285,7 +298,9 @@ class Censor:
                 f"kernel, {self.fast_flows} flows on the fast path, {self.kernel_limited} limited by the kernel; "
                 f"flows limited {s.flows_limited}, passed {s.flows_passed}; "
                 f"{s.lost} packets lost before inspection"
-                + (f"; {s.errors} engine errors" if s.errors else ""))
+                + (f"; {s.errors} engine errors" if s.errors else "")
+                + (f"; {self.injector.sent} RSTs injected ({self.injector.failed} not sent)"
+                   if self.injector is not None else ""))
 
 
 def ifindex(name: str) -> int | None:

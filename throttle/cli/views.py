@@ -76,6 +76,8 @@ def result_table(report: RunReport) -> Table:
             lo, hi = r.probe.freeze_bytes
             expected += f", stall at {format_size(lo)}-{format_size(hi)}"
         shake = "-" if r.handshake is None else f"{r.handshake * 1000:.0f} ms"
+        if r.probe.blocked_by:
+            expected += f" ({r.probe.blocked_by})"
         if r.probe.expect_handshake:
             expected += f", {r.probe.expect_handshake} handshake"
             shake += f" ({r.observed_handshake})"
@@ -84,7 +86,7 @@ def result_table(report: RunReport) -> Table:
 
 
 def check_failures(report: RunReport) -> list[str]:
-    """One line per failed freeze_bytes or expect_handshake check, to print under the table."""
+    """One line per failed freeze_bytes, blocked_by or expect_handshake check, to print under the table."""
     return [f"{r.probe.name}: {failure}" for r in report.runs for failure in r.check_failures]
 
 

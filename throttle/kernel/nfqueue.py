@@ -45,6 +45,7 @@ class QueuedPacket(Protocol):
     physindev: int  # the bridge port it came in on (0 when routed, not bridged)
 
     def get_payload(self) -> bytes: ...
+    def get_hw(self) -> bytes | None: ...
     def get_mark(self) -> int: ...
     def set_mark(self, mark: int) -> None: ...
     def retain(self) -> None: ...
@@ -115,8 +116,10 @@ class Hook:
 
     def __init__(self, engine: Engine, *, bypass: bool = True, inside_ifindex: int | None = None,
                  on_events: Callable[[list[Event]], None] | None = None,
-                 on_error: Callable[[], None] | None = None) -> None:
+                 on_error: Callable[[], None] | None = None,
+                 learn: Callable[[QueuedPacket, bytes], None] | None = None) -> None:
         self.engine = engine
+        self.learn = learn  # sees every packet read, before the engine (the RST injector's MAC table)
         self.bypass = bypass  # False keeps every packet in Python (a benchmark baseline)
         self.inside_ifindex = inside_ifindex
         self.on_events = on_events
@@ -146,7 +149,10 @@ class Hook:
         try:
             # A bridged packet's indev is the bridge; the interface it arrived on is its port.
             inside = None if self.inside_ifindex is None else (pkt.physindev or pkt.indev) == self.inside_ifindex
-            verdict, release = self.engine.process(pkt.get_payload(), loop.time(), inside)
+            data = pkt.get_payload()
+            if self.learn is not None:
+                self.learn(pkt, data)
+            verdict, release = self.engine.process(data, loop.time(), inside)
         except Exception:  # noqa: BLE001 - a bug must cost a verdict, never a packet
             stats.errors += 1
             if self.on_error is not None:

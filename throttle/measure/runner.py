@@ -266,6 +266,9 @@ def check_expectations(run: ProbeRun, control_handshake: float | None) -> list[s
                             f"{'completed' if run.completed else 'ended by ' + (run.cause or 'an error')}")
         elif not low <= got <= high:
             failures.append(f"freeze_bytes: stalled after {got} bytes, expected {low}-{high}")
+    if probe.blocked_by and not run.completed and run.cause != probe.blocked_by:
+        failures.append(f"blocked_by: expected a {probe.blocked_by}, but the probe ended by "
+                        f"{run.cause or 'an error'}")
     if probe.expect_handshake:
         run.observed_handshake = handshake_verdict(run, control_handshake)
         if run.observed_handshake != probe.expect_handshake:

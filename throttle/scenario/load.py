@@ -19,7 +19,7 @@ from throttle.errors import ScenarioError
 from throttle.scenario.model import (ACTIONS, DIRECTIONS, EVASIONS, METERS, NAME_SOURCES, OUTCOMES, PROBE_DIRECTIONS,
                                      PROTOCOLS, SCOPES, STICKY_SCOPES, TRANSPORTS, Evasion, Model, NameSourceKind, Network, Probe,
                                      Rule, Scenario, Transport)
-from throttle.scenario.model import HANDSHAKE_EXPECTATIONS, HandshakeExpectation  # probe keys
+from throttle.scenario.model import BLOCK_CAUSES, HANDSHAKE_EXPECTATIONS, BlockCause, HandshakeExpectation  # probe keys
 from throttle.scenario.patterns import compile_pattern
 from throttle.units import parse_duration, parse_rate, parse_size
 
@@ -218,6 +218,7 @@ def _probe(r: _Reader, t: Any, i: int) -> Probe:
         ech=_ech(r, t, k),
         freeze_bytes=_freeze_bytes(r, t, k),
         expect_handshake=_expect_handshake(r, t, k),
+        blocked_by=_blocked_by(r, t, k),
         command=_command(r, t, k, "command"),
         wrap=_command(r, t, k, "wrap"),
     )
@@ -271,6 +272,13 @@ def _expect_handshake(r: _Reader, t: dict[str, Any], k: str) -> HandshakeExpecta
                                         'they can time')
     if value and t.get("control", False):
         r.fail(f"{k}.expect_handshake", "a control is what handshakes are judged against; remove the key here")
+    return value
+
+
+def _blocked_by(r: _Reader, t: dict[str, Any], k: str) -> BlockCause:
+    value = r.choice(t, f"{k}.blocked_by", BLOCK_CAUSES, "")
+    if value and t.get("expect", "throttled") != "blocked":
+        r.fail(f"{k}.blocked_by", 'needs expect = "blocked": it says how the probe must be stopped')
     return value
 
 

@@ -26,6 +26,7 @@ Outcome = Literal["throttled", "normal", "blocked"]
 # curl over TLS, curl over plain HTTP, the raw TLS client, HTTP/3, a command of the scenario's own
 Protocol = Literal["https", "http", "tls", "quic", "command"]
 HandshakeExpectation = Literal["", "slow", "normal"]
+BlockCause = Literal["", "reset", "timeout"]  # how a blocked probe must have been stopped
 Evasion = Literal["none", "split", "pad", "scramble", "ccs", "dot", "fake"]  # throttle.lab.evasion, §7
 
 DIRECTIONS: tuple[RuleDirection, ...] = get_args(RuleDirection)
@@ -40,6 +41,7 @@ OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
 PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
 EVASIONS: tuple[Evasion, ...] = get_args(Evasion)
 HANDSHAKE_EXPECTATIONS: tuple[HandshakeExpectation, ...] = get_args(HandshakeExpectation)
+BLOCK_CAUSES: tuple[BlockCause, ...] = get_args(BlockCause)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +122,9 @@ class Probe:
     # the TLS handshake's time against the controls' (§3.23, §2.17, §2.21): "slow" is at least
     # HANDSHAKE_FACTOR x theirs and HANDSHAKE_FLOOR seconds, or never completed; "" is not judged
     expect_handshake: HandshakeExpectation = ""
+    # expect = "blocked" only: by a reset (an injected RST, §2.17 from 03-04) or by a stall until the
+    # timeout (drops); "" accepts either
+    blocked_by: BlockCause = ""
     # protocol "command": a shell command run in the client namespace, with {url} {host} {address}
     # {file} {size} {port} filled in (measure/runner.py, COMMAND_PLACEHOLDERS)
     command: str = ""
