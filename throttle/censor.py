@@ -157,6 +157,11 @@ class Censor:
         egress interface (shaped), made from the engine's bucket the first time it is used."""
         if isinstance(bucket, WindowMeter):
             return None  # the kernel has token buckets only: the engine keeps metering this flow (§1.11)
+        if isinstance(bucket, Shaper) and bucket.burst < fastpath.MIN_BURST:
+            # HTB's classes are given at least a full packet of burst, so a smaller one (§2.17's
+            # crawl: 450 bytes, the first kilobyte at 5.6 s) would let the first packet through at
+            # once. The engine's shaper holds it as modelled; such flows are slow by definition.
+            return None
         table = self._classes if isinstance(bucket, Shaper) else self._slots
         slot, new = table.acquire(bucket)
         if slot is None:

@@ -60,6 +60,7 @@ Address = Union[bytes, str, ipaddress.IPv4Address, ipaddress.IPv6Address]  # pac
 TC_H_CLSACT_INGRESS = 0xFFFFFFF2  # parent "ffff:fff2"
 TC_H_CLSACT_EGRESS = 0xFFFFFFF3
 FILTER_NAME = "throttle-fastpath"
+MIN_BURST = 1600  # an HTB class's smallest burst: a full-size packet and its framing
 NO_MAC = bytes(6)  # a flow entry without MACs: bridged, the frame goes out unchanged
 FILTER_PRIO = 1  # evaluated before any other ingress filter
 FILTER_HANDLE = 0x7A57
@@ -503,7 +504,7 @@ class FastPath:
 
         def work(ipr: Any) -> None:
             ipr.tc("replace-class", "htb", index=index, handle=classid, parent=HTB_MAJOR << 16, rate=bits,
-                   ceil=bits, burst=max(burst, 1600), cburst=max(burst, 1600), quantum=1514)
+                   ceil=bits, burst=max(burst, MIN_BURST), cburst=max(burst, MIN_BURST), quantum=1514)
             ipr.tc("replace", "pfifo", index=index, handle=minor << 16, parent=classid, limit=max(2, -(-limit // 1500)))
 
         self._rtnl(work)
