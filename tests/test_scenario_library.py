@@ -43,7 +43,7 @@ LIMITING = (Verdict.DROP, Verdict.HOLD)
 EXPECTED_FILES = {
     "media-upload", "tcp-16-20-2025", "tele2-3g-shaper", "turkey-2022", "twitter-2021-03-10",
     "twitter-2021-04-02", "twitter-2021-evasions", "twitter-2022-03", "twitter-2022-03-04", "youtube-2024",
-    "russia-2022-quic", "russia-2023-quic-sni", "ech-2024", "browser-chromium",
+    "russia-2022-quic", "russia-2023-quic-sni", "ech-2024", "browser-chromium", "kazakhstan-2023",
 }
 
 
