@@ -211,3 +211,15 @@ def test_own_probes_are_replaced() -> None:
     scen = scenario("twitter-2021-03-10")
     plan = plan_scenario(scen)
     assert not {p.name for p in scen.probes} & {p.name for p in plan.scenario.probes}
+
+
+def test_cli_lists_models_it_cannot_test_with_the_reason_and_runs_nothing() -> None:
+    result = subprocess.run([sys.executable, "-m", "throttle", "evasions", "ech-2024", "tele2-3g-shaper", "--lab",
+                             "evmnone", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [m["scenario"] for m in data["models"]] == ["ech-2024", "tele2-3g-shaper"]
+    assert "needs an ECH extension" in data["models"][0]["notes"][0]
+    assert "matches by address" in data["models"][1]["notes"][0]
+    assert all(cell is None for by in data["matrix"].values() for cell in by.values())
+    assert "n/a" in result.stderr and "Evasion matrix" in result.stderr  # the table goes to stderr with --json

@@ -57,8 +57,10 @@ def evasions(
     from throttle.measure.evasions import Plan, run_matrix
 
     progress = Progress("throttle evasions")
+    current = [""]  # the scenario running, for the phase lines
 
     def started(scen: Scenario, plan: Plan) -> None:
+        current[0] = scen.name
         progress.title = f"{scen.name}: the evasion tricks"
         progress.runs = []
         if plan.note:
@@ -70,7 +72,7 @@ def evasions(
             progress.phase(f"{scen.name}: nothing to run")
 
     def phase(text: str) -> None:
-        progress.phase(f"{progress.title.split(':')[0]}: {text}")
+        progress.phase(f"{current[0]}: {text}")
 
     with progress.shown():
         matrix = run_matrix(scens, lab_name=lab_name, on_start=started, on_update=progress.update, on_phase=phase)

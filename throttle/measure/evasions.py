@@ -99,16 +99,37 @@ def _uploads_limited(rule: Rule) -> bool:
     return rule.direction in ("upload", "both")
 
 
+def _unfit(rule: Rule) -> str:
+    """Why the raw client's upload cannot trigger `rule` ("" when it can)."""
+    if not rule.patterns:
+        return "matches by address, not by name"
+    if rule.transport == "udp":
+        return "is QUIC only"
+    if rule.ech is True:
+        return "needs an ECH extension"
+    if not _uploads_limited(rule):
+        return "limits downloads only"
+    if rule.ports and SINK_PORT not in rule.ports:
+        return f"is for ports {', '.join(map(str, rule.ports))}"
+    return ""
+
+
 def tls_rule(scenario: Scenario) -> Rule | None:
     """The first rule a TLS SNI over TCP triggers on uploads to the lab's sink port: what the raw
     client can test."""
     if "tls" not in scenario.model.name_sources:
         return None
-    for rule in scenario.rules:
-        if (rule.patterns and rule.transport in ("any", "tcp") and rule.ech is not True and _uploads_limited(rule)
-                and (not rule.ports or SINK_PORT in rule.ports)):
-            return rule
-    return None
+    return next((rule for rule in scenario.rules if not _unfit(rule)), None)
+
+
+def no_tls_rule(scenario: Scenario) -> str:
+    """Why no rule of the scenario is one the built-in tricks can aim at."""
+    if "tls" not in scenario.model.name_sources:
+        why = "its model's name_sources has no tls"
+    else:
+        why = "; ".join(f"rule {rule.name} {_unfit(rule)}" for rule in scenario.rules) or "it has no rules"
+    return (f"no rule of {scenario.name} is triggered by the SNI of a TLS ClientHello uploaded over TCP ({why}), "
+            "so the built-in tricks have nothing to evade")
 
 
 def _name_for(text: str) -> str | None:
@@ -188,10 +209,7 @@ def plan_scenario(scenario: Scenario) -> Plan:
     tricks: dict[str, str] = {}
     size = 0
     if rule is None:
-        note = (f"no rule of {scenario.name} is triggered by the SNI of a TLS ClientHello over TCP on uploads "
-                f"to port {SINK_PORT} (name_sources has no tls, or every rule is QUIC-only, download-only, ECH-only, "
-                "address-only or for other ports), "
-                "so the built-in tricks have nothing to evade")
+        note = no_tls_rule(scenario)
     else:
         host = pick_host(scenario, rule)
         if host is None:
