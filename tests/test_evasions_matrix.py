@@ -223,3 +223,25 @@ def test_cli_lists_models_it_cannot_test_with_the_reason_and_runs_nothing() -> N
     assert "matches by address" in data["models"][1]["notes"][0]
     assert all(cell is None for by in data["matrix"].values() for cell in by.values())
     assert "n/a" in result.stderr and "Evasion matrix" in result.stderr  # the table goes to stderr with --json
+
+
+def test_a_sticky_model_runs_each_probe_with_a_censor_of_its_own() -> None:
+    from throttle.measure.evasions import merge_reports
+
+    scen = scenario("turkey-2022")
+    plan = plan_scenario(scen)
+    assert plan.isolate and any(r.sticky > 0 for r in scen.rules)
+    parts = plan.runs()
+    assert len(parts) == len(EVASIONS)
+    for part, trick in zip(parts, EVASIONS):
+        assert [p.name for p in part.probes] == [CONTROL_NAME, f"evasion-{trick}"]
+        assert part.path == scen.path and part.rules == scen.rules
+    reports = [fake_report(part, {f"evasion-{t}": CAUGHT} if t in ("none", "fake") else {})
+               for part, t in zip(parts, EVASIONS)]
+    merged = merge_reports(reports)
+    assert [r.probe.name for r in merged.runs] == [CONTROL_NAME] + [f"evasion-{t}" for t in EVASIONS]
+    column = build_column(scen, plan, merged)
+    assert {t: c.outcome for t, c in column.cells.items()} == EXPECTED_2021
+    assert any("censor of its own" in n for n in column.notes)
+    whole = plan_scenario(scenario("twitter-2021-03-10"))
+    assert not whole.isolate and whole.runs() == [whole.scenario]

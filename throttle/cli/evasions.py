@@ -72,7 +72,7 @@ def evasions(
             progress.phase(f"{scen.name}: nothing to run")
 
     def phase(text: str) -> None:
-        progress.phase(f"{current[0]}: {text}")
+        progress.phase(f"{current[0]}: {text}" if current[0] else text)
 
     with progress.shown():
         matrix = run_matrix(scens, lab_name=lab_name, on_start=started, on_update=progress.update, on_phase=phase)

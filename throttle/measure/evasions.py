@@ -198,6 +198,21 @@ class Plan:
     def runnable(self) -> bool:
         return any(not p.control for p in self.scenario.probes)
 
+    @property
+    def isolate(self) -> bool:
+        """Whether each probe needs a censor of its own: a sticky rule's mark (§2.20) would slow
+        every probe after the first caught one, whatever its trick."""
+        return any(rule.sticky > 0 for rule in self.scenario.rules)
+
+    def runs(self) -> list[Scenario]:
+        """The scenarios to run, one censor each: the whole plan at once, or (`isolate`) the
+        controls with one probe at a time."""
+        if not self.isolate:
+            return [self.scenario]
+        controls = tuple(p for p in self.scenario.probes if p.control)
+        return [dataclasses.replace(self.scenario, probes=controls + (p,))
+                for p in self.scenario.probes if not p.control]
+
 
 def plan_scenario(scenario: Scenario) -> Plan:
     """The probes of `scenario`'s column: the built-in tricks (with a control) when a rule is
@@ -339,9 +354,9 @@ def build_column(scenario: Scenario, plan: Plan, report: RunReport | None) -> Co
     if base is not None and base.outcome == "evaded":
         column.notes.append(f"the undisguised hello for {plan.host} was not caught, so no trick here had "
                             "anything to evade: 'evaded' means nothing in this column")
-    if plan.rule is not None and plan.rule.sticky > 0:
-        column.notes.append(f"rule {plan.rule.name} is sticky ({plan.rule.sticky:g} s): a caught probe marks the "
-                            "server address, so probes after it are slowed whatever their trick")
+    if plan.isolate:
+        column.notes.append("a rule is sticky (a caught flow marks the server address, §2.20), so each probe ran "
+                            "with a censor of its own (and the controls again): no probe's mark slowed another")
     return column
 
 
@@ -378,20 +393,47 @@ class Matrix:
         }
 
 
+def merge_reports(reports: Sequence[RunReport]) -> RunReport:
+    """One report of a plan run piecewise (`Plan.isolate`): the first run's controls, every run's
+    other probes; the fastest control speed; the times added up."""
+    first = reports[0]
+    runs = [r for r in first.runs if r.probe.control]
+    runs += [r for report in reports for r in report.runs if not r.probe.control]
+    speeds = [report.control_speed for report in reports if report.control_speed is not None]
+    return RunReport(first.scenario, first.path, runs, first.rate, max(speeds) if speeds else None, first.started,
+                     sum(report.seconds for report in reports))
+
+
 def run_matrix(scenarios: Sequence[Scenario], *, lab_name: str = "throttle",
                on_start: Callable[[Scenario, Plan], None] | None = None,
                on_update: Callable[[list[ProbeRun]], None] | None = None,
                on_phase: Callable[[str], None] | None = None) -> Matrix:
-    """Each scenario's plan run in the lab, one after another; the matrix of outcomes."""
+    """Each scenario's plan run in one lab (brought up for the matrix unless it was up, and taken
+    down afterwards then), one scenario after another, a censor started for each run; the matrix."""
+    from throttle.lab.topology import Lab
     from throttle.measure.runner import run_scenario
 
+    plans = [(scenario, plan_scenario(scenario)) for scenario in scenarios]
+    phase = on_phase or (lambda text: None)
+    lab = Lab(lab_name)
+    was_up = False
+    if any(plan.runnable for _, plan in plans):
+        was_up = lab.status().up
+        phase(f"reusing the running lab {lab_name}" if was_up else f"bringing the lab {lab_name} up")
+        lab.up(sorted({p.host for _, plan in plans for p in plan.scenario.probes}))
     columns: list[Column] = []
-    for scenario in scenarios:
-        plan = plan_scenario(scenario)
-        if on_start is not None:
-            on_start(scenario, plan)
-        report = None
-        if plan.runnable:
-            report = run_scenario(plan.scenario, lab_name=lab_name, on_update=on_update, on_phase=on_phase)
-        columns.append(build_column(scenario, plan, report))
+    try:
+        for scenario, plan in plans:
+            if on_start is not None:
+                on_start(scenario, plan)
+            report = None
+            if plan.runnable:
+                parts = [run_scenario(part, lab_name=lab_name, on_update=on_update, on_phase=on_phase)
+                         for part in plan.runs()]
+                report = merge_reports(parts)
+            columns.append(build_column(scenario, plan, report))
+    finally:
+        if not was_up and any(plan.runnable for _, plan in plans):
+            phase(f"taking the lab {lab_name} down")
+            lab.down()
     return Matrix(columns)
