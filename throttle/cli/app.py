@@ -18,6 +18,7 @@ from throttle.cli.censor import censor
 from throttle.cli.classify import classify
 from throttle.cli.cleanup import cleanup
 from throttle.cli.demo import demo
+from throttle.cli.evasions import evasions
 from throttle.cli.lab import lab_app
 from throttle.cli.run import bench, run
 from throttle.cli.scenarios import scenarios_app
@@ -35,6 +36,7 @@ app.command()(classify)
 app.command()(censor)
 app.command()(run)
 app.command()(bench)
+app.command()(evasions)
 app.add_typer(scenarios_app, name="scenarios", context_settings=HELP)
 app.command()(demo)
 app.add_typer(lab_app, name="lab", context_settings=HELP)

@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen first)
 from matplotlib.axes import Axes  # noqa: E402
 
-__all__ = ["plot_drops", "plot_speeds", "plot_throughput"]
+__all__ = ["plot_drops", "plot_evasion_matrix", "plot_speeds", "plot_throughput"]
 
 BIN = 0.1
 FLOOR = 1.0  # kbit/s: where an empty bin is drawn on the log axis
@@ -140,6 +140,47 @@ def plot_drops(path: Path, scenario: str, flow: Flow) -> None:
     labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
     ax.legend(handles, labels, loc="upper left", fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+OUTCOME_COLOURS = {"evaded": "#27ae60", "caught": THROTTLED, "broke": "#e67e22", "lab": "#222222"}
+EMPTY = "#dddddd"
+
+
+def plot_evasion_matrix(path: Path, rows: Sequence[str], columns: Sequence[str],
+                        cells: dict[tuple[str, str], tuple[str, str, bool]]) -> None:
+    """`throttle evasions --plot`: a trick x model grid, each cell coloured by its outcome (evaded,
+    caught, broke, lab) and labelled with it and the measured speed; a cell that contradicts
+    docs/incidents.md §1.7 gets a thick black frame. `cells` maps (row, column) to (outcome, label,
+    mismatch); a missing cell is drawn grey (not run for that model)."""
+    from matplotlib.patches import Patch, Rectangle
+
+    fig, ax = plt.subplots(figsize=(2.0 + 2.6 * len(columns), 1.2 + 0.75 * len(rows)))
+    for y, row in enumerate(rows):
+        for x, column in enumerate(columns):
+            outcome, label, mismatch = cells.get((row, column), ("", "n/a", False))
+            colour = OUTCOME_COLOURS.get(outcome, EMPTY)
+            ax.add_patch(Rectangle((x, y), 1, 1, facecolor=colour, edgecolor="black" if mismatch else "white",
+                                   linewidth=3.0 if mismatch else 1.5))
+            ax.text(x + 0.5, y + 0.5, label, ha="center", va="center", fontsize=8,
+                    color="white" if outcome in ("caught", "lab") else "black")
+    ax.set_xlim(0, len(columns))
+    ax.set_ylim(len(rows), 0)
+    ax.set_xticks([x + 0.5 for x in range(len(columns))])
+    ax.set_xticklabels(list(columns), fontsize=9)
+    ax.xaxis.tick_top()
+    ax.set_yticks([y + 0.5 for y in range(len(rows))])
+    ax.set_yticklabels(list(rows), fontsize=9)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    handles = [Patch(facecolor=c, label=k) for k, c in OUTCOME_COLOURS.items() if k != "lab"]
+    handles.append(Patch(facecolor="white", edgecolor="black", linewidth=2.5, label="contradicts §1.7"))
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=len(handles), fontsize=8,
+              frameon=False)
+    ax.set_title("evasion matrix: trick x censor model (docs/incidents.md §1.7)", fontsize=10, pad=28)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,0 +1,54 @@
+"""`throttle evasions` as a user runs it, against the 2021 device and a reassembling model.
+
+One lab (`evmtest`) serves both models and is always taken down. The outcomes are the runner's
+verdicts (judged by speed against the control), read from the JSON; nothing here times anything.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import lab_session
+
+pytestmark = pytest.mark.netns
+
+ROOT = Path(__file__).resolve().parents[2]
+LAB = "evmtest"
+OLD, NEW = "twitter-2021-03-10", "media-upload"
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[object]:
+    yield from lab_session(LAB, [])
+
+
+def test_the_matrix_of_the_2021_device_and_a_reassembling_model(lab: object, tmp_path: Path) -> None:
+    out, png = tmp_path / "matrix.json", tmp_path / "matrix.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "throttle", "evasions", OLD, NEW, "--lab", LAB, "-o", str(out), "--plot", str(png)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )
+    print(result.stdout)
+    assert out.exists(), result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["lab_failures"] == [], data["lab_failures"]
+    assert [m["scenario"] for m in data["models"]] == [OLD, NEW]
+    assert all(m["control_observed"] == "normal" for m in data["models"])
+    cells = {(row, model): cell["outcome"] for row, by in data["matrix"].items() for model, cell in by.items()}
+    # The 2021 device does what docs/incidents.md §1.7 reports, trick by trick.
+    assert data["mismatches_2021"] == []
+    for trick, expected in data["expected_2021"]["outcomes"].items():
+        assert cells[(trick, OLD)] == expected, (trick, data["matrix"][trick][OLD])
+    assert cells[("split", OLD)] == "evaded" and cells[("none", OLD)] == "caught"
+    # A reassembling device that strips the trailing dot catches what the 2021 one missed (§1.8).
+    for trick in ("none", "split", "pad", "dot", "fake"):
+        assert cells[(trick, NEW)] == "caught", (trick, data["matrix"][trick][NEW])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Evasion matrix" in result.stdout and "§1.7" in result.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
