@@ -42,6 +42,20 @@ def test_incomplete_is_blocked_and_controls_judge_by_rate() -> None:
     assert judge(run_of(1e6, control=True), RATE, 1e6) == "normal"
 
 
+def test_controls_are_judged_against_their_no_censor_baseline() -> None:
+    """twitter-2022-03's rate is 187.5 B/s: by the rate alone a control at 2 KB/s (4 x slower than
+    a dial-up modem) would read as normal. Against its own speed with no censor it is throttled."""
+    slow_rate = 187.5
+    control = run_of(2000.0, control=True)
+    assert judge(control, slow_rate, None) == "normal"  # no baseline: the rate alone
+    control.baseline = 8e6
+    assert judge(control, slow_rate, None) == "throttled"  # 4,000 x slower than with no censor
+    control.baseline = 150000.0
+    assert judge(control, slow_rate, None) == "normal"  # 75 x: inspection's cost on a busy machine
+    assert judge(run_of(1000.0, control=True), 16250.0, None) == "throttled"  # below 3 x the rate
+    assert judge(run_of(2000.0, control=True, completed=False), slow_rate, None) == "blocked"
+
+
 def test_reference_rate_and_timeouts() -> None:
     s = load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml")
     assert reference_rate(s) == RATE

@@ -90,19 +90,27 @@ def check_failures(report: RunReport) -> list[str]:
     return [f"{r.probe.name}: {failure}" for r in report.runs for failure in r.check_failures]
 
 
+def _baselines(report: RunReport) -> str:
+    """How the controls were judged: against themselves with no censor, when measured."""
+    shown = [f"{r.probe.name} {format_rate(r.baseline)}" for r in report.runs if r.probe.control and r.baseline]
+    if not shown:
+        return ""
+    return f" Controls are also throttled when 100 x slower than with no censor ({', '.join(shown)})."
+
+
 def footnote(report: RunReport) -> str:
     control = format_rate(report.control_speed) if report.control_speed else "none"
     rates = sorted({r.rate for r in report.runs if r.rate > 0} or {report.rate})
     if rates[0] <= 0:  # rules that drop or freeze only
         return (f"no rule here slows a flow (they drop); blocked = stalled until its timeout, or reset (control "
-                f"{control}). {report.seconds:.0f} s in all.")
+                f"{control}).{_baselines(report)} {report.seconds:.0f} s in all.")
     if len(rates) > 1:  # rules of different rates (youtube-2024: TCP and QUIC)
         below = f"below 3 x its rule's rate ({', '.join(format_rate(r) for r in rates)})"
     else:
         below = f"below {format_rate(3 * rates[0])} (3 x the scenario's {format_rate(rates[0])})"
     return (f"throttled = {below} and 10 x slower than the control ({control}; QUIC probes against QUIC "
-            f"controls when there are some); blocked = not done: stalled until its timeout, or reset. "
-            f"{report.seconds:.0f} s in all.")
+            f"controls when there are some); blocked = not done: stalled until its timeout, or reset."
+            f"{_baselines(report)} {report.seconds:.0f} s in all.")
 
 
 class Progress:

@@ -48,6 +48,11 @@ from throttle.scenario import Probe, Scenario, probe_rule
 
 SPEED_FACTOR = 3.0  # a throttled probe is below 3 x the scenario's rate ...
 CONTROL_FACTOR = 10.0  # ... and at least 10 x slower than the control (§23)
+# A control is throttled below 3 x the rate, or 100 x slower than itself with no censor. Not 10 x:
+# inspection costs a small transfer's first packets a trip through Python (measured, 64 KB on an
+# idle machine: 301 Mbit/s alone, 76 Mbit/s through the censor), which a busy machine multiplies.
+# Any rule's rate (kbit/s) is still thousands of times below a baseline of hundreds of Mbit/s.
+BASELINE_FACTOR = 100.0
 SINK_PORT = 8443
 SPEED_WINDOW = 4.0  # seconds the live speed is averaged over
 PORT_BASE = 31000  # probe i uses client ports PORT_BASE + 10 i ... + 9, so `ss` can find it
@@ -158,6 +163,7 @@ class ProbeRun:
     tcp_received: int = 0  # TCP payload bytes the client's socket received (ss), downloads over TCP
     observed_handshake: str = ""  # slow or normal, when the probe expects one
     check_failures: list[str] = field(default_factory=list)  # freeze_bytes, expect_handshake
+    baseline: float | None = None  # a control's speed (bytes/s) with no censor running, when measured
 
     @property
     def stalled_bytes(self) -> int | None:
@@ -218,6 +224,7 @@ class RunReport:
                     "stalled_bytes": r.stalled_bytes,
                     "expected_freeze_bytes": list(r.probe.freeze_bytes) if r.probe.freeze_bytes else None,
                     "check_failures": r.check_failures,
+                    "baseline_speed_bytes_per_second": None if r.baseline is None else round(r.baseline, 1),
                 }
                 for r in self.runs
             ],
@@ -238,8 +245,9 @@ def judge(run: ProbeRun, rate: float, control_speed: float | None) -> str:
     if rate <= 0:  # rules that only freeze (rate 0, §19) block flows; they cannot slow one
         return "normal"
     below_rate = run.speed < SPEED_FACTOR * rate
-    if run.probe.control:  # the control is judged by the rate alone
-        return "throttled" if below_rate else "normal"
+    if run.probe.control:  # by the rate, and against itself with no censor (when measured)
+        far_below_baseline = run.baseline is not None and run.speed < run.baseline / BASELINE_FACTOR
+        return "throttled" if below_rate or far_below_baseline else "normal"
     below_control = control_speed is None or run.speed < control_speed / CONTROL_FACTOR
     return "throttled" if below_rate and below_control else "normal"
 
@@ -565,6 +573,18 @@ class Runner:
             self.on_update(self.runs)
 
     # ---- running ------------------------------------------------------------------------
+    def measure_baseline(self) -> None:
+        """Run every control once before the censor starts, and keep its speed: a control is then
+        judged against itself with no censor (normal unless 10 x slower), not against the rules'
+        rate, which a broken path to an unlimited name could still beat. Ephemeral ports, so that
+        captures and `ss` polls of the probes' own ports never see these transfers."""
+        for run in self.runs:
+            if run.probe.control:
+                alone = ProbeRun(run.probe)
+                self.run_probe(alone, fixed_port=False)
+                if alone.completed and alone.speed > 0:
+                    run.baseline = alone.speed
+
     def run_probe(self, run: ProbeRun, fixed_port: bool = True) -> None:
         probe = run.probe
         timeout = default_timeout(probe, self.rate_for(probe))
@@ -810,8 +830,10 @@ class CensorProcess(Background):
 
 def run_scenario(scenario: Scenario, *, lab_name: str = "throttle", keep: bool = False,
                  on_update: Callable[[list[ProbeRun]], None] | None = None,
-                 on_phase: Callable[[str], None] | None = None, busy_controls: bool = False) -> RunReport:
-    """Lab up (or reused), censor on, probes, censor off, lab down unless kept or already up."""
+                 on_phase: Callable[[str], None] | None = None, busy_controls: bool = False,
+                 baseline: bool = True) -> RunReport:
+    """Lab up (or reused), the controls alone (their no-censor baseline), censor on, probes,
+    censor off, lab down unless kept or already up."""
     if not scenario.probes:
         raise ThrottleError(f"{scenario.path}: no [[probe]] tables; `throttle run` needs traffic to try")
     if not any(p.control for p in scenario.probes):
@@ -823,10 +845,14 @@ def run_scenario(scenario: Scenario, *, lab_name: str = "throttle", keep: bool =
     lab.up(sorted({p.host for p in scenario.probes}))
     try:
         with tempfile.TemporaryDirectory(prefix="throttle-run-") as tmp:
+            runner = Runner(scenario, lab, Path(tmp), on_update, busy_controls)
+            if baseline:
+                phase("measuring the controls without the censor (their baseline)")
+                runner.measure_baseline()
             phase(f"starting the censor with {scenario.name}")
             with CensorProcess(scenario.path, lab.ns("censor")):
                 phase("running the probes")
-                report = Runner(scenario, lab, Path(tmp), on_update, busy_controls).run()
+                report = runner.run()
             if lab.status().labserver is None:  # its probes failed for the lab's sake, not the censor's
                 raise ThrottleError(f"the lab server of lab {lab.name} stopped during the run, so its probes say "
                                     f"nothing about the censor (its log: {lab.state_dir / 'labserver.log'}); "
