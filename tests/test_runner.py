@@ -254,17 +254,21 @@ def test_handshake_expectations() -> None:
     assert fine.passed is False  # observed is unset: the outcome is judged separately
 
 
-def test_probe_keys_load(tmp_path: Path) -> None:
-    def scenario(probe: str) -> Path:
-        path = tmp_path / "s.toml"
-        path.write_text(f'[scenario]\nname = "s"\n[[rule]]\nname = "r"\nmatch = ["a.example"]\nrate = "130kbit"\n'
-                            f'[[probe]]\n{probe}\n')
-        return path
+def one_probe_scenario(tmp_path: Path, probe: str) -> Path:
+    """A scenario file with one rule for a.example and one probe of a.example with these keys."""
+    path = tmp_path / "s.toml"
+    path.write_text(f'[scenario]\nname = "s"\n[[rule]]\nname = "r"\nmatch = ["a.example"]\nrate = "130kbit"\n'
+                    f'[[probe]]\nhost = "a.example"\n{probe}\n')
+    return path
 
-    s = load_scenario(scenario('host = "a.example"\nexpect = "blocked"\nfreeze_bytes = ["15KB", "20KB"]'))
+
+def test_probe_keys_load(tmp_path: Path) -> None:
+    s = load_scenario(one_probe_scenario(tmp_path, 'expect = "blocked"\nfreeze_bytes = ["15KB", "20KB"]'))
     assert s.probes[0].freeze_bytes == (15 * 1024, 20 * 1024)
-    s = load_scenario(scenario('host = "a.example"\nexpect_handshake = "slow"'))
+    s = load_scenario(one_probe_scenario(tmp_path, 'expect_handshake = "slow"'))
     assert s.probes[0].expect_handshake == "slow"
+    s = load_scenario(one_probe_scenario(tmp_path, 'expect = "blocked"\nblocked_by = "reset"'))
+    assert s.probes[0].blocked_by == "reset"
     for bad, says in [
         ('freeze_bytes = ["20KB", "15KB"]\nexpect = "blocked"', "smaller first"),
         ('freeze_bytes = ["15KB"]\nexpect = "blocked"', "range of two"),
@@ -272,9 +276,21 @@ def test_probe_keys_load(tmp_path: Path) -> None:
         ('expect_handshake = "quick"', "slow"),
         ('expect_handshake = "slow"\nprotocol = "tls"', "https"),
         ('expect_handshake = "slow"\ncontrol = true', "control"),
+        ('blocked_by = "reset"', 'expect = "blocked"'),
+        ('expect = "blocked"\nblocked_by = "rst"', "reset"),
     ]:
         with pytest.raises(ScenarioError, match=says):
-            load_scenario(scenario(f'host = "a.example"\n{bad}'))
+            load_scenario(one_probe_scenario(tmp_path, bad))
+
+
+def test_blocked_by_checks_how_a_probe_was_stopped() -> None:
+    probe = Probe(name="b", host="h", expect="blocked", blocked_by="reset")
+    reset = ProbeRun(probe)
+    reset.cause = "reset"
+    assert check_expectations(reset, None) == []
+    stalled = ProbeRun(probe)
+    stalled.cause = "timeout"
+    assert check_expectations(stalled, None) == ["blocked_by: expected a reset, but the probe ended by timeout"]
 
 
 # ---- command probes --------------------------------------------------------------------------
@@ -337,10 +353,7 @@ def test_other_commands_failing_are_lab_failures() -> None:
 
 def test_command_keys_load(tmp_path: Path) -> None:
     def scenario(probe: str) -> Path:
-        path = tmp_path / "s.toml"
-        path.write_text(f'[scenario]\nname = "s"\n[[rule]]\nname = "r"\nmatch = ["a.example"]\nrate = "130kbit"\n'
-                        f'[[probe]]\nhost = "a.example"\n{probe}\n')
-        return path
+        return one_probe_scenario(tmp_path, probe)
 
     s = load_scenario(scenario('protocol = "command"\ncommand = "curl -T {file} {url}"\nwrap = "proxy {port}"'))
     assert s.probes[0].command == "curl -T {file} {url}" and s.probes[0].wrap == "proxy {port}"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,14 +30,15 @@ def throttle(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[st
                           timeout=timeout)
 
 
-SCENARIO = """
-[scenario]
-name = "probe-causes"
+RULE = """
 sources = ["docs/incidents.md §3.22"]
 [[rule]]
 name = "twimg"
 match = ["*.twimg.com"]
 rate = "130kbit"
+"""
+
+SCENARIO = '[scenario]\nname = "probe-causes"' + RULE + """
 [[probe]]
 name = "control"
 host = "example.org"
@@ -56,14 +58,19 @@ timeout = "10s"
 """
 
 
-def test_a_refused_connection_fails_the_run_naming_it(lab: object, tmp_path: Path) -> None:
-    path = tmp_path / "causes.toml"
-    path.write_text(SCENARIO)
+def run_text(text: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """`throttle run` of a scenario given as text, in the module's lab; its result and JSON report."""
+    path = tmp_path / "scenario.toml"
+    path.write_text(text)
     out = tmp_path / "run.json"
     result = throttle("run", str(path), "--lab", LAB, "--keep", "-o", str(out))
+    return result, json.loads(out.read_text())
+
+
+def test_a_refused_connection_fails_the_run_naming_it(lab: object, tmp_path: Path) -> None:
+    result, report = run_text(SCENARIO, tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "say nothing about the censor" in result.stderr and "refused:" in result.stderr
-    report = json.loads(out.read_text())
     by_name = {p["name"]: p for p in report["probes"]}
     assert by_name["refused"]["cause"] == "lab" and by_name["refused"]["observed"] == "error"
     assert by_name["control"]["cause"] == "completed" and by_name["control"]["handshake_seconds"] > 0
@@ -77,14 +84,7 @@ def test_lab_exec_runs_with_the_labs_dns_and_ca(lab: object) -> None:
     assert throttle("lab", "exec", "--lab", LAB, "--", "sh", "-c", "exit 7", timeout=60).returncode == 7
 
 
-COMMANDS = """
-[scenario]
-name = "probe-commands"
-sources = ["docs/incidents.md §3.22"]
-[[rule]]
-name = "twimg"
-match = ["*.twimg.com"]
-rate = "130kbit"
+COMMANDS = '[scenario]\nname = "probe-commands"' + RULE + """
 [[probe]]
 name = "control"
 host = "example.org"
@@ -126,11 +126,7 @@ expect = "normal"
 
 
 def test_command_probes_judged_by_the_servers_count_and_wraps_always_stopped(lab: object, tmp_path: Path) -> None:
-    path = tmp_path / "commands.toml"
-    path.write_text(COMMANDS)
-    out = tmp_path / "run.json"
-    result = throttle("run", str(path), "--lab", LAB, "--keep", "-o", str(out))
-    report = json.loads(out.read_text())
+    result, report = run_text(COMMANDS, tmp_path)
     by_name = {p["name"]: p for p in report["probes"]}
     for name in ("control", "upload-throttled", "download", "wrapped"):
         assert by_name[name]["passed"], (by_name[name], result.stderr[-2000:])

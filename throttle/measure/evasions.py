@@ -95,10 +95,6 @@ def outcome(verdict: str, cause: str, rule: Rule | None) -> Outcome | None:
     return "broke"
 
 
-def _uploads_limited(rule: Rule) -> bool:
-    return rule.direction in ("upload", "both")
-
-
 def _unfit(rule: Rule) -> str:
     """Why the raw client's upload cannot trigger `rule` ("" when it can)."""
     if not rule.patterns:
@@ -107,7 +103,7 @@ def _unfit(rule: Rule) -> str:
         return "is QUIC only"
     if rule.ech is True:
         return "needs an ECH extension"
-    if not _uploads_limited(rule):
+    if rule.direction not in ("upload", "both"):
         return "limits downloads only"
     if rule.ports and SINK_PORT not in rule.ports:
         return f"is for ports {', '.join(map(str, rule.ports))}"
@@ -171,8 +167,7 @@ def pick_control(scenario: Scenario) -> str:
 def probe_size(rule: Rule) -> int:
     """Upload bytes for a trick probe: past the rule's after_bytes and burst, then long enough at
     its rate that a throttled transfer is far below a normal one (at least MIN_SIZE), in KB."""
-    rate = rule.rate if rule.rate > 0 else 0.0
-    size = rule.after_bytes + rule.burst + rate * THROTTLED_SECONDS
+    size = rule.after_bytes + rule.burst + rule.rate * THROTTLED_SECONDS
     return max(MIN_SIZE, 1024 * math.ceil(size / 1024))
 
 
