@@ -69,8 +69,8 @@ def _expand_label(secret: bytes, label: bytes, length: int) -> bytes:
 
 def client_keys(version: int, dcid: bytes) -> tuple[bytes, bytes, bytes]:
     """(key, iv, hp) of the client's Initial packets."""
-    import hmac
     import hashlib
+    import hmac
 
     initial = hmac.new(SALT[version], dcid, hashlib.sha256).digest()  # HKDF-Extract
     client = _expand_label(initial, b"client in", 32)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import zlib
-
 import csv
 import json
+import zlib
 from pathlib import Path
 
 import pytest

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from throttle.engine.offline import classify_file
 from throttle.scenario import load_scenario
 
-ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "tests" / "vectors"
 DEMO = ROOT / "throttle" / "data" / "demo.pcap"
 

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.dns import DNS, DNSQR, DNSRR  # type: ignore[import-untyped]
 
+from tests.conftest import ROOT
 from throttle.engine import Engine, FlowDecided, FlowEnded, Limited, State, Verdict
 from throttle.scenario import load_scenario, parse_scenario
 
 from .packets import Conversation, python_hello, udp
 
-ROOT = Path(__file__).resolve().parent.parent
 DAY_ONE = load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml")
 FIXED = load_scenario(ROOT / "scenarios/twitter-2021-04-02.toml")
 MEDIA = load_scenario(ROOT / "scenarios/media-upload.toml")

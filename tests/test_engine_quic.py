@@ -4,8 +4,6 @@ client (aioquic); the clock is literal."""
 
 from __future__ import annotations
 
-import dataclasses
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -161,8 +159,8 @@ def test_ech_rule_needs_both_the_name_and_the_extension() -> None:
 
 
 def test_dns_is_still_read_when_quic_is_inspected() -> None:
-    from scapy.layers.dns import DNS, DNSQR, DNSRR  # type: ignore[import-untyped]
     from scapy.all import raw  # type: ignore[import-untyped]
+    from scapy.layers.dns import DNS, DNSQR, DNSRR  # type: ignore[import-untyped]
 
     s = scenario(VIDEO, sources='["tls", "quic", "dns"]')
     e = Engine(s.model, s.rules)

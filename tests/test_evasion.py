@@ -9,10 +9,10 @@ import random
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from throttle.engine import Engine, State, Verdict
 from throttle.errors import ThrottleError
 from throttle.lab.evasion import EVASIONS, FAKE_SNI, client_hello, plan, replace_sni, run, segment_count, sni_span
@@ -24,7 +24,6 @@ from throttle.wire.tls import TLSParseError, is_tls_record, parse_client_hello
 
 from .packets import Conversation
 
-ROOT = Path(__file__).resolve().parent.parent
 DAY_ONE = load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml")
 SNI = "pbs.twimg.com"
 MSS = 1460  # a 1,500-byte IPv4 link without TCP options

@@ -10,13 +10,22 @@ from pathlib import Path
 
 import pytest
 
-from throttle.measure.evasions import (CONTROL_NAME, EXPECTED_2021, MIN_SIZE, Matrix, build_column, is_2021_device,
-                                       outcome, plan_scenario, probe_size, tls_rule)
+from tests.conftest import ROOT
+from throttle.measure.evasions import (
+    CONTROL_NAME,
+    EXPECTED_2021,
+    MIN_SIZE,
+    Matrix,
+    build_column,
+    is_2021_device,
+    outcome,
+    plan_scenario,
+    probe_size,
+    tls_rule,
+)
 from throttle.measure.runner import ProbeRun, RunReport
 from throttle.scenario import EVASIONS, Rule, Scenario, compile_pattern, load_scenario, probe_rule
 from throttle.scenario.library import find_scenario
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def scenario(name: str) -> Scenario:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from throttle.engine import Engine, FlowEnded, Policer, ResetRequested, State, Verdict, WindowMeter
 from throttle.errors import ScenarioError
 from throttle.scenario import load_scenario, parse_scenario
 
 from .packets import Conversation, python_hello
 
-ROOT = Path(__file__).resolve().parent.parent
 DAY_ONE = load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml")
 
 # A Squid reply to CONNECT: 112 bytes, over the 2021 device's 101-byte give-up size (§1.5).

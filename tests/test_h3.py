@@ -13,12 +13,12 @@ from typing import Any, Callable
 
 import pytest
 
+from tests.conftest import ROOT
 from throttle.errors import ScenarioError
 from throttle.measure.runner import ProbeRun, Runner, quic_progress
 from throttle.scenario import Probe, load_scenario
 from throttle.scenario.load import parse_scenario
 
-ROOT = Path(__file__).resolve().parent.parent
 SERVER = ("198.18.1.2", 443)
 CLIENT = ("198.18.0.2", 40000)
 

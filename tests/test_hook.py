@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import ROOT
 from throttle.engine import Engine
 from throttle.errors import ThrottleError
 from throttle.kernel.firewall import DECIDED_MARK, Firewall
@@ -15,8 +15,6 @@ from throttle.kernel.nfqueue import Hook, check_requirements
 from throttle.scenario import Scenario, load_scenario, parse_scenario
 
 from .packets import Conversation, python_hello
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class FakePacket:

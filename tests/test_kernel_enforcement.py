@@ -7,6 +7,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from tests.conftest import ROOT
 from throttle.engine import DOWNLOAD, UPLOAD, Engine, Policer, State
 from throttle.kernel.fastpath import BUCKET, VALUE, BucketSlots
 from throttle.kernel.nfqueue import fail_open_request, queue_losses
@@ -14,7 +15,6 @@ from throttle.scenario import load_scenario, parse_scenario
 
 from .packets import Conversation, python_hello
 
-ROOT = Path(__file__).resolve().parent.parent
 DAY_ONE = ROOT / "scenarios/twitter-2021-03-10.toml"
 
 

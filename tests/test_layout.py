@@ -5,13 +5,14 @@ package that reads nothing of the repository by path."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
-import re
 import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
+
 PACKAGE = ROOT / "throttle"
 
 # Each layer may import itself and the layers listed after it, nothing else of throttle.

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from prometheus_client import generate_latest
 
+from tests.conftest import ROOT
 from throttle.engine import Engine
 from throttle.kernel.fastpath import Counters
 from throttle.measure.exporter import MAX_NAMES, Metrics
 from throttle.scenario import load_scenario
 
 from .packets import Conversation, python_hello
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def sample(m: Metrics, metric: str, **labels: str) -> float:

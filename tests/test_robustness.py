@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import ROOT
 from throttle.engine import Engine, State
 from throttle.errors import ScenarioError
 from throttle.lab.evasion.plans import replace_sni
@@ -110,7 +111,7 @@ def test_a_name_longer_than_any_dns_name_is_not_matched_but_counted() -> None:
 def _day_one():  # type: ignore[no-untyped-def]
     from throttle.scenario import load_scenario
 
-    s = load_scenario(Path(__file__).resolve().parent.parent / "scenarios/twitter-2021-03-10.toml")
+    s = load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml")
     return s.model, s.rules
 
 

@@ -7,13 +7,25 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from throttle.errors import ScenarioError
-from throttle.measure.runner import (ProbeRun, Runner, RunReport, check_expectations, classify_curl, classify_quic,
-                                     classify_raw, default_timeout, finish_command, handshake_verdict, judge, parse_result,
-                                     reference_rate)
+from throttle.measure.runner import (
+    ProbeRun,
+    Runner,
+    RunReport,
+    check_expectations,
+    classify_curl,
+    classify_quic,
+    classify_raw,
+    default_timeout,
+    finish_command,
+    handshake_verdict,
+    judge,
+    parse_result,
+    reference_rate,
+)
 from throttle.scenario import Probe, load_scenario
 
-ROOT = Path(__file__).resolve().parent.parent
 RATE = 16250.0
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from throttle.errors import ScenarioError
 from throttle.scenario import load_scenario, parse_scenario
 
-ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = sorted((ROOT / "scenarios").glob("*.toml"))
 
 GOOD_RULE = '[[rule]]\nmatch = ["*.twimg.com"]\nrate = "130kbit"\n'

@@ -15,19 +15,17 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from throttle.engine import Engine, Flow, State, Verdict
+from throttle.lab.evasion.plans import add_ech
 from throttle.scenario import Probe, Scenario, load_scenario
 from throttle.scenario.model import probe_rule
 
-from throttle.lab.evasion.plans import add_ech
-
 from .packets import Conversation, python_hello, quic_initials, udp
 
-ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = sorted((ROOT / "scenarios").glob("*.toml"))
 SCENARIOS = {p.stem: load_scenario(p) for p in BUNDLED}
 

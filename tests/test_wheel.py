@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
+
 VECTORS = ROOT / "tests" / "vectors"
 PIP_NET = ["--disable-pip-version-check", "--timeout", "30", "--retries", "2"]
 STEP_TIMEOUT = 900  # seconds for one pip step: generous, as a slow mirror may need it

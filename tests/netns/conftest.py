@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING, Iterator
 
 import pytest
 
+from tests.conftest import lab_name
+
 if TYPE_CHECKING:
     from throttle.lab.topology import Lab
 
-LAB_NAME = "labtest"  # never "throttle": that lab may be in use on this machine
+LAB_NAME = lab_name("labtest")  # never "throttle": that lab may be in use on this machine
 TOOLS = {"ip": "iproute2", "ethtool": "ethtool", "dnsmasq": "dnsmasq-base", "curl": "curl"}
 SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin:/bin"
 
@@ -51,7 +53,6 @@ def lab() -> Iterator[Lab]:
         yield lab
     finally:
         lab.down()
-
 
 
 @contextmanager

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT, lab_name
+
 from .conftest import require_lab_prerequisites
 
 pytestmark = pytest.mark.netns
 
-ROOT = Path(__file__).resolve().parents[2]
-LAB = "bench5"
+LAB = lab_name("bench5")
 KEEP = ("twitter-photo-upload", "control-upload")
 
 

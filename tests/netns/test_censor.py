@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT, lab_name
+
 from .conftest import lab_session, require_lab_prerequisites, running_censor
 
 pytestmark = pytest.mark.netns
 
-ROOT = Path(__file__).resolve().parents[2]
-LAB = "nscensor"
+LAB = lab_name("nscensor")
 RATE = 16250.0  # bytes/s: the 130 kbit/s of the Twitter scenarios
 
 

@@ -12,16 +12,16 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+
+from tests.conftest import ROOT, lab_name
 
 from .conftest import require_lab_prerequisites, running_censor
 
 pytestmark = pytest.mark.netns
 
-ROOT = Path(__file__).resolve().parents[2]
-LAB = "evtest"  # only this lab: others on this machine belong to other people
+LAB = lab_name("evtest")  # only this lab: others on this machine belong to other people
 RATE = 16250.0  # bytes/s: the 130 kbit/s of twitter-2021-03-10
 SIZE = 160 * 1024
 SERVER = "198.18.1.2"

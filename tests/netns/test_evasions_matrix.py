@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT, lab_name
+
 from .conftest import lab_session
 
 pytestmark = pytest.mark.netns
 
-ROOT = Path(__file__).resolve().parents[2]
-LAB = "evmtest"
+LAB = lab_name("evmtest")
 OLD, NEW = "twitter-2021-03-10", "media-upload"
 
 

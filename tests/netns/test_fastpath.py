@@ -22,14 +22,15 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import ROOT as REPO
+from tests.conftest import lab_name
 from tests.netns.conftest import SBIN_PATH, require_lab_prerequisites
 from throttle.errors import ThrottleError
 from throttle.lab.topology import CENSOR_CLIENT_IF, CENSOR_SERVER_IF, CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, Lab
 
 pytestmark = pytest.mark.netns
 
-LAB_NAME = "fptest"  # our own: other labs on this machine are never touched
-REPO = Path(__file__).resolve().parents[2]
+LAB_NAME = lab_name("fptest")  # our own: other labs on this machine are never touched
 IPERF_PORT = 5201
 CONNMARK_RULE = ["-m", "connmark", "--mark", "0x40000000/0x40000000", "-j", "RETURN"]  # as the censor's
 TARGET_RATIO = 0.90

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT, lab_name
+
 from .conftest import lab_session
 
 pytestmark = pytest.mark.netns
 
-LAB = "h3test"  # only this lab: others on this machine belong to other tests and people
-ROOT = Path(__file__).resolve().parents[2]
+LAB = lab_name("h3test")  # only this lab: others on this machine belong to other tests and people
 V4, V6 = "198.18.1.2", "2001:2:0:2::2"
 SIZE = 3 * 1024 * 1024 + 17  # not a multiple of any chunk size
 

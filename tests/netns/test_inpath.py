@@ -14,20 +14,27 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from throttle.lab.topology import (BRIDGE, CENSOR_CLIENT_IF, CENSOR_SERVER_IF, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6,
-                                   SERVER_V4, SERVER_V6, Lab)
+from tests.conftest import ROOT, lab_name
+from throttle.lab.topology import (
+    BRIDGE,
+    CENSOR_CLIENT_IF,
+    CENSOR_SERVER_IF,
+    ROUTER_CLIENT_V4,
+    ROUTER_CLIENT_V6,
+    SERVER_V4,
+    SERVER_V6,
+    Lab,
+)
 
 from .conftest import lab_session, running_censor
 
 pytestmark = pytest.mark.netns
 
-LAB = "inpath"
+LAB = lab_name("inpath")
 METRICS_PORT = 19731
-ROOT = Path(__file__).resolve().parents[2]
 DATAGRAMS = 50
 UDP_PORT = 40001
 

@@ -16,7 +16,7 @@ import pytest
 
 from tests.netns.conftest import LAB_NAME, require_lab_prerequisites
 from throttle.errors import ThrottleError
-from throttle.lab.topology import ROUTER_CLIENT_V4, ETC_NETNS, INTERFACES, NETNS_DIR, ROLES, SERVER_V4, SERVER_V6, Lab
+from throttle.lab.topology import ETC_NETNS, INTERFACES, NETNS_DIR, ROLES, ROUTER_CLIENT_V4, SERVER_V4, SERVER_V6, Lab
 
 pytestmark = pytest.mark.netns
 

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT, lab_name
+
 from .conftest import lab_session
 
 pytestmark = pytest.mark.netns
 
-ROOT = Path(__file__).resolve().parents[2]
-LAB = "nsmetrics"
+LAB = lab_name("nsmetrics")
 METRICS_PORT = 19464
 PROM_PORT = 19090
 RATE = 16250.0

@@ -12,12 +12,13 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import ROOT, lab_name
+
 from .conftest import lab_session
 
 pytestmark = pytest.mark.netns
 
-ROOT = Path(__file__).resolve().parents[2]
-LAB = "probetest"
+LAB = lab_name("probetest")
 
 
 @pytest.fixture(scope="module")

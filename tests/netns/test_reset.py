@@ -8,18 +8,17 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT, lab_name
 from throttle.lab.topology import SERVER_V4, Lab
 
 from .conftest import lab_session, running_censor
 
 pytestmark = pytest.mark.netns
 
-LAB = "rsttest"
-ROOT = Path(__file__).resolve().parents[2]
+LAB = lab_name("rsttest")
 
 # A raw client: a real ClientHello, then wait for what comes back. Prints its local port, then
 # "reset" when the connection is reset, or what else happened.

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT, lab_name
+
 from .conftest import lab_session, require_lab_prerequisites
 
 pytestmark = pytest.mark.netns
 
-ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = sorted(p.stem for p in (ROOT / "scenarios").glob("*.toml"))
-LAB = "nsrun"
+LAB = lab_name("nsrun")
 
 
 @pytest.fixture(scope="module")

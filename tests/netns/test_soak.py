@@ -28,13 +28,16 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import ROOT as REPO
+from tests.conftest import lab_name
 from tests.netns.conftest import SBIN_PATH, lab_session
 from throttle.censor import LEASE
 from throttle.lab.topology import CENSOR_CLIENT_IF, CENSOR_SERVER_IF, SERVER_V4, Lab
 
 pytestmark = pytest.mark.netns
 
-REPO = Path(__file__).resolve().parents[2]
+
+FAULT = lab_name("fault")
 BENCH = REPO / "scripts" / "bench_scale.py"
 SOAK_SECONDS = float(os.environ.get("THROTTLE_SOAK_SECONDS", "180"))
 SOAK_FLOWS = 300
@@ -236,7 +239,7 @@ def tc_classes(lab: Lab) -> str:
 def soak() -> Iterator[Lab]:
     for tool, package in (("tc", "iproute2"), ("bpftool", "bpftool"), ("iptables", "iptables")):
         _tool(tool, package)
-    yield from lab_session("soak", ["pbs.twimg.com"])
+    yield from lab_session(lab_name("soak"), ["pbs.twimg.com"])
 
 
 # -- the kernel map's walks ----------------------------------------------------------------------
@@ -422,7 +425,7 @@ def test_a_killed_censor_fails_open_and_lab_down_leaves_nothing(tmp_path: Path) 
     host_before = _host_state()
     scenario = tmp_path / "fault-mixed.toml"
     scenario.write_text(MIXED)
-    lab = Lab("fault")
+    lab = Lab(FAULT)
     lab.down()
     procs: list[subprocess.Popen[Any]] = []
     try:
@@ -482,7 +485,7 @@ def test_a_killed_censor_fails_open_and_lab_down_leaves_nothing(tmp_path: Path) 
             f"flows the dead censor limited are still limited after its lease ran out: {old_flows}"
         assert curl.returncode == 0, curl.stderr
         # `throttle lab down` as a user runs it.
-        down = subprocess.run([sys.executable, "-m", "throttle", "lab", "down", "--lab", "fault"], capture_output=True,
+        down = subprocess.run([sys.executable, "-m", "throttle", "lab", "down", "--lab", FAULT], capture_output=True,
                               text=True, timeout=120, cwd=REPO)
         assert down.returncode == 0, down.stderr
         for p in procs:
@@ -491,8 +494,8 @@ def test_a_killed_censor_fails_open_and_lab_down_leaves_nothing(tmp_path: Path) 
             except subprocess.TimeoutExpired:
                 pytest.fail(f"process {p.pid} ({p.args}) outlived `throttle lab down`")
         namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        assert not re.search(r"^fault-", namespaces, re.M), namespaces
-        assert not Path("/run/throttle/fault").exists(), list(Path("/run/throttle/fault").rglob("*"))
+        assert not re.search(rf"^{FAULT}-", namespaces, re.M), namespaces
+        assert not Path(f"/run/throttle/{FAULT}").exists(), list(Path(f"/run/throttle/{FAULT}").rglob("*"))
         assert not Path("/etc/netns/fault-client").exists()
         for prog in progs:
             shown = subprocess.run(["bpftool", "prog", "show", "id", str(prog)], capture_output=True, text=True)
@@ -510,10 +513,10 @@ def test_a_killed_censor_fails_open_and_lab_down_leaves_nothing(tmp_path: Path) 
 def test_a_run_whose_lab_server_dies_fails_naming_it(tmp_path: Path) -> None:
     """`throttle run` in lab `fault`; the lab server is killed once the probes run: the run ends
     in bounded time (not a hang) with a message naming the lab server, not a verdict."""
-    lab = Lab("fault")
+    lab = Lab(FAULT)
     lab.down()
-    pid_file = Path("/run/throttle/fault/labserver.pid")
-    run = subprocess.Popen([sys.executable, "-m", "throttle", "run", "--lab", "fault", "twitter-2021-03-10"],
+    pid_file = Path(f"/run/throttle/{FAULT}/labserver.pid")
+    run = subprocess.Popen([sys.executable, "-m", "throttle", "run", "--lab", FAULT, "twitter-2021-03-10"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     t0 = time.monotonic()
     try:
