@@ -172,3 +172,39 @@ def test_an_object_counting_fewer_fallback_reasons_is_refused(tmp_path: Path) ->
     obj = program_copy(tmp_path, (f"FALLBACK_REASONS = {n}\n", f"FALLBACK_REASONS = {n - 1}\n"))
     with pytest.raises(ThrottleError, match=f"map fallbacks has {n - 1} entries"):
         libbpf.check_layout(obj)
+
+
+# -- the command that builds it ------------------------------------------------------------------------
+
+
+def test_a_build_error_is_one_line_naming_the_fix(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from throttle.cli.app import main
+
+    monkeypatch.setattr(libbpf, "_current", lambda built: False)  # as if the source had changed
+    monkeypatch.setattr(libbpf, "find_tool", lambda name: None)  # and clang were not installed
+    with pytest.raises(SystemExit) as exit_:
+        main(["kernel", "build"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("throttle: clang is missing") and "apt-get install clang" in err
+
+
+def test_the_build_command_is_hidden() -> None:
+    from typer.testing import CliRunner
+
+    from throttle.cli.app import app
+
+    runner = CliRunner()
+    assert " kernel " not in runner.invoke(app, ["--help"]).output
+    assert "build" in runner.invoke(app, ["kernel", "--help"]).output
+
+
+def test_the_build_command_prints_where_the_object_is() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "throttle", "kernel", "build"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"built {BPF / libbpf.OBJECT}\n"

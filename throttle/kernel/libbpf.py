@@ -389,14 +389,3 @@ def run_program(fd: int, frame: bytes) -> tuple[int, bytes]:
                         data_size_out=len(data_out), repeat=1)
     _check(lib().bpf_prog_test_run_opts(fd, ctypes.byref(opts)), "program test run")
     return opts.retval, data_out.raw[: opts.data_size_out]
-
-
-if __name__ == "__main__":  # `python -m throttle.kernel.libbpf build`, from scripts/setup
-    if sys.argv[1:] != ["build"]:
-        print("usage: python -m throttle.kernel.libbpf build", file=sys.stderr)
-        sys.exit(2)
-    try:
-        print(f"built {build()}")
-    except ThrottleError as exc:
-        print(f"throttle.kernel.libbpf: {exc}", file=sys.stderr)
-        sys.exit(2)
