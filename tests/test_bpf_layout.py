@@ -98,21 +98,26 @@ def test_walks_unpack_arrays_of_values_by_name() -> None:
     assert FLOW_VALUE.unpack(raw, 3 * FLOW_VALUE.size)["dropped_packets"] == 12
 
 
-def test_the_codecs_agree_with_fastpath_field_by_field() -> None:
-    """fastpath.py's own KEY/VALUE/BUCKET (until they give way to these) against layout.py: each
-    field packed alone with a distinct value lands where the other side reads it."""
-    from throttle.kernel import fastpath
+# The structs as fastpath.py wrote them before layout.py (its KEY, VALUE, BUCKET), positional, in
+# the order its comments gave: the maps must keep exactly these bytes.
+BEFORE = {
+    "flow_key": (struct.Struct("!BBxx16s16sHH"), ("proto", "family", "src", "dst", "sport", "dport")),
+    "flow_value": (struct.Struct("=I6s6sQQQQQQQII"), ("ifindex", "dst_mac", "src_mac", "last_ns", "bytes", "packets",
+                                                        "dropped_bytes", "dropped_packets", "payload", "after_bytes",
+                                                        "bucket", "priority")),
+    "bucket": (struct.Struct("=IIQQQQQ"), ("lock", "pad", "rate", "burst", "fill_ns", "tokens", "stamp_ns")),
+}
 
-    old_order = {  # fastpath.py's positional order, as its comments give it
-        "flow_key": ("proto", "family", "src", "dst", "sport", "dport"),
-        "flow_value": FLOW_VALUE.names,
-        "bucket": ("lock", "pad", "rate", "burst", "fill_ns", "tokens", "stamp_ns"),
-    }
-    for new, old in ((FLOW_KEY, fastpath.KEY), (FLOW_VALUE, fastpath.VALUE), (BUCKET, fastpath.BUCKET)):
+
+def test_the_codecs_pack_what_fastpath_packed_field_by_field() -> None:
+    """Each field packed alone with a distinct value lands where the old positional struct read it."""
+    for new in layout.STRUCTS:
+        old, order = BEFORE[new.name]
         assert new.size == old.size, new.name
         codes = [(int(n or 1), code) for n, code in re.findall(r"(\d*)([a-zA-Z])", old.format) if code != "x"]
         zeros: list[int | bytes] = [bytes(n) if code == "s" else 0 for n, code in codes]
-        for i, name in enumerate(old_order[new.name]):
+        assert len(zeros) == len(order)
+        for i, name in enumerate(order):
             if name not in new.positions:  # the lock and padding: zero on both sides
                 continue
             n, code = codes[i]
