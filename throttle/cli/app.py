@@ -19,6 +19,7 @@ from throttle.cli.classify import classify
 from throttle.cli.cleanup import cleanup
 from throttle.cli.demo import demo
 from throttle.cli.evasions import evasions
+from throttle.cli.kernel import kernel_app
 from throttle.cli.lab import lab_app
 from throttle.cli.run import bench, run
 from throttle.cli.scenarios import scenarios_app
@@ -41,6 +42,7 @@ app.add_typer(scenarios_app, name="scenarios", context_settings=HELP)
 app.command()(demo)
 app.add_typer(lab_app, name="lab", context_settings=HELP)
 app.command()(cleanup)
+app.add_typer(kernel_app, name="kernel", context_settings=HELP, hidden=True)
 
 
 def _print_version(value: bool) -> None:

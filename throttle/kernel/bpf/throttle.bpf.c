@@ -15,12 +15,14 @@
  * Packets this program does not parse always take the normal path: IPv4 with options or
  * fragments, IPv6 with extension headers, anything but TCP and UDP, a TCP SYN (a new connection on
  * an old 5-tuple must be inspected afresh), and, when the censor routes, packets whose TTL or hop
- * limit would expire (the kernel then answers with the ICMP error, as the router it is). When the
+ * limit would expire (the kernel then answers with the ICMP error, as the router it is). Every
+ * return to the normal path counts its reason in `fallbacks` (per CPU; a hit counts nothing). When the
  * censor is an in-path bridge (the lab's), a flow's entries carry no MACs: frames are redirected to
  * the other port unchanged, TTL included, as an in-path device that is not a hop forwards them.
  *
- * Built by scripts/setup (clang -target bpf), loaded with libbpf by throttle/kernel/fastpath.py,
- * whose Python structs mirror the two map values below.
+ * Built by scripts/setup (`throttle kernel build`: clang -target bpf), loaded with libbpf by
+ * throttle/kernel/fastpath.py. The maps' structs and the fallback reasons are in layout.h, generated
+ * from throttle/kernel/layout.py; libbpf.py checks every object's BTF against that definition.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -33,42 +35,9 @@
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
+#include "layout.h"  /* the maps' structs and the fallback reasons: see throttle/kernel/layout.py */
+
 #define NS_PER_S 1000000000ULL
-
-struct flow_key {           /* one direction of a flow, addresses and ports as on the wire */
-	__u8 proto;             /* IPPROTO_TCP or IPPROTO_UDP */
-	__u8 family;            /* 4 or 6 */
-	__u8 pad[2];
-	__u8 src[16];           /* IPv4: the first 4 bytes, the rest zero */
-	__u8 dst[16];
-	__be16 sport;
-	__be16 dport;
-};
-
-struct flow_value {
-	__u32 ifindex;          /* egress interface */
-	__u8 dst_mac[6];        /* the next hop's; all zero: bridged, the frame goes out as it came */
-	__u8 src_mac[6];        /* the egress interface's */
-	__u64 last_ns;          /* CLOCK_MONOTONIC of the last packet seen, for idle expiry */
-	__u64 bytes;            /* IP bytes forwarded */
-	__u64 packets;
-	__u64 dropped_bytes;    /* IP bytes the policer dropped */
-	__u64 dropped_packets;
-	__u64 payload;          /* transport payload carried so far, dropped packets included */
-	__u64 after_bytes;      /* payload that passes before the bucket applies */
-	__u32 bucket;           /* index into `buckets`; 0: this direction is not limited */
-	__u32 priority;         /* skb->priority: the shaper's HTB class (major:minor); 0: not shaped */
-};
-
-struct bucket {
-	struct bpf_spin_lock lock;
-	__u32 pad;
-	__u64 rate;             /* bytes per second; 0 freezes once the burst is spent */
-	__u64 burst;            /* bytes */
-	__u64 fill_ns;          /* how long an empty bucket takes to fill: burst / rate */
-	__u64 tokens;           /* credit, in bytes x 10^9 */
-	__u64 stamp_ns;         /* when the credit was last brought up to date */
-};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -90,6 +59,14 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } hits SEC(".maps");
+
+/* Why packets took the normal path: a count per `enum fallback_reason`, per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, FALLBACK_REASONS);
+	__type(key, __u32);
+	__type(value, __u64);
+} fallbacks SEC(".maps");
 
 /* The censor's lease on its decisions: CLOCK_MONOTONIC ns until which the entries of `flows` hold
  * (0: no lease, they always hold). The censor renews it every second; if it dies (SIGKILL), the
@@ -130,6 +107,26 @@ static __always_inline int bucket_allows(struct bucket *b, __u64 size, __u64 now
 	return ok;
 }
 
+/* Back to the normal path, counting why: the only cost a fallback adds is this increment. */
+static __always_inline int fall_back(__u32 reason)
+{
+	__u64 *count = bpf_map_lookup_elem(&fallbacks, &reason);
+
+	if (count)
+		*count += 1;  /* per CPU: no atomics needed */
+	return TC_ACT_OK;
+}
+
+/* Whether an IPv6 next header is an extension header (RFC 8200 and IANA's list), not a transport. */
+static __always_inline int ipv6_extension(__u8 next)
+{
+	switch (next) {
+	case 0: case 43: case 44: case 50: case 51: case 60: case 135: case 139: case 140: case 253: case 254:
+		return 1;
+	}
+	return 0;
+}
+
 SEC("tc")
 int throttle_ingress(struct __sk_buff *skb)
 {
@@ -140,14 +137,16 @@ int throttle_ingress(struct __sk_buff *skb)
 	int v6;
 
 	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)))
-		return TC_ACT_OK;
+		return fall_back(FALLBACK_SHORT);
 	if (eth.h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr ip;
 
 		if (bpf_skb_load_bytes(skb, l3, &ip, sizeof(ip)))
-			return TC_ACT_OK;
-		if (ip.ihl != 5 || ip.version != 4 || (ip.frag_off & bpf_htons(0x3FFF)))
-			return TC_ACT_OK;  /* options, or a fragment */
+			return fall_back(FALLBACK_SHORT);
+		if (ip.ihl != 5 || ip.version != 4)
+			return fall_back(FALLBACK_IPV4_OPTIONS);
+		if (ip.frag_off & bpf_htons(0x3FFF))
+			return fall_back(FALLBACK_IPV4_FRAGMENT);
 		key.family = 4;
 		key.proto = ip.protocol;
 		__builtin_memcpy(key.src, &ip.saddr, 4);
@@ -159,7 +158,7 @@ int throttle_ingress(struct __sk_buff *skb)
 		struct ipv6hdr ip6;
 
 		if (bpf_skb_load_bytes(skb, l3, &ip6, sizeof(ip6)))
-			return TC_ACT_OK;
+			return fall_back(FALLBACK_SHORT);
 		key.family = 6;
 		key.proto = ip6.nexthdr;  /* only TCP or UDP right after the fixed header */
 		__builtin_memcpy(key.src, &ip6.saddr, 16);
@@ -168,16 +167,16 @@ int throttle_ingress(struct __sk_buff *skb)
 		l4 = l3 + sizeof(ip6);
 		v6 = 1;
 	} else {
-		return TC_ACT_OK;
+		return fall_back(FALLBACK_NOT_IP);
 	}
 
 	if (key.proto == IPPROTO_TCP) {
 		struct tcphdr tcp;
 
 		if (bpf_skb_load_bytes(skb, l4, &tcp, sizeof(tcp)))
-			return TC_ACT_OK;
+			return fall_back(FALLBACK_SHORT);
 		if (tcp.syn)
-			return TC_ACT_OK;  /* a new connection is inspected afresh */
+			return fall_back(FALLBACK_TCP_SYN);  /* a new connection is inspected afresh */
 		key.sport = tcp.source;
 		key.dport = tcp.dest;
 		if (ip_len > (l4 - l3) + tcp.doff * 4)
@@ -186,21 +185,21 @@ int throttle_ingress(struct __sk_buff *skb)
 		struct udphdr udp;
 
 		if (bpf_skb_load_bytes(skb, l4, &udp, sizeof(udp)))
-			return TC_ACT_OK;
+			return fall_back(FALLBACK_SHORT);
 		key.sport = udp.source;
 		key.dport = udp.dest;
 		if (bpf_ntohs(udp.len) > sizeof(udp))
 			payload = bpf_ntohs(udp.len) - sizeof(udp);
 	} else {
-		return TC_ACT_OK;
+		return fall_back(v6 && ipv6_extension(key.proto) ? FALLBACK_IPV6_EXTENSION : FALLBACK_NOT_TCP_UDP);
 	}
 
 	struct flow_value *v = bpf_map_lookup_elem(&flows, &key);
 	if (!v)
-		return TC_ACT_OK;
+		return fall_back(FALLBACK_NO_FLOW);
 	__u64 *until = bpf_map_lookup_elem(&lease, &zero);
 	if (until && *until && bpf_ktime_get_ns() > *until)
-		return TC_ACT_OK;  /* the censor is gone: its decisions no longer hold */
+		return fall_back(FALLBACK_LEASE_EXPIRED);  /* the censor is gone: its decisions no longer hold */
 
 	/* A bridged direction (no MACs to write: the censor is an in-path bridge) leaves the frame
 	 * as it came, TTL included. A routed one does the router's part: at TTL / hop limit 1 the
@@ -209,7 +208,7 @@ int throttle_ingress(struct __sk_buff *skb)
 			v->dst_mac[5]);
 	__u8 ttl;
 	if (!bridged && (bpf_skb_load_bytes(skb, l3 + (v6 ? 7 : 8), &ttl, 1) || ttl <= 1))
-		return TC_ACT_OK;
+		return fall_back(FALLBACK_TTL_EXPIRING);
 
 	__u64 now = bpf_ktime_get_ns();
 	v->last_ns = now;
@@ -236,18 +235,18 @@ int throttle_ingress(struct __sk_buff *skb)
 	} else if (v6) {
 		ttl -= 1;
 		if (bpf_skb_store_bytes(skb, l3 + 7, &ttl, 1, 0))
-			return TC_ACT_OK;
+			return fall_back(FALLBACK_STORE_FAILED);
 	} else {
 		/* TTL and protocol form one 16-bit word of the header checksum. */
 		__be16 old_word, new_word;
 
 		if (bpf_skb_load_bytes(skb, l3 + 8, &old_word, 2))
-			return TC_ACT_OK;
+			return fall_back(FALLBACK_STORE_FAILED);
 		ttl -= 1;
 		new_word = old_word;
 		((__u8 *)&new_word)[0] = ttl;
 		if (bpf_l3_csum_replace(skb, l3 + offsetof(struct iphdr, check), old_word, new_word, 2))
-			return TC_ACT_OK;
+			return fall_back(FALLBACK_STORE_FAILED);
 		if (bpf_skb_store_bytes(skb, l3 + 8, &ttl, 1, 0))
 			return TC_ACT_SHOT;  /* the checksum already changed: never let this one go on */
 	}
