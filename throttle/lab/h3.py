@@ -25,10 +25,11 @@ No SNI, or an unreadable hello: the default certificate (server.lab and the serv
 Driving the connection ourselves also bounds it: at most MAX_CONNECTIONS connections, MAX_PENDING
 half-seen hellos, MAX_REQUESTS open requests per connection (QUIC's own stream limit is 128), and
 every body streams through: uploads are counted and dropped as they arrive in order, downloads are
-written only while less than SEND_AHEAD bytes wait unsent (see `quic_io.Endpoint.unsent`). What aioquic itself holds
-is its business: data in flight, and data received after a gap until the gap is filled (its
-flow-control windows start at 1 MiB and double as a transfer proceeds; it has no setting to cap
-them). In the lab the process stays near 40 MiB through 64 MiB downloads and parallel uploads.
+written only while less than SEND_AHEAD bytes wait unsent (`quic_io.Endpoint.unsent`). What aioquic
+itself holds is its business: data in flight, and data received after a gap until the gap is
+filled (its flow-control windows start at 1 MiB and double as a transfer proceeds; it has no
+setting to cap them). In the lab the process stays near 40 MiB through 64 MiB downloads and
+parallel uploads.
 
 The sockets, the loop that drives each connection and the way a writer learns what was sent are
 `throttle.lab.quic_io`, shared with the QUIC probe's client (`throttle.lab.h3probe`).
@@ -82,6 +83,7 @@ PROGRESS_INTERVAL = 0.25
 DEFAULT_NAME = "server.lab"
 H3_REQUEST_REJECTED = 0x10B
 _PAYLOAD = bytes(range(256)) * (CHUNK // 256)  # as lab.server: nothing can compress it away
+
 
 def log(text: str) -> None:
     sys.stderr.write(text + "\n")
