@@ -56,7 +56,7 @@ from throttle.lab.layout import (BRIDGE, BRIDGE_PORTS, CENSOR_CLIENT_IF, CENSOR_
                                  SERVER_EXTRA_V4, SERVER_EXTRA_V6, SERVER_IF, SERVER_V4, SERVER_V6, STATE_ROOT,
                                  SYSCTLS_ALL, SYSCTLS_BRIDGE, SYSCTLS_ROLE, VETHS, Iface, namespace)
 from throttle.lab.network import IFA_F_NODAD, Network
-from throttle.lab.services import DNSMASQ, H3SERVER, LABSERVER, START_TIMEOUT, Services
+from throttle.lab.services import DNSMASQ, H3SERVER, LABSERVER, SERVICES, START_TIMEOUT, Services
 
 __all__ = [
     "BRIDGE", "BRIDGE_PORTS", "CENSOR_CLIENT_IF", "CENSOR_SERVER_IF", "CLIENT_IF", "CLIENT_V4", "CLIENT_V6",
@@ -69,8 +69,8 @@ __all__ = [
 ]
 
 STATE_FILES = (  # what the lab writes in its state directory, besides certs/
-    "ca.pem", "ca-key.pem", "leaf-key.pem", "lab.json", "labserver.pid", "labserver.log",
-    "h3server.pid", "h3server.log", "dnsmasq.pid", "dnsmasq.log", "*.tmp", ".*.tmp",
+    "ca.pem", "ca-key.pem", "leaf-key.pem", "lab.json",
+    *(f"{service.key}.{kind}" for service in SERVICES for kind in ("pid", "log")), "*.tmp", ".*.tmp",
 )
 STOP_TIMEOUT = 3.0
 
@@ -91,7 +91,10 @@ class Lab:
         self.name = name
         self.state_dir = Path(state_dir) if state_dir is not None else STATE_ROOT / name
         self._network = Network(name)
-        self._services = Services(name, self.state_dir)
+
+    @property
+    def _services(self) -> Services:
+        return Services(self.name, self.state_dir)  # made on use: state_dir is a plain attribute
 
     def ns(self, role: str) -> str:
         """The namespace name of a role: `ns("client")` is "NAME-client"."""
