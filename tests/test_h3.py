@@ -279,3 +279,23 @@ def test_a_client_that_stops_a_download_does_not_upset_the_server(tmp_path: Path
 
     conn = asyncio.run(go())
     assert not conn.requests and not conn.ended
+
+
+@pytest.mark.parametrize("ech", [False, True])
+def test_the_probe_sends_an_ech_extension_when_asked(ech: bool) -> None:
+    from aioquic.h3.connection import H3_ALPN
+    from aioquic.quic.configuration import QuicConfiguration
+
+    from throttle.lab.h3probe import connection_class
+    from throttle.wire import quic as wire_quic
+
+    quic = connection_class(ech)(configuration=QuicConfiguration(is_client=True, server_name="cloudflare-ech.com",
+                                                                 alpn_protocols=H3_ALPN))
+    quic.connect(SERVER, now=0.0)
+    stream = wire_quic.CryptoStream(16384)
+    for data, _ in quic.datagrams_to_send(now=0.0):
+        for packet in wire_quic.parse_initials(data):
+            for offset, chunk in packet.crypto:
+                stream.add(offset, chunk)
+    hello = wire_quic.client_hello(stream.contiguous())
+    assert hello is not None and hello.sni == "cloudflare-ech.com" and hello.has_ech is ech

@@ -1,9 +1,21 @@
-"""Child processes that run beside a measurement (the censor, tcpdump, iperf3): started until they
-say they are ready, and always stopped with SIGINT (so they clean up: the censor removes its rules,
-tcpdump flushes its capture), then killed if they do not stop in time.
+"""Every child process throttle starts, in three shapes:
 
-A child that does not print its ready line within `start_timeout` seconds, or that exits first, is
-killed and reported with what it printed; it is never left behind.
+- `run` and `call`: a short command to its end (`ethtool -K`, `modprobe`, dnsmasq's own
+  daemonising start; or a user's command in the lab with the terminal's input and output).
+- `Background`: a child that runs beside a measurement (the censor, tcpdump, iperf3) inside a
+  `with` block: started until it says it is ready, and always stopped with SIGINT (so it cleans
+  up: the censor removes its rules, tcpdump flushes its capture), then killed if it does not stop
+  in time. One that does not print its ready line within `start_timeout` seconds, or that exits
+  first, is killed and reported with what it printed; it is never left behind.
+- `start_daemon`: a service that outlives the process that starts it (the lab's servers, found
+  again later through their pid files): its own session, output appended to a log, ready once its
+  pid file names it or its log shows a ready line. `stop` ends such processes by pid, SIGTERM then
+  SIGKILL, whoever started them.
+
+A daemon that is a child of this process is watched by a thread that waits for it, so it never
+lingers as a zombie, whoever stops it and whenever it dies. The thread holds the only reference to
+its Popen (no table of children here), and is named after the pid so that `stop` can wait for the
+reaping it does.
 """
 
 from __future__ import annotations
@@ -12,12 +24,36 @@ import os
 import select
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 from throttle.errors import ThrottleError
+
+POLL = 0.02  # seconds between looks at a pid file, a log or a dying process
+_REAPER = "reap-{pid}"
+
+
+def run(argv: Sequence[str], what: str) -> str:
+    """Run a command to its end with no input; its standard output. A ThrottleError naming `what`,
+    with what it printed, when it cannot start or exits with a failure."""
+    try:
+        proc = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    except OSError as exc:
+        raise ThrottleError(f"{what} could not start: {exc}") from None
+    if proc.returncode != 0:
+        err = (proc.stderr or proc.stdout).strip()
+        raise ThrottleError(f"{what} failed (exit {proc.returncode}): {err}")
+    return proc.stdout
+
+
+def call(argv: Sequence[str]) -> int:
+    """Run a command in the foreground with this process's input and output; its exit status
+    (negative: the signal that ended it). An OSError when it cannot be started."""
+    return subprocess.call(list(argv))
 
 
 class Background:
@@ -82,3 +118,88 @@ class Background:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+# -- daemons ----------------------------------------------------------------------------------------
+
+def start_daemon(argv: Sequence[str], what: str, log: Path, *, pid_file: Path | None = None, ready: str = "",
+                 env: Mapping[str, str] | None = None, start_timeout: float = 15.0) -> int:
+    """Start a service that outlives this process; its pid, once it is ready.
+
+    It runs in a session of its own (a terminal's hangup or ^C does not reach it), in `/`, with no
+    input and its output appended to `log`. Ready: once `pid_file` holds its pid (a server writes
+    it when its sockets are bound), or once `ready` appears in what it writes to `log`; with
+    neither, at once. If it exits first, or `start_timeout` passes, it is killed and the
+    ThrottleError carries the last lines of its log.
+    """
+    start = log.stat().st_size if log.exists() else 0
+    with open(log, "ab") as out:
+        try:
+            proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    env=None if env is None else dict(env), cwd="/", start_new_session=True)
+        except OSError as exc:
+            raise ThrottleError(f"{what} could not start: {exc}") from None
+    deadline = time.monotonic() + start_timeout
+    while not _is_ready(proc.pid, pid_file, ready, log, start):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.returncode is None:
+                proc.kill()
+                proc.wait()
+            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+            raise ThrottleError(f"{what} did not start: " + (" / ".join(tail) or f"see {log}"))
+        time.sleep(POLL)
+    threading.Thread(target=proc.wait, name=_REAPER.format(pid=proc.pid), daemon=True).start()
+    return proc.pid
+
+
+def _is_ready(pid: int, pid_file: Path | None, ready: str, log: Path, start: int) -> bool:
+    if pid_file is not None and read_pid(pid_file) != pid:
+        return False
+    if ready:
+        with open(log, "rb") as f:
+            f.seek(start)
+            return ready.encode() in f.read()
+    return True
+
+
+def stop(pids: Iterable[int], timeout: float = 3.0) -> None:
+    """End processes by pid: SIGTERM, then SIGKILL for those still there after `timeout` seconds.
+    Returns once every one is gone (and, for daemons this process started, reaped); a
+    ThrottleError names those that outlive SIGKILL by `timeout` as well."""
+    left = set(pids)
+    stopped = set(left)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while (left := {p for p in left if alive(p)}) and time.monotonic() < deadline:
+            time.sleep(POLL)
+        if not left:
+            break
+    if left:
+        raise ThrottleError(f"processes {sorted(left)} did not exit after SIGKILL")
+    reapers = {_REAPER.format(pid=pid) for pid in stopped}
+    for thread in threading.enumerate():
+        if thread.name in reapers:
+            thread.join(timeout)
+
+
+def alive(pid: int) -> bool:
+    """True for a process that exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+
+
+def read_pid(path: Path) -> int | None:
+    """The pid a pid file holds; None when it is missing or holds no number."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from throttle.children import call
 from throttle.errors import ThrottleError
 from throttle.cli.options import emit_json, json_option, lab_option, output_option, scenario_option
 from throttle.extras import require
@@ -18,7 +18,7 @@ from throttle.scenario.library import find_scenario
 lab_app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="The namespace lab: client, censor and server namespaces with HTTPS and DNS (needs root).",
+    help="The namespace lab: client, censor, router and server namespaces with HTTPS, HTTP/3 and DNS (needs root).",
 )
 
 LAB_NEEDS = ("pyroute2", "cryptography")
@@ -90,7 +90,7 @@ def exec_(
         typer.echo(f"throttle: lab {name} is not whole (see `throttle lab status --lab {name}`); running anyway",
                    err=True)
     try:
-        code = subprocess.call(lab.exec_argv("client", command))
+        code = call(lab.exec_argv("client", command))
     except OSError as exc:
         raise ThrottleError(f"could not run {command[0]} in {lab.ns('client')}: {exc}") from None
     raise typer.Exit(code if code >= 0 else 128 - code)

@@ -25,13 +25,14 @@ No SNI, or an unreadable hello: the default certificate (server.lab and the serv
 Driving the connection ourselves also bounds it: at most MAX_CONNECTIONS connections, MAX_PENDING
 half-seen hellos, MAX_REQUESTS open requests per connection (QUIC's own stream limit is 128), and
 every body streams through: uploads are counted and dropped as they arrive in order, downloads are
-written only while less than SEND_AHEAD bytes wait unsent (see `unsent`). What aioquic itself holds
-is its business: data in flight, and data received after a gap until the gap is filled (its
-flow-control windows start at 1 MiB and double as a transfer proceeds; it has no setting to cap
-them). In the lab the process stays near 40 MiB through 64 MiB downloads and parallel uploads.
+written only while less than SEND_AHEAD bytes wait unsent (`quic_io.Endpoint.unsent`). What aioquic
+itself holds is its business: data in flight, and data received after a gap until the gap is
+filled (its flow-control windows start at 1 MiB and double as a transfer proceeds; it has no
+setting to cap them). In the lab the process stays near 40 MiB through 64 MiB downloads and
+parallel uploads.
 
-aioquic's asyncio layer reads one datagram per event-loop turn and answers each alone; `Datagrams`
-reads all that wait and a connection answers the batch once, which doubles the throughput.
+The sockets, the loop that drives each connection and the way a writer learns what was sent are
+`throttle.lab.quic_io`, shared with the QUIC probe's client (`throttle.lab.h3probe`).
 
 The pid file is written only once every socket is bound, so its presence means "ready".
 
@@ -45,17 +46,18 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Optional
 from urllib.parse import urlsplit
 
 from throttle.errors import ParseError
 from throttle.files import atomic_write
+from throttle.lab.quic_io import (PROGRESS_HEADER, SEND_AHEAD, Address, Datagrams, Endpoint, Sender, configuration,
+                                  socket_for)
 from throttle.lab.server import release_pid_file, requested_size, server_arguments
 from throttle.wire import quic as wire_quic
 from throttle.wire.names import normalise
@@ -76,210 +78,15 @@ MAX_HELLO_BYTES = 16384
 PENDING_SECONDS = 10.0
 MAX_REQUESTS = 32  # open requests per connection; more are refused (H3_REQUEST_REJECTED)
 MAX_CACHED_NAMES = 4096
-SEND_AHEAD = 256 * 1024  # bytes a connection may have written but not yet sent once
 IDLE_TIMEOUT = 300.0  # as the TCP server: a policed flow can stall for a long time, but not forever
-DATAGRAM_SIZE = 1350  # QUIC payload per datagram, as common clients use (fits IPv4 and IPv6 at MTU 1500)
-CONGESTION = "cubic"  # as the lab's TCP (throttle.lab.topology.CONGESTION_CONTROL)
 PROGRESS_INTERVAL = 0.25
-PROGRESS_HEADER = b"x-throttle-progress"
-SOCKET_BUFFER = 4 << 20
-READ_BATCH = 64  # datagrams read per wake-up, then answered together
 DEFAULT_NAME = "server.lab"
 H3_REQUEST_REJECTED = 0x10B
 _PAYLOAD = bytes(range(256)) * (CHUNK // 256)  # as lab.server: nothing can compress it away
 
-Address = Any  # an asyncio datagram address: (host, port) or (host, port, flowinfo, scope_id)
-
 
 def log(text: str) -> None:
     sys.stderr.write(text + "\n")
-
-
-# -- shared with the probe client (throttle.lab.h3probe) -------------------------------------------
-
-def unsent(quic: QuicConnection, stream_id: int, written: int) -> int:
-    """Bytes of the `written` ones given to a stream that aioquic has not sent even once.
-
-    aioquic has no public backpressure: `send_stream_data` buffers whatever it is given. This is
-    the one place that reads its stream table (`_streams` is private; `highest_offset` is a public
-    attribute of the stream's sender). Writing only while this is small keeps a stream's buffer
-    to SEND_AHEAD plus what is in flight (the congestion window, and lost data awaiting its
-    retransmission). `written` counts body bytes, a few bytes short of the stream offset (frame
-    headers): the estimate errs on the small side.
-    """
-    stream = quic._streams.get(stream_id)
-    if stream is None:
-        return 0
-    return max(0, written - stream.sender.highest_offset)
-
-
-def socket_for(host: str, port: int, connect: bool = False,
-               local_ports: tuple[int, int] | None = None) -> socket.socket:
-    """A UDP socket bound to (or, for a client, connected to) `host`; IPv6 sockets take IPv6 only.
-    A client given `local_ports` (lo, hi) takes the first free port of that range, as curl's
-    --local-port does, so that captures can tell its datagrams apart."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # SO_RCVBUFFORCE, SO_SNDBUFFORCE
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)  # root: past rmem_max
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        if connect and local_ports is not None:
-            for local in range(local_ports[0], local_ports[1] + 1):
-                try:
-                    sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", local))
-                    break
-                except OSError:
-                    if local == local_ports[1]:
-                        raise
-        if connect:
-            sock.connect((host, port))
-        else:
-            sock.bind((host, port))
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-class Sender(Protocol):
-    def sendto(self, data: bytes, addr: Address = None, /) -> None: ...
-
-    def get_extra_info(self, name: str, default: Any = None, /) -> Any: ...
-
-
-class Datagrams:
-    """A non-blocking UDP socket on the event loop. Each wake-up reads every datagram waiting (up to
-    READ_BATCH) and hands them over together, so a connection takes in a burst and answers it once:
-    asyncio's datagram transport reads one datagram per loop turn, and each would be answered
-    (acknowledged, packed, encrypted) alone, which costs a pure-Python QUIC stack most of its time."""
-
-    def __init__(self, sock: socket.socket, on_batch: Callable[[list[tuple[bytes, Address]]], None],
-                 on_error: Callable[[OSError], None]) -> None:
-        self.sock = sock
-        self._on_batch = on_batch
-        self._on_error = on_error
-        self._peer = sock.getpeername() if _connected(sock) else None
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(sock.fileno(), self._readable)
-
-    def _readable(self) -> None:
-        batch: list[tuple[bytes, Address]] = []
-        for _ in range(READ_BATCH):
-            try:
-                batch.append(self.sock.recvfrom(65535))
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:  # a connected socket's ICMP errors (port unreachable) arrive here
-                self._on_error(exc)
-                break
-        if batch:
-            self._on_batch(batch)
-
-    def sendto(self, data: bytes, addr: Address = None, /) -> None:
-        try:
-            if self._peer is not None:
-                self.sock.send(data)
-            else:
-                self.sock.sendto(data, addr)
-        except (BlockingIOError, InterruptedError):
-            pass  # a full socket buffer drops the datagram, as a network may; QUIC sends it again
-        except OSError as exc:
-            self._on_error(exc)
-
-    def get_extra_info(self, name: str, default: Any = None, /) -> Any:
-        return self._peer if name == "peername" else default
-
-    def close(self) -> None:
-        self._loop.remove_reader(self.sock.fileno())
-        self.sock.close()
-
-
-def _connected(sock: socket.socket) -> bool:
-    try:
-        sock.getpeername()
-    except OSError:
-        return False
-    return True
-
-
-class Endpoint:
-    """One aioquic `QuicConnection` driven over a UDP socket (`Datagrams`, or any `Sender`).
-
-    aioquic is sans-I/O: datagrams and the clock go in, datagrams, a timer and events come out.
-    `take` and the timer feed it; `pump` hands its events to `quic_event`/`h3_event`, lets
-    `before_send` write more body data, sends what it has and re-arms the timer."""
-
-    def __init__(self, quic: QuicConnection, transport: Sender) -> None:
-        self.quic = quic
-        self.h3: Optional[H3Connection] = None
-        self.transport = transport
-        self.loop = asyncio.get_running_loop()
-        self._timer: Optional[asyncio.TimerHandle] = None
-        self._timer_at: Optional[float] = None
-        self.ended = False
-
-    def take(self, data: bytes, addr: Address) -> None:
-        """One datagram in; `pump` once a batch is in."""
-        self.quic.receive_datagram(data, addr, now=self.loop.time())
-
-    def receive(self, data: bytes, addr: Address) -> None:
-        self.take(data, addr)
-        self.pump()
-
-    def pump(self) -> None:
-        from aioquic.quic.events import ConnectionTerminated
-
-        while (event := self.quic.next_event()) is not None:
-            self.quic_event(event)
-            if isinstance(event, ConnectionTerminated):
-                self.ended = True
-            elif self.h3 is not None:
-                for h3_event in self.h3.handle_event(event):
-                    self.h3_event(h3_event)
-        if not self.ended:
-            self.before_send()
-        for data, addr in self.quic.datagrams_to_send(now=self.loop.time()):
-            self.transport.sendto(data, addr)
-        at = None if self.ended else self.quic.get_timer()
-        if at != self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self.loop.call_at(at, self._on_timer) if at is not None else None
-            self._timer_at = at
-        if self.ended:
-            self.finished()
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        self.quic.handle_timer(now=self.loop.time())
-        self.pump()
-
-    def stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = None
-        self._timer_at = None
-
-    # -- what subclasses add -------------------------------------------------------------------------
-
-    def quic_event(self, event: QuicEvent) -> None:
-        pass
-
-    def h3_event(self, event: H3Event) -> None:
-        pass
-
-    def before_send(self) -> None:
-        pass
-
-    def finished(self) -> None:
-        self.stop_timer()
 
 
 # -- the SNI of a connection that does not exist yet ------------------------------------------------
@@ -366,13 +173,9 @@ class Certificates:
 
     def configuration(self, sni: Optional[str]) -> QuicConfiguration:
         from aioquic.h3.connection import H3_ALPN
-        from aioquic.quic.configuration import QuicConfiguration
 
-        return QuicConfiguration(
-            is_client=False, alpn_protocols=H3_ALPN, idle_timeout=IDLE_TIMEOUT, max_datagram_size=DATAGRAM_SIZE,
-            congestion_control_algorithm=CONGESTION, certificate=self.for_name(sni),
-            certificate_chain=[self.ca], private_key=self.key,
-        )
+        return configuration(is_client=False, alpn_protocols=H3_ALPN, idle_timeout=IDLE_TIMEOUT,
+                             certificate=self.for_name(sni), certificate_chain=[self.ca], private_key=self.key)
 
 
 # -- requests -------------------------------------------------------------------------------------
@@ -418,6 +221,7 @@ class ServerConnection(Endpoint):
             self.server.unroute(event.connection_id)
         elif isinstance(event, (StreamReset, StopSendingReceived)):
             self.requests.pop(event.stream_id, None)  # the client gave up: aioquic has reset our side
+            self.forget(event.stream_id)
 
     def h3_event(self, event: H3Event) -> None:
         from aioquic.h3.events import DataReceived, HeadersReceived
@@ -495,6 +299,7 @@ class ServerConnection(Endpoint):
         self.h3.send_data(req.stream_id, data, end_stream=end)
         if end:
             self.requests.pop(req.stream_id, None)
+            self.forget(req.stream_id)
 
     def _reply(self, req: Request, status: int, ctype: str, body: bytes) -> None:
         self._start(req, status, ctype, None if req.progress else len(body))
@@ -514,7 +319,7 @@ class ServerConnection(Endpoint):
         downloads = [r for r in self.requests.values() if r.left]
         if not downloads:
             return
-        ahead = sum(unsent(self.quic, r.stream_id, r.written) for r in downloads)
+        ahead = sum(self.unsent(r.stream_id, r.written) for r in downloads)
         view = memoryview(_PAYLOAD)
         for req in downloads:
             while req.left and ahead < SEND_AHEAD:

@@ -33,8 +33,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
-from throttle.lab.h3 import (CONGESTION, DATAGRAM_SIZE, PROGRESS_HEADER, SEND_AHEAD, Datagrams, Endpoint, Sender,
-                             socket_for, unsent)
+from throttle.lab.quic_io import PROGRESS_HEADER, SEND_AHEAD, Datagrams, Endpoint, Sender, configuration, socket_for
 from throttle.units import parse_size
 
 if TYPE_CHECKING:
@@ -173,7 +172,7 @@ class Probe(Endpoint):
         """Write upload bytes while less than SEND_AHEAD of them wait unsent."""
         if not self.left or self.h3 is None:
             return
-        ahead = unsent(self.quic, self.stream_id, self.written)
+        ahead = self.unsent(self.stream_id, self.written)
         while self.left and ahead < SEND_AHEAD:
             n = min(self.left, CHUNK)
             self.left -= n
@@ -215,10 +214,29 @@ class _Socket:
             self.probe.fail(EXIT_LOST, f"network error: {exc}")
 
 
+def connection_class(ech: bool) -> type[QuicConnection]:
+    """aioquic's QuicConnection, or with `ech` one whose ClientHello carries an outer
+    encrypted_client_hello extension (docs/incidents.md §4.29's signature needs it)."""
+    from aioquic.quic.connection import QuicConnection
+
+    if not ech:
+        return QuicConnection
+    from throttle.lab.evasion.plans import ech_outer
+
+    class EchConnection(QuicConnection):
+        """aioquic builds its TLS context when the connection starts and has no public way to add
+        an extension, so this is the one place that leans on its internals (the private
+        `_initialize`, as of aioquic 1.7.2); tests/test_h3.py checks that the extension is sent."""
+
+        def _initialize(self, peer_cid: bytes) -> None:
+            super()._initialize(peer_cid)
+            self.tls.handshake_extensions.append((0xFE0D, ech_outer()))
+
+    return EchConnection
+
+
 async def run(args: argparse.Namespace) -> int:
     from aioquic.h3.connection import H3_ALPN
-    from aioquic.quic.configuration import QuicConfiguration
-    from aioquic.quic.connection import QuicConnection
 
     quiet = logging.getLogger("quic")  # aioquic logs a failed handshake itself; the message below says it once
     quiet.addHandler(logging.NullHandler())
@@ -228,27 +246,13 @@ async def run(args: argparse.Namespace) -> int:
     else:
         server_name = authority = args.sni or args.host
     # aioquic sends no SNI when server_name is an IP address, and checks the certificate against it.
-    config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name=server_name,
-                               cafile=args.cafile, idle_timeout=args.max_time, max_datagram_size=DATAGRAM_SIZE,
-                               congestion_control_algorithm=CONGESTION)
+    config = configuration(track_sent=args.direction == "upload", is_client=True, alpn_protocols=H3_ALPN,
+                           server_name=server_name, cafile=args.cafile, idle_timeout=args.max_time)
     loop = asyncio.get_running_loop()
     sock = socket_for(args.address, args.port, connect=True, local_ports=args.local_port)
     proto = _Socket(sock.getpeername())
     transport = Datagrams(sock, proto.datagrams, proto.error)
-    connection_class: type[QuicConnection] = QuicConnection
-    if args.ech:
-        from throttle.lab.evasion.plans import ech_outer
-
-        class EchConnection(QuicConnection):
-            """Adds an outer encrypted_client_hello extension to the ClientHello (docs/incidents.md
-            §4.29's signature needs it); aioquic builds its TLS context when the connection starts."""
-
-            def _initialize(self, peer_cid: bytes) -> None:
-                super()._initialize(peer_cid)
-                self.tls.handshake_extensions.append((0xFE0D, ech_outer()))
-
-        connection_class = EchConnection
-    probe = Probe(connection_class(configuration=config), transport, args, authority)
+    probe = Probe(connection_class(args.ech)(configuration=config), transport, args, authority)
     proto.probe = probe
     shown = -1
 
