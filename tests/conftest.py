@@ -3,7 +3,13 @@ labs the namespace tests make.
 
 `THROTTLE_TEST_LAB_PREFIX` (default empty) is put before every test lab's name, so that two
 checkouts can run their namespace tests on one machine at once without taking each other's labs
-down (`THROTTLE_TEST_LAB_PREFIX=a- scripts/test tests/netns/test_censor.py`).
+down (`THROTTLE_TEST_LAB_PREFIX=a- scripts/test tests/netns/test_censor.py`). Under pytest-xdist
+(`scripts/test` runs the suite on several workers) each worker's labs also carry its number.
+
+Scheduling (`--dist loadgroup`): a namespace test module runs whole on one worker (its module
+fixtures, its order), unless its tests are marked `spread` (each may run on any worker, in that
+worker's own lab: `throttle run` of one bundled scenario). The longest modules are handed out
+first, so that they do not start last and finish alone.
 """
 
 from __future__ import annotations
@@ -11,10 +17,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "scenarios"
 VECTORS = ROOT / "tests" / "vectors"
 LAB_PREFIX = os.environ.get("THROTTLE_TEST_LAB_PREFIX", "")
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1" ... under pytest-xdist
+# Namespace test modules by how long they take (longest first); the others follow in file order.
+LONG_FIRST = ("test_soak.py", "test_run.py", "test_censor.py", "test_fastpath.py", "test_evasions_matrix.py",
+              "test_bench.py", "test_metrics.py", "test_gateway.py", "test_probes.py", "test_evasion.py")
 
 
 def scenario_path(name: str) -> Path:
@@ -24,6 +36,21 @@ def scenario_path(name: str) -> Path:
 
 def lab_name(base: str) -> str:
     """A test lab's name: `base`, after this run's prefix."""
-    name = LAB_PREFIX + base
+    name = LAB_PREFIX + base + WORKER.removeprefix("gw")
     assert len(name) <= 24, f"lab name {name!r} is over 24 characters: shorten THROTTLE_TEST_LAB_PREFIX"
     return name
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    netns = ROOT / "tests" / "netns"
+
+    def rank(item: pytest.Item) -> int:
+        path = item.path
+        if path.parent != netns:
+            return len(LONG_FIRST) + 1
+        return LONG_FIRST.index(path.name) if path.name in LONG_FIRST else len(LONG_FIRST)
+
+    items.sort(key=rank)  # stable: a module's tests keep their order
+    for item in items:
+        if item.path.parent == netns and item.get_closest_marker("spread") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
