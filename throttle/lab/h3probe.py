@@ -9,7 +9,7 @@ the server's certificate against the system bundle, which inside the lab's clien
 the lab CA (or --cafile). A download is `GET /bytes/SIZE`; an upload is `POST /upload` of SIZE
 incompressible bytes, asking the lab server (`throttle.lab.h3`) to report what it has received.
 
-Output, for the runner (`throttle.measure.runner`), in the manner of curl's:
+Output, for the runner (`throttle.measure`; the lines are defined in `throttle.lab.lines`), as curl's:
 
     stderr  `progress N` whenever N changes, at most every --interval seconds: bytes received
             (download) or bytes the server says it has received (upload); `h3probe: MESSAGE` on failure
@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from throttle.lab.h3 import (CONGESTION, DATAGRAM_SIZE, PROGRESS_HEADER, SEND_AHEAD, Datagrams, Endpoint, Sender,
                              socket_for, unsent)
+from throttle.lab.lines import (EXIT_HANDSHAKE, EXIT_HTTP, EXIT_LOST, EXIT_REFUSED, EXIT_TIMEOUT, emit, error_line,
+                                progress_line, result_line)
 from throttle.units import parse_size
 
 if TYPE_CHECKING:
@@ -45,7 +47,6 @@ if TYPE_CHECKING:
 SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 SILENCE = 1.0  # seconds without a datagram from the server before a PING asks whether it is there
 CHUNK = 65536
-EXIT_REFUSED, EXIT_HTTP, EXIT_TIMEOUT, EXIT_HANDSHAKE, EXIT_LOST = 7, 22, 28, 35, 56
 
 
 class Failure(Exception):
@@ -256,7 +257,7 @@ async def run(args: argparse.Namespace) -> int:
         nonlocal shown
         if probe.progress != shown:
             shown = probe.progress
-            sys.stderr.write(f"progress {shown}\n")
+            emit(progress_line(shown), sys.stderr)
 
     code = 0
     try:
@@ -277,11 +278,10 @@ async def run(args: argparse.Namespace) -> int:
         end = time.monotonic()
         pretransfer = (probe.handshake_at or end) - probe.started
         uploaded = probe.server_received if probe.upload else 0
-        print(f"RESULT {probe.status} {uploaded} {probe.downloaded} {end - probe.started:.6f} {pretransfer:.6f}",
-              flush=True)
+        emit(result_line(probe.status, uploaded, probe.downloaded, end - probe.started, pretransfer), sys.stdout)
     except Failure as exc:
         show()
-        sys.stderr.write(f"h3probe: {exc}\n")
+        emit(error_line(str(exc)), sys.stderr)
         code = exc.code
     finally:
         if not probe.ended:
@@ -329,7 +329,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         code = asyncio.run(run(args))
     except OSError as exc:
-        sys.stderr.write(f"h3probe: {exc}\n")
+        emit(error_line(str(exc)), sys.stderr)
         code = EXIT_REFUSED
     sys.exit(code)
 
