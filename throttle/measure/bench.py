@@ -44,6 +44,8 @@ from typing import Any, NamedTuple
 from throttle import __version__
 from throttle.children import Background
 from throttle.errors import ThrottleError
+from throttle.files import atomic_write
+from throttle.kernel.tools import require_tool
 from throttle.lab.topology import CENSOR_CLIENT_IF, CENSOR_SERVER_IF, Lab
 from throttle.measure.judge import reference_rate
 from throttle.measure.ports import PORTS, ProbePorts
@@ -297,7 +299,7 @@ class BenchRow:
 
 def write_json(path: Path, rows: Sequence[BenchRow], reproduce: dict[str, Any], extra: dict[str, Any]) -> None:
     data = {**extra, "reproduce": reproduce, "rows": [r.to_json() for r in rows]}
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    atomic_write(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def write_csv(path: Path, rows: Sequence[BenchRow]) -> None:
@@ -306,7 +308,7 @@ def write_csv(path: Path, rows: Sequence[BenchRow]) -> None:
     w.writeheader()
     for row in rows:
         w.writerow(row.to_json())
-    path.write_text(buf.getvalue())
+    atomic_write(path, buf.getvalue().encode())
 
 
 def _kbit(bytes_per_second: float) -> str:
@@ -358,7 +360,8 @@ class Capture(Background):
     tcpdump exits without the block it had not been given yet: up to a second of a flow's end lost."""
 
     def __init__(self, lab: Lab, role: str, iface: str, path: Path) -> None:
-        super().__init__(lab.exec_argv(role, ["tcpdump", "-n", "-i", iface, "-s", "128", "-U", "--immediate-mode",
+        tcpdump = require_tool("tcpdump", "tcpdump")
+        super().__init__(lab.exec_argv(role, [tcpdump, "-n", "-i", iface, "-s", "128", "-U", "--immediate-mode",
                                               "-Z", "root", "-w", str(path), "tcp", "or", "udp"]),
                          ready="listening on", what="tcpdump", fix="apt-get install tcpdump", stop_timeout=10)
         self.path = path
@@ -473,8 +476,8 @@ def bench(scenario: Scenario, repeat: int, out: Path, lab_name: str = "bench5",
              "speed_unit": "speed_bps, middle_bps and middle_median_bps are bits per second"}
     write_json(files["results.json"], rows, reproduce, extra)
     write_csv(files["results.csv"], rows)
-    files["flows.json"].write_text(json.dumps([f.to_json() for f in flows]) + "\n")
-    files["summary.md"].write_text(summary_markdown(scenario.name, rate, repeat, rows))
+    atomic_write(files["flows.json"], (json.dumps([f.to_json() for f in flows]) + "\n").encode())
+    atomic_write(files["summary.md"], summary_markdown(scenario.name, rate, repeat, rows).encode())
     files.update(write_plots(scenario, rate, rows, flows, out))
     return BenchResult(out, rows, flows, files, reproduce, reports)
 
