@@ -73,7 +73,7 @@ def test_ss_output_by_local_port() -> None:
 
 # ---- the browser ---------------------------------------------------------------------------------
 def browser(tmp_path: Path, **probe: object) -> BrowserClient:
-    return BrowserClient(Probe(name="b", host="pbs.twimg.com", size=1000, protocol="browser", **probe),  # type: ignore[arg-type]
+    return BrowserClient(Probe(name="b", host="pbs.twimg.com", size=1000, protocol="browser", **probe),
                          Setup(lambda argv: ["ns", *argv], tmp_path, 20.0))
 
 
@@ -148,7 +148,7 @@ class Script(ProbeClient):
 
 
 def runner(tmp_path: Path) -> Runner:
-    return Runner(parse_scenario(scenario('[[probe]]\nhost = "h"\ncontrol = true\nexpect = "normal"')), LocalLab(),  # type: ignore[arg-type]
+    return Runner(parse_scenario(scenario('[[probe]]\nhost = "h"\ncontrol = true\nexpect = "normal"')), LocalLab(),
                   tmp_path)
 
 

@@ -323,13 +323,13 @@ def test_command_placeholders_are_filled_and_quoted(tmp_path: Path) -> None:
     s = load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml")
     runner = Runner(s, FakeLab(), tmp_path)
     up = command_probe(command="curl -T {file} {url} # {host} {address} {size} {port}")
-    argv = runner.client(up).shell(up.command)  # type: ignore[attr-defined]
+    argv = runner.client(up).shell(up.command)
     assert argv[:6] == ["ip", "netns", "exec", "t-client", "sh", "-c"]
     assert argv[6] == (f"curl -T {tmp_path / 'upload-1000'} https://pbs.twimg.com/upload # pbs.twimg.com "
                        f"198.18.1.2 1000 {41000 + len(runner.runs)}")
     assert (tmp_path / "upload-1000").stat().st_size == 1000
     down = command_probe(direction="download", command="wget -O- {url}", host="a b")
-    assert runner.client(down).shell(down.command)[6] == "wget -O- 'https://a b/bytes/1000'"  # type: ignore[attr-defined]
+    assert runner.client(down).shell(down.command)[6] == "wget -O- 'https://a b/bytes/1000'"
 
 
 @pytest.mark.parametrize(

@@ -130,7 +130,8 @@ class CommandClient(_Alone):
         while time.monotonic() < deadline:
             if helper.poll() is not None:
                 said = helper.stderr.read().decode(errors="replace").strip() if helper.stderr else ""
-                return f"exited with {helper.returncode} before listening on port {port}" + (f": {said}" if said else "")
+                return (f"exited with {helper.returncode} before listening on port {port}"
+                        + (f": {said}" if said else ""))
             try:
                 if subprocess.run(argv, capture_output=True, text=True, timeout=5).stdout.strip():
                     return ""

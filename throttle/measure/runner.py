@@ -80,6 +80,14 @@ def ss_counts(out: str) -> dict[int, tuple[int | None, int | None]]:
     return counts
 
 
+def _stop(proc: subprocess.Popen[bytes], client: ProbeClient) -> None:
+    """Kill a client's process: with its process group when it has a session of its own."""
+    if client.session:
+        kill_group(proc)
+    elif proc.poll() is None:
+        proc.kill()
+
+
 class Runner:
     """Runs one scenario's probes in a lab whose censor already runs (see `run_scenario`)."""
 
@@ -121,29 +129,43 @@ class Runner:
     # ---- one probe ----------------------------------------------------------------------
     def run_probe(self, run: ProbeRun, fixed_port: bool = True) -> None:
         client = self.client(run.probe, fixed_port=fixed_port)
-        with client.prepared() as problem:
-            if problem:
-                outcome = Outcome(CAUSE_LAB, problem)
-            else:
-                with self._lock:
-                    run.started = time.monotonic()
-                try:
-                    outcome = client.outcome(self._execute(run, client))
-                except (OSError, ThrottleError) as exc:
-                    outcome = Outcome(CAUSE_LAB, f"{client.what} could not start: {exc}")
+        try:
+            with client.prepared() as problem:
+                outcome = Outcome(CAUSE_LAB, problem) if problem else client.outcome(self._execute(run, client))
+        except (OSError, ThrottleError) as exc:  # a tool missing, a client that cannot be run
+            outcome = Outcome(CAUSE_LAB, f"{client.what} could not start: {exc}")
         self.finish(run, outcome)
 
     def _execute(self, run: ProbeRun, client: ProbeClient) -> Exit:
         """The client's process from start to exit, in this thread: its progress stream fed to it
         as it comes, the other stream kept; killed at its deadline (with its process group, for a
-        client in a session of its own)."""
-        proc = subprocess.Popen(client.argv(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=client.session)
+        client in a session of its own), and on any error here."""
+        argv = client.argv()
+        with self._lock:
+            run.started = time.monotonic()
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=client.session)
+        try:
+            kept, killed = self._read(run, client, proc)
+            try:  # its pipes are closed: it is exiting, unless it closed them itself
+                code = proc.wait(timeout=max(0.0, run.started + client.deadline - time.monotonic()) + STRAGGLER)
+            except subprocess.TimeoutExpired:
+                _stop(proc, client)
+                killed, code = True, proc.wait()
+        except BaseException:
+            _stop(proc, client)
+            proc.wait()
+            raise
+        return Exit(kept["stdout"].decode(errors="replace"), kept["stderr"].decode(errors="replace"), code,
+                    time.monotonic() - run.started, killed)
+
+    def _read(self, run: ProbeRun, client: ProbeClient,
+              proc: subprocess.Popen[bytes]) -> tuple[dict[str, bytearray], bool]:
+        """Both pipes until they close: (what the non-progress streams said, killed at the deadline)."""
         assert proc.stdout is not None and proc.stderr is not None
         kept = {"stdout": bytearray(), "stderr": bytearray()}
         deadline = run.started + client.deadline
         killed = False
-        with selectors.DefaultSelector() as sel:
+        with selectors.DefaultSelector() as sel, proc.stdout, proc.stderr:
             sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
             sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
             while sel.get_map():
@@ -151,10 +173,7 @@ class Runner:
                 if left <= 0 and killed:
                     break  # something it started still holds the pipes: what it printed is in
                 if left <= 0:
-                    if client.session:
-                        kill_group(proc)
-                    else:
-                        proc.kill()
+                    _stop(proc, client)
                     killed, deadline = True, time.monotonic() + STRAGGLER
                     continue
                 for key, _ in sel.select(left):
@@ -165,11 +184,7 @@ class Runner:
                         self.feed(run, client, chunk)
                     else:
                         kept[key.data] += chunk
-        proc.stdout.close()
-        proc.stderr.close()
-        code = proc.wait()
-        return Exit(kept["stdout"].decode(errors="replace"), kept["stderr"].decode(errors="replace"), code,
-                    time.monotonic() - run.started, killed)
+        return kept, killed
 
     def finish(self, run: ProbeRun, outcome: Outcome) -> None:
         with self._lock:
@@ -201,15 +216,18 @@ class Runner:
                 runs = [r.snapshot() for r in self.runs]
             self.on_update(runs)
 
-    def _poll_acked(self, stop: threading.Event) -> None:
+    def _ss_argv(self) -> list[str]:
+        """`ss` over every probe's client ports (found here, so that a missing tool is said at once)."""
+        lo, hi = self.ports.span
+        return self.lab.exec_argv("client", [require_tool("ss", "iproute2"), "-tinH",
+                                             f"( sport >= :{lo} and sport <= :{hi} )"])
+
+    def _poll_acked(self, stop: threading.Event, argv: list[str]) -> None:
         """Upload progress as TCP sees it: bytes the server acknowledged (ss), once a second; and
         what downloads' sockets received, TLS included (freeze_bytes).
 
         curl counts bytes handed to its socket, and a socket buffer holds hundreds of KB, so its
         own count runs far ahead of what a policer lets through."""
-        lo, hi = self.ports.span
-        argv = self.lab.exec_argv("client", [require_tool("ss", "iproute2"), "-tinH",
-                                             f"( sport >= :{lo} and sport <= :{hi} )"])
         by_port: dict[int, ProbeRun] = {}
         for i, run in enumerate(self.runs):
             if client_class(run.probe.protocol).polled:
@@ -275,7 +293,7 @@ class Runner:
         controls = [r for r in self.runs if r.probe.control]
         others = [r for r in self.runs if not r.probe.control]
         stop = threading.Event()
-        poller = threading.Thread(target=self._poll_acked, args=(stop,), daemon=True)
+        poller = threading.Thread(target=self._poll_acked, args=(stop, self._ss_argv()), daemon=True)
         poller.start()
         for run in controls:
             self.run_probe(run)
