@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from throttle.kernel.tools import require_tool
 from throttle.measure.clients import (CAUSE_COMPLETED, CAUSE_LAB, CAUSE_TIMEOUT, Exit, Outcome, ProbeClient, Setup,
                                       classify_curl, upload_file)
+from throttle.measure.process import kill_group
 from throttle.scenario import Probe
 
 WRAP_READY = 10.0  # seconds a wrap helper has to start listening
@@ -43,22 +44,6 @@ _SERVER_REPLY = re.compile(r'"received":\s*(\d+),\s*"seconds":\s*([\d.]+)')
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-default-apps", "--ignore-certificate-errors")
-
-
-def kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
-    """Stop a child started in its own session, with everything it started (a browser's helpers)."""
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
 
 
 def _last_line(text: str) -> str:

@@ -12,7 +12,7 @@ for its speed with no censor (its baseline).
 Threads, and who owns what:
 
 - one thread per probe running at once (the caller's thread when they run one at a time): it owns
-  its client and its process, reading both output pipes itself until the probe's deadline;
+  its client and its process (`throttle.measure.process`), reading both pipes until its deadline;
 - the `ss` poller: uploads' progress over TCP (what the server acknowledged), downloads' TCP bytes;
 - in demo mode (`busy_controls`), one thread repeating the controls while the others run.
 
@@ -25,9 +25,7 @@ join could still write).
 from __future__ import annotations
 
 import functools
-import os
 import re
-import selectors
 import subprocess
 import sys
 import tempfile
@@ -42,9 +40,10 @@ from throttle.kernel.tools import require_tool
 from throttle.lab.topology import Lab
 from throttle.measure.clients import (CAUSE_LAB, SINK_PORT, CurlClient, Exit, Outcome, ProbeClient, QuicClient,
                                       RawTlsClient, Setup, default_timeout)
-from throttle.measure.commands import BrowserClient, CommandClient, kill_group
+from throttle.measure.commands import BrowserClient, CommandClient
 from throttle.measure.judge import Figures, judge, reference_rate
 from throttle.measure.ports import PORTS, ProbePorts
+from throttle.measure.process import watch
 from throttle.measure.report import ProbeRun, RunReport
 from throttle.scenario import Probe, Scenario, probe_rule
 
@@ -52,7 +51,6 @@ __all__ = ["CLIENTS", "SINK_PORT", "CensorProcess", "ProbeRun", "RunReport", "Ru
            "ss_counts"]
 
 SPEED_WINDOW = 4.0  # seconds the live speed is averaged over
-STRAGGLER = 5.0  # seconds a killed client's pipes may stay open (a child that escaped) before we stop reading
 
 CLIENTS: dict[str, type[ProbeClient]] = {"https": CurlClient, "http": CurlClient, "tls": RawTlsClient,
                                          "quic": QuicClient, "command": CommandClient, "browser": BrowserClient}
@@ -78,14 +76,6 @@ def ss_counts(out: str) -> dict[int, tuple[int | None, int | None]]:
             acked, received = re.search(r"bytes_acked:(\d+)", line), re.search(r"bytes_received:(\d+)", line)
             counts[port] = (int(acked.group(1)) if acked else None, int(received.group(1)) if received else None)
     return counts
-
-
-def _stop(proc: subprocess.Popen[bytes], client: ProbeClient) -> None:
-    """Kill a client's process: with its process group when it has a session of its own."""
-    if client.session:
-        kill_group(proc)
-    elif proc.poll() is None:
-        proc.kill()
 
 
 class Runner:
@@ -137,54 +127,15 @@ class Runner:
         self.finish(run, outcome)
 
     def _execute(self, run: ProbeRun, client: ProbeClient) -> Exit:
-        """The client's process from start to exit, in this thread: its progress stream fed to it
-        as it comes, the other stream kept; killed at its deadline (with its process group, for a
-        client in a session of its own), and on any error here."""
+        """The client's process from start to exit, in this thread (`process.watch`): its progress
+        stream fed to it as it comes; killed at its deadline."""
         argv = client.argv()
         with self._lock:
             run.started = time.monotonic()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=client.session)
-        try:
-            kept, killed = self._read(run, client, proc)
-            try:  # its pipes are closed: it is exiting, unless it closed them itself
-                code = proc.wait(timeout=max(0.0, run.started + client.deadline - time.monotonic()) + STRAGGLER)
-            except subprocess.TimeoutExpired:
-                _stop(proc, client)
-                killed, code = True, proc.wait()
-        except BaseException:
-            _stop(proc, client)
-            proc.wait()
-            raise
-        return Exit(kept["stdout"].decode(errors="replace"), kept["stderr"].decode(errors="replace"), code,
-                    time.monotonic() - run.started, killed)
-
-    def _read(self, run: ProbeRun, client: ProbeClient,
-              proc: subprocess.Popen[bytes]) -> tuple[dict[str, bytearray], bool]:
-        """Both pipes until they close: (what the non-progress streams said, killed at the deadline)."""
-        assert proc.stdout is not None and proc.stderr is not None
-        kept = {"stdout": bytearray(), "stderr": bytearray()}
-        deadline = run.started + client.deadline
-        killed = False
-        with selectors.DefaultSelector() as sel, proc.stdout, proc.stderr:
-            sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
-            sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
-            while sel.get_map():
-                left = deadline - time.monotonic()
-                if left <= 0 and killed:
-                    break  # something it started still holds the pipes: what it printed is in
-                if left <= 0:
-                    _stop(proc, client)
-                    killed, deadline = True, time.monotonic() + STRAGGLER
-                    continue
-                for key, _ in sel.select(left):
-                    chunk = os.read(key.fd, 65536)
-                    if not chunk:
-                        sel.unregister(key.fileobj)
-                    elif key.data == client.progress_stream:
-                        self.feed(run, client, chunk)
-                    else:
-                        kept[key.data] += chunk
-        return kept, killed
+        done = watch(argv, deadline=run.started + client.deadline, session=client.session,
+                     progress=client.progress_stream, on_progress=functools.partial(self.feed, run, client))
+        return Exit(done.out.decode(errors="replace"), done.err.decode(errors="replace"), done.code,
+                    time.monotonic() - run.started, done.killed)
 
     def finish(self, run: ProbeRun, outcome: Outcome) -> None:
         with self._lock:
