@@ -53,6 +53,7 @@ def test_every_probe_kind_has_a_client() -> None:
     assert set(CLIENTS) == set(PROTOCOLS)
     assert [p for p in PROTOCOLS if client_class(p).takes_ports] == ["https", "http", "tls", "quic"]
     assert [p for p in PROTOCOLS if client_class(p).crowds] == ["command", "browser"]
+    assert [p for p in PROTOCOLS if client_class(p).udp] == ["quic"]
 
 
 # ---- ports ---------------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def flow_segments(segments: Iterable[Segment], probes: Sequence[Probe],
         index = probe_index(seg.sport, probes, ports)
         if index is None:
             index = probe_index(seg.dport, probes, ports)
-        if index is not None and (seg.proto == UDP) == (probes[index].protocol == "quic"):
+        if index is not None and (seg.proto == UDP) == client_class(probes[index].protocol).udp:
             out[index].append(seg)
     return dict(out)
 

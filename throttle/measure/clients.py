@@ -101,6 +101,7 @@ class ProbeClient:
 
     what: ClassVar[str] = "the client"  # in "... could not start"
     takes_ports: ClassVar[bool] = False  # its client port comes from the probe's range (ss, captures)
+    udp: ClassVar[bool] = False  # over UDP (QUIC): judged against QUIC controls, captured as datagrams
     polled: ClassVar[bool] = False  # `ss` counts what its TCP connection acknowledged and received
     crowds: ClassVar[bool] = False  # its start-up would crowd other probes' measurements: run alone
     session: ClassVar[bool] = False  # own process group, killed whole at the timeout (no own timeout)
@@ -354,6 +355,7 @@ class QuicClient(ProbeClient):
     """An HTTP/3 GET /bytes/N or POST of N bytes; the SNI as curl's."""
 
     takes_ports = True
+    udp = True
     progress_stream = "stderr"
 
     def __init__(self, probe: Probe, setup: Setup) -> None:

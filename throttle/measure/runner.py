@@ -276,18 +276,18 @@ class Runner:
 
         A QUIC probe is compared with QUIC controls, a TCP one with TCP controls, when there are
         such (the lab's HTTP/3 runs far below curl over TCP)."""
-        done = [r for r in controls if r.completed]
-        control_speed = max((r.speed for r in done), default=None)
+        control_speed = max((r.speed for r in controls if r.completed), default=None)
         speeds: dict[bool, float | None] = {}
         shakes: dict[bool, float | None] = {}
-        for quic in (False, True):
-            same = [r.speed for r in done if (r.probe.protocol == "quic") == quic]
-            speeds[quic] = max(same) if same else control_speed
-            times = [r.handshake for r in controls if r.handshake is not None and (r.probe.protocol == "quic") == quic]
-            shakes[quic] = max(times) if times else None
+        for udp in (False, True):
+            mine = [r for r in controls if client_class(r.probe.protocol).udp == udp]
+            same = [r.speed for r in mine if r.completed]
+            speeds[udp] = max(same) if same else control_speed
+            times = [r.handshake for r in mine if r.handshake is not None]
+            shakes[udp] = max(times) if times else None
         for run in self.runs:
-            quic = run.probe.protocol == "quic"
-            figures = Figures(self.rate_for(run.probe), speeds[quic], shakes[quic], run.baseline)
+            udp = client_class(run.probe.protocol).udp
+            figures = Figures(self.rate_for(run.probe), speeds[udp], shakes[udp], run.baseline)
             run.judged(figures.rate, judge(run, run.probe, figures))
         return control_speed
 
