@@ -27,10 +27,12 @@ from throttle.measure.bench import (
     write_csv,
     write_json,
 )
+from throttle.measure.ports import ProbePorts
 from throttle.scenario import Probe, parse_scenario
 
 PNG = b"\x89PNG\r\n\x1a\n"
 BASE = 31000
+PORTS = ProbePorts(BASE)
 C, S = "198.18.0.2", "198.18.1.2"
 
 
@@ -68,18 +70,36 @@ def test_parse_segment_skips_later_fragments() -> None:
 
 
 # ---- flows ---------------------------------------------------------------------------------------
-def test_flow_segments_by_client_port_range_and_tls_by_order() -> None:
+def test_flow_segments_by_client_port_range_tls_included() -> None:
     probes = [Probe("up", "a"), Probe("ctl", "b", control=True), Probe("raw1", "c", protocol="tls"),
               Probe("rawctl", "d", protocol="tls", control=True)]
     segs = [seg(0.0, BASE + 3, 443, 1, 10), seg(0.1, 443, BASE + 3, 5, 0, S, C), seg(0.2, BASE + 15, 443, 1, 10),
-            seg(0.3, 40000, 8443, 1, 10), seg(0.5, 40001, 8443, 1, 10), seg(0.6, 8443, 40000, 1, 0, S, C),
+            seg(0.3, BASE + 30, 8443, 1, 10), seg(0.5, BASE + 21, 8443, 1, 10), seg(0.6, 8443, BASE + 30, 1, 0, S, C),
             seg(0.7, 50000, 80, 1, 10)]
-    flows = flow_segments(segs, probes, BASE)
+    flows = flow_segments(segs, probes, PORTS)
     assert [s.time for s in flows[0]] == [0.0, 0.1]
     assert [s.time for s in flows[1]] == [0.2]
-    assert [s.time for s in flows[3]] == [0.3, 0.6]  # the TLS control runs first, so it is the first 8443 flow
+    assert [s.time for s in flows[3]] == [0.3, 0.6]  # the TLS control's own port range
     assert [s.time for s in flows[2]] == [0.5]
     assert all(s.sport != 50000 for f in flows.values() for s in f)
+
+
+def test_raw_tls_probes_started_together_are_told_apart_by_port() -> None:
+    # Once the TLS probes were paired with 8443 connections by order of first appearance, which two
+    # probes started at once could swap. Their ports say whose a connection is, whatever the order.
+    probes = [Probe("ctl", "b", control=True), Probe("raw1", "c", protocol="tls"), Probe("raw2", "d", protocol="tls"),
+              Probe("cmd", "e", protocol="command", command="true")]
+    segs = [seg(0.0, BASE + 20, 8443, 1, 10), seg(0.01, BASE + 10, 8443, 1, 10), seg(0.02, 8443, BASE + 20, 1, 0, S, C),
+            seg(0.03, BASE + 31, 443, 1, 10), seg(0.04, 41000, 8443, 1, 10)]
+    flows = flow_segments(segs, probes, PORTS)
+    assert [s.time for s in flows[1]] == [0.01] and [s.time for s in flows[2]] == [0.0, 0.02]
+    assert 3 not in flows and 0 not in flows  # a command takes no port range; nothing was the control's
+
+
+def test_tcp_ports_of_a_quic_probe_and_udp_ports_of_a_tls_probe_are_not_theirs() -> None:
+    probes = [Probe("raw", "a", protocol="tls"), Probe("quic", "b", protocol="quic")]
+    segs = [seg(0.0, BASE, 8443, 1, 10)._replace(proto=17), seg(0.1, BASE + 10, 443, 1, 10)]
+    assert flow_segments(segs, probes, PORTS) == {}
 
 
 def test_flow_segments_quic_probes_by_port_and_udp_only() -> None:
@@ -87,7 +107,7 @@ def test_flow_segments_quic_probes_by_port_and_udp_only() -> None:
     segs = [seg(0.0, BASE + 1, 443, 1, 10), seg(0.1, BASE + 11, 443, 1, 10)._replace(proto=17),
             seg(0.2, 443, BASE + 11, 2, 10, S, C)._replace(proto=17), seg(0.3, BASE + 12, 443, 1, 10),
             seg(0.4, BASE + 2, 443, 1, 10)._replace(proto=17)]
-    flows = flow_segments(segs, probes, BASE)
+    flows = flow_segments(segs, probes, PORTS)
     assert [s.time for s in flows[0]] == [0.0]  # not the UDP datagram in its port range
     assert [s.time for s in flows[1]] == [0.1, 0.2]  # not the TCP segment in its port range
 
@@ -145,13 +165,13 @@ def test_analyse_flow_upload_and_download() -> None:
                    seg(0.03, 443, BASE, 7, 500, S, C), seg(0.35, BASE, 443, 1001, 1000)]
     server_side = [seg(0.0001, BASE, 443, 1, 0), seg(0.0101, BASE, 443, 1, 1000), seg(0.0299, 443, BASE, 7, 500, S, C),
                    seg(0.3501, BASE, 443, 1001, 1000)]
-    st = analyse_flow(1, 0, up, client_side, server_side, BASE)
+    st = analyse_flow(1, 0, up, client_side, server_side, PORTS)
     assert st.passed_bins == [1000, 0, 0, 1000]
     assert st.drop_bins == [1, 0, 0, 0] and st.drops == 1 and st.capture_bytes == 2000
     down = Probe("down", "pbs.twimg.com", direction="download")
-    st = analyse_flow(1, 0, down, client_side, server_side, BASE)
+    st = analyse_flow(1, 0, down, client_side, server_side, PORTS)
     assert st.passed_bins == [500, 0, 0, 0] and st.drops == 0
-    assert analyse_flow(1, 0, up, [], [], BASE).passed_bins == []
+    assert analyse_flow(1, 0, up, [], [], PORTS).passed_bins == []
 
 
 # ---- writers -------------------------------------------------------------------------------------

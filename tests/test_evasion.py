@@ -262,3 +262,37 @@ def test_cli_bad_arguments_exit_2(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
+
+
+def test_run_takes_the_first_free_port_of_its_range() -> None:
+    """As curl's --local-port: a port in use is skipped, so captures can tell the probe's connection."""
+    ports: list[int] = []
+    with socket.socket() as listener, socket.socket() as busy:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        busy.bind(("127.0.0.1", 0))  # the range's first port, taken
+        lo = busy.getsockname()[1]
+
+        def serve() -> None:
+            conn, peer = listener.accept()
+            with conn:
+                ports.append(peer[1])
+                total = 0
+                while chunk := conn.recv(65536):
+                    total += len(chunk)
+                conn.sendall(f"received {total}\n".encode())
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        result = run("127.0.0.1", listener.getsockname()[1], plan("none", SNI), 1000, timeout=10,
+                     local_ports=(lo, lo + 9))
+        server.join(timeout=10)
+    assert result.ok, result.error
+    assert ports and lo < ports[0] <= lo + 9
+
+
+def test_cli_refuses_a_bad_port_range() -> None:
+    for bad in ("x", "40010-40000", "0-9", "1-70000"):
+        with pytest.raises(SystemExit) as exc:
+            main(["--address", "127.0.0.1", "--size", "1", "--local-port", bad])
+        assert exc.value.code == 2

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -15,7 +14,10 @@ import pytest
 
 from tests.conftest import ROOT
 from throttle.errors import ScenarioError
-from throttle.measure.runner import ProbeRun, Runner, quic_progress
+from throttle.lab.lines import parse_progress as quic_progress
+from throttle.measure.clients import Exit
+from throttle.measure.report import ProbeRun
+from throttle.measure.runner import Runner
 from throttle.scenario import Probe, load_scenario
 from throttle.scenario.load import parse_scenario
 
@@ -34,19 +36,19 @@ def runner(tmp_path: Path) -> Runner:
 
 def test_quic_commands(tmp_path: Path) -> None:
     r = runner(tmp_path)
-    down = r.command(Probe(name="a", host="pbs.twimg.com", protocol="quic", direction="download", size=5000), 30)
+    down = r.client(Probe(name="a", host="pbs.twimg.com", protocol="quic", direction="download", size=5000), 30).argv()
     assert down[:4] == ["ip", "netns", "exec", "t-client"]
     assert down[5:8] == ["-m", "throttle.lab.h3probe", "pbs.twimg.com"]
     assert down[down.index("--address") + 1] == "198.18.1.2"
     assert down[down.index("--download") + 1] == "5000" and down[down.index("--max-time") + 1] == "30"
     assert "--sni" not in down and "--no-sni" not in down  # the host is the SNI
-    up = r.command(Probe(name="b", host="pbs.twimg.com", protocol="quic", size=7, address="2001:2:0:2::3"), 0.2)
+    up = r.client(Probe(name="b", host="pbs.twimg.com", protocol="quic", size=7, address="2001:2:0:2::3"), 0.2).argv()
     assert up[up.index("--upload") + 1] == "7" and up[up.index("--address") + 1] == "2001:2:0:2::3"
     assert up[up.index("--max-time") + 1] == "1"
     assert not (tmp_path / "upload-7").exists()  # the client makes its own bytes
-    nosni = r.command(Probe(name="c", host="pbs.twimg.com", protocol="quic", sni=False), 10)
+    nosni = r.client(Probe(name="c", host="pbs.twimg.com", protocol="quic", sni=False), 10).argv()
     assert "--no-sni" in nosni
-    other = r.command(Probe(name="d", host="pbs.twimg.com", protocol="quic", sni="example.org"), 10)
+    other = r.client(Probe(name="d", host="pbs.twimg.com", protocol="quic", sni="example.org"), 10).argv()
     assert other[other.index("--sni") + 1] == "example.org"
 
 
@@ -58,10 +60,11 @@ def test_quic_progress_lines() -> None:
     assert quic_progress(b"") is None
 
 
-class FakeProc:
-    def __init__(self, stderr: bytes) -> None:
-        self.stderr = io.BytesIO(stderr)
-        self.stdout = io.BytesIO(b"")
+def finished(r: Runner, run: ProbeRun, stderr: bytes, stdout: str, code: int) -> None:
+    """The QUIC client's output through the runner: its stderr as it ran, then its exit."""
+    client = r.client(run.probe)
+    r.feed(run, client, stderr)
+    r.finish(run, client.outcome(Exit(stdout, "", code, 1.0)))
 
 
 @pytest.mark.parametrize("direction", ["download", "upload"])
@@ -69,9 +72,11 @@ def test_quic_output_is_read_and_judged_like_curls(tmp_path: Path, direction: st
     r = runner(tmp_path)
     run = ProbeRun(Probe(name="a", host="h", protocol="quic", direction=direction, size=3000))  # type: ignore[arg-type]
     r.runs = [run]
-    r._read_progress(run, FakeProc(b"progress 1000\nprogress 2500\nprogress 3000\n"))  # type: ignore[arg-type]
+    client = r.client(run.probe)
+    r.feed(run, client, b"progress 1000\nprogress 2500\nprogress 3000\n")
     assert run.samples and run.samples[-1][1] == 3000  # uploads too: what the server counted
-    r._finish(run, "RESULT 200 %d %d 2.5 0.5\n" % ((3000, 80) if direction == "upload" else (0, 3000)), 0)
+    r.finish(run, client.outcome(Exit("RESULT 200 %d %d 2.5 0.5\n" % ((3000, 80) if direction == "upload"
+                                                                      else (0, 3000)), "", 0, 1.0)))
     assert run.completed and run.bytes == 3000 and run.seconds == pytest.approx(2.0)
 
 
@@ -79,11 +84,10 @@ def test_a_failed_quic_probe_carries_the_clients_message(tmp_path: Path) -> None
     r = runner(tmp_path)
     run = ProbeRun(Probe(name="a", host="h", protocol="quic", direction="download", size=3000))
     r.runs = [run]
-    r._read_progress(run, FakeProc(b"progress 1000\nh3probe: nothing answers on UDP 198.18.1.2 port 443\n"))  # type: ignore[arg-type]
-    r._finish(run, "", 7)
+    finished(r, run, b"progress 1000\nh3probe: nothing answers on UDP 198.18.1.2 port 443\n", "", 7)
     assert not run.completed and run.error == "nothing answers on UDP 198.18.1.2 port 443"
     silent = ProbeRun(Probe(name="b", host="h", protocol="quic"))
-    r._finish(silent, "", 1)
+    finished(r, silent, b"", "", 1)
     assert silent.error == "the QUIC client exited with 1"
 
 

@@ -2,31 +2,39 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
 from throttle.errors import ScenarioError
-from throttle.measure.runner import (
-    ProbeRun,
-    Runner,
-    RunReport,
-    check_expectations,
-    classify_curl,
-    classify_quic,
-    classify_raw,
-    default_timeout,
-    finish_command,
-    handshake_verdict,
-    judge,
-    parse_result,
-    reference_rate,
-)
+from throttle.lab.lines import parse_result
+from throttle.measure.clients import Exit, Setup, classify_curl, classify_quic, classify_raw, default_timeout
+from throttle.measure.commands import CommandClient
+from throttle.measure.judge import Figures, check_expectations, handshake_verdict, reference_rate, speed_verdict
+from throttle.measure.report import ProbeRun, RunReport
+from throttle.measure.runner import Runner
 from throttle.scenario import Probe, load_scenario
 
 RATE = 16250.0
+
+
+@pytest.fixture(autouse=True)
+def bare_tool_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """System tools by their bare names, as the argv assertions below write them (the runner finds
+    them through throttle.kernel.tools, which gives full paths on a real machine)."""
+    monkeypatch.setattr("throttle.kernel.tools.find_tool", lambda name: name)
+
+
+def judge(run: ProbeRun, rate: float, control: float | None) -> str:
+    """The speed verdict of a run against `rate` and the control's speed (and its own baseline)."""
+    return speed_verdict(run, run.probe, Figures(rate, control, baseline=run.baseline))
+
+
+def finish_command(run: ProbeRun, out: str, err: str, code: int | None, wall: float) -> None:
+    """A command probe's exit (None: killed at its timeout) as the runner takes it."""
+    client = CommandClient(run.probe, Setup(lambda argv: argv, Path("."), 10.0))
+    run.finish(client.outcome(Exit(out, err, -9 if code is None else code, wall, killed=code is None)))
 
 
 def run_of(speed: float, *, completed: bool = True, control: bool = False, size: int = 262144) -> ProbeRun:
@@ -84,20 +92,21 @@ class FakeLab:
 def test_commands(tmp_path: Path) -> None:
     s = load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml")
     runner = Runner(s, FakeLab(), tmp_path)
-    up = runner.command(Probe(name="a", host="pbs.twimg.com", size=1000), 10)
+    up = runner.client(Probe(name="a", host="pbs.twimg.com", size=1000), 10).argv()
     assert up[:4] == ["ip", "netns", "exec", "t-client"] and "curl" in up
     assert up[-1] == "https://pbs.twimg.com/upload" and "--resolve" in up
     assert up[up.index("--resolve") + 1] == "pbs.twimg.com:443:198.18.1.2"
     assert (tmp_path / "upload-1000").stat().st_size == 1000
-    other = runner.command(Probe(name="b", host="pbs.twimg.com", address="198.18.1.3", direction="download", size=5), 10)
+    other = runner.client(Probe(name="b", host="pbs.twimg.com", address="198.18.1.3", direction="download", size=5),
+                          10).argv()
     assert other[other.index("--resolve") + 1] == "pbs.twimg.com:443:198.18.1.3"
     assert other[-1] == "https://pbs.twimg.com/bytes/5"
-    nosni = runner.command(Probe(name="c", host="pbs.twimg.com", sni=False), 10)
+    nosni = runner.client(Probe(name="c", host="pbs.twimg.com", sni=False), 10).argv()
     assert nosni[-1] == "https://198.18.1.2/upload" and "--resolve" not in nosni
-    raw = runner.command(Probe(name="d", host="pbs.twimg.com", protocol="tls", evasion="split", size=9), 10)
+    raw = runner.client(Probe(name="d", host="pbs.twimg.com", protocol="tls", evasion="split", size=9), 10).argv()
     assert raw[4:7] == [raw[4], "-m", "throttle.lab.evasion"]
     assert raw[raw.index("--evasion") + 1] == "split" and raw[raw.index("--sni") + 1] == "pbs.twimg.com"
-    v6 = runner.command(Probe(name="e", host="x.example", address="2001:2:0:2::3"), 10)
+    v6 = runner.client(Probe(name="e", host="x.example", address="2001:2:0:2::3"), 10).argv()
     assert "-6" in v6 and v6[v6.index("--resolve") + 1] == "x.example:443:2001:2:0:2::3"
 
 
@@ -177,13 +186,9 @@ def finished(tmp_path: Path, probe: Probe, out: str, code: int, stderr: bytes = 
     run = ProbeRun(probe)
     runner.runs = [run]
     run.started = 1.0
-
-    class Proc:
-        def __init__(self) -> None:
-            self.stderr, self.stdout = io.BytesIO(stderr), io.BytesIO(b"")
-
-    runner._read_progress(run, Proc())  # type: ignore[arg-type]
-    runner._finish(run, out, code)
+    client = runner.client(probe)
+    runner.feed(run, client, stderr)  # curl's progress stream
+    runner.finish(run, client.outcome(Exit(out, "", code, 1.0)))
     return run
 
 
@@ -233,26 +238,26 @@ def test_freeze_bytes_are_checked() -> None:
     probe = Probe(name="f", host="h", direction="download", expect="blocked", freeze_bytes=(15000, 20000))
     run = ProbeRun(probe)
     run.cause, run.tcp_received = "timeout", 17500
-    assert check_expectations(run, None) == []
+    assert check_expectations(run, run.probe, None) == []
     run.tcp_received = 40000
-    assert check_expectations(run, None) == ["freeze_bytes: stalled after 40000 bytes, expected 15000-20000"]
+    assert check_expectations(run, run.probe, None) == ["freeze_bytes: stalled after 40000 bytes, expected 15000-20000"]
     done = ProbeRun(probe)
     done.cause, done.completed = "completed", True
-    assert "completed" in check_expectations(done, None)[0]
+    assert "completed" in check_expectations(done, done.probe, None)[0]
     reset = ProbeRun(probe)
     reset.cause = "reset"
-    assert "reset" in check_expectations(reset, None)[0]
+    assert "reset" in check_expectations(reset, reset.probe, None)[0]
     raw = ProbeRun(Probe(name="u", host="h", protocol="tls", expect="blocked", freeze_bytes=(1, 2)))
     raw.cause, raw.bytes = "timeout", 2
-    assert raw.stalled_bytes == 2 and check_expectations(raw, None) == []
+    assert raw.stalled_bytes == 2 and check_expectations(raw, raw.probe, None) == []
 
 
 def test_handshake_expectations() -> None:
     slow = ProbeRun(Probe(name="s", host="h", expect_handshake="slow"))
     slow.handshake = 4.0
-    assert handshake_verdict(slow, 0.01) == "slow" and check_expectations(slow, 0.01) == []
+    assert handshake_verdict(slow, 0.01) == "slow" and check_expectations(slow, slow.probe, 0.01) == []
     slow.handshake = 0.08  # 8 x the control: not slow
-    assert handshake_verdict(slow, 0.01) == "normal" and "observed normal" in check_expectations(slow, 0.01)[0]
+    assert handshake_verdict(slow, 0.01) == "normal" and "observed normal" in check_expectations(slow, slow.probe, 0.01)[0]
     slow.handshake = 0.3  # 30 x the control but under the floor: a loaded machine, not a censor
     assert handshake_verdict(slow, 0.01) == "normal"
     slow.handshake = 0.6
@@ -262,7 +267,7 @@ def test_handshake_expectations() -> None:
     assert handshake_verdict(crawl, 0.01) == "slow"
     fine = ProbeRun(Probe(name="n", host="h", expect_handshake="normal"))
     fine.handshake = 0.01
-    assert check_expectations(fine, 0.01) == []
+    assert check_expectations(fine, fine.probe, 0.01) == []
     assert fine.passed is False  # observed is unset: the outcome is judged separately
 
 
@@ -299,10 +304,10 @@ def test_blocked_by_checks_how_a_probe_was_stopped() -> None:
     probe = Probe(name="b", host="h", expect="blocked", blocked_by="reset")
     reset = ProbeRun(probe)
     reset.cause = "reset"
-    assert check_expectations(reset, None) == []
+    assert check_expectations(reset, reset.probe, None) == []
     stalled = ProbeRun(probe)
     stalled.cause = "timeout"
-    assert check_expectations(stalled, None) == ["blocked_by: expected a reset, but the probe ended by timeout"]
+    assert check_expectations(stalled, stalled.probe, None) == ["blocked_by: expected a reset, but the probe ended by timeout"]
 
 
 # ---- command probes --------------------------------------------------------------------------
@@ -318,13 +323,13 @@ def test_command_placeholders_are_filled_and_quoted(tmp_path: Path) -> None:
     s = load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml")
     runner = Runner(s, FakeLab(), tmp_path)
     up = command_probe(command="curl -T {file} {url} # {host} {address} {size} {port}")
-    argv = runner.shell_command(up, up.command)
+    argv = runner.client(up).shell(up.command)
     assert argv[:6] == ["ip", "netns", "exec", "t-client", "sh", "-c"]
     assert argv[6] == (f"curl -T {tmp_path / 'upload-1000'} https://pbs.twimg.com/upload # pbs.twimg.com "
                        f"198.18.1.2 1000 {41000 + len(runner.runs)}")
     assert (tmp_path / "upload-1000").stat().st_size == 1000
     down = command_probe(direction="download", command="wget -O- {url}", host="a b")
-    assert runner.shell_command(down, down.command)[6] == "wget -O- 'https://a b/bytes/1000'"
+    assert runner.client(down).shell(down.command)[6] == "wget -O- 'https://a b/bytes/1000'"
 
 
 @pytest.mark.parametrize(

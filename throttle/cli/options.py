@@ -17,6 +17,7 @@ from typing import Any, Optional
 import typer
 
 from throttle.errors import ThrottleError
+from throttle.files import atomic_write
 from throttle.scenario import Scenario, load_scenario
 from throttle.scenario.library import find_scenario, names
 
@@ -64,7 +65,7 @@ def emit_json(data: Any, as_json: bool, output: Optional[Path]) -> None:
     """`--json`: the document on stdout; `-o FILE`: into FILE (and a note on stderr)."""
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     if output is not None:
-        output.write_text(text)
+        atomic_write(output, text.encode())
         typer.echo(f"written: {output}", err=True)
     if as_json:
         typer.echo(text, nl=False)

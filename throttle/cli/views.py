@@ -18,7 +18,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from throttle.measure.runner import ProbeRun, RunReport
+from throttle.measure.report import ProbeRun, RunReport
 from throttle.units import format_rate, format_size
 
 

@@ -9,7 +9,7 @@ the server's certificate against the system bundle, which inside the lab's clien
 the lab CA (or --cafile). A download is `GET /bytes/SIZE`; an upload is `POST /upload` of SIZE
 incompressible bytes, asking the lab server (`throttle.lab.h3`) to report what it has received.
 
-Output, for the runner (`throttle.measure.runner`), in the manner of curl's:
+Output, for the runner (`throttle.measure`; the lines are defined in `throttle.lab.lines`), as curl's:
 
     stderr  `progress N` whenever N changes, at most every --interval seconds: bytes received
             (download) or bytes the server says it has received (upload); `h3probe: MESSAGE` on failure
@@ -33,6 +33,18 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
+from throttle.lab.lines import (
+    EXIT_HANDSHAKE,
+    EXIT_HTTP,
+    EXIT_LOST,
+    EXIT_REFUSED,
+    EXIT_TIMEOUT,
+    emit,
+    error_line,
+    parse_port_range,
+    progress_line,
+    result_line,
+)
 from throttle.lab.quic_io import PROGRESS_HEADER, SEND_AHEAD, Datagrams, Endpoint, Sender, configuration, socket_for
 from throttle.units import parse_size
 
@@ -44,7 +56,6 @@ if TYPE_CHECKING:
 SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 SILENCE = 1.0  # seconds without a datagram from the server before a PING asks whether it is there
 CHUNK = 65536
-EXIT_REFUSED, EXIT_HTTP, EXIT_TIMEOUT, EXIT_HANDSHAKE, EXIT_LOST = 7, 22, 28, 35, 56
 
 
 class Failure(Exception):
@@ -260,7 +271,7 @@ async def run(args: argparse.Namespace) -> int:
         nonlocal shown
         if probe.progress != shown:
             shown = probe.progress
-            sys.stderr.write(f"progress {shown}\n")
+            emit(progress_line(shown), sys.stderr)
 
     code = 0
     try:
@@ -281,11 +292,10 @@ async def run(args: argparse.Namespace) -> int:
         end = time.monotonic()
         pretransfer = (probe.handshake_at or end) - probe.started
         uploaded = probe.server_received if probe.upload else 0
-        print(f"RESULT {probe.status} {uploaded} {probe.downloaded} {end - probe.started:.6f} {pretransfer:.6f}",
-              flush=True)
+        emit(result_line(probe.status, uploaded, probe.downloaded, end - probe.started, pretransfer), sys.stdout)
     except Failure as exc:
         show()
-        sys.stderr.write(f"h3probe: {exc}\n")
+        emit(error_line(str(exc)), sys.stderr)
         code = exc.code
     finally:
         if not probe.ended:
@@ -297,10 +307,10 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def _port_range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition("-")
-    if not (lo.isdigit() and (hi or lo).isdigit()) or not 0 < int(lo) <= int(hi or lo) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port range; write e.g. 40000-40009")
-    return int(lo), int(hi or lo)
+    try:
+        return parse_port_range(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -333,7 +343,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         code = asyncio.run(run(args))
     except OSError as exc:
-        sys.stderr.write(f"h3probe: {exc}\n")
+        emit(error_line(str(exc)), sys.stderr)
         code = EXIT_REFUSED
     sys.exit(code)
 

@@ -44,8 +44,13 @@ from typing import Any, NamedTuple
 from throttle import __version__
 from throttle.children import Background
 from throttle.errors import ThrottleError
+from throttle.files import atomic_write
+from throttle.kernel.tools import require_tool
 from throttle.lab.topology import CENSOR_CLIENT_IF, CENSOR_SERVER_IF, Lab
-from throttle.measure.runner import PORT_BASE, SINK_PORT, RunReport, reference_rate, run_scenario
+from throttle.measure.judge import reference_rate
+from throttle.measure.ports import PORTS, ProbePorts
+from throttle.measure.report import RunReport
+from throttle.measure.runner import client_class, run_scenario
 from throttle.scenario import Probe, Scenario
 from throttle.units import format_rate
 from throttle.wire.ip import TCP, UDP, decode
@@ -57,7 +62,6 @@ __all__ = [
 ]
 
 BIN = 0.1  # seconds per throughput / drop bin
-TLS_PORT = SINK_PORT  # the raw TLS client's server port
 PACKAGES = ("netfilterqueue", "pyroute2", "cryptography", "prometheus-client", "typer", "rich", "matplotlib", "numpy")
 CSV_FIELDS = ("repeat", "probe", "host", "direction", "bytes", "seconds", "speed_bps", "expected", "observed",
               "passed", "control", "error", "capture_bytes", "drops", "middle_bps", "middle_median_bps")
@@ -107,49 +111,35 @@ def read_segments(path: Path) -> list[Segment]:
 
 
 # ---- flows ---------------------------------------------------------------------------------------
-def probe_ports(probes: Sequence[Probe], port_base: int) -> dict[int, int]:
-    """Client port -> probe index for the curl probes (the runner's `Runner._ports`)."""
-    return {port_base + 10 * i + k: i for i, p in enumerate(probes) if p.protocol != "tls" for k in range(10)}
+def probe_index(port: int, probes: Sequence[Probe], ports: ProbePorts = PORTS) -> int | None:
+    """The probe whose client port range (`throttle.measure.ports`) holds `port`, among the probes
+    whose clients take one (every kind but a command or a browser, whose packets bench cannot find)."""
+    index = ports.owner(port)
+    if index is None or index >= len(probes) or not client_class(probes[index].protocol).takes_ports:
+        return None
+    return index
 
 
-def flow_segments(segments: Iterable[Segment], probes: Sequence[Probe], port_base: int) -> dict[int, list[Segment]]:
-    """Probe index -> its TCP segments or UDP datagrams (both directions), in capture order.
-
-    curl and QUIC probes are found by their client port range. Raw TLS probes pick their own ports: their
-    connections to port 8443 are taken in order of first appearance and given to the TLS probes in
-    the order the runner starts them (controls first, then file order)."""
-    ports = probe_ports(probes, port_base)
+def flow_segments(segments: Iterable[Segment], probes: Sequence[Probe],
+                  ports: ProbePorts = PORTS) -> dict[int, list[Segment]]:
+    """Probe index -> its TCP segments or UDP datagrams (both directions), in capture order: the
+    packets from or to its client port range, over its transport (UDP for QUIC, else TCP)."""
     out: dict[int, list[Segment]] = defaultdict(list)
-    tls: dict[int, list[Segment]] = {}
-    quic = {i for i, p in enumerate(probes) if p.protocol == "quic"}
     for seg in segments:
         if seg.proto != TCP and seg.proto != UDP:
             continue
-        index = ports.get(seg.sport, ports.get(seg.dport))
-        if index is not None and (seg.proto == UDP) != (index in quic):
-            continue  # a QUIC probe's datagrams, a TCP probe's segments
-        if seg.sport in ports:
-            out[ports[seg.sport]].append(seg)
-        elif seg.dport in ports:
-            out[ports[seg.dport]].append(seg)
-        elif seg.proto != TCP:
-            continue
-        elif seg.dport == TLS_PORT:
-            tls.setdefault(seg.sport, []).append(seg)
-        elif seg.sport == TLS_PORT:
-            tls.setdefault(seg.dport, []).append(seg)
-    order = [i for i, p in enumerate(probes) if p.protocol == "tls" and p.control]
-    order += [i for i, p in enumerate(probes) if p.protocol == "tls" and not p.control]
-    for i, (_, segs) in zip(order, sorted(tls.items(), key=lambda kv: kv[1][0].time)):
-        out[i] = segs
+        index = probe_index(seg.sport, probes, ports)
+        if index is None:
+            index = probe_index(seg.dport, probes, ports)
+        if index is not None and (seg.proto == UDP) == client_class(probes[index].protocol).udp:
+            out[index].append(seg)
     return dict(out)
 
 
-def from_client(seg: Segment, probe: Probe, port_base: int, index: int) -> bool:
+def from_client(seg: Segment, index: int, ports: ProbePorts = PORTS) -> bool:
     """Whether a segment travels client to server (its source port is the client's)."""
-    if probe.protocol == "tls":
-        return seg.dport == TLS_PORT
-    return port_base + 10 * index <= seg.sport <= port_base + 10 * index + 9
+    lo, hi = ports.client(index)
+    return lo <= seg.sport <= hi
 
 
 # ---- analysis (pure) -----------------------------------------------------------------------------
@@ -256,7 +246,7 @@ class FlowStats:
 
 
 def analyse_flow(repeat: int, index: int, probe: Probe, client_side: Sequence[Segment],
-                 server_side: Sequence[Segment], port_base: int) -> FlowStats:
+                 server_side: Sequence[Segment], ports: ProbePorts = PORTS) -> FlowStats:
     """Throughput and drops of one probe from its segments on both censor interfaces."""
     stats = FlowStats(repeat, index, probe.name, probe.direction)
     everything = [*client_side, *server_side]
@@ -266,7 +256,7 @@ def analyse_flow(repeat: int, index: int, probe: Probe, client_side: Sequence[Se
     up = probe.direction == "upload"
 
     def forward(s: Segment) -> bool:
-        return from_client(s, probe, port_base, index) == up
+        return from_client(s, index, ports) == up
 
     entering = [s for s in (client_side if up else server_side) if forward(s)]
     leaving = [s for s in (server_side if up else client_side) if forward(s)]
@@ -309,7 +299,7 @@ class BenchRow:
 
 def write_json(path: Path, rows: Sequence[BenchRow], reproduce: dict[str, Any], extra: dict[str, Any]) -> None:
     data = {**extra, "reproduce": reproduce, "rows": [r.to_json() for r in rows]}
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    atomic_write(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def write_csv(path: Path, rows: Sequence[BenchRow]) -> None:
@@ -318,7 +308,7 @@ def write_csv(path: Path, rows: Sequence[BenchRow]) -> None:
     w.writeheader()
     for row in rows:
         w.writerow(row.to_json())
-    path.write_text(buf.getvalue())
+    atomic_write(path, buf.getvalue().encode())
 
 
 def _kbit(bytes_per_second: float) -> str:
@@ -370,7 +360,8 @@ class Capture(Background):
     tcpdump exits without the block it had not been given yet: up to a second of a flow's end lost."""
 
     def __init__(self, lab: Lab, role: str, iface: str, path: Path) -> None:
-        super().__init__(lab.exec_argv(role, ["tcpdump", "-n", "-i", iface, "-s", "128", "-U", "--immediate-mode",
+        tcpdump = require_tool("tcpdump", "tcpdump")
+        super().__init__(lab.exec_argv(role, [tcpdump, "-n", "-i", iface, "-s", "128", "-U", "--immediate-mode",
                                               "-Z", "root", "-w", str(path), "tcp", "or", "udp"]),
                          ready="listening on", what="tcpdump", fix="apt-get install tcpdump", stop_timeout=10)
         self.path = path
@@ -458,11 +449,11 @@ def bench(scenario: Scenario, repeat: int, out: Path, lab_name: str = "bench5",
                 time.sleep(0.3)  # the last packets reach the capture files
             reports.append(report)
             tell(r - 1, repeat, f"repeat {r} of {repeat}: reading the captures")
-            client_side = flow_segments(read_segments(paths[CENSOR_CLIENT_IF]), scenario.probes, PORT_BASE)
-            server_side = flow_segments(read_segments(paths[CENSOR_SERVER_IF]), scenario.probes, PORT_BASE)
+            client_side = flow_segments(read_segments(paths[CENSOR_CLIENT_IF]), scenario.probes)
+            server_side = flow_segments(read_segments(paths[CENSOR_SERVER_IF]), scenario.probes)
             lost = cap_c.kernel_drops + cap_s.kernel_drops
             for i, run in enumerate(report.runs):
-                stats = analyse_flow(r, i, run.probe, client_side.get(i, []), server_side.get(i, []), PORT_BASE)
+                stats = analyse_flow(r, i, run.probe, client_side.get(i, []), server_side.get(i, []))
                 flows.append(stats)
                 rows.append(BenchRow(
                     repeat=r, probe=run.probe.name, host=run.probe.host, direction=run.probe.direction,
@@ -485,8 +476,8 @@ def bench(scenario: Scenario, repeat: int, out: Path, lab_name: str = "bench5",
              "speed_unit": "speed_bps, middle_bps and middle_median_bps are bits per second"}
     write_json(files["results.json"], rows, reproduce, extra)
     write_csv(files["results.csv"], rows)
-    files["flows.json"].write_text(json.dumps([f.to_json() for f in flows]) + "\n")
-    files["summary.md"].write_text(summary_markdown(scenario.name, rate, repeat, rows))
+    atomic_write(files["flows.json"], (json.dumps([f.to_json() for f in flows]) + "\n").encode())
+    atomic_write(files["summary.md"], summary_markdown(scenario.name, rate, repeat, rows).encode())
     files.update(write_plots(scenario, rate, rows, flows, out))
     return BenchResult(out, rows, flows, files, reproduce, reports)
 

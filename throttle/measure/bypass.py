@@ -1,8 +1,9 @@
 """`scripts/bench-bypass`: iperf3 through the lab three ways, side by side in one run.
 
 1. no censor; 2. the censor with a scenario that matches nothing (decided flows are handed back
-to the kernel); 3. the censor with every packet kept in Python (`--no-bypass`). Prints each
-throughput, its ratio to the first, and the packets per second the hook sustained in 3.
+to the kernel); 3. the censor with every packet kept in Python (`--no-bypass`). `measure` returns
+each throughput and the packets per second the hook sustained in 3; `report_lines` says it, and
+`throttle.cli.bypass` prints it.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from throttle.children import Background
 from throttle.errors import ThrottleError
+from throttle.files import atomic_write
+from throttle.kernel.tools import require_tool
 from throttle.lab.topology import SERVER_V4, Lab
 from throttle.measure.runner import CensorProcess
 
@@ -30,10 +34,20 @@ name = "nothing"
 match = ["nothing.invalid"]
 rate = "130kbit"
 """
+TARGET = 0.95  # the bypassed censor's throughput over none's
+STEPS = ("no censor", "censor, matches nothing (bypass)", "censor, every packet in Python")
 
 
-def _iperf(lab: str, server: str, seconds: float) -> float:
-    argv = ["ip", "netns", "exec", f"{lab}-client", "iperf3", "-c", server, "-t", str(seconds), "-J", "-O", "1"]
+@dataclass(frozen=True, slots=True)
+class Step:
+    label: str
+    bits_per_second: float
+    packets_per_second: float | None  # what the hook sustained, with every packet in Python
+
+
+def _iperf(lab: Lab, server: str, seconds: float) -> float:
+    argv = lab.exec_argv("client", [require_tool("iperf3", "iperf3"), "-c", server, "-t", str(seconds), "-J",
+                                    "-O", "1"])
     result = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
     try:
         data = json.loads(result.stdout)
@@ -48,47 +62,49 @@ def _queued(censor: CensorProcess) -> int:
     return int(m.group(1)) if m else 0
 
 
-def main(seconds: float = 10.0, lab_name: str = "bench") -> int:
+def measure(seconds: float = 10.0, lab_name: str = "bench",
+            starting: Callable[[int, str], None] | None = None,
+            measured: Callable[[Step], None] | None = None) -> list[Step]:
+    """The three steps in a lab of their own (taken down at the end); `starting(i, label)` and
+    `measured(step)` are told as each begins and ends."""
     lab = Lab(lab_name)
     lab.down()
-    print(f"bench-bypass: iperf3 client -> server through the lab's censor namespace, {seconds:.0f} s each", flush=True)
+    begin = starting or (lambda i, label: None)
+    done = measured or (lambda step: None)
+    steps: list[Step] = []
     try:
         lab.up([])
-        iperf_server = Background(lab.exec_argv("server", ["iperf3", "-s", "-B", SERVER_V4]), ready="",
-                                  what="the iperf3 server", fix="apt-get install iperf3", stop_timeout=5)
+        iperf_server = Background(lab.exec_argv("server", [require_tool("iperf3", "iperf3"), "-s", "-B", SERVER_V4]),
+                                  ready="", what="the iperf3 server", fix="apt-get install iperf3", stop_timeout=5)
         with iperf_server, tempfile.TemporaryDirectory() as tmp:
             time.sleep(0.5)  # iperf3 binds its port
             nothing = Path(tmp) / "matches-nothing.toml"
-            nothing.write_text(NOTHING)
-            results: list[tuple[str, float, float | None]] = []
-            print("  1/3 no censor ...", end="", flush=True)
-            results.append(("no censor", _iperf(lab_name, SERVER_V4, seconds), None))
-            print(f" {results[-1][1] / 1e6:.0f} Mbit/s", flush=True)
-            for label, bypass in (("censor, matches nothing (bypass)", True), ("censor, every packet in Python", False)):
-                print(f"  {len(results) + 1}/3 {label} ...", end="", flush=True)
+            atomic_write(nothing, NOTHING.encode())
+            begin(0, STEPS[0])
+            steps.append(Step(STEPS[0], _iperf(lab, SERVER_V4, seconds), None))
+            done(steps[-1])
+            for i, (label, bypass) in enumerate(zip(STEPS[1:], (True, False)), 1):
+                begin(i, label)
                 censor = CensorProcess(str(nothing), lab.ns("censor"), *([] if bypass else ["--no-bypass"]))
                 with censor:
                     t0 = time.monotonic()
-                    bps = _iperf(lab_name, SERVER_V4, seconds)
+                    bps = _iperf(lab, SERVER_V4, seconds)
                     elapsed = time.monotonic() - t0
-                results.append((label, bps, _queued(censor) / elapsed))
-                print(f" {bps / 1e6:.0f} Mbit/s", flush=True)
+                steps.append(Step(label, bps, _queued(censor) / elapsed))
+                done(steps[-1])
     finally:
         lab.down()
-    base = results[0][1]
-    print()
-    print(f"  {'':36} {'throughput':>14} {'ratio':>7}")
-    for label, bps, _ in results:
-        print(f"  {label:36} {bps / 1e6:10.1f} Mbit/s {bps / base:7.3f}")
-    bypass_ratio = results[1][1] / base
-    print(f"\n  bypassed ratio {bypass_ratio:.3f} (target >= 0.95): {'ok' if bypass_ratio >= 0.95 else 'BELOW TARGET'}")
-    print(f"  hook with every packet in Python: {results[2][2]:,.0f} packets/s sustained")
-    return 0
+    return steps
 
 
-if __name__ == "__main__":
-    try:
-        sys.exit(main(float(sys.argv[1]) if len(sys.argv) > 1 else 10.0))
-    except ThrottleError as exc:
-        print(f"bench-bypass: {exc}", file=sys.stderr)
-        sys.exit(2)
+def report_lines(steps: list[Step]) -> list[str]:
+    """The table of throughputs and ratios, the bypassed ratio against TARGET, the hook's rate."""
+    base = steps[0].bits_per_second
+    lines = ["", f"  {'':36} {'throughput':>14} {'ratio':>7}"]
+    for step in steps:
+        lines.append(f"  {step.label:36} {step.bits_per_second / 1e6:10.1f} Mbit/s {step.bits_per_second / base:7.3f}")
+    bypass_ratio = steps[1].bits_per_second / base
+    lines.append(f"\n  bypassed ratio {bypass_ratio:.3f} (target >= {TARGET}): "
+                 f"{'ok' if bypass_ratio >= TARGET else 'BELOW TARGET'}")
+    lines.append(f"  hook with every packet in Python: {steps[2].packets_per_second or 0:,.0f} packets/s sustained")
+    return lines

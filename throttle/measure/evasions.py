@@ -6,8 +6,8 @@ censor in the lab, with probes generated here instead of the file's own:
 - one raw-client upload (`protocol = "tls"`) per built-in trick of `throttle.lab.evasion`, "none"
   (the undisguised hello) included as the baseline, all for one name the scenario's rules police;
 - a control: the same upload for a name no rule matches, so speed is judged against it;
-- every `protocol = "command"` probe the scenario already has (the user's own tricks), with the
-  scenario's own controls as their reference.
+- every `protocol = "command"` or `"browser"` probe the scenario already has (the user's own
+  tricks), with the scenario's own controls as their reference.
 
 Each probe's verdict (the runner's, from measured speed) becomes an outcome (`outcome`):
 evaded, caught or broke. A lab failure is no outcome: the command fails instead.
@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from throttle.errors import ThrottleError
-from throttle.measure.runner import CAUSE_LAB, CAUSE_RESET, CAUSE_TIMEOUT, SINK_PORT, ProbeRun, RunReport
+from throttle.measure.clients import CAUSE_LAB, CAUSE_RESET, CAUSE_TIMEOUT, SINK_PORT
+from throttle.measure.report import ProbeRun, RunReport
 from throttle.scenario import EVASIONS, Evasion, Model, Probe, Rule, Scenario, probe_rule
 
 Outcome = Literal["evaded", "caught", "broke"]
@@ -54,6 +55,7 @@ CONTROL_NAMES = ("example.org", "example.net", "control.example", "not-censored.
 MIN_SIZE = 160 * 1024  # as twitter-2021-evasions: about 9 s at 130 kbit/s after the burst
 THROTTLED_SECONDS = 8.0  # past burst and after_bytes, a throttled upload runs this long at the rate
 BLOCK_TIMEOUT = 20.0  # seconds before a probe of a dropping rule is judged stalled
+OWN_PROBES = ("command", "browser")  # a scenario's probes that join the matrix as rows of their own
 
 
 def is_2021_device(model: Model) -> bool:
@@ -186,7 +188,7 @@ class Plan:
     rule: Rule | None  # the rule the tricks aim at
     host: str | None
     size: int
-    tricks: dict[str, str]  # row (trick name, or "command:NAME") -> probe name
+    tricks: dict[str, str]  # row (trick name, or "command:NAME", "browser:NAME") -> probe name
     note: str = ""  # why the built-in tricks do not apply, when they do not
 
     @property
@@ -211,7 +213,7 @@ class Plan:
 
 def plan_scenario(scenario: Scenario) -> Plan:
     """The probes of `scenario`'s column: the built-in tricks (with a control) when a rule is
-    triggered by a TLS SNI on uploads, plus the scenario's command probes (with its controls)."""
+    triggered by a TLS SNI on uploads, plus the scenario's command and browser probes (with its controls)."""
     rule = tls_rule(scenario)
     host: str | None = None
     note = ""
@@ -233,7 +235,7 @@ def plan_scenario(scenario: Scenario) -> Plan:
             name = PROBE_PREFIX + trick
             probes.append(_tls_probe(name, host, trick, size, timeout=timeout))
             tricks[trick] = name
-    commands = [p for p in scenario.probes if p.protocol == "command"]
+    commands = [p for p in scenario.probes if p.protocol in OWN_PROBES]
     if commands:
         taken = {p.name for p in probes}
         for p in scenario.probes:
@@ -241,10 +243,10 @@ def plan_scenario(scenario: Scenario) -> Plan:
                 probes.append(p)
                 taken.add(p.name)
         for p in commands:
-            name = p.name if p.name not in taken else f"command-{p.name}"
+            name = p.name if p.name not in taken else f"{p.protocol}-{p.name}"
             probes.append(dataclasses.replace(p, name=name))
             taken.add(name)
-            tricks[f"command:{p.name}"] = name
+            tricks[f"{p.protocol}:{p.name}"] = name
     derived = dataclasses.replace(scenario, probes=tuple(probes))
     return Plan(derived, rule, host, size, tricks, note)
 

@@ -9,6 +9,7 @@ and writes one PNG. Rates are drawn in kbit/s on a log axis, as the measurement 
 
 from __future__ import annotations
 
+import io
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,12 +20,23 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen first)
 from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from throttle.files import atomic_write  # noqa: E402
 
 __all__ = ["plot_drops", "plot_evasion_matrix", "plot_speeds", "plot_throughput"]
 
 BIN = 0.1
 FLOOR = 1.0  # kbit/s: where an empty bin is drawn on the log axis
 THROTTLED, NORMAL, RATE = "#c0392b", "#2471a3", "#555555"
+
+
+def _save(fig: Figure, path: Path) -> None:
+    """The PNG written whole (a reader never sees half a figure), and the figure freed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
 
 
 class Row(Protocol):
@@ -87,8 +99,7 @@ def plot_speeds(path: Path, scenario: str, rate: float, rows: Sequence[Row]) -> 
     ax.grid(True, which="both", axis="y", alpha=0.3)
     ax.legend(loc="best", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_throughput(path: Path, scenario: str, rate: float, throttled: Flow | None, control: Flow | None) -> None:
@@ -114,8 +125,7 @@ def plot_throughput(path: Path, scenario: str, rate: float, throttled: Flow | No
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_drops(path: Path, scenario: str, flow: Flow) -> None:
@@ -141,8 +151,7 @@ def plot_drops(path: Path, scenario: str, flow: Flow) -> None:
     ax.legend(handles, labels, loc="upper left", fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 OUTCOME_COLOURS = {"evaded": "#27ae60", "caught": THROTTLED, "broke": "#e67e22", "lab": "#222222"}
@@ -182,5 +191,4 @@ def plot_evasion_matrix(path: Path, rows: Sequence[str], columns: Sequence[str],
               frameon=False)
     ax.set_title("evasion matrix: trick x censor model (docs/incidents.md §1.7)", fontsize=10, pad=28)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)

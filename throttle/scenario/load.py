@@ -203,6 +203,7 @@ def _probe(r: _Reader, t: Any, i: int) -> Probe:
             ipaddress.ip_address(address)
         except ValueError:
             r.fail(f"{k}.address", f'"{address}" is not an IP address')
+    _browser(r, t, k)
     return Probe(
         name=r.get(t, f"{k}.name", str, default=f"probe{i}"),
         host=host,
@@ -225,6 +226,17 @@ def _probe(r: _Reader, t: Any, i: int) -> Probe:
 
 
 COMMAND_PLACEHOLDERS = ("url", "host", "address", "file", "size", "port")
+
+
+def _browser(r: _Reader, t: dict[str, Any], k: str) -> None:
+    """A browser probe uploads from the lab server's page, to its host by name."""
+    if t.get("protocol") != "browser":
+        return
+    if t.get("direction", "upload") != "upload":
+        r.fail(f"{k}.direction", 'protocol = "browser" uploads (from the lab server\'s upload page); write '
+                                 'direction = "upload", or use a command probe')
+    if t.get("sni", True) is not True:
+        r.fail(f"{k}.sni", 'protocol = "browser" sends its host as the SNI; remove sni')
 
 
 def _command(r: _Reader, t: dict[str, Any], k: str, key: str) -> str:

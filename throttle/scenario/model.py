@@ -23,8 +23,9 @@ StickyScope = Literal["client_server", "server"]  # who a sticky mark slows: tha
 Transport = Literal["any", "tcp", "udp"]
 NameSourceKind = Literal["tls", "http", "dns", "quic"]
 Outcome = Literal["throttled", "normal", "blocked"]
-# curl over TLS, curl over plain HTTP, the raw TLS client, HTTP/3, a command of the scenario's own
-Protocol = Literal["https", "http", "tls", "quic", "command"]
+# curl over TLS, curl over plain HTTP, the raw TLS client, HTTP/3, a command of the scenario's own,
+# headless Chromium uploading from the lab server's page
+Protocol = Literal["https", "http", "tls", "quic", "command", "browser"]
 HandshakeExpectation = Literal["", "slow", "normal"]
 BlockCause = Literal["", "reset", "timeout"]  # how a blocked probe must have been stopped
 Evasion = Literal["none", "split", "pad", "scramble", "ccs", "dot", "fake"]  # throttle.lab.evasion, §7
@@ -126,7 +127,7 @@ class Probe:
     # timeout (drops); "" accepts either
     blocked_by: BlockCause = ""
     # protocol "command": a shell command run in the client namespace, with {url} {host} {address}
-    # {file} {size} {port} filled in (measure/runner.py, COMMAND_PLACEHOLDERS)
+    # {file} {size} {port} filled in (measure/commands.py; load.py's COMMAND_PLACEHOLDERS)
     command: str = ""
     wrap: str = ""  # protocol "command": a helper (e.g. a proxy on {port}) running while the probe does
 

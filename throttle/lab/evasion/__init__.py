@@ -13,7 +13,7 @@ server's raw sink (TCP 8443) and measures the goodput. The tricks are docs/incid
     fake      a hello for example.org first, then the real one (does NOT evade)
 
     python -m throttle.lab.evasion --address IP [--port 8443] --size BYTES [--sni NAME | --no-sni]
-                               --evasion TRICK [--timeout S] [--json]
+                               --evasion TRICK [--timeout S] [--local-port LO-HI] [--json]
 """
 
 from __future__ import annotations

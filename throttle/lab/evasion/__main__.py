@@ -2,20 +2,21 @@
 
 Exit codes: 0 when the transfer ran, whatever its outcome (a timeout is a measurement: see `ok`
 and `error` in the output), 2 for bad arguments, 130 when interrupted. With --json, stdout has a
-`{"event":"progress",...}` line about every 0.5 s and one `{"event":"done",...}` line at the end.
+`{"event":"progress",...}` line about every 0.5 s and one `{"event":"done",...}` line at the end
+(`throttle.lab.lines`, which the runner reads them with).
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import sys
 from typing import Optional
 
 from throttle.errors import ThrottleError
 from throttle.lab.evasion.client import run
 from throttle.lab.evasion.plans import EVASIONS, plan
+from throttle.lab.lines import emit, event_line, parse_port_range, progress_event
 from throttle.units import format_rate, parse_duration, parse_size
 
 DEFAULT_SNI = "pbs.twimg.com"
@@ -51,8 +52,11 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _print_json(obj: dict[str, object]) -> None:
-    print(json.dumps(obj, separators=(",", ":")), flush=True)
+def _ports(text: str) -> tuple[int, int]:
+    try:
+        return parse_port_range(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -67,6 +71,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--evasion", choices=EVASIONS, default="none", help="how to disguise the hello (default none)")
     p.add_argument("--ech", action="store_true", help="add an encrypted_client_hello extension to the hello")
     p.add_argument("--timeout", type=_seconds, default=60.0, help="give up after this long (default 60 s)")
+    p.add_argument("--local-port", type=_ports, default=None, metavar="LO-HI",
+                   help="take the client's TCP port from this range (as curl's --local-port)")
     p.add_argument("--json", action="store_true", help="JSON lines: progress about every 0.5 s, then the result")
     args = p.parse_args(argv)
     sni = None if args.no_sni else args.sni
@@ -74,19 +80,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         segments = plan(args.evasion, sni, ech=args.ech)
     except ThrottleError as exc:
         p.error(str(exc))  # exits 2
-    progress = (lambda n, t: _print_json({"event": "progress", "bytes": n, "seconds": round(t, 3)})) if args.json else None
+    progress = (lambda n, t: emit(event_line(progress_event(n, t)), sys.stdout)) if args.json else None
     try:
-        result = run(args.address, args.port, segments, args.size, timeout=args.timeout, progress=progress)
+        result = run(args.address, args.port, segments, args.size, timeout=args.timeout, progress=progress,
+                     local_ports=args.local_port)
     except KeyboardInterrupt:
         return 130
     if args.json:
-        _print_json(result.as_json())
+        emit(event_line(result.as_json()), sys.stdout)
     elif result.ok:
         rate = format_rate(result.bytes / result.seconds) if result.seconds > 0 else "-"
-        print(f"{args.evasion} ({sni or 'no SNI'}): {result.bytes} bytes in {result.seconds:.3f} s, {rate}; "
-              f"hello {result.hello_bytes} bytes in {result.segments_planned} segments")
+        emit(f"{args.evasion} ({sni or 'no SNI'}): {result.bytes} bytes in {result.seconds:.3f} s, {rate}; "
+             f"hello {result.hello_bytes} bytes in {result.segments_planned} segments", sys.stdout)
     else:
-        print(f"{args.evasion} ({sni or 'no SNI'}): failed after {result.seconds:.3f} s: {result.error}")
+        emit(f"{args.evasion} ({sni or 'no SNI'}): failed after {result.seconds:.3f} s: {result.error}", sys.stdout)
     return 0
 
 

@@ -6,10 +6,13 @@ to be TLS: the 2021 device judges a flow by its hello alone (docs/incidents.md Â
 
 The time is measured from connect to the reply, so `bytes / seconds` is the goodput the censor
 allowed. A timeout, a refusal or a reset is an outcome (`Result.ok` False), not an exception.
+Given `local_ports`, it takes its port from that range, as curl's --local-port does, so that
+captures (`throttle bench`) can tell its connection from the others.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import select
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from throttle.lab.evasion.plans import Segment, segment_count
+from throttle.lab.lines import DONE_EVENT
 
 __all__ = ["Result", "run"]
 
@@ -43,7 +47,7 @@ class Result:
     error: Optional[str] = None
 
     def as_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"event": "done", "ok": self.ok, "bytes": self.bytes, "received": self.received,
+        out: dict[str, Any] = {"event": DONE_EVENT, "ok": self.ok, "bytes": self.bytes, "received": self.received,
                                "seconds": round(self.seconds, 6), "hello_bytes": self.hello_bytes,
                                "segments_planned": self.segments_planned}
         if self.error is not None:
@@ -134,8 +138,24 @@ def _transfer(clock: _Clock, sock: socket.socket, segments: tuple[Segment, ...],
     return reply
 
 
+def _connect(address: str, port: int, timeout: float, local_ports: Optional[tuple[int, int]]) -> socket.socket:
+    """A connected socket; from the first port of `local_ports` that is free for this peer."""
+    if local_ports is None:
+        return socket.create_connection((address, port), timeout=timeout)
+    lo, hi = local_ports
+    for local in range(lo, hi):
+        try:
+            return socket.create_connection((address, port), timeout=timeout, source_address=("", local))
+        except OSError as exc:
+            # in use, or its last connection to this peer still in TIME_WAIT: the next port
+            if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+                raise
+    return socket.create_connection((address, port), timeout=timeout, source_address=("", hi))
+
+
 def run(address: str, port: int, segments: tuple[Segment, ...], size: int, *, timeout: float = 60.0,
-        progress: Optional[Progress] = None, interval: float = 0.5) -> Result:
+        progress: Optional[Progress] = None, interval: float = 0.5,
+        local_ports: Optional[tuple[int, int]] = None) -> Result:
     """Send `segments`, then `size` bytes of junk, to the sink at address:port; see the module doc."""
     hello_bytes = sum(len(s.data) for s in segments)
     total = hello_bytes + size
@@ -145,7 +165,7 @@ def run(address: str, port: int, segments: tuple[Segment, ...], size: int, *, ti
     reply, error = b"", None
     sock: Optional[socket.socket] = None
     try:
-        sock = clock.sock = socket.create_connection((address, port), timeout=timeout)
+        sock = clock.sock = _connect(address, port, timeout, local_ports)
         # No Nagle: each write of the plan leaves at once, as its own segment.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         mss = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG) or DEFAULT_MSS

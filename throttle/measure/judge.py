@@ -1,0 +1,148 @@
+"""The judge: a probe's verdict from what its client measured, never from the engine's opinion.
+
+Pure: `judge(measured, probe, figures)` returns a `Judgement` and changes nothing. The runner
+stores it. The verdicts (docs/incidents.md §3.22-23):
+
+- blocked    the transfer did not complete: it stalled until its timeout (cause "timeout") or the
+             network ended it with a reset (cause "reset");
+- error      the lab failed, not the censor (cause "lab"): the run fails naming it;
+- throttled  its speed is below 3 x its rate, and below a tenth of the control probes' speed
+             (OONI's "extreme throttling" is a 10x slowdown); a control instead is throttled
+             below 3 x the rate or 100 x below its own speed with no censor (its baseline);
+- normal     otherwise.
+
+A probe with `freeze_bytes` must stall having delivered that many bytes, one with `blocked_by`
+must end that way, and one with `expect_handshake` is judged by its TLS (or QUIC) handshake time
+against the controls' (`handshake_verdict`); what is not met is a failed check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from throttle.measure.clients import CAUSE_LAB, CAUSE_TIMEOUT
+from throttle.scenario import Probe, Scenario
+
+SPEED_FACTOR = 3.0  # a throttled probe is below 3 x the scenario's rate ...
+CONTROL_FACTOR = 10.0  # ... and at least 10 x slower than the control (§23)
+# A control is throttled below 3 x the rate, or 100 x slower than itself with no censor. Not 10 x:
+# inspection costs a small transfer's first packets a trip through Python (measured, 64 KB on an
+# idle machine: 301 Mbit/s alone, 76 Mbit/s through the censor), which a busy machine multiplies.
+# Any rule's rate (kbit/s) is still thousands of times below a baseline of hundreds of Mbit/s.
+BASELINE_FACTOR = 100.0
+HANDSHAKE_FACTOR = 10.0  # a "slow" handshake takes at least 10 x the controls' (§3.23) ...
+HANDSHAKE_FLOOR = 0.5  # ... and at least half a second (a loaded machine's jitter is not a censor)
+
+
+class Measured(Protocol):
+    """What a probe's client measured (a `ProbeRun` is one)."""
+
+    @property
+    def cause(self) -> str: ...  # completed, timeout, reset, lab
+
+    @property
+    def completed(self) -> bool: ...
+
+    @property
+    def bytes(self) -> int: ...  # transferred (or delivered before a stall)
+
+    @property
+    def speed(self) -> float: ...  # bytes/s
+
+    @property
+    def handshake(self) -> float | None: ...  # seconds, when the client says
+
+    @property
+    def tcp_received(self) -> int: ...  # TCP payload received, from `ss` (curl's downloads only)
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    """What a probe is judged against."""
+
+    rate: float  # bytes/s: its rule's, or the scenario's slowest
+    control_speed: float | None = None  # the fastest control of its transport (QUIC or TCP)
+    control_handshake: float | None = None  # the slowest control handshake of its transport
+    baseline: float | None = None  # a control's own speed with no censor, when measured
+
+
+@dataclass(frozen=True, slots=True)
+class Judgement:
+    verdict: str  # throttled, normal, blocked, error
+    handshake: str  # slow or normal when the probe expects one, else ""
+    failures: tuple[str, ...]  # its freeze_bytes, blocked_by and expect_handshake checks not met
+
+
+def reference_rate(scenario: Scenario) -> float:
+    """The slowest rate any rule limits to (bytes/s); what 'throttled' is measured against."""
+    rates = [r.rate for r in scenario.rules if r.rate > 0]
+    return min(rates) if rates else 0.0
+
+
+def stalled_bytes(measured: Measured, probe: Probe) -> int | None:
+    """What the probe had received (downloads) or delivered (uploads) when it stalled: for curl's
+    downloads the TCP payload its socket received (TLS included), else the client's own count."""
+    if measured.cause != CAUSE_TIMEOUT:
+        return None
+    if probe.direction == "download" and measured.tcp_received:
+        return measured.tcp_received
+    return measured.bytes
+
+
+def speed_verdict(measured: Measured, probe: Probe, figures: Figures) -> str:
+    if measured.cause == CAUSE_LAB:
+        return "error"
+    if not measured.completed:
+        return "blocked"
+    if figures.rate <= 0:  # rules that only freeze (rate 0, §19) block flows; they cannot slow one
+        return "normal"
+    below_rate = measured.speed < SPEED_FACTOR * figures.rate
+    if probe.control:  # by the rate, and against itself with no censor (when measured)
+        baseline = figures.baseline
+        far_below_baseline = baseline is not None and measured.speed < baseline / BASELINE_FACTOR
+        return "throttled" if below_rate or far_below_baseline else "normal"
+    control = figures.control_speed
+    below_control = control is None or measured.speed < control / CONTROL_FACTOR
+    return "throttled" if below_rate and below_control else "normal"
+
+
+def handshake_verdict(measured: Measured, control_handshake: float | None) -> str:
+    """slow or normal: a handshake that never completed on a probe that stalled is slow (§2.17's
+    crawl past the timeout); else slow when at least HANDSHAKE_FACTOR x the controls' and
+    HANDSHAKE_FLOOR seconds. With no control handshake, the floor alone decides."""
+    if measured.handshake is None:
+        return "slow" if measured.cause == CAUSE_TIMEOUT else "normal"
+    bound = max(HANDSHAKE_FLOOR, HANDSHAKE_FACTOR * (control_handshake or 0.0))
+    return "slow" if measured.handshake >= bound else "normal"
+
+
+def check_expectations(measured: Measured, probe: Probe, control_handshake: float | None) -> list[str]:
+    """What a probe's freeze_bytes, blocked_by and expect_handshake found wrong (empty: all met)."""
+    failures: list[str] = []
+    if probe.freeze_bytes is not None:
+        low, high = probe.freeze_bytes
+        got = stalled_bytes(measured, probe)
+        if got is None:
+            failures.append(f"freeze_bytes: expected a stall after {low}-{high} bytes, but the probe "
+                            f"{'completed' if measured.completed else 'ended by ' + (measured.cause or 'an error')}")
+        elif not low <= got <= high:
+            failures.append(f"freeze_bytes: stalled after {got} bytes, expected {low}-{high}")
+    if probe.blocked_by and not measured.completed and measured.cause != probe.blocked_by:
+        failures.append(f"blocked_by: expected a {probe.blocked_by}, but the probe ended by "
+                        f"{measured.cause or 'an error'}")
+    if probe.expect_handshake:
+        observed = handshake_verdict(measured, control_handshake)
+        if observed != probe.expect_handshake:
+            shown = "none" if measured.handshake is None else f"{measured.handshake:.3f} s"
+            ref = "none" if control_handshake is None else f"{control_handshake:.3f} s"
+            failures.append(f"handshake: expected {probe.expect_handshake}, observed {observed} "
+                            f"({shown}; controls {ref})")
+    return failures
+
+
+def judge(measured: Measured, probe: Probe, figures: Figures) -> Judgement:
+    """The verdict, the handshake verdict (when expected) and the failed checks of one probe."""
+    shake = handshake_verdict(measured, figures.control_handshake) if probe.expect_handshake else ""
+    return Judgement(speed_verdict(measured, probe, figures), shake,
+                     tuple(check_expectations(measured, probe, figures.control_handshake)))
