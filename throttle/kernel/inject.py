@@ -23,6 +23,7 @@ from collections import OrderedDict
 from typing import Protocol
 
 from throttle.errors import ThrottleError
+from throttle.wire.ip import source
 
 __all__ = ["Injector", "rst_packet"]
 
@@ -83,7 +84,7 @@ class Injector:
         port = pkt.physindev
         if not port or len(data) < 20:
             return  # routed: the kernel's own neighbour table is used
-        src = data[12:16] if data[0] >> 4 == 4 else data[8:24]
+        src = source(data)
         hw = pkt.get_hw()
         if hw is None or len(hw) < 6:
             return
