@@ -377,7 +377,7 @@ class Engine:
             flow.rule = rule
             if rule.sticky > 0 and flow.name_source != "sticky":  # only a real trigger re-arms it
                 self._rules.arm(flow, rule, now)
-        self._events.append(FlowDecided(flow, now))
+        self._events.append(FlowDecided(flow, now, self._enforcer.limits(flow, now)))
 
 
 __all__ = ["Counters", "Engine", "Verdict"]
