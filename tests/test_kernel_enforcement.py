@@ -9,7 +9,8 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 from throttle.engine import DOWNLOAD, UPLOAD, Engine, Policer, State
-from throttle.kernel.fastpath import BUCKET, VALUE, BucketSlots
+from throttle.kernel.handover import BucketSlots
+from throttle.kernel.maps import BUCKET, VALUE
 from throttle.kernel.nfqueue import fail_open_request, queue_losses
 from throttle.scenario import load_scenario, parse_scenario
 
