@@ -35,7 +35,7 @@ from throttle.errors import ThrottleError
 from throttle.kernel.fastpath import FastPath
 from throttle.kernel.htb import HTB_CLASSES, MIN_BURST, class_id
 from throttle.kernel.maps import BUCKETS, Limit, Snapshot, map_key
-from throttle.kernel.neighbours import Found, Hops
+from throttle.kernel.neighbours import Found, Hops, Wanted
 from throttle.wire.ip import TCP, UDP
 
 __all__ = ["EXPIRE_EVERY", "LEASE", "WALK_EVERY", "BucketSlots", "Handover", "KernelFlow"]
@@ -152,6 +152,7 @@ class Handover:
         self._class: dict[int, ShapingClass] = {}  # by minor, while in use
         self._flows: dict[bytes, KernelFlow] = {}  # by the engine's keys of its 5-tuple, both orientations
         self._by_key: dict[bytes, KernelFlow] = {}  # in the map, by upload map key (what expiry names)
+        self._asking: set[Wanted] = set()  # next hops the netlink worker is looking up
         self._walked = 0.0  # when the walker last read the counters (its expiry deletes after that)
         self._closed = False
         self.forwarded = 0  # passed flows handed to the kernel
@@ -185,7 +186,6 @@ class Handover:
             return  # no room in the kernel's tables, or a limit it lacks: the engine keeps limiting it
         old = self._flows.get(flow.key)
         if old is not None:  # its 5-tuple's earlier flow, ended unseen (its packets skipped us)
-            self._unindex(old)
             if old.in_kernel:
                 record.replaces = old
             else:
@@ -263,6 +263,10 @@ class Handover:
         """Complete the hand-over now, or once the netlink worker has what it needs."""
         flow = record.flow
         wanted = self.fast.hops.missing(record.client_if, flow.client, record.server_if, flow.server)
+        # A next hop asked for already is not asked again: requests run in order, so this one's
+        # answer comes back after that one's (a burst of new flows to one server: one lookup).
+        ask = [w for w in wanted if w not in self._asking]
+        self._asking.update(ask)
         classes = []  # (minor, class, limit) of the classes not known to be made
         for d in (UPLOAD, DOWNLOAD):
             limit, minor = record.limits[d], record.slots[d]
@@ -276,13 +280,14 @@ class Handover:
         def work(ipr: Any) -> Found:  # on the netlink worker, after the requests queued before it
             for minor, shaping, limit in classes:
                 qdiscs.ensure(ipr, shaping.ifindex, minor, limit.rate, int(limit.burst), int(limit.queue_bytes))
-            return Hops.lookup(ipr, wanted)
+            return Hops.lookup(ipr, ask)
 
-        self._submit(work, lambda found: self._prepared(record, classes, found))
+        self._submit(work, lambda found: self._prepared(record, ask, classes, found))
 
-    def _prepared(self, record: KernelFlow, classes: list[tuple[int, ShapingClass, DirectionLimit]],
-                  found: Optional[Found]) -> None:
+    def _prepared(self, record: KernelFlow, asked: list[Wanted],
+                  classes: list[tuple[int, ShapingClass, DirectionLimit]], found: Optional[Found]) -> None:
         """Back on the loop from the netlink worker (`found` None: it failed, and said why)."""
+        self._asking.difference_update(asked)
         if found is not None:
             self.fast.hops.remember(found)
             for _, shaping, _ in classes:
@@ -346,7 +351,7 @@ class Handover:
         self._unindex(record)
         old, record.replaces = record.replaces, None
         self._release(record)
-        if old is not None and old.flow.key not in self._flows:
+        if old is not None and self._by_key.get(old.up) is old:  # not expired meanwhile
             self._flows[old.flow.key] = self._flows[old.flow.rkey] = old
 
     # ---- the netlink worker and the walker ---------------------------------------------------

@@ -18,7 +18,7 @@ from throttle.errors import ThrottleError
 from throttle.kernel.maps import NO_MAC, Address, packed
 from throttle.kernel.netlink import Netlink
 
-__all__ = ["Hop", "Hops", "bridge_port", "ifindex", "interface_mac", "neighbour_mac"]
+__all__ = ["Found", "Hop", "Hops", "Wanted", "bridge_port", "ifindex", "interface_mac", "neighbour_mac"]
 
 NUD_INVALID = 0x00 | 0x01 | 0x20  # NUD_NONE, NUD_INCOMPLETE, NUD_FAILED: no usable address
 
