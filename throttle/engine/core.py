@@ -30,6 +30,7 @@ from throttle.wire.ip import (ACK, FIN, NO_PORTS, RST, SYN, TCP, UDP, addresses,
 from throttle.wire.names import normalise
 
 _KEY_LENGTH = {4: 13, 6: 37}
+_PASSED = State.PASSED  # read on every packet of a decided flow: one global, not an attribute too
 MAX_NAME = 253  # bytes in the longest DNS name
 
 
@@ -95,16 +96,17 @@ class Engine:
                 # A new connection on the 5-tuple of an old one (its end unseen): start afresh.
                 self._end(flow, now, "reused")
                 entry = None
-            elif flow.state == State.PASSED:
+            elif flow.state == _PASSED:
                 # The fast path: a decided flow. Counters, recency, and back to the kernel.
                 flow.last_seen = now
                 self._lru.move_to_end(flow.id)
+                size = len(packet)
                 side = flow.sides[d]
                 side.packets += 1
-                side.bytes += len(packet)
+                side.bytes += size
                 c = self.counters
                 c.packets[1] += 1
-                c.bytes[1] += len(packet)
+                c.bytes[1] += size
                 return BYPASS
         try:
             return self._slow_path(packet, now, from_inside, version, proto, l4, key, entry)
@@ -301,7 +303,8 @@ class Engine:
 
     def bucket(self, flow: Flow, d: Direction, now: float) -> Bucket | None:
         """The bucket limiting direction `d` of a limited flow, shared ones included (see
-        `Enforcer.bucket`); None when that direction is not limited."""
+        `Enforcer.bucket`); None when that direction is not limited. (An adapter has it already:
+        the decision's event carries it, `FlowDecided.limits`.)"""
         return self._enforcer.bucket(flow, d, now)
 
     def table_sizes(self) -> dict[str, int]:
