@@ -47,14 +47,14 @@ from typing import Any, Optional, TypeVar
 from throttle.errors import ThrottleError
 from throttle.kernel import libbpf, tc
 from throttle.kernel.htb import Qdiscs
-from throttle.kernel.maps import (BUCKETS, HITS_KEY, INDEX, KEY, LEASE, LEASE_KEY, MAPS, NO_LIMIT, NO_MAC, NS,
-                                  PROGRAM, VALUE, Address, Counters, Limit, Snapshot, bucket_value, flow_value, last_ns, map_key,
+from throttle.kernel.maps import (HITS_KEY, INDEX, KEY, LEASE, LEASE_KEY, MAPS, NO_LIMIT, NS, PROGRAM, VALUE,
+                                  Address, Counters, Limit, Snapshot, bucket_value, flow_value, last_ns, map_key,
                                   packed, possible_cpus)
 from throttle.kernel.neighbours import Hop, Hops, bridge_port, ifindex
 from throttle.kernel.netlink import Netlink
 from throttle.kernel.walker import Walker
 
-__all__ = ["BUCKETS", "NO_MAC", "FastPath", "Limit", "Snapshot", "Walker"]
+__all__ = ["FastPath", "Limit", "Snapshot", "Walker"]
 
 T = TypeVar("T")
 BPF_NOEXIST = 1  # map update flags: only a new key

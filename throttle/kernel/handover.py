@@ -30,7 +30,8 @@ from concurrent.futures import Future
 from functools import partial
 from typing import Any, Optional, Protocol
 
-from throttle.engine import DOWNLOAD, UPLOAD, Direction, DirectionLimit, Event, Flow, FlowDecided, FlowEnded, Limits, State
+from throttle.engine import (DOWNLOAD, UPLOAD, Direction, DirectionLimit, Event, Flow, FlowDecided, FlowEnded, Limits,
+                             State)
 from throttle.errors import ThrottleError
 from throttle.kernel.fastpath import FastPath
 from throttle.kernel.htb import HTB_CLASSES, MIN_BURST, class_id

@@ -17,9 +17,14 @@ from typing import Union
 
 from throttle.errors import ThrottleError
 
-__all__ = ["BUCKET", "KEY", "VALUE", "Address", "Counters", "Limit", "Snapshot", "map_key", "packed"]
+__all__ = [
+    "BUCKET", "BUCKETS", "HITS_KEY", "INDEX", "KEY", "LEASE", "LEASE_KEY", "MAPS", "NO_LIMIT", "NO_MAC", "NS", "PROGRAM",
+    "VALUE", "Address", "Counters", "Limit", "Snapshot", "bucket_value", "flow_value", "last_ns", "map_key", "packed",
+    "possible_cpus",
+]
 
-Address = Union[bytes, str, ipaddress.IPv4Address, ipaddress.IPv6Address]  # packed, or any form ipaddress takes
+# An address: packed, or any form ipaddress takes.
+Address = Union[bytes, str, ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 # -- the program's data layout (bpf/throttle.bpf.c) ----------------------------------------------
 
