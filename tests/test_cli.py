@@ -62,13 +62,9 @@ def test_systemd_unit_matches_the_command_line() -> None:
     for option in ("--scenario", "--inside", "--outside", "--metrics-listen"):
         assert option in start and option in help_text, option
     assert "KillSignal=SIGINT" in unit and "Restart=on-failure" in unit
-    assert "ExecStopPost=/opt/throttle/.venv/bin/python -m throttle.kernel.firewall --cleanup" in unit
-    usage = throttle_module("throttle.kernel.firewall")
-    assert usage.returncode == 2 and "--cleanup" in usage.stderr
-
-
-def throttle_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert "ExecStopPost=/opt/throttle/.venv/bin/throttle cleanup" in unit
+    usage = throttle("cleanup", "--no-such-option")
+    assert usage.returncode == 2 and "cleanup" in usage.stderr
 
 
 def test_version_help_and_completion_script() -> None:

@@ -427,3 +427,24 @@ def test_a_new_connection_on_an_old_5_tuple_is_inspected_afresh() -> None:
     flow = only_flow(e)
     assert flow.state == State.LIMITED and flow.first_seen == 5.0
     assert any(isinstance(ev, FlowEnded) and ev.reason == "reused" for ev in e.drain_events())
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_the_header_accessors_read_what_scapy_wrote(v6: bool) -> None:
+    from throttle.wire.ip import (ACK, SYN, ipv4_header_length, locate, opens_connection, ports, source, tcp_ack,
+                                  tcp_flags, tcp_header_length, tcp_seq)
+
+    conv = Conversation(client_port=40123, v6=v6, hop_by_hop=v6, client_ip="2001:2::2" if v6 else "198.18.0.2",
+                        server_ip="2001:2:2::2" if v6 else "198.18.2.2")
+    syn, synack, _ = conv.handshake()
+    data = conv.server(b"hello")
+    _, _, l4 = locate(data)
+    assert ports(data, l4) == (443, 40123)
+    assert (tcp_seq(data, l4), tcp_ack(data, l4)) == (5001, 1001)
+    assert tcp_flags(data, l4) & ACK and tcp_header_length(data, l4) == 20
+    assert source(data) == (bytes.fromhex("20010002000200000000000000000002") if v6 else bytes([198, 18, 2, 2]))
+    assert opens_connection(syn, locate(syn)[2]) and tcp_flags(syn, locate(syn)[2]) == SYN
+    assert not opens_connection(synack, locate(synack)[2])
+    assert not opens_connection(syn[: locate(syn)[2] + 13], locate(syn)[2])  # cut before the flags
+    if not v6:
+        assert ipv4_header_length(data) == 20

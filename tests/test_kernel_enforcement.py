@@ -8,8 +8,9 @@ import struct
 from pathlib import Path
 
 from tests.conftest import ROOT
-from throttle.engine import DOWNLOAD, UPLOAD, Engine, Policer, State
-from throttle.kernel.fastpath import BUCKET, VALUE, BucketSlots
+from throttle.engine import DOWNLOAD, UPLOAD, Engine, FlowDecided, Policer, Shaper, State
+from throttle.kernel.handover import BucketSlots
+from throttle.kernel.maps import BUCKET, VALUE
 from throttle.kernel.nfqueue import fail_open_request, queue_losses
 from throttle.scenario import load_scenario, parse_scenario
 
@@ -73,6 +74,43 @@ def test_the_engine_hands_out_the_bucket_of_each_limited_direction() -> None:
     assert isinstance(a, Policer) and a is b  # scope client: one bucket for both flows
     assert e.bucket(flows[0], DOWNLOAD, 2.0) is None  # the rule limits uploads only
     assert a.rate == 16250.0 and a.burst == 16384
+
+
+def test_the_decision_carries_how_each_direction_is_limited() -> None:
+    """FlowDecided says what the kernel needs, so nobody asks the engine again: the meter, rate,
+    burst, the live bucket (shared by scope), the shaper's queue bound, after_bytes, and the
+    payload carried so far (live: it counts on while the engine still sees the flow)."""
+    text = ('[model]\ninspect_after_name = false\n'
+            '[[rule]]\nname = "up"\nmatch = ["*.twimg.com"]\nrate = "130kbit"\ndirection = "upload"\n'
+            'scope = "client"\nafter_bytes = "1KiB"\n'
+            '[[rule]]\nname = "s"\nmatch = ["*.shaped.example"]\naction = "shape"\nrate = "80kbit"\nburst = "4KiB"\n'
+            'queue_bytes = "20KiB"\n'
+            '[[rule]]\nname = "w"\nmatch = ["*.window.example"]\nrate = "130kbit"\nburst = "16KB"\nmeter = "window"\n')
+    s = parse_scenario(text)
+    e = Engine(s.model, s.rules)
+    decided = {}
+    for port, name in ((40000, "pbs.twimg.com"), (40001, "video.twimg.com"), (40002, "a.shaped.example"),
+                       (40003, "a.window.example"), (40004, "example.org")):
+        conv = Conversation(client_port=port)
+        for p in conv.handshake() + [conv.client(python_hello(name))]:
+            e.process(p, 1.0)
+        for ev in e.drain_events():
+            if isinstance(ev, FlowDecided):
+                decided[name] = ev
+    up, down = decided["pbs.twimg.com"].limits
+    assert down is None and up is not None and up.meter == "police" and up.after_bytes == 1024
+    assert up.bucket is decided["video.twimg.com"].limits[UPLOAD].bucket is e.bucket(decided["pbs.twimg.com"].flow,
+                                                                                      UPLOAD, 1.0)
+    assert (up.rate, up.burst, up.queue_bytes) == (16250.0, 16384, 0.0)
+    carried = up.carried
+    assert carried == decided["pbs.twimg.com"].flow.sides[UPLOAD].payload > 0
+    shaped = decided["a.shaped.example"].limits
+    assert all(lim is not None and lim.meter == "shape" and isinstance(lim.bucket, Shaper) for lim in shaped)
+    assert shaped[UPLOAD].queue_bytes == 20 * 1024 and shaped[UPLOAD].burst == 4096
+    window = decided["a.window.example"].limits[UPLOAD]
+    assert window is not None and window.meter == "window" and window.bucket is None  # made at its first packet
+    assert decided["a.window.example"].flow.buckets[DOWNLOAD] is None  # no download packet yet: no meter
+    assert decided["example.org"].limits == (None, None)
 
 
 def test_bucket_slots_are_shared_and_freed() -> None:

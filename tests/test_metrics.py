@@ -7,7 +7,7 @@ from prometheus_client import generate_latest
 
 from tests.conftest import ROOT
 from throttle.engine import Engine
-from throttle.kernel.fastpath import Counters
+from throttle.kernel.maps import Counters
 from throttle.measure.exporter import MAX_NAMES, Metrics
 from throttle.scenario import load_scenario
 

@@ -46,13 +46,9 @@ def _reply(obj: Any) -> None:
 
 
 def serve() -> int:
-    from throttle.kernel.fastpath import FastPath, Limit, available
+    from throttle.kernel.fastpath import FastPath, Limit
 
-    reason = available()
-    if reason is not None:
-        _reply({"error": f"available() says: {reason}"})
-        return 1
-    try:
+    try:  # making it is the test of whether the fast path works here
         fp = FastPath([CENSOR_CLIENT_IF, CENSOR_SERVER_IF])
     except ThrottleError as exc:
         _reply({"error": str(exc)})

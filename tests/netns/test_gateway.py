@@ -82,6 +82,6 @@ def test_cleanup_removes_what_a_killed_gateway_left(lab) -> None:
     proc.kill()
     proc.wait(timeout=10)
     assert "THROTTLE_Q0" in forward_rules(lab)  # kill -9: no chance to clean up (fail-open meanwhile)
-    result = on_router(lab, [sys.executable, "-m", "throttle.kernel.firewall", "--cleanup"], cwd=ROOT)
+    result = on_router(lab, [sys.executable, "-m", "throttle", "cleanup"], cwd=ROOT)
     assert result.returncode == 0 and "THROTTLE_Q0" in result.stdout, result.stdout + result.stderr
     assert "THROTTLE" not in forward_rules(lab)

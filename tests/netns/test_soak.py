@@ -31,7 +31,7 @@ import pytest
 from tests.conftest import ROOT as REPO
 from tests.conftest import lab_name
 from tests.netns.conftest import SBIN_PATH, lab_session
-from throttle.censor import LEASE
+from throttle.kernel.handover import LEASE
 from throttle.lab.topology import CENSOR_CLIENT_IF, CENSOR_SERVER_IF, SERVER_V4, Lab
 
 pytestmark = pytest.mark.netns

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import typer
@@ -52,6 +53,11 @@ def censor(
     if netns is not None and netns.endswith("-censor"):  # a lab's censor namespace: its interface names
         inside_if = inside_if or CENSOR_CLIENT_IF
         outside_if = outside_if or CENSOR_SERVER_IF
-    code = run_censor(scen, netns_name=netns, queue=queue, inside_if=inside_if, outside_if=outside_if,
+    code = run_censor(scen, netns_name=netns, queue=queue, inside_if=inside_if, outside_if=outside_if, say=say,
                       quiet=quiet, bypass=bypass, metrics_listen=metrics_listen)
     raise typer.Exit(code)
+
+
+def say(text: str) -> None:
+    """One line of the running censor's, on stderr at once (a test, or systemd, reads it live)."""
+    print(f"throttle censor: {text}", file=sys.stderr, flush=True)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from throttle.engine.buckets import Bucket, Policer, Shaper, WindowMeter
 from throttle.engine.core import Counters, Engine
-from throttle.engine.events import (EngineError, Event, FlowDecided, FlowEnded, FlowStarted, Limited, NameLearned,
-                                    ResetRequested, Verdict)
+from throttle.engine.events import (DirectionLimit, EngineError, Event, FlowDecided, FlowEnded, FlowStarted, Limited,
+                                    Limits, NameLearned, ResetRequested, Verdict)
 from throttle.engine.flows import DIRECTION_NAMES, DOWNLOAD, UPLOAD, Direction, Flow, State
 
 __all__ = [
-    "DIRECTION_NAMES", "DOWNLOAD", "UPLOAD", "Bucket", "Counters", "Direction", "Engine", "EngineError", "Event",
-    "Flow", "FlowDecided", "FlowEnded", "FlowStarted", "Limited", "NameLearned", "Policer", "ResetRequested",
-    "Shaper", "State", "Verdict", "WindowMeter",
+    "DIRECTION_NAMES", "DOWNLOAD", "UPLOAD", "Bucket", "Counters", "Direction", "DirectionLimit", "Engine",
+    "EngineError", "Event", "Flow", "FlowDecided", "FlowEnded", "FlowStarted", "Limited", "Limits", "NameLearned",
+    "Policer", "ResetRequested", "Shaper", "State", "Verdict", "WindowMeter",
 ]

@@ -24,10 +24,13 @@ from throttle.engine.flows import DOWNLOAD, UPLOAD, Direction, EndReason, Flow, 
 from throttle.engine.inspect import Found, Inspector
 from throttle.engine.rules import RuleSet, in_networks
 from throttle.scenario import Model, Rule
-from throttle.wire.ip import ACK, FIN, NO_PORTS, RST, SYN, TCP, UDP, addresses, flow_key, ip_end, locate, reverse_key
+from throttle.wire.ip import (ACK, FIN, NO_PORTS, RST, SYN, TCP, UDP, addresses, flow_key, ip_end, ipv4_header_length,
+                              locate, opens_connection, ports, reverse_key, tcp_ack, tcp_flags, tcp_header_length,
+                              tcp_seq)
 from throttle.wire.names import normalise
 
 _KEY_LENGTH = {4: 13, 6: 37}
+_PASSED = State.PASSED  # read on every packet of a decided flow: one global, not an attribute too
 MAX_NAME = 253  # bytes in the longest DNS name
 
 
@@ -75,7 +78,9 @@ class Engine:
             return self._malformed("truncated IP header", now, len(packet))
         if version == 0:
             return self._malformed("not an IP packet", now, len(packet))
-        if version == 4 and packet[0] & 0x0F < 5:  # the flow key would be read from inside the header
+        # The flow key would be read from inside the header. (`l4` is the IPv4 header's length,
+        # except for a non-first fragment, whose is 0: only then is the header read again.)
+        if version == 4 and l4 < 20 and ipv4_header_length(packet) < 20:
             return self._malformed("IPv4 header length below 20 bytes", now, len(packet))
         if proto != TCP and proto != UDP:
             return self._count(BYPASS if proto != NO_PORTS else ACCEPT, len(packet))
@@ -86,21 +91,22 @@ class Engine:
         entry = self._table.get(key)
         if entry is not None:
             flow, d = entry
-            if proto == TCP and len(packet) > l4 + 13 and packet[l4 + 13] & 0x12 == 0x02 and (
+            if proto == TCP and opens_connection(packet, l4) and (
                     flow.sides[0].payload or flow.state) and self.model.syn_restarts_flow:
                 # A new connection on the 5-tuple of an old one (its end unseen): start afresh.
                 self._end(flow, now, "reused")
                 entry = None
-            elif flow.state == State.PASSED:
+            elif flow.state == _PASSED:
                 # The fast path: a decided flow. Counters, recency, and back to the kernel.
                 flow.last_seen = now
                 self._lru.move_to_end(flow.id)
+                size = len(packet)
                 side = flow.sides[d]
                 side.packets += 1
-                side.bytes += len(packet)
+                side.bytes += size
                 c = self.counters
                 c.packets[1] += 1
-                c.bytes[1] += len(packet)
+                c.bytes[1] += size
                 return BYPASS
         try:
             return self._slow_path(packet, now, from_inside, version, proto, l4, key, entry)
@@ -119,9 +125,9 @@ class Engine:
         if proto == TCP:
             if end < l4 + 20:
                 return self._malformed("truncated TCP header", now, size)
-            seq = int.from_bytes(packet[l4 + 4 : l4 + 8], "big")
-            flags = packet[l4 + 13]
-            data_off = (packet[l4 + 12] >> 4) << 2
+            seq = tcp_seq(packet, l4)
+            flags = tcp_flags(packet, l4)
+            data_off = tcp_header_length(packet, l4)
             payload = packet[l4 + data_off : end] if data_off >= 20 else b""
         else:
             if end < l4 + 8:
@@ -178,7 +184,7 @@ class Engine:
         """Ask the adapter for a RST each way after this packet (a rule with action "rst", §2.17):
         its sender's next sequence number is seq + length; the other end's is the packet's ack."""
         sent = (seq + length) & 0xFFFFFFFF
-        acked = int.from_bytes(packet[l4 + 8 : l4 + 12], "big")
+        acked = tcp_ack(packet, l4)
         from_sender, from_receiver = (sent, acked), (acked, sent)
         if d == UPLOAD:
             event = ResetRequested(flow, d, from_sender, from_receiver, now)
@@ -222,8 +228,7 @@ class Engine:
     def _new_flow(self, packet: bytes, now: float, from_inside: bool | None, version: int, proto: int,
                   l4: int, key: bytes, flags: int) -> tuple[Flow, Direction]:
         src, dst = addresses(packet, version)
-        sport = (packet[l4] << 8) | packet[l4 + 1]
-        dport = (packet[l4 + 2] << 8) | packet[l4 + 3]
+        sport, dport = ports(packet, l4)
         # The opener is the client. Mid-stream (no SYN seen) the side on the lower, well-known
         # port is taken to be the server; a SYN-ACK comes from the server.
         reverse = False
@@ -298,7 +303,8 @@ class Engine:
 
     def bucket(self, flow: Flow, d: Direction, now: float) -> Bucket | None:
         """The bucket limiting direction `d` of a limited flow, shared ones included (see
-        `Enforcer.bucket`); None when that direction is not limited."""
+        `Enforcer.bucket`); None when that direction is not limited. (An adapter has it already:
+        the decision's event carries it, `FlowDecided.limits`.)"""
         return self._enforcer.bucket(flow, d, now)
 
     def table_sizes(self) -> dict[str, int]:
@@ -374,7 +380,7 @@ class Engine:
             flow.rule = rule
             if rule.sticky > 0 and flow.name_source != "sticky":  # only a real trigger re-arms it
                 self._rules.arm(flow, rule, now)
-        self._events.append(FlowDecided(flow, now))
+        self._events.append(FlowDecided(flow, now, self._enforcer.limits(flow, now)))
 
 
 __all__ = ["Counters", "Engine", "Verdict"]

@@ -11,8 +11,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from throttle.engine.buckets import Bucket, Policer, Shaper, WindowMeter
-from throttle.engine.events import Event, Limited, Verdict
-from throttle.engine.flows import DIRECTION_NAMES, Direction, Flow, Side, State
+from throttle.engine.events import DirectionLimit, Event, Limited, Limits, Verdict
+from throttle.engine.flows import DIRECTION_NAMES, DOWNLOAD, UPLOAD, Direction, Flow, Side, State
 from throttle.scenario import Rule
 
 Decision = tuple[Verdict, float]  # a verdict, and for HOLD the time to release the packet at
@@ -27,6 +27,11 @@ def make_bucket(rule: Rule, now: float) -> Bucket:
     if rule.action != "shape":  # police, or drop and rst: a policer without rate or burst (the loader sets both 0)
         return Policer(rule.rate, rule.burst, now)
     return Shaper(rule.rate, rule.burst, now, max_delay=rule.queue_delay, max_bytes=rule.queue_bytes)
+
+
+def _limits(rule: Rule, d: Direction) -> bool:
+    """Whether `rule` limits direction `d` of its flows."""
+    return rule.direction == "both" or rule.direction == DIRECTION_NAMES[d]
 
 
 class Enforcer:
@@ -50,7 +55,7 @@ class Enforcer:
             return BYPASS if flow.state == State.PASSED else ACCEPT
         rule = flow.rule
         assert rule is not None
-        if rule.direction != "both" and rule.direction != DIRECTION_NAMES[d]:
+        if not _limits(rule, d):
             return ACCEPT
         if carried < rule.after_bytes:
             return ACCEPT
@@ -77,14 +82,31 @@ class Enforcer:
 
     def bucket(self, flow: Flow, d: Direction, now: float) -> Bucket | None:
         """The bucket that limits direction `d` of a limited flow (made now if it has none yet),
-        or None when the flow's rule does not limit that direction. For an adapter that carries
-        the limit out elsewhere (the kernel): it starts from this bucket's state."""
+        or None when the flow's rule does not limit that direction."""
         rule = flow.rule
-        if flow.state != State.LIMITED or rule is None:
-            return None
-        if rule.direction != "both" and rule.direction != DIRECTION_NAMES[d]:
+        if flow.state != State.LIMITED or rule is None or not _limits(rule, d):
             return None
         return flow.buckets[d] or self._bucket(flow, rule, d, now)
+
+    def limits(self, flow: Flow, now: float) -> Limits:
+        """How each direction of a just decided flow is limited (see `DirectionLimit`). Policers
+        and shapers are made now: a bucket starts full and its refill stops at full, so one made
+        before the direction's first limited packet behaves as one made at it. Window meters are
+        not (their intervals start when they are made)."""
+        return self._limit(flow, UPLOAD, now), self._limit(flow, DOWNLOAD, now)
+
+    def _limit(self, flow: Flow, d: Direction, now: float) -> DirectionLimit | None:
+        rule = flow.rule
+        if flow.state != State.LIMITED or rule is None or not _limits(rule, d):
+            return None
+        if rule.meter == "window":
+            return DirectionLimit("window", rule.rate, rule.burst, None, 0.0, rule.after_bytes, flow.sides[d])
+        bucket = flow.buckets[d] or self._bucket(flow, rule, d, now)
+        if isinstance(bucket, Shaper):
+            return DirectionLimit("shape", bucket.rate, bucket.burst, bucket, bucket.max_backlog, rule.after_bytes,
+                                  flow.sides[d])
+        assert isinstance(bucket, Policer)  # make_bucket: a window meter only for meter "window"
+        return DirectionLimit("police", bucket.rate, bucket.burst, bucket, 0.0, rule.after_bytes, flow.sides[d])
 
     def _drop(self, rule: Rule, name: str, d: Direction, side: Side, size: int, now: float) -> Decision:
         side.dropped_packets += 1

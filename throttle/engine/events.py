@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Literal
 
-from throttle.engine.flows import Direction, EndReason, Flow
+from throttle.engine.buckets import Policer, Shaper
+from throttle.engine.flows import Direction, EndReason, Flow, Side
 
 
 class Verdict(IntEnum):
@@ -25,10 +26,46 @@ class FlowStarted:
     at: float
 
 
+Meter = Literal["police", "shape", "window"]
+
+
+@dataclass(frozen=True, slots=True)
+class DirectionLimit:
+    """How a rule limits one direction of a decided flow: all an adapter needs to carry the limit
+    out elsewhere (the kernel) without asking the engine again.
+
+    `bucket` is the engine's own, live: shared by every flow of a client or rule scope (so its
+    identity says which flows share a limit), and its credit (`tokens` as of `stamp`) is what the
+    other enforcer starts from when it takes the direction over. A window meter's is None: the
+    meter is made at the direction's first limited packet, where its intervals start (no other
+    enforcer has window meters). `queue_bytes` bounds a shaper's backlog. `carried` is the payload
+    the direction has carried so far (live: the engine counts on while it still sees the flow), for
+    `after_bytes`."""
+
+    meter: Meter
+    rate: float  # bytes per second
+    burst: float  # bytes
+    bucket: Policer | Shaper | None
+    queue_bytes: float
+    after_bytes: int
+    counters: Side  # the direction's own, live
+
+    @property
+    def carried(self) -> int:
+        return self.counters.payload
+
+
+Limits = tuple[DirectionLimit | None, DirectionLimit | None]  # (upload, download); None: not limited
+
+
 @dataclass(frozen=True, slots=True)
 class FlowDecided:
+    """The engine decided `flow` (passed, or limited by `flow.rule`); `limits` says how each
+    direction is limited, (None, None) for a passed flow."""
+
     flow: Flow
     at: float
+    limits: Limits = (None, None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import shlex
 import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -105,7 +104,8 @@ def _remove_chain(tool: str, hook_chain: str, chain: str) -> None:
 
 def cleanup() -> list[str]:
     """Remove every throttle queue chain (and the jumps into it) in the current namespace, for
-    both address families; returns what was removed. For `ExecStopPost=` after a crash."""
+    both address families; returns what was removed. `throttle cleanup` runs it (the systemd
+    unit's `ExecStopPost=`, after a crash)."""
     removed = []
     for name in ("iptables", "ip6tables"):
         path = find_tool(name)
@@ -139,20 +139,3 @@ def installed(fw: Firewall) -> Iterator[Firewall]:
         for tool in tools:
             _remove(tool, fw)
 
-
-def main(argv: list[str]) -> int:
-    """`python -m throttle.kernel.firewall --cleanup`: remove leftover rules (a systemd ExecStopPost)."""
-    if argv != ["--cleanup"]:
-        print("usage: python -m throttle.kernel.firewall --cleanup", file=sys.stderr)
-        return 2
-    try:
-        removed = cleanup()
-    except ThrottleError as exc:
-        print(f"throttle.kernel.firewall: {exc}", file=sys.stderr)
-        return 2
-    print("removed: " + (", ".join(removed) if removed else "nothing (no throttle rules here)"))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -22,7 +22,9 @@ import struct
 from collections import OrderedDict
 from typing import Protocol
 
+from throttle.engine import ResetRequested
 from throttle.errors import ThrottleError
+from throttle.wire.ip import source
 
 __all__ = ["Injector", "rst_packet"]
 
@@ -75,6 +77,7 @@ class Injector:
         self._raw: dict[int, socket.socket] = {}
         self.sent = 0
         self.failed = 0  # RSTs that could not be sent (an end's MAC not yet seen, a socket error)
+        self.errors = 0  # bugs caught sending them (each also counts its two RSTs as failed)
 
     # -- learning where each address is (bridged) ---------------------------------------------
 
@@ -83,7 +86,7 @@ class Injector:
         port = pkt.physindev
         if not port or len(data) < 20:
             return  # routed: the kernel's own neighbour table is used
-        src = data[12:16] if data[0] >> 4 == 4 else data[8:24]
+        src = source(data)
         hw = pkt.get_hw()
         if hw is None or len(hw) < 6:
             return
@@ -95,6 +98,16 @@ class Injector:
                 self._where.popitem(last=False)
 
     # -- sending -----------------------------------------------------------------------------
+
+    def on_reset(self, ev: ResetRequested) -> None:
+        """The two RSTs an engine's `ResetRequested` asks for. Never raises: a bug here must not
+        stop the packet loop (it is counted in `errors`)."""
+        f = ev.flow
+        try:
+            self.reset(f.client, f.client_port, f.server, f.server_port, ev.to_server, ev.to_client)
+        except Exception:  # noqa: BLE001 - see above
+            self.failed += 2
+            self.errors += 1
 
     def reset(self, client: bytes, cport: int, server: bytes, sport: int,
               to_server: tuple[int, int], to_client: tuple[int, int]) -> int:

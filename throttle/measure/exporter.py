@@ -41,7 +41,7 @@ from throttle import __version__
 from throttle.engine import DIRECTION_NAMES, Engine, EngineError, Event, FlowDecided, Limited, State, Verdict
 
 class KernelCounters(Protocol):
-    """What the kernel counted for one direction of a flow it handles (`kernel.fastpath.Counters`)."""
+    """What the kernel counted for one direction of a flow it handles (`kernel.maps.Counters`)."""
 
     @property
     def bytes(self) -> int: ...
@@ -221,7 +221,7 @@ class Metrics:
             self.speed.labels(*key).set(rate)
 
     def kernel_tick(self, fast: Mapping[bytes, KernelCounters]) -> None:
-        """The eBPF program's cumulative counters per flow key (`fastpath.Counters`, or the
+        """The eBPF program's cumulative counters per flow key (`kernel.maps.Counters`, or the
         fast path's `Snapshot`), read by a walk of its map: what each direction carried since the
         last walk is counted at stage kernel. Safe on another thread than the one handling events
         (the censor calls it on the fast path's walker, so the walk of a big map never holds up

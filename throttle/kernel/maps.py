@@ -1,0 +1,188 @@
+"""The eBPF program's maps as Python reads and writes them: the one place the layout of the C
+structs of `bpf/throttle.bpf.c` is written down (`KEY`, `VALUE`, `BUCKET`), the kernel's key of
+one direction of a flow (`map_key`), a direction's value and a bucket packed for the maps, and
+what the program counted, read back (`Counters`, `Snapshot`).
+
+Pure: no syscalls here (`throttle.kernel.fastpath` makes the map calls).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Union
+
+from throttle.errors import ThrottleError
+
+__all__ = [
+    "BUCKET", "BUCKETS", "HITS_KEY", "INDEX", "KEY", "LEASE", "LEASE_KEY", "MAPS", "NO_LIMIT", "NO_MAC", "NS", "PROGRAM",
+    "VALUE", "Address", "Counters", "Limit", "Snapshot", "bucket_value", "flow_value", "last_ns", "map_key", "packed",
+    "possible_cpus",
+]
+
+# An address: packed, or any form ipaddress takes.
+Address = Union[bytes, str, ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+# -- the program's data layout (bpf/throttle.bpf.c) ----------------------------------------------
+
+KEY = struct.Struct("!BBxx16s16sHH")  # ports stay in network order, as in the packet
+# egress ifindex, dst MAC, src MAC, last_ns, bytes, packets, dropped bytes, dropped packets,
+# payload carried, after_bytes, bucket index, skb priority
+VALUE = struct.Struct("=I6s6sQQQQQQQII")
+# spin lock, pad, rate (B/s), burst (B), fill_ns, tokens (B x 1e9), stamp_ns
+BUCKET = struct.Struct("=IIQQQQQ")
+assert KEY.size == 40 and VALUE.size == 80 and BUCKET.size == 48
+INDEX = struct.Struct("=I")  # the key of the array maps (buckets, hits, lease)
+LEASE = struct.Struct("=Q")  # the lease's value: CLOCK_MONOTONIC ns
+HITS_KEY = INDEX.pack(0)
+LEASE_KEY = INDEX.pack(0)
+BUCKETS = 131072  # entries of the buckets array; index 0 means "not limited"
+PROGRAM = "throttle_ingress"
+MAPS = ("flows", "buckets", "hits", "lease")
+NS = 1_000_000_000
+NO_MAC = bytes(6)  # a flow entry without MACs: bridged, the frame goes out unchanged
+_LAST_NS = 3  # VALUE's field: the last packet's CLOCK_MONOTONIC ns
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """How the kernel limits one direction of a flow: its bucket (an index given to `set_bucket`),
+    the payload that passes free first, what the direction already carried, and for a shaped
+    direction its egress class (skb->priority, major:minor)."""
+
+    bucket: int
+    after_bytes: int = 0
+    carried: int = 0
+    priority: int = 0
+
+
+NO_LIMIT = Limit(0)
+
+
+def packed(address: Address) -> bytes:
+    """An address as 4 (IPv4) or 16 (IPv6) bytes."""
+    if isinstance(address, bytes):
+        if len(address) not in (4, 16):
+            raise ThrottleError(f"an address is 4 or 16 packed bytes, not {len(address)}")
+        return address
+    try:
+        return ipaddress.ip_address(address).packed
+    except ValueError:
+        raise ThrottleError(f"not an IP address: {address!r}") from None
+
+
+def map_key(proto: int, src: Address, sport: int, dst: Address, dport: int) -> bytes:
+    """The kernel's 40-byte key of one direction of a flow, src:sport -> dst:dport (the engine's
+    own key of a flow is `throttle.wire.ip.flow_key`; this one is the program's struct)."""
+    src, dst = packed(src), packed(dst)
+    if len(src) != len(dst):
+        raise ThrottleError("a flow's addresses must be of one family")
+    if proto not in (6, 17):
+        raise ThrottleError(f"the fast path forwards TCP (6) and UDP (17), not protocol {proto}")
+    if not (0 <= sport <= 0xFFFF and 0 <= dport <= 0xFFFF):
+        raise ThrottleError(f"ports must be 0-65535, not {sport} and {dport}")
+    family = 4 if len(src) == 4 else 6
+    return KEY.pack(proto, family, src.ljust(16, b"\0"), dst.ljust(16, b"\0"), sport, dport)
+
+
+def flow_value(egress: int, dst_mac: bytes, src_mac: bytes, now_ns: int, limit: Limit) -> bytes:
+    """A direction's map value as first written: no counts yet, last seen `now_ns`."""
+    if len(dst_mac) != 6 or len(src_mac) != 6 or (dst_mac == NO_MAC) != (src_mac == NO_MAC):
+        raise ThrottleError("MAC addresses are 6 bytes")
+    return VALUE.pack(egress, dst_mac, src_mac, now_ns, 0, 0, 0, 0, limit.carried, limit.after_bytes, limit.bucket,
+                      limit.priority)
+
+
+def last_ns(value: bytes) -> int:
+    """When the direction of a map value saw its last packet (CLOCK_MONOTONIC ns)."""
+    return int(VALUE.unpack(value)[_LAST_NS])
+
+
+def bucket_value(index: int, rate: float, burst: int, tokens: float, stamp: float) -> bytes:
+    """Bucket `index`'s value: `rate` bytes/s, `burst` bytes, credit `tokens` bytes as of `stamp`
+    (CLOCK_MONOTONIC seconds)."""
+    if not 0 < index < BUCKETS:
+        raise ThrottleError(f"bucket index {index} is outside 1-{BUCKETS - 1}")
+    fill_ns = int(burst * NS / rate) + 1 if rate > 0 else 0
+    return BUCKET.pack(0, 0, int(rate), int(burst), fill_ns, int(max(0.0, tokens) * NS), int(stamp * NS))
+
+
+def possible_cpus() -> int:
+    """Per-CPU maps hold one value per *possible* CPU."""
+    try:
+        with open("/sys/devices/system/cpu/possible") as f:
+            text = f.read().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        count += int(hi or lo) - int(lo) + 1
+    return count
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """What the kernel did with one direction of a flow since it was added."""
+
+    bytes: int
+    packets: int
+    dropped_bytes: int
+    dropped_packets: int
+    last_ns: int
+
+
+class Snapshot(Mapping[bytes, Counters]):
+    """Every direction's counters as one walk of the map read them: a read-only mapping of map key
+    to `Counters`, made on access. It holds the keys and the raw values, not an object per entry:
+    a walk of 65,536 directions every second must not feed the garbage collector (whose full
+    collections, run by whichever thread allocates, would stall the packet loop)."""
+
+    __slots__ = ("_keys", "_raw", "_index")
+
+    def __init__(self, keys: list[bytes], raw: bytes) -> None:
+        self._keys = keys
+        self._raw = raw
+        self._index: dict[bytes, int] | None = None
+
+    @classmethod
+    def from_batches(cls, batches: Iterator[tuple[bytes, bytes, int]]) -> Snapshot:
+        """From a batched read of the map (`libbpf.map_batches`): keys and values end to end."""
+        keys: list[bytes] = []
+        values: list[bytes] = []
+        for kraw, vraw, n in batches:
+            keys += [kraw[i * KEY.size : (i + 1) * KEY.size] for i in range(n)]
+            values.append(vraw)
+        return cls(keys, b"".join(values))
+
+    def _at(self, i: int) -> Counters:
+        _, _, _, last, nbytes, packets, dbytes, dpackets, *_ = VALUE.unpack_from(self._raw, i * VALUE.size)
+        return Counters(nbytes, packets, dbytes, dpackets, last)
+
+    def __getitem__(self, key: bytes) -> Counters:
+        if self._index is None:
+            self._index = {k: i for i, k in enumerate(self._keys)}
+        return self._at(self._index[key])
+
+    def __contains__(self, key: object) -> bool:
+        if self._index is None:
+            self._index = {k: i for i, k in enumerate(self._keys)}
+        return key in self._index
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def totals(self) -> Iterator[tuple[bytes, int, int, int, int]]:
+        """(key, bytes, packets, dropped bytes, dropped packets) of every direction, quickly."""
+        for key, (_, _, _, _, nbytes, packets, dbytes, dpackets, *_) in zip(self._keys, VALUE.iter_unpack(self._raw)):
+            yield key, nbytes, packets, dbytes, dpackets
+
+    def stale(self, limit_ns: int) -> list[bytes]:
+        """Keys whose last packet was before `limit_ns` (CLOCK_MONOTONIC)."""
+        return [key for key, value in zip(self._keys, VALUE.iter_unpack(self._raw)) if value[_LAST_NS] < limit_ns]
