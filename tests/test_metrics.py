@@ -135,3 +135,16 @@ def test_promtool_accepts_the_page() -> None:
     check = subprocess.run([promtool, "check", "metrics"], input=generate_latest(m.registry).decode(),
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_the_fast_paths_fallbacks_are_counted_by_reason_once() -> None:
+    """The program's running counts become counters that rise by what is new, every reason shown
+    from the first read; a count read again (or lower, after a reload) adds nothing."""
+    m = Metrics()
+    m.kernel_fallbacks({"no_flow": 5, "tcp_syn": 2, "ipv4_fragment": 0})
+    m.kernel_fallbacks({"no_flow": 9, "tcp_syn": 2, "ipv4_fragment": 0})
+    m.kernel_fallbacks({"no_flow": 9, "tcp_syn": 1, "ipv4_fragment": 0})
+    page = generate_latest(m.registry).decode()
+    assert 'throttle_fastpath_fallbacks_total{reason="no_flow"} 9.0' in page
+    assert 'throttle_fastpath_fallbacks_total{reason="tcp_syn"} 2.0' in page
+    assert 'throttle_fastpath_fallbacks_total{reason="ipv4_fragment"} 0.0' in page

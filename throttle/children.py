@@ -67,6 +67,20 @@ class Background:
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen[str] | None = None
         self.tail = ""  # what it printed on stderr after the ready line, read when it stopped
+        self.killed = False  # it did not stop within stop_timeout of SIGINT, and was killed
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, f"{self.what} was not started"
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        """Its exit code once it has ended, else None."""
+        return None if self.proc is None else self.proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        assert self.proc is not None, f"{self.what} was not started"
+        return self.proc.wait(timeout)
 
     def __enter__(self) -> Self:
         try:
@@ -110,12 +124,14 @@ class Background:
             self.proc.wait()
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
             return
-        self.proc.send_signal(signal.SIGINT)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
         try:
             _, self.tail = self.proc.communicate(timeout=self.stop_timeout)
         except subprocess.TimeoutExpired:
+            self.killed = True
             self.proc.kill()
             self.proc.wait()
 

@@ -1,4 +1,9 @@
-"""Fixtures for the namespace tier: a `labtest` lab that is always taken down.
+"""Fixtures for the namespace tier: labs that are always taken down, and the censor as a child.
+
+`shared_lab` is one lab per pytest worker, up for the whole run, for the modules that only use a
+lab (run censors and probes in it and leave it as they found it); each such module starts with
+`Lab.up()`, which repairs what an earlier one may have broken. Modules that take their lab down,
+kill its servers or leave rules behind on purpose keep a lab of their own (`lab_session`).
 
 These tests need root and the lab's tools. When they are missing the tests fail and say how to
 fix it; they never skip, so a green run means the lab really works on this machine.
@@ -8,11 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import pytest
@@ -21,8 +22,11 @@ from tests.conftest import lab_name
 
 if TYPE_CHECKING:
     from throttle.lab.topology import Lab
+    from throttle.measure.runner import CensorProcess
 
 LAB_NAME = lab_name("labtest")  # never "throttle": that lab may be in use on this machine
+SHARED_LAB = lab_name("shared")
+SHARED_HOSTS = ("pbs.twimg.com", "example.org", "upload.twitter.com")
 TOOLS = {"ip": "iproute2", "ethtool": "ethtool", "dnsmasq": "dnsmasq-base", "curl": "curl"}
 SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin:/bin"
 
@@ -43,43 +47,36 @@ def require_lab_prerequisites() -> None:
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     """The `labtest` lab, up for the module; down afterwards whatever happened."""
-    require_lab_prerequisites()
-    from throttle.lab.topology import Lab
+    yield from lab_session(LAB_NAME, ["pbs.twimg.com"])
 
-    lab = Lab(LAB_NAME)
-    lab.down()  # the remains of an interrupted earlier run
-    try:
-        lab.up(["pbs.twimg.com"])
-        yield lab
-    finally:
-        lab.down()
+
+@pytest.fixture(scope="session")
+def worker_lab() -> Iterator[Lab]:
+    """This worker's shared lab, up until the end of the run (see the module docstring)."""
+    yield from lab_session(SHARED_LAB, SHARED_HOSTS)
+
+
+@pytest.fixture(scope="module")
+def shared_lab(worker_lab: Lab) -> Lab:
+    """The shared lab, repaired for the module that asks for it."""
+    worker_lab.up(list(SHARED_HOSTS))
+    return worker_lab
 
 
 @contextmanager
-def running_censor(scenario: str, lab_name: str, *extra: str) -> Iterator[subprocess.Popen[str]]:
-    """`throttle censor` as a user runs it, in a lab's censor namespace; stopped with SIGINT.
+def running_censor(scenario: str, lab_name: str, *extra: str) -> Iterator[CensorProcess]:
+    """`throttle censor` as a user runs it (`throttle run`'s own CensorProcess), in a lab's censor
+    namespace, without metrics unless `extra` asks; stopped with SIGINT, and the test fails if that
+    does not stop it within 15 s. After the block, `.tail` holds what it printed on the way out
+    (its final counters)."""
+    from throttle.measure.runner import CensorProcess
 
-    After the block, `proc.tail` holds what it printed on the way out (its final counters)."""
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "throttle", "censor", "--scenario", scenario, "--netns", f"{lab_name}-censor",
-         "--quiet", "--metrics-listen", "off", *extra],
-        stderr=subprocess.PIPE, text=True, cwd=root,
-    )
-    try:
-        line = proc.stderr.readline()  # type: ignore[union-attr]
-        assert "active in namespace" in line, line + proc.stderr.read()  # type: ignore[union-attr]
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                pytest.fail("the censor did not stop within 15 s of SIGINT")
-        proc.tail = proc.stderr.read() if proc.stderr else ""  # type: ignore[attr-defined]
+    censor = CensorProcess(scenario, f"{lab_name}-censor", "--metrics-listen", "off", *extra)
+    censor.stop_timeout = 15
+    with censor:
+        yield censor
+    if censor.killed:
+        pytest.fail("the censor did not stop within 15 s of SIGINT")
 
 
 def lab_session(name: str, hostnames: list[str] | tuple[str, ...] = ()) -> Iterator[Lab]:

@@ -47,7 +47,8 @@ def test_bench_two_repeats_measures_the_policer(tmp_path: Path) -> None:
     scenario = load_scenario(two_probe_scenario(tmp_path))
     calls: list[tuple[int, int, str]] = []
     out = tmp_path / "bench"
-    result = bench(scenario, repeat=2, out=out, lab_name=LAB, progress=lambda i, n, t: calls.append((i, n, t)), seed=7)
+    result = bench(scenario, repeat=2, out=out, lab_name=LAB, progress=lambda i, n, t: calls.append((i, n, t)), seed=7,
+                   metrics_listen="off")
 
     files = ("results.json", "results.csv", "flows.json", "summary.md", "speeds.png", "throughput.png", "drops.png")
     for name in files:

@@ -14,8 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from scapy.all import (  # type: ignore[import-untyped]
-    ARP, ICMP, IP, TCP, UDP, Ether, ICMPv6EchoRequest, IPv6, IPv6ExtHdrHopByHop, Raw, raw)
+from scapy.all import ARP, ICMP, IP, TCP, UDP, Ether, ICMPv6EchoRequest, IPv6, IPv6ExtHdrHopByHop, Raw, raw  # type: ignore[import-untyped]
 
 from tests.test_bpf_layout import program_copy, swap_lines
 from throttle.errors import ThrottleError

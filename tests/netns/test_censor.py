@@ -133,7 +133,7 @@ def test_sigkill_fails_open_and_lab_down_leaves_nothing(files) -> None:
     require_hook_prerequisites()
     from throttle.lab.topology import Lab
 
-    name = "nskill"
+    name = lab_name("nskill")
     lab = Lab(name)
     lab.down()
     try:

@@ -9,30 +9,31 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, lab_name
+from tests.conftest import ROOT
+from throttle.lab.topology import Lab
 
-from .conftest import lab_session
+from .conftest import SHARED_LAB
 
 pytestmark = pytest.mark.netns
 
-LAB = lab_name("evmtest")
+LAB = SHARED_LAB
 OLD, NEW = "twitter-2021-03-10", "media-upload"
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[object]:
-    yield from lab_session(LAB, [])
+def lab(shared_lab: Lab) -> Lab:
+    return shared_lab
 
 
 def test_the_matrix_of_the_2021_device_and_a_reassembling_model(lab: object, tmp_path: Path) -> None:
     out, png = tmp_path / "matrix.json", tmp_path / "matrix.png"
     result = subprocess.run(
-        [sys.executable, "-m", "throttle", "evasions", OLD, NEW, "--lab", LAB, "-o", str(out), "--plot", str(png)],
+        [sys.executable, "-m", "throttle", "evasions", OLD, NEW, "--lab", LAB, "--metrics-listen", "off", "-o", str(out),
+         "--plot", str(png)],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )
     print(result.stdout)

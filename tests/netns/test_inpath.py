@@ -13,11 +13,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import ROOT, lab_name
+from tests.conftest import ROOT
 from throttle.lab.topology import (
     BRIDGE,
     CENSOR_CLIENT_IF,
@@ -29,19 +28,19 @@ from throttle.lab.topology import (
     Lab,
 )
 
-from .conftest import lab_session, running_censor
+from .conftest import SHARED_LAB, running_censor
 
 pytestmark = pytest.mark.netns
 
-LAB = lab_name("inpath")
+LAB = SHARED_LAB
 METRICS_PORT = 19731
 DATAGRAMS = 50
 UDP_PORT = 40001
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    yield from lab_session(LAB, ["pbs.twimg.com"])
+def lab(shared_lab: Lab) -> Lab:
+    return shared_lab
 
 
 def run_in(lab: Lab, role: str, argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:

@@ -9,24 +9,25 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, lab_name
+from tests.conftest import ROOT
+from throttle.lab.topology import Lab
 
-from .conftest import lab_session
+from .conftest import SHARED_LAB
 
 pytestmark = pytest.mark.netns
 
-LAB = lab_name("nsmetrics")
+LAB = SHARED_LAB
 METRICS_PORT = 19464
 PROM_PORT = 19090
 RATE = 16250.0
@@ -39,9 +40,8 @@ def require_prometheus() -> None:
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[object]:
-    require_prometheus()
-    yield from lab_session(LAB, ["pbs.twimg.com", "example.org"])
+def lab(shared_lab: Lab) -> Lab:
+    return shared_lab
 
 
 def get(url: str) -> str:
@@ -102,6 +102,11 @@ def test_prometheus_scrapes_the_speeds_of_a_throttled_and_a_control_upload(lab, 
     assert abs(twitter_speed - RATE) / RATE < 0.35
     assert control_speed > 100 * RATE
     assert float(drops[0]["value"][1]) > 0
+    # The eBPF program says why packets reached the censor: every new connection's SYN, and the
+    # packets of flows not yet decided, at the least.
+    fallbacks = {m.group(1): float(m.group(2)) for m in
+                 re.finditer(r'^throttle_fastpath_fallbacks_total\{reason="(\w+)"\} (\S+)$', page, re.M)}
+    assert fallbacks["tcp_syn"] > 0 and fallbacks["no_flow"] > 0, fallbacks
     check = subprocess.run(["promtool", "check", "metrics"], input=page, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     for name in ("throttle_packets_total", "throttle_bytes_total", "throttle_flows_classified_total",

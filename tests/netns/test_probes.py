@@ -6,24 +6,24 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, lab_name
+from tests.conftest import ROOT
+from throttle.lab.topology import Lab
 
-from .conftest import lab_session
+from .conftest import SHARED_LAB
 
 pytestmark = pytest.mark.netns
 
-LAB = lab_name("probetest")
+LAB = SHARED_LAB
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[object]:
-    yield from lab_session(LAB, ["pbs.twimg.com"])
+def lab(shared_lab: Lab) -> Lab:
+    return shared_lab
 
 
 def throttle(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -64,7 +64,7 @@ def run_text(text: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess[str
     path = tmp_path / "scenario.toml"
     path.write_text(text)
     out = tmp_path / "run.json"
-    result = throttle("run", str(path), "--lab", LAB, "--keep", "-o", str(out))
+    result = throttle("run", str(path), "--lab", LAB, "--keep", "--metrics-listen", "off", "-o", str(out))
     return result, json.loads(out.read_text())
 
 

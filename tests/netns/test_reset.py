@@ -7,18 +7,17 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import ROOT, lab_name
+from tests.conftest import ROOT
 from throttle.lab.topology import SERVER_V4, Lab
 
-from .conftest import lab_session, running_censor
+from .conftest import SHARED_LAB, running_censor
 
 pytestmark = pytest.mark.netns
 
-LAB = lab_name("rsttest")
+LAB = SHARED_LAB
 
 # A raw client: a real ClientHello, then wait for what comes back. Prints its local port, then
 # "reset" when the connection is reset, or what else happened.
@@ -39,8 +38,8 @@ except socket.timeout:
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    yield from lab_session(LAB, ["pbs.twimg.com", "example.org"])
+def lab(shared_lab: Lab) -> Lab:
+    return shared_lab
 
 
 def hello(lab: Lab, host: str) -> tuple[int, str]:

@@ -1,6 +1,7 @@
 """`throttle run` on every bundled scenario, as a user runs it: real clients, judged by speed.
 
-One lab (`nsrun`) serves every scenario and is always taken down. Each scenario must meet all
+Each pytest worker's shared lab serves the scenarios it runs (the scenarios are spread over the
+workers), and is always taken down. Each scenario must meet all
 of its probes' expectations; the JSON report is checked, not the exit code alone.
 """
 
@@ -9,31 +10,33 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, lab_name
+from tests.conftest import ROOT
+from throttle.lab.topology import Lab
 
-from .conftest import lab_session, require_lab_prerequisites
+from .conftest import SHARED_LAB, require_lab_prerequisites
 
 pytestmark = pytest.mark.netns
 
 SCENARIOS = sorted(p.stem for p in (ROOT / "scenarios").glob("*.toml"))
-LAB = lab_name("nsrun")
+LAB = SHARED_LAB
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[object]:
-    yield from lab_session(LAB, [])
+def lab(shared_lab: Lab) -> Lab:
+    return shared_lab
 
 
+@pytest.mark.spread  # each worker runs some of the scenarios, in its own shared lab
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_bundled_scenario_meets_its_expectations(lab: object, scenario: str, tmp_path: Path) -> None:
     out = tmp_path / "run.json"
     result = subprocess.run(
-        [sys.executable, "-m", "throttle", "run", scenario, "--lab", LAB, "--keep", "--json", str(out)],
+        [sys.executable, "-m", "throttle", "run", scenario, "--lab", LAB, "--keep", "--metrics-listen", "off", "--json",
+         str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )
     print(result.stdout)
@@ -51,8 +54,6 @@ def test_demo_finishes_and_shows_the_slowdown() -> None:
     require_lab_prerequisites()
     import re
     import time
-
-    from throttle.lab.topology import Lab
 
     if Lab("throttle").status().up:
         pytest.fail("a lab named throttle is up: the demo would reuse it; take it down first (throttle lab down)")

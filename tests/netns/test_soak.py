@@ -516,7 +516,8 @@ def test_a_run_whose_lab_server_dies_fails_naming_it(tmp_path: Path) -> None:
     lab = Lab(FAULT)
     lab.down()
     pid_file = Path(f"/run/throttle/{FAULT}/labserver.pid")
-    run = subprocess.Popen([sys.executable, "-m", "throttle", "run", "--lab", FAULT, "twitter-2021-03-10"],
+    run = subprocess.Popen([sys.executable, "-m", "throttle", "run", "--lab", FAULT, "--metrics-listen", "off",
+                            "twitter-2021-03-10"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     t0 = time.monotonic()
     try:

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from throttle.cli.options import complete_scenario, emit_json, json_option, lab_option, output_option
+from throttle.cli.options import (complete_scenario, emit_json, json_option, lab_option, metrics_option,
+                                  output_option)
 from throttle.errors import ThrottleError
 from throttle.extras import require
 from throttle.scenario import Scenario, load_scenario
@@ -42,6 +43,7 @@ def evasions(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the matrix (trick x model, coloured by "
                                         "outcome, speed in each cell) into this PNG.", dir_okay=False),
     lab_name: str = lab_option(),
+    metrics_listen: Optional[str] = metrics_option(),
 ) -> None:
     """Run every built-in ClientHello trick, and each scenario's command probes, against censor models.
 
@@ -75,7 +77,8 @@ def evasions(
         progress.phase(f"{current[0]}: {text}" if current[0] else text)
 
     with progress.shown():
-        matrix = run_matrix(scens, lab_name=lab_name, on_start=started, on_update=progress.update, on_phase=phase)
+        matrix = run_matrix(scens, lab_name=lab_name, on_start=started, on_update=progress.update, on_phase=phase,
+                            metrics_listen=metrics_listen)
     out = stderr_console() if as_json else stdout_console()
     out.print(matrix_table(matrix))
     for line in matrix_notes(matrix):

@@ -43,6 +43,12 @@ def scenario_option(default: Optional[str] = None) -> Any:
     return typer.Option(default, "--scenario", "-s", help=SCENARIO_HELP, autocompletion=complete_scenario)
 
 
+def metrics_option() -> Any:
+    return typer.Option(None, "--metrics-listen", metavar="ADDR:PORT|off",
+                        help="Where the censor serves its Prometheus metrics (default 127.0.0.1:18130, where a busy "
+                             "port is only a warning), or off.")
+
+
 def json_option() -> Any:
     return typer.Option(False, "--json", help="Print the result as one JSON document on stdout.")
 

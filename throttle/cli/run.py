@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from throttle.cli.options import emit_json, json_option, lab_option, output_option, pick_scenario, scenario_argument
-from throttle.cli.options import scenario_option
+from throttle.cli.options import metrics_option, scenario_option
 from throttle.errors import ThrottleError
 from throttle.extras import require
 from throttle.scenario import Scenario
@@ -25,6 +25,7 @@ def run(
     lab_name: str = lab_option(),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also capture the run and write the figures of "
                                         "`throttle bench` (one repeat) to this folder."),
+    metrics_listen: Optional[str] = metrics_option(),
 ) -> None:
     """Run a scenario in the lab: censor on, every probe with real clients, judged by measured speed.
 
@@ -38,14 +39,16 @@ def run(
     require("live", "throttle run")
     if plot is not None:
         require("plots", "throttle run --plot", ("matplotlib",))
-        raise typer.Exit(run_bench(scen, 1, plot, lab_name, seed=None, keep=keep, as_json=as_json, output=output))
+        raise typer.Exit(run_bench(scen, 1, plot, lab_name, seed=None, keep=keep, as_json=as_json, output=output,
+                                   metrics_listen=metrics_listen))
     from throttle.cli.views import Progress, check_failures, footnote, result_table, stderr_console, stdout_console
     from throttle.measure.runner import run_scenario
 
     progress = Progress(f"{scen.name}: {scen.title}")
     progress.phase(f"{scen.name}: {len(scen.probes)} probes")
     with progress.shown():
-        report = run_scenario(scen, lab_name=lab_name, keep=keep, on_update=progress.update, on_phase=progress.phase)
+        report = run_scenario(scen, lab_name=lab_name, keep=keep, on_update=progress.update, on_phase=progress.phase,
+                              metrics_listen=metrics_listen)
     out = stderr_console() if as_json else stdout_console()
     out.print(result_table(report))
     for line in check_failures(report):
@@ -67,16 +70,18 @@ def bench(
     keep: bool = typer.Option(False, "--keep", help="Leave the lab up afterwards."),
     lab_name: str = lab_option(),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed recorded for reproduction (random if not given)."),
+    metrics_listen: Optional[str] = metrics_option(),
 ) -> None:
     """Run a scenario N times with captures on both sides of the censor; write results and plots."""
     scen = pick_scenario(scenario, scenario_opt)
     require("live", "throttle bench")
     require("plots", "throttle bench")
-    raise typer.Exit(run_bench(scen, repeat, out, lab_name, seed, keep=keep, as_json=as_json))
+    raise typer.Exit(run_bench(scen, repeat, out, lab_name, seed, keep=keep, as_json=as_json,
+                               metrics_listen=metrics_listen))
 
 
 def run_bench(scen: Scenario, repeat: int, out: Path, lab_name: str, seed: int | None, *, keep: bool = False,
-              as_json: bool = False, output: Path | None = None) -> int:
+              as_json: bool = False, output: Path | None = None, metrics_listen: str | None = None) -> int:
     """The benchmark with a progress bar; prints the summary; the exit code (1: an expectation failed).
 
     With one repeat (`throttle run --plot`), `--json`/`-o` carry that run's report, as `run` writes
@@ -94,7 +99,8 @@ def run_bench(scen: Scenario, repeat: int, out: Path, lab_name: str, seed: int |
         def progress(done: int, total: int, text: str) -> None:
             bar.update(task, completed=done, total=total, description=f"{scen.name}: {text}"[:90])
 
-        result = measure(scen, repeat, out, lab_name=lab_name, progress=progress, seed=seed, keep=keep)
+        result = measure(scen, repeat, out, lab_name=lab_name, progress=progress, seed=seed, keep=keep,
+                         metrics_listen=metrics_listen)
     console = stderr_console() if as_json else stdout_console()
     console.print((out / "summary.md").read_text(), markup=False, highlight=False)
     console.print("written: " + ", ".join(str(p) for p in result.files.values()), style="dim", highlight=False)

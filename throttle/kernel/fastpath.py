@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import errno
 import os
-import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -49,7 +48,7 @@ from throttle.kernel import libbpf, tc
 from throttle.kernel.htb import Qdiscs
 from throttle.kernel.maps import (HITS_KEY, INDEX, KEY, LEASE, LEASE_KEY, MAPS, NO_LIMIT, NS, PROGRAM, VALUE,
                                   Address, Counters, Limit, Snapshot, bucket_value, flow_value, last_ns, map_key,
-                                  packed, possible_cpus)
+                                  packed)
 from throttle.kernel.neighbours import Hop, Hops, bridge_port, ifindex
 from throttle.kernel.netlink import Netlink
 from throttle.kernel.walker import Walker
@@ -90,6 +89,7 @@ class FastPath:
             self._buckets = self._object.map_fds["buckets"]
             self._hits = self._object.map_fds["hits"]
             self._lease = self._object.map_fds["lease"]
+            self._fallbacks = self._object.map_fds["fallbacks"]
             self._netlink = Netlink()
             for name in interfaces:
                 self._attach(name)
@@ -309,12 +309,20 @@ class FastPath:
     def hits(self) -> int:
         """Packets redirected so far, on all CPUs."""
         self._check_open()
-        cpus = possible_cpus()
         try:
-            raw = libbpf.map_lookup(self._hits, HITS_KEY, 8 * cpus)
+            return libbpf.percpu_sum(self._hits, HITS_KEY)
         except OSError as exc:
             raise ThrottleError(f"cannot read the fast-path counter: {exc.strerror}") from None
-        return sum(struct.unpack(f"={cpus}Q", raw)) if raw else 0
+
+    def fallbacks(self) -> dict[str, int]:
+        """Packets the program handed to the normal path so far, by reason (`layout.FALLBACKS`):
+        not in the map, a SYN, a fragment ... on all CPUs. One lookup per reason: for the
+        walker's once-a-second read, not for every packet."""
+        self._check_open()
+        try:
+            return libbpf.fallbacks(self._fallbacks)
+        except OSError as exc:
+            raise ThrottleError(f"cannot read the fast path's fallback counters: {exc.strerror}") from None
 
     # -- closing --------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from functools import partial
 from typing import Any, Optional, Protocol
@@ -99,6 +99,7 @@ class KernelObserver(Protocol):
 
     def fast_flow_added(self, key: bytes, direction: str, rule: str = "none", name: str | None = None) -> None: ...
     def kernel_tick(self, fast: Snapshot) -> None: ...
+    def kernel_fallbacks(self, totals: Mapping[str, int]) -> None: ...
 
 
 class ShapingClass:
@@ -403,6 +404,7 @@ class Handover:
             self._walked = time.monotonic()
             if observer is not None:
                 observer.kernel_tick(counters)
+                observer.kernel_fallbacks(self.fast.fallbacks())
 
         def on_expired(keys: list[bytes]) -> None:
             self._soon(self._expired, keys, self._walked)

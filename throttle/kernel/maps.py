@@ -1,7 +1,8 @@
-"""The eBPF program's maps as Python reads and writes them: the one place the layout of the C
-structs of `bpf/throttle.bpf.c` is written down (`KEY`, `VALUE`, `BUCKET`), the kernel's key of
-one direction of a flow (`map_key`), a direction's value and a bucket packed for the maps, and
-what the program counted, read back (`Counters`, `Snapshot`).
+"""The eBPF program's maps as Python reads and writes them: the kernel's key of one direction of a
+flow (`map_key`), a direction's value and a bucket packed for the maps, and what the program
+counted, read back (`Counters`, `Snapshot`). The structs themselves (`KEY`, `VALUE`, `BUCKET`) are
+the codecs of `throttle.kernel.layout`, the one definition both the C program and Python are made
+from (libbpf refuses an object whose BTF differs from it).
 
 Pure: no syscalls here (`throttle.kernel.fastpath` makes the map calls).
 """
@@ -9,42 +10,34 @@ Pure: no syscalls here (`throttle.kernel.fastpath` makes the map calls).
 from __future__ import annotations
 
 import ipaddress
-import os
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Union
 
 from throttle.errors import ThrottleError
+from throttle.kernel.layout import BUCKET, FLOW_KEY, FLOW_VALUE
 
 __all__ = [
     "BUCKET", "BUCKETS", "HITS_KEY", "INDEX", "KEY", "LEASE", "LEASE_KEY", "MAPS", "NO_LIMIT", "NO_MAC", "NS", "PROGRAM",
     "VALUE", "Address", "Counters", "Limit", "Snapshot", "bucket_value", "flow_value", "last_ns", "map_key", "packed",
-    "possible_cpus",
 ]
 
 # An address: packed, or any form ipaddress takes.
 Address = Union[bytes, str, ipaddress.IPv4Address, ipaddress.IPv6Address]
 
-# -- the program's data layout (bpf/throttle.bpf.c) ----------------------------------------------
+# -- the program's data layout (throttle.kernel.layout) -------------------------------------------
 
-KEY = struct.Struct("!BBxx16s16sHH")  # ports stay in network order, as in the packet
-# egress ifindex, dst MAC, src MAC, last_ns, bytes, packets, dropped bytes, dropped packets,
-# payload carried, after_bytes, bucket index, skb priority
-VALUE = struct.Struct("=I6s6sQQQQQQQII")
-# spin lock, pad, rate (B/s), burst (B), fill_ns, tokens (B x 1e9), stamp_ns
-BUCKET = struct.Struct("=IIQQQQQ")
-assert KEY.size == 40 and VALUE.size == 80 and BUCKET.size == 48
+KEY, VALUE = FLOW_KEY, FLOW_VALUE
 INDEX = struct.Struct("=I")  # the key of the array maps (buckets, hits, lease)
 LEASE = struct.Struct("=Q")  # the lease's value: CLOCK_MONOTONIC ns
 HITS_KEY = INDEX.pack(0)
 LEASE_KEY = INDEX.pack(0)
 BUCKETS = 131072  # entries of the buckets array; index 0 means "not limited"
 PROGRAM = "throttle_ingress"
-MAPS = ("flows", "buckets", "hits", "lease")
+MAPS = ("flows", "buckets", "hits", "lease", "fallbacks")
 NS = 1_000_000_000
 NO_MAC = bytes(6)  # a flow entry without MACs: bridged, the frame goes out unchanged
-_LAST_NS = 3  # VALUE's field: the last packet's CLOCK_MONOTONIC ns
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,20 +78,21 @@ def map_key(proto: int, src: Address, sport: int, dst: Address, dport: int) -> b
     if not (0 <= sport <= 0xFFFF and 0 <= dport <= 0xFFFF):
         raise ThrottleError(f"ports must be 0-65535, not {sport} and {dport}")
     family = 4 if len(src) == 4 else 6
-    return KEY.pack(proto, family, src.ljust(16, b"\0"), dst.ljust(16, b"\0"), sport, dport)
+    return KEY.pack(proto=proto, family=family, src=src.ljust(16, b"\0"), dst=dst.ljust(16, b"\0"), sport=sport,
+                    dport=dport)
 
 
 def flow_value(egress: int, dst_mac: bytes, src_mac: bytes, now_ns: int, limit: Limit) -> bytes:
     """A direction's map value as first written: no counts yet, last seen `now_ns`."""
     if len(dst_mac) != 6 or len(src_mac) != 6 or (dst_mac == NO_MAC) != (src_mac == NO_MAC):
         raise ThrottleError("MAC addresses are 6 bytes")
-    return VALUE.pack(egress, dst_mac, src_mac, now_ns, 0, 0, 0, 0, limit.carried, limit.after_bytes, limit.bucket,
-                      limit.priority)
+    return VALUE.pack(ifindex=egress, dst_mac=dst_mac, src_mac=src_mac, last_ns=now_ns, payload=limit.carried,
+                      after_bytes=limit.after_bytes, bucket=limit.bucket, priority=limit.priority)
 
 
 def last_ns(value: bytes) -> int:
     """When the direction of a map value saw its last packet (CLOCK_MONOTONIC ns)."""
-    return int(VALUE.unpack(value)[_LAST_NS])
+    return int(VALUE.unpack(value)["last_ns"])
 
 
 def bucket_value(index: int, rate: float, burst: int, tokens: float, stamp: float) -> bytes:
@@ -107,21 +101,8 @@ def bucket_value(index: int, rate: float, burst: int, tokens: float, stamp: floa
     if not 0 < index < BUCKETS:
         raise ThrottleError(f"bucket index {index} is outside 1-{BUCKETS - 1}")
     fill_ns = int(burst * NS / rate) + 1 if rate > 0 else 0
-    return BUCKET.pack(0, 0, int(rate), int(burst), fill_ns, int(max(0.0, tokens) * NS), int(stamp * NS))
-
-
-def possible_cpus() -> int:
-    """Per-CPU maps hold one value per *possible* CPU."""
-    try:
-        with open("/sys/devices/system/cpu/possible") as f:
-            text = f.read().strip()
-    except OSError:
-        return os.cpu_count() or 1
-    count = 0
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        count += int(hi or lo) - int(lo) + 1
-    return count
+    return BUCKET.pack(rate=int(rate), burst=int(burst), fill_ns=fill_ns, tokens=int(max(0.0, tokens) * NS),
+                       stamp_ns=int(stamp * NS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,8 +140,8 @@ class Snapshot(Mapping[bytes, Counters]):
         return cls(keys, b"".join(values))
 
     def _at(self, i: int) -> Counters:
-        _, _, _, last, nbytes, packets, dbytes, dpackets, *_ = VALUE.unpack_from(self._raw, i * VALUE.size)
-        return Counters(nbytes, packets, dbytes, dpackets, last)
+        v = VALUE.unpack(self._raw, i * VALUE.size)
+        return Counters(v["bytes"], v["packets"], v["dropped_bytes"], v["dropped_packets"], v["last_ns"])
 
     def __getitem__(self, key: bytes) -> Counters:
         if self._index is None:
@@ -180,9 +161,10 @@ class Snapshot(Mapping[bytes, Counters]):
 
     def totals(self) -> Iterator[tuple[bytes, int, int, int, int]]:
         """(key, bytes, packets, dropped bytes, dropped packets) of every direction, quickly."""
-        for key, (_, _, _, _, nbytes, packets, dbytes, dpackets, *_) in zip(self._keys, VALUE.iter_unpack(self._raw)):
+        totals = VALUE.iter_fields(self._raw, "bytes", "packets", "dropped_bytes", "dropped_packets")
+        for key, (nbytes, packets, dbytes, dpackets) in zip(self._keys, totals):
             yield key, nbytes, packets, dbytes, dpackets
 
     def stale(self, limit_ns: int) -> list[bytes]:
         """Keys whose last packet was before `limit_ns` (CLOCK_MONOTONIC)."""
-        return [key for key, value in zip(self._keys, VALUE.iter_unpack(self._raw)) if value[_LAST_NS] < limit_ns]
+        return [key for key, last in zip(self._keys, VALUE.column(self._raw, "last_ns")) if last < limit_ns]

@@ -63,7 +63,6 @@ from throttle.wire import quic as wire_quic
 from throttle.wire.names import normalise
 
 if TYPE_CHECKING:
-    from aioquic.h3.connection import H3Connection
     from aioquic.h3.events import H3Event
     from aioquic.quic.configuration import QuicConfiguration
     from aioquic.quic.connection import QuicConnection

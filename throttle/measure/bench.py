@@ -412,7 +412,7 @@ def reproduce_block(scenario: Scenario, repeat: int, seed: int) -> dict[str, Any
 
 def bench(scenario: Scenario, repeat: int, out: Path, lab_name: str = "bench5",
           progress: Callable[[int, int, str], None] | None = None, seed: int | None = None,
-          keep: bool = False) -> BenchResult:
+          keep: bool = False, metrics_listen: str | None = None) -> BenchResult:
     """Run `scenario` `repeat` times in one lab, capture every repeat, write the results to `out`.
 
     `progress(done, total, text)` is called as repeats start and finish; `done` is the number of
@@ -444,7 +444,7 @@ def bench(scenario: Scenario, repeat: int, out: Path, lab_name: str = "bench5",
             paths = {i: captures / f"repeat-{r}-{i}.pcap" for i in (CENSOR_CLIENT_IF, CENSOR_SERVER_IF)}
             with Capture(lab, "censor", CENSOR_CLIENT_IF, paths[CENSOR_CLIENT_IF]) as cap_c, \
                     Capture(lab, "censor", CENSOR_SERVER_IF, paths[CENSOR_SERVER_IF]) as cap_s:
-                report = run_scenario(scenario, lab_name=lab_name, keep=True,
+                report = run_scenario(scenario, lab_name=lab_name, keep=True, metrics_listen=metrics_listen,
                                       on_phase=functools.partial(_tell_repeat, tell, r, repeat))
                 time.sleep(0.3)  # the last packets reach the capture files
             reports.append(report)

@@ -404,7 +404,7 @@ def merge_reports(reports: Sequence[RunReport]) -> RunReport:
 def run_matrix(scenarios: Sequence[Scenario], *, lab_name: str = "throttle",
                on_start: Callable[[Scenario, Plan], None] | None = None,
                on_update: Callable[[list[ProbeRun]], None] | None = None,
-               on_phase: Callable[[str], None] | None = None) -> Matrix:
+               on_phase: Callable[[str], None] | None = None, metrics_listen: str | None = None) -> Matrix:
     """Each scenario's plan run in one lab (brought up for the matrix unless it was up, and taken
     down afterwards then), one scenario after another, a censor started for each run; the matrix."""
     from throttle.lab.topology import Lab
@@ -425,7 +425,8 @@ def run_matrix(scenarios: Sequence[Scenario], *, lab_name: str = "throttle",
                 on_start(scenario, plan)
             report = None
             if plan.runnable:
-                parts = [run_scenario(part, lab_name=lab_name, on_update=on_update, on_phase=on_phase)
+                parts = [run_scenario(part, lab_name=lab_name, on_update=on_update, on_phase=on_phase,
+                                      metrics_listen=metrics_listen)
                          for part in plan.runs()]
                 report = merge_reports(parts)
             columns.append(build_column(scenario, plan, report))

@@ -92,6 +92,12 @@ class Metrics:
         self.lost = Counter("throttle_packets_lost_before_inspection", "Packets the kernel could not queue to the "
                             "censor (queue or socket full): flows whose first packets are lost may escape.", registry=r)
         self._lost_seen = 0
+        self.fallbacks = Counter("throttle_fastpath_fallbacks", "Packets the eBPF fast path handed to the normal "
+                                 "path (netfilter, the censor's queue), by reason: no_flow is a flow not (yet) "
+                                 "decided; the others are packets the program does not carry (a SYN, a fragment, "
+                                 "IPv6 extension headers, an expiring TTL, the censor's lease run out ...).",
+                                 ["reason"], registry=r)
+        self._fallbacks_seen: dict[str, int] = {}  # the program's running counts, read by the walker
         build = Gauge("throttle_build_info", "Always 1: the version of throttle and of Python the censor runs.",
                       ["version", "python_version"], registry=r)
         build.labels(__version__, platform.python_version()).set(1)
@@ -173,6 +179,19 @@ class Metrics:
         if total > self._lost_seen:
             self.lost.inc(total - self._lost_seen)
             self._lost_seen = total
+
+    def kernel_fallbacks(self, totals: Mapping[str, int]) -> None:
+        """The eBPF program's running counts of packets it handed to the normal path, by reason
+        (`FastPath.fallbacks`); on the walker's thread, like `kernel_tick`."""
+        seen = self._fallbacks_seen
+        for reason, total in totals.items():
+            before = seen.get(reason)
+            if before is None:
+                self.fallbacks.labels(reason)  # every reason shows, at 0 until it happens
+                before = 0
+            if total > before:
+                self.fallbacks.labels(reason).inc(total - before)
+            seen[reason] = max(total, before)
 
     def _show_rules(self, engine: Engine) -> None:
         """The configured limit of each rule, per direction it limits (set once per rule set)."""

@@ -303,9 +303,10 @@ class CensorProcess(Background):
 def run_scenario(scenario: Scenario, *, lab_name: str = "throttle", keep: bool = False,
                  on_update: Callable[[list[ProbeRun]], None] | None = None,
                  on_phase: Callable[[str], None] | None = None, busy_controls: bool = False,
-                 baseline: bool = True) -> RunReport:
+                 baseline: bool = True, metrics_listen: str | None = None) -> RunReport:
     """Lab up (or reused), the controls alone (their no-censor baseline), censor on, probes,
-    censor off, lab down unless kept or already up."""
+    censor off, lab down unless kept or already up. `metrics_listen` goes to the censor's
+    --metrics-listen (None: its default)."""
     if not scenario.probes:
         raise ThrottleError(f"{scenario.path}: no [[probe]] tables; `throttle run` needs traffic to try")
     if not any(p.control for p in scenario.probes):
@@ -322,7 +323,8 @@ def run_scenario(scenario: Scenario, *, lab_name: str = "throttle", keep: bool =
                 phase("measuring the controls without the censor (their baseline)")
                 runner.measure_baseline()
             phase(f"starting the censor with {scenario.name}")
-            with CensorProcess(scenario.path, lab.ns("censor")):
+            metrics = ("--metrics-listen", metrics_listen) if metrics_listen else ()
+            with CensorProcess(scenario.path, lab.ns("censor"), *metrics):
                 phase("running the probes")
                 report = runner.run()
             if lab.status().labserver is None:  # its probes failed for the lab's sake, not the censor's
