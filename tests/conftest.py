@@ -6,16 +6,18 @@ checkouts can run their namespace tests on one machine at once without taking ea
 down (`THROTTLE_TEST_LAB_PREFIX=a- scripts/test tests/netns/test_censor.py`). Under pytest-xdist
 (`scripts/test` runs the suite on several workers) each worker's labs also carry its number.
 
-Scheduling (`--dist loadgroup`): a namespace test module runs whole on one worker (its module
-fixtures, its order), unless its tests are marked `spread` (each may run on any worker, in that
-worker's own lab: `throttle run` of one bundled scenario). The longest modules are handed out
-first, so that they do not start last and finish alone.
+Scheduling (`pytest_xdist_make_scheduler` below): a test module runs whole on one worker (its
+module fixtures, its order: some unit modules check at their end what their earlier tests did),
+except the tests named in SPREAD, each of which may run on any worker, in that worker's own lab
+(`throttle run` of one bundled scenario). The longest modules are handed out first, so that they
+do not start last and finish alone.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +26,8 @@ SCENARIOS = ROOT / "scenarios"
 VECTORS = ROOT / "tests" / "vectors"
 LAB_PREFIX = os.environ.get("THROTTLE_TEST_LAB_PREFIX", "")
 WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1" ... under pytest-xdist
+# Namespace tests that each may run on any worker (by test id, parameters left out).
+SPREAD = ("tests/netns/test_run.py::test_bundled_scenario_meets_its_expectations",)
 # Namespace test modules by how long they take (longest first); the others follow in file order.
 LONG_FIRST = ("test_soak.py", "test_run.py", "test_censor.py", "test_fastpath.py", "test_evasions_matrix.py",
               "test_bench.py", "test_metrics.py", "test_gateway.py", "test_probes.py", "test_evasion.py")
@@ -35,7 +39,7 @@ def scenario_path(name: str) -> Path:
 
 
 def lab_name(base: str) -> str:
-    """A test lab's name: `base`, after this run's prefix."""
+    """A test lab's name: `base`, after this run's prefix and before this worker's number."""
     name = LAB_PREFIX + base + WORKER.removeprefix("gw")
     assert len(name) <= 24, f"lab name {name!r} is over 24 characters: shorten THROTTLE_TEST_LAB_PREFIX"
     return name
@@ -51,6 +55,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return LONG_FIRST.index(path.name) if path.name in LONG_FIRST else len(LONG_FIRST)
 
     items.sort(key=rank)  # stable: a module's tests keep their order
-    for item in items:
-        if item.path.parent == netns and item.get_closest_marker("spread") is None:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """pytest-xdist's scheduling by scope, where a module is one scope and each SPREAD test one."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return nodeid if nodeid.startswith(SPREAD) else nodeid.split("::", 1)[0]
+
+    return ByModule(config, log)

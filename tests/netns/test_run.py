@@ -30,7 +30,6 @@ def lab(shared_lab: Lab) -> Lab:
     return shared_lab
 
 
-@pytest.mark.spread  # each worker runs some of the scenarios, in its own shared lab
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_bundled_scenario_meets_its_expectations(lab: object, scenario: str, tmp_path: Path) -> None:
     out = tmp_path / "run.json"
