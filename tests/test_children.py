@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,41 @@ def test_read_pid_and_alive(tmp_path: Path) -> None:
     (tmp_path / "ok.pid").write_text(f"{os.getpid()}\n")
     assert children.read_pid(tmp_path / "ok.pid") == os.getpid()
     assert children.alive(os.getpid()) and not children.alive(2**22 + 12345)
+
+
+def test_capture_leaves_the_exit_status_to_the_caller() -> None:
+    got = children.capture([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"],
+                           "a script")
+    assert (got.code, got.out.strip(), got.err.strip()) == (3, "out", "err")
+    with pytest.raises(ThrottleError, match="no-such-tool could not start"):
+        children.capture(["/nonexistent/no-such-tool"], "no-such-tool")
+    with pytest.raises(ThrottleError, match="did not finish within 0.5 s"):
+        children.capture([sys.executable, "-c", "import time; time.sleep(30)"], "a sleeper", timeout=0.5)
+
+
+def test_watch_kills_at_the_deadline_with_the_whole_group(tmp_path: Path) -> None:
+    """A shell in its own session that started a grandchild: at the deadline both are gone, and
+    what the shell printed before is kept."""
+    pid_file = tmp_path / "grandchild"
+    script = f"sleep 60 & echo $! > {pid_file}; echo started; wait"
+    seen: list[bytes] = []
+    watched = children.watch(["sh", "-c", script], deadline=time.monotonic() + 1.0, session=True,
+                             progress="stderr", on_progress=seen.append)
+    assert watched.killed and watched.out.strip() == b"started"
+    grandchild = int(pid_file.read_text())
+    assert not children.alive(grandchild)
+
+
+def test_a_session_helper_is_stopped_with_its_group(tmp_path: Path) -> None:
+    pid_file = tmp_path / "grandchild"
+    with children.Session(["sh", "-c", f"sleep 60 & echo $! > {pid_file}; wait"], "a helper") as helper:
+        for _ in range(200):
+            if pid_file.exists() and pid_file.read_text().strip():
+                break
+            time.sleep(0.01)
+        assert helper.exited() is None
+        grandchild = int(pid_file.read_text())
+    assert not children.alive(grandchild)
+    with children.Session(["sh", "-c", "echo gone >&2; exit 4"], "a helper") as helper:
+        assert helper.proc is not None and helper.proc.wait(timeout=10) == 4
+        assert helper.exited() == "exited with 4: gone"

@@ -1,7 +1,15 @@
-"""Every child process throttle starts, in three shapes:
+"""Every child process throttle starts, in five shapes:
 
 - `run` and `call`: a short command to its end (`ethtool -K`, `modprobe`, dnsmasq's own
-  daemonising start; or a user's command in the lab with the terminal's input and output).
+  daemonising start; or a user's command in the lab with the terminal's input and output);
+  `capture` when the caller judges the exit status itself (iptables, clang, `ss`, iperf3).
+- `watch`: a probe's client from start to exit, both output pipes read in the calling thread (one
+  stream handed over as it comes, for progress; the other kept), killed at a deadline (with its
+  whole process group when it runs in a session of its own: a browser's helpers, a shell's
+  children) and always reaped, on an error too: one thread per running client, no reader threads
+  or timers beside it.
+- `Session`: a helper in a session of its own beside a command (a command probe's `wrap`), its
+  whole group stopped at the end of a `with` block.
 - `Background`: a child that runs beside a measurement (the censor, tcpdump, iperf3) inside a
   `with` block: started until it says it is ready, and always stopped with SIGINT (so it cleans
   up: the censor removes its rules, tcpdump flushes its capture), then killed if it does not stop
@@ -22,11 +30,13 @@ from __future__ import annotations
 
 import os
 import select
+import selectors
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -34,6 +44,7 @@ from typing import Self
 from throttle.errors import ThrottleError
 
 POLL = 0.02  # seconds between looks at a pid file, a log or a dying process
+STRAGGLER = 5.0  # seconds a killed command's pipes may stay open (a child that escaped) before we stop reading
 _REAPER = "reap-{pid}"
 
 
@@ -48,6 +59,25 @@ def run(argv: Sequence[str], what: str) -> str:
         err = (proc.stderr or proc.stdout).strip()
         raise ThrottleError(f"{what} failed (exit {proc.returncode}): {err}")
     return proc.stdout
+
+
+@dataclass(frozen=True, slots=True)
+class Captured:
+    code: int  # exit status, negative when a signal ended it
+    out: str
+    err: str
+
+
+def capture(argv: Sequence[str], what: str, timeout: float | None = None) -> Captured:
+    """Run a command to its end with no input, whatever its exit status (the caller judges it).
+    A ThrottleError naming `what` when it cannot start or outlives `timeout` seconds (then killed)."""
+    try:
+        proc = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    except OSError as exc:
+        raise ThrottleError(f"{what} could not start: {exc}") from None
+    except subprocess.TimeoutExpired:
+        raise ThrottleError(f"{what} did not finish within {timeout:g} s (killed)") from None
+    return Captured(proc.returncode, proc.stdout, proc.stderr)
 
 
 def call(argv: Sequence[str]) -> int:
@@ -219,3 +249,117 @@ def read_pid(path: Path) -> int | None:
         return int(path.read_text().strip())
     except (OSError, ValueError):
         return None
+
+
+# -- clients and helpers ----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Watched:
+    out: bytes  # stdout, unless it was the progress stream
+    err: bytes  # stderr, unless it was the progress stream
+    code: int  # exit status, negative when a signal ended it
+    killed: bool  # killed at the deadline
+
+
+def kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+    """Stop a child started in its own session, with everything it started (a browser's helpers)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+
+
+def _stop(proc: subprocess.Popen[bytes], session: bool) -> None:
+    if session:
+        kill_group(proc)
+    elif proc.poll() is None:
+        proc.kill()
+
+
+def watch(argv: Sequence[str], *, deadline: float, session: bool, progress: str | None,
+          on_progress: Callable[[bytes], None]) -> Watched:
+    """Run `argv` until it exits or `deadline` (time.monotonic()) passes; `progress` ("stdout",
+    "stderr" or None) names the stream given to `on_progress` chunk by chunk. An OSError when it
+    cannot start."""
+    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=session)
+    try:
+        kept, killed = _read(proc, deadline, session, progress, on_progress)
+        try:  # its pipes are closed: it is exiting, unless it closed them itself
+            code = proc.wait(timeout=max(0.0, deadline - time.monotonic()) + STRAGGLER)
+        except subprocess.TimeoutExpired:
+            _stop(proc, session)
+            killed, code = True, proc.wait()
+    except BaseException:
+        _stop(proc, session)
+        proc.wait()
+        raise
+    return Watched(bytes(kept["stdout"]), bytes(kept["stderr"]), code, killed)
+
+
+def _read(proc: subprocess.Popen[bytes], deadline: float, session: bool, progress: str | None,
+          on_progress: Callable[[bytes], None]) -> tuple[dict[str, bytearray], bool]:
+    """Both pipes until they close: (what the other streams said, killed at the deadline)."""
+    assert proc.stdout is not None and proc.stderr is not None
+    kept = {"stdout": bytearray(), "stderr": bytearray()}
+    killed = False
+    with selectors.DefaultSelector() as sel, proc.stdout, proc.stderr:
+        sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
+        sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0 and killed:
+                break  # something it started still holds the pipes: what it printed is in
+            if left <= 0:
+                _stop(proc, session)
+                killed, deadline = True, time.monotonic() + STRAGGLER
+                continue
+            for key, _ in sel.select(left):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                elif key.data == progress:
+                    on_progress(chunk)
+                else:
+                    kept[key.data] += chunk
+    return kept, killed
+
+
+class Session:
+    """A helper in a session of its own (a command probe's `wrap`), for a `with` block: started
+    on entry, stopped on exit with its whole process group (`stop_signal`, then SIGKILL)."""
+
+    def __init__(self, argv: Sequence[str], what: str, stop_signal: int = signal.SIGTERM) -> None:
+        self.argv = list(argv)
+        self.what = what
+        self.stop_signal = stop_signal
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Self:
+        try:
+            self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                         start_new_session=True)
+        except OSError as exc:
+            raise ThrottleError(f"{self.what} could not start: {exc}") from None
+        return self
+
+    def exited(self) -> str | None:
+        """None while it runs; once it has ended, how (its exit status and last words)."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            return None
+        said = self.proc.stderr.read().decode(errors="replace").strip() if self.proc.stderr else ""
+        return f"exited with {self.proc.returncode}" + (f": {said}" if said else "")
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        if self.proc is not None:
+            kill_group(self.proc, self.stop_signal)
+            if self.proc.stderr is not None:
+                self.proc.stderr.close()

@@ -18,11 +18,11 @@ Commands are argument lists run with `-w` (wait for the xtables lock), never she
 from __future__ import annotations
 
 import shlex
-import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from throttle.children import Captured, capture
 from throttle.errors import ThrottleError
 from throttle.kernel.tools import find_tool, require_tool
 
@@ -75,10 +75,10 @@ def _tool(name: str) -> str:
     return require_tool(name, "iptables", " (or run scripts/setup)")
 
 
-def _run(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(list(argv), capture_output=True, text=True)
-    if check and result.returncode != 0:
-        err = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
+def _run(argv: Sequence[str], check: bool = True) -> Captured:
+    result = capture(argv, argv[0])
+    if check and result.code != 0:
+        err = result.err.strip().splitlines()[-1] if result.err.strip() else f"exit {result.code}"
         if "NFQUEUE" in " ".join(argv) and ("No chain/target/match" in err or "Protocol not supported" in err):
             raise ThrottleError("the kernel has no NFQUEUE support (xt_NFQUEUE / nfnetlink_queue): load it with modprobe nfnetlink_queue xt_NFQUEUE")
         raise ThrottleError(f"{' '.join(argv)}: {err}")
@@ -93,7 +93,7 @@ def _remove_chain(tool: str, hook_chain: str, chain: str) -> None:
     """Delete every jump into `chain` (whatever its matches, so a killed censor's rules go too),
     then the chain itself."""
     base = [tool, "-w", "-t", TABLE]
-    listing = _run([*base, "-S", hook_chain], check=False).stdout
+    listing = _run([*base, "-S", hook_chain], check=False).out
     for line in listing.splitlines():
         words = shlex.split(line)
         if words[:2] == ["-A", hook_chain] and words[-2:] == ["-j", chain]:
@@ -111,7 +111,7 @@ def cleanup() -> list[str]:
         path = find_tool(name)
         if path is None:
             continue
-        listing = _run([path, "-w", "-t", TABLE, "-S"], check=False).stdout
+        listing = _run([path, "-w", "-t", TABLE, "-S"], check=False).out
         chains = sorted({w for line in listing.splitlines() for w in line.split()[1:2]
                          if line.startswith("-N ") and w.startswith("THROTTLE_Q")})
         for chain in chains:

@@ -21,12 +21,12 @@ import ctypes
 import ctypes.util
 import os
 import struct
-import subprocess
 import sys
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
+from throttle.children import capture
 from throttle.errors import ThrottleError
 from throttle.files import atomic_write
 from throttle.kernel import layout
@@ -55,16 +55,16 @@ def compile_object(out: Path, source: Path | None = None) -> Path:
                             "(or run scripts/setup)")
     source = source or _source_dir() / SOURCE
     gcc = find_tool("gcc")
-    multiarch = subprocess.run([gcc, "-print-multiarch"], capture_output=True, text=True).stdout.strip() if gcc else ""
+    multiarch = capture([gcc, "-print-multiarch"], "gcc").out.strip() if gcc else ""
     include = [f"-I/usr/include/{multiarch}"] if multiarch else []
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    result = subprocess.run([clang, "-O2", "-g", "-Wall", "-target", "bpf", *include, "-c", str(source), "-o", str(tmp)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
+    result = capture([clang, "-O2", "-g", "-Wall", "-target", "bpf", *include, "-c", str(source), "-o", str(tmp)],
+                     "clang")
+    if result.code != 0:
         tmp.unlink(missing_ok=True)
-        lines = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
-        hint = " (apt-get install libbpf-dev linux-libc-dev)" if "file not found" in result.stderr else ""
+        lines = [line for line in result.err.splitlines() if "error" in line] or result.err.splitlines()
+        hint = " (apt-get install libbpf-dev linux-libc-dev)" if "file not found" in result.err else ""
         raise ThrottleError(f"clang could not build {source.name}: {' / '.join(lines[:3])}{hint}")
     os.replace(tmp, out)
     return out

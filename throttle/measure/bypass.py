@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from throttle.children import Background
+from throttle.children import capture
 from throttle.errors import ThrottleError
 from throttle.files import atomic_write
 from throttle.kernel.tools import require_tool
@@ -48,12 +48,12 @@ class Step:
 def _iperf(lab: Lab, server: str, seconds: float) -> float:
     argv = lab.exec_argv("client", [require_tool("iperf3", "iperf3"), "-c", server, "-t", str(seconds), "-J",
                                     "-O", "1"])
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
+    result = capture(argv, "iperf3", timeout=seconds + 30)
     try:
-        data = json.loads(result.stdout)
+        data = json.loads(result.out)
         return float(data["end"]["sum_received"]["bits_per_second"])
     except (ValueError, KeyError) as exc:
-        raise ThrottleError(f"iperf3 failed ({exc}): {result.stderr.strip() or result.stdout[-300:]}") from None
+        raise ThrottleError(f"iperf3 failed ({exc}): {result.err.strip() or result.out[-300:]}") from None
 
 
 def _queued(censor: CensorProcess) -> int:

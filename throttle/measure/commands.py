@@ -23,16 +23,15 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 
+from throttle.children import Session, capture
+from throttle.errors import ThrottleError
 from throttle.kernel.tools import require_tool
 from throttle.measure.clients import (CAUSE_COMPLETED, CAUSE_LAB, CAUSE_TIMEOUT, Exit, Outcome, ProbeClient, Setup,
                                       classify_curl, upload_file)
-from throttle.measure.process import kill_group
 from throttle.scenario import Probe
 
 WRAP_READY = 10.0  # seconds a wrap helper has to start listening
@@ -100,27 +99,23 @@ class CommandClient(_Alone):
         if not self.probe.wrap:
             yield ""
             return
-        helper = subprocess.Popen(self.shell(self.probe.wrap), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  start_new_session=True)
-        try:
+        with Session(self.shell(self.probe.wrap), "the wrap helper") as helper:
             problem = self._wait_listening(helper, self.setup.wrap_port)
             yield f"the wrap helper {problem}" if problem else ""
-        finally:
-            kill_group(helper, signal.SIGTERM)
 
-    def _wait_listening(self, helper: subprocess.Popen[bytes], port: int) -> str:
+    def _wait_listening(self, helper: Session, port: int) -> str:
         """"" once something listens on `port` in the client namespace, else what went wrong."""
         argv = self.setup.exec_argv([require_tool("ss", "iproute2"), "-ltnH", f"sport = :{port}"])
         deadline = time.monotonic() + WRAP_READY
         while time.monotonic() < deadline:
-            if helper.poll() is not None:
-                said = helper.stderr.read().decode(errors="replace").strip() if helper.stderr else ""
-                return (f"exited with {helper.returncode} before listening on port {port}"
-                        + (f": {said}" if said else ""))
+            ended = helper.exited()
+            if ended is not None:
+                how, _, said = ended.partition(": ")
+                return f"{how} before listening on port {port}" + (f": {said}" if said else "")
             try:
-                if subprocess.run(argv, capture_output=True, text=True, timeout=5).stdout.strip():
+                if capture(argv, "ss", timeout=5).out.strip():
                     return ""
-            except (OSError, subprocess.TimeoutExpired):
+            except ThrottleError:
                 pass
             time.sleep(0.2)
         return f"did not listen on port {port} within {WRAP_READY:g} s"

@@ -12,7 +12,7 @@ for its speed with no censor (its baseline).
 Threads, and who owns what:
 
 - one thread per probe running at once (the caller's thread when they run one at a time): it owns
-  its client and its process (`throttle.measure.process`), reading both pipes until its deadline;
+  its client and its process (`throttle.children.watch`), reading both pipes until its deadline;
 - the `ss` poller: uploads' progress over TCP (what the server acknowledged), downloads' TCP bytes;
 - in demo mode (`busy_controls`), one thread repeating the controls while the others run.
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from throttle.children import Background
+from throttle.children import Background, capture, watch
 from throttle.errors import ThrottleError
 from throttle.kernel.tools import require_tool
 from throttle.lab.topology import Lab
@@ -43,7 +42,6 @@ from throttle.measure.clients import (CAUSE_LAB, SINK_PORT, CurlClient, Exit, Ou
 from throttle.measure.commands import BrowserClient, CommandClient
 from throttle.measure.judge import Figures, judge, reference_rate
 from throttle.measure.ports import PORTS, ProbePorts
-from throttle.measure.process import watch
 from throttle.measure.report import ProbeRun, RunReport
 from throttle.scenario import Probe, Scenario, probe_rule
 
@@ -127,7 +125,7 @@ class Runner:
         self.finish(run, outcome)
 
     def _execute(self, run: ProbeRun, client: ProbeClient) -> Exit:
-        """The client's process from start to exit, in this thread (`process.watch`): its progress
+        """The client's process from start to exit, in this thread (`children.watch`): its progress
         stream fed to it as it comes; killed at its deadline."""
         argv = client.argv()
         with self._lock:
@@ -186,8 +184,8 @@ class Runner:
                 by_port.update({p: run for p in range(first, last + 1)})
         while not stop.wait(1.0):
             try:
-                out = subprocess.run(argv, capture_output=True, text=True, timeout=5).stdout
-            except (OSError, subprocess.TimeoutExpired):
+                out = capture(argv, "ss", timeout=5).out
+            except ThrottleError:
                 continue
             for port, (acked, received) in ss_counts(out).items():
                 polled = by_port.get(port)
