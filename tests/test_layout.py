@@ -1,6 +1,8 @@
 """The package's layout, as docs/architecture.md describes it: layers that import only downwards,
-no import cycles (imports inside functions counted), nothing below `cli/` importing `cli/`, and a
-package that reads nothing of the repository by path."""
+no import cycles (imports inside functions counted), nothing below `cli/` importing `cli/`, a
+package that reads nothing of the repository by path, modules of at most 600 lines, and the rules
+a reading of the code can check: tools found only through kernel/tools.py, `print` only in cli/,
+IP headers read only in wire/."""
 
 from __future__ import annotations
 
@@ -153,9 +155,14 @@ def test_nothing_in_the_package_reads_the_repository_by_path() -> None:
     offenders = []
     for path in PACKAGE.rglob("*.py"):
         for number, line in enumerate(path.read_text().splitlines(), 1):
-            if pattern.search(line) and "PYTHONPATH" not in line and "package_root" not in line:
+            if pattern.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_no_module_is_over_600_lines() -> None:
+    long = {module_name(p): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 600}
+    assert not long, long
 
 
 def test_the_command_line_starts_without_heavy_libraries() -> None:
@@ -166,3 +173,96 @@ def test_the_command_line_starts_without_heavy_libraries() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# -- the rules of docs/architecture.md that a reading of the code can check ---------------------------
+
+# Every system tool throttle runs, or might (the names a bare argv would start with).
+TOOLS = {"ip", "ss", "tc", "curl", "tcpdump", "iptables", "ip6tables", "iptables-save", "ip6tables-save",
+         "iptables-restore", "ethtool", "dnsmasq", "modprobe", "sysctl", "sh", "bash", "chromium", "clang", "gcc",
+         "iperf3", "openssl", "bpftool", "ping", "nginx", "tshark", "promtool", "mount", "umount", "kill", "nft"}
+
+
+def bare_tools(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, tool) of argv lists that start with a tool's bare name, and of calls to shutil.which:
+    a tool must be found through throttle.kernel.tools (its sbin fallback, its message naming the
+    package). A tuple, or a list of tool names only, is a set of names, not a command line."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.List) and node.elts:
+            first = node.elts[0]
+            only_names = all(isinstance(e, ast.Constant) and e.value in TOOLS for e in node.elts)
+            if isinstance(first, ast.Constant) and first.value in TOOLS and not only_names:
+                found.append((node.lineno, first.value))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "which":
+            found.append((node.lineno, "shutil.which"))
+    return sorted(found)
+
+
+def prints(tree: ast.AST) -> list[int]:
+    return [node.lineno for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"]
+
+
+PACKET_NAMES = {"packet", "pkt", "frame", "ip_packet", "segment", "datagram_bytes"}
+
+
+def header_reads(tree: ast.AST) -> list[int]:
+    """Lines that read a packet's bytes at a fixed offset (`packet[9]`, `packet[l4 + 13]`,
+    `int.from_bytes(packet[4:8], ...)`): header decoding, which only throttle/wire/ may do. Cutting
+    a packet at offsets that wire/ gave (`packet[l4 + data_off : end]`) is not decoding."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id in PACKET_NAMES:
+            if any(isinstance(n, ast.Constant) and isinstance(n.value, int) for n in ast.walk(node.slice)):
+                lines.append(node.lineno)
+    return lines
+
+
+def offenders(check: str) -> list[str]:
+    """Every place in throttle/ that breaks one of the rules, outside the module that owns it."""
+    owner = {"tools": ("kernel/tools.py",), "print": ("cli/",), "headers": ("wire/",)}[check]
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = str(path.relative_to(PACKAGE))
+        if rel.startswith(owner):
+            continue
+        tree = ast.parse(path.read_text())
+        if check == "tools":
+            found += [f"throttle/{rel}:{line}: {tool}" for line, tool in bare_tools(tree)]
+        elif check == "print":
+            found += [f"throttle/{rel}:{line}" for line in prints(tree)]
+        else:
+            found += [f"throttle/{rel}:{line}" for line in header_reads(tree)]
+    return found
+
+
+def test_tools_are_found_only_through_kernel_tools() -> None:
+    assert not offenders("tools"), "\n".join(offenders("tools"))
+
+
+def test_only_the_command_line_prints() -> None:
+    assert not offenders("print"), "\n".join(offenders("print"))
+
+
+def test_ip_headers_are_read_only_in_wire() -> None:
+    assert not offenders("headers"), "\n".join(offenders("headers"))
+
+
+def test_the_rule_checks_see_what_they_look_for() -> None:
+    """Each check finds a planted offence (so a pass above means something), and lets the
+    allowed forms through."""
+    bad = ast.parse('subprocess.run(["ip", "netns", "exec", ns, "curl", url])\n'
+                    'shutil.which("tc")\n'
+                    'print("hello")\n'
+                    'flags = packet[l4 + 13]\n'
+                    'seq = int.from_bytes(packet[l4 + 4 : l4 + 8], "big")\n')
+    assert bare_tools(bad) == [(1, "ip"), (2, "shutil.which")]
+    assert prints(bad) == [3]
+    assert header_reads(bad) == [4, 5]
+    good = ast.parse('argv = [require_tool("ip", "iproute2"), "netns", "exec", ns]\n'
+                     'payload = packet[l4 + data_off : end]\n'
+                     'names = ("iptables", "ip6tables")\n'
+                     'tools = ["iptables", "ip6tables"]\n'
+                     'log.write("x")\n')
+    assert not bare_tools(good) and not prints(good) and not header_reads(good)

@@ -24,9 +24,9 @@ from throttle.engine.flows import DOWNLOAD, UPLOAD, Direction, EndReason, Flow, 
 from throttle.engine.inspect import Found, Inspector
 from throttle.engine.rules import RuleSet, in_networks
 from throttle.scenario import Model, Rule
-from throttle.wire.ip import (ACK, FIN, NO_PORTS, RST, SYN, TCP, UDP, addresses, flow_key, ip_end, ipv4_header_length,
-                              locate, opens_connection, ports, reverse_key, tcp_ack, tcp_flags, tcp_header_length,
-                              tcp_seq)
+from throttle.wire.ip import (ACK, FIN, NO_PORTS, RST, SYN, TCP, TCP_HEADER, UDP, UDP_HEADER, addresses, flow_key,
+                              ip_end, ipv4_header_length, locate, opens_connection, ports, reverse_key, tcp_ack,
+                              tcp_flags, tcp_header_length, tcp_seq)
 from throttle.wire.names import normalise
 
 _KEY_LENGTH = {4: 13, 6: 37}
@@ -123,17 +123,17 @@ class Engine:
         # Where the IP packet really ends: a link layer may have padded a short frame.
         end = ip_end(packet, version)
         if proto == TCP:
-            if end < l4 + 20:
+            if end < l4 + TCP_HEADER:
                 return self._malformed("truncated TCP header", now, size)
             seq = tcp_seq(packet, l4)
             flags = tcp_flags(packet, l4)
             data_off = tcp_header_length(packet, l4)
-            payload = packet[l4 + data_off : end] if data_off >= 20 else b""
+            payload = packet[l4 + data_off : end] if data_off >= TCP_HEADER else b""
         else:
-            if end < l4 + 8:
+            if end < l4 + UDP_HEADER:
                 return self._malformed("truncated UDP header", now, size)
             seq = flags = 0
-            payload = packet[l4 + 8 : end]
+            payload = packet[l4 + UDP_HEADER : end]
         if entry is None:
             flow, d = self._new_flow(packet, now, from_inside, version, proto, l4, key, flags)
         else:

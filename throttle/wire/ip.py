@@ -23,14 +23,15 @@ import struct
 from typing import NamedTuple
 
 __all__ = [
-    "ACK", "FIN", "NO_PORTS", "RST", "SYN", "TCP", "UDP", "Decoded", "addresses", "decode", "flow_key", "ip_end",
-    "ipv4_header_length", "locate", "opens_connection", "ports", "source", "tcp_ack", "tcp_flags",
+    "ACK", "FIN", "NO_PORTS", "RST", "SYN", "TCP", "TCP_HEADER", "UDP", "UDP_HEADER", "Decoded", "addresses", "decode",
+    "flow_key", "ip_end", "ipv4_header_length", "locate", "opens_connection", "ports", "source", "tcp_ack", "tcp_flags",
     "tcp_header_length", "tcp_seq",
 ]
 
 TCP, UDP = 6, 17
 FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 NO_PORTS = -1
+TCP_HEADER, UDP_HEADER = 20, 8  # bytes: a TCP header without options, a UDP header
 # IPv6 extension headers that may sit between the fixed header and TCP/UDP: hop-by-hop, routing,
 # destination options, mobility, HIP, shim6, experimental (all (len + 1) * 8 bytes long).
 _IPV6_EXT = frozenset((0, 43, 60, 135, 139, 140, 253, 254))
