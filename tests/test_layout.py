@@ -1,8 +1,8 @@
 """The package's layout, as docs/architecture.md describes it: layers that import only downwards,
 no import cycles (imports inside functions counted), nothing below `cli/` importing `cli/`, a
 package that reads nothing of the repository by path, modules of at most 600 lines, and the rules
-a reading of the code can check: tools found only through kernel/tools.py, `print` only in cli/,
-IP headers read only in wire/."""
+a reading of the code can check: tools found only through kernel/tools.py, child processes only
+through children.py, `print` only in cli/, IP headers read only in wire/."""
 
 from __future__ import annotations
 
@@ -247,6 +247,15 @@ def test_only_the_command_line_prints() -> None:
 
 def test_ip_headers_are_read_only_in_wire() -> None:
     assert not offenders("headers"), "\n".join(offenders("headers"))
+
+
+def test_child_processes_start_only_through_children() -> None:
+    users = [module_name(p) for p in PACKAGE.rglob("*.py")
+             if p != PACKAGE / "children.py" and any(
+                 isinstance(n, (ast.Import, ast.ImportFrom)) and "subprocess" in
+                 ([a.name for a in n.names] if isinstance(n, ast.Import) else [n.module or ""])
+                 for n in ast.walk(ast.parse(p.read_text())))]
+    assert not users, users
 
 
 def test_the_rule_checks_see_what_they_look_for() -> None:
