@@ -139,3 +139,47 @@ def test_command_probes_judged_by_the_servers_count_and_wraps_always_stopped(lab
     listening = subprocess.run(["ip", "netns", "exec", f"{LAB}-client", "ss", "-ltnH"], capture_output=True,
                                text=True, check=True).stdout
     assert ":4100" not in listening, listening  # the wrap helpers are gone
+
+
+BROWSER = """
+[scenario]
+name = "browser-kind"
+sources = ["docs/incidents.md §1.8"]
+[model]
+reassemble = {reassemble}
+window_packets = 1
+name_sources = ["tls"]
+[[rule]]
+name = "twimg"
+match = ["*.twimg.com"]
+rate = "130kbit"
+burst = "16KB"
+[[probe]]
+name = "control"
+host = "example.org"
+direction = "upload"
+size = "256KB"
+expect = "normal"
+control = true
+[[probe]]
+name = "chromium"
+host = "pbs.twimg.com"
+direction = "upload"
+size = "256KB"
+protocol = "browser"
+expect = "{expect}"
+"""
+
+
+@pytest.mark.parametrize(("reassemble", "expect"), [("false", "normal"), ("true", "throttled")])
+def test_the_browser_kind_uploads_through_real_chromium(lab: object, tmp_path: Path, reassemble: str,
+                                                        expect: str) -> None:
+    """`protocol = "browser"`: headless Chromium uploads through the lab's page and is judged by the
+    server's count. Its two-segment hello walks past a first-packet censor (§1.8) and is slowed by
+    one that reassembles: the same client, both verdicts."""
+    result, report = run_text(BROWSER.format(reassemble=reassemble, expect=expect), tmp_path)
+    probe = {p["name"]: p for p in report["probes"]}["chromium"]
+    print(f"chromium ({'reassembling' if reassemble == 'true' else 'first packet'}): {probe['observed']} at "
+          f"{probe['speed_bytes_per_second'] * 8 / 1000:.1f} kbit/s")
+    assert result.returncode == 0 and report["passed"], result.stdout + result.stderr
+    assert probe["protocol"] == "browser" and probe["cause"] == "completed" and probe["bytes"] >= 256 * 1024
