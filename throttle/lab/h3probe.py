@@ -41,7 +41,7 @@ from throttle.lab.lines import (
     EXIT_TIMEOUT,
     emit,
     error_line,
-    parse_port_range,
+    port_range_argument,
     progress_line,
     result_line,
 )
@@ -306,12 +306,6 @@ async def run(args: argparse.Namespace) -> int:
     return code
 
 
-def _port_range(text: str) -> tuple[int, int]:
-    try:
-        return parse_port_range(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
 
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m throttle.lab.h3probe", description=__doc__.split("\n")[0])
@@ -324,7 +318,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     sni = p.add_mutually_exclusive_group()
     sni.add_argument("--sni", default=None, help="send this SNI (and :authority) instead of HOST")
     sni.add_argument("--no-sni", action="store_true", help="send no SNI; the certificate must name the address")
-    p.add_argument("--local-port", type=_port_range, default=None, metavar="LO-HI",
+    p.add_argument("--local-port", type=port_range_argument, default=None, metavar="LO-HI",
                    help="take the client's UDP port from this range (as curl's --local-port)")
     p.add_argument("--ech", action="store_true", help="add an encrypted_client_hello extension to the ClientHello")
     p.add_argument("--max-time", type=float, default=60.0, help="seconds for the whole transfer")

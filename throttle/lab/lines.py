@@ -16,6 +16,7 @@ Client ports are given as `LO-HI` ranges (`--local-port`), as curl writes them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from dataclasses import dataclass
@@ -129,6 +130,14 @@ def parse_event(line: bytes) -> dict[str, Any] | None:
 # ---- client port ranges --------------------------------------------------------------------------
 def port_range(ports: tuple[int, int]) -> str:
     return f"{ports[0]}-{ports[1]}"
+
+
+def port_range_argument(text: str) -> tuple[int, int]:
+    """`parse_port_range` as an argparse `type` (the clients' --local-port LO-HI)."""
+    try:
+        return parse_port_range(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_port_range(text: str) -> tuple[int, int]:

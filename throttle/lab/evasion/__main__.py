@@ -16,7 +16,7 @@ from typing import Optional
 from throttle.errors import ThrottleError
 from throttle.lab.evasion.client import run
 from throttle.lab.evasion.plans import EVASIONS, plan
-from throttle.lab.lines import emit, event_line, parse_port_range, progress_event
+from throttle.lab.lines import emit, event_line, port_range_argument, progress_event
 from throttle.units import format_rate, parse_duration, parse_size
 
 DEFAULT_SNI = "pbs.twimg.com"
@@ -52,12 +52,6 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _ports(text: str) -> tuple[int, int]:
-    try:
-        return parse_port_range(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m throttle.lab.evasion",
@@ -71,7 +65,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--evasion", choices=EVASIONS, default="none", help="how to disguise the hello (default none)")
     p.add_argument("--ech", action="store_true", help="add an encrypted_client_hello extension to the hello")
     p.add_argument("--timeout", type=_seconds, default=60.0, help="give up after this long (default 60 s)")
-    p.add_argument("--local-port", type=_ports, default=None, metavar="LO-HI",
+    p.add_argument("--local-port", type=port_range_argument, default=None, metavar="LO-HI",
                    help="take the client's TCP port from this range (as curl's --local-port)")
     p.add_argument("--json", action="store_true", help="JSON lines: progress about every 0.5 s, then the result")
     args = p.parse_args(argv)
