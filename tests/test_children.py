@@ -131,6 +131,17 @@ def test_capture_leaves_the_exit_status_to_the_caller() -> None:
         children.capture([sys.executable, "-c", "import time; time.sleep(30)"], "a sleeper", timeout=0.5)
 
 
+def gone(pid: int, within: float = 5.0) -> bool:
+    """Whether `pid` ends within `within` seconds: a signalled grandchild needs a moment to die, and
+    its new parent one to reap it."""
+    deadline = time.monotonic() + within
+    while children.alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def test_watch_kills_at_the_deadline_with_the_whole_group(tmp_path: Path) -> None:
     """A shell in its own session that started a grandchild: at the deadline both are gone, and
     what the shell printed before is kept."""
@@ -140,8 +151,7 @@ def test_watch_kills_at_the_deadline_with_the_whole_group(tmp_path: Path) -> Non
     watched = children.watch(["sh", "-c", script], deadline=time.monotonic() + 1.0, session=True,
                              progress="stderr", on_progress=seen.append)
     assert watched.killed and watched.out.strip() == b"started"
-    grandchild = int(pid_file.read_text())
-    assert not children.alive(grandchild)
+    assert gone(int(pid_file.read_text()))
 
 
 def test_a_session_helper_is_stopped_with_its_group(tmp_path: Path) -> None:
@@ -153,7 +163,7 @@ def test_a_session_helper_is_stopped_with_its_group(tmp_path: Path) -> None:
             time.sleep(0.01)
         assert helper.exited() is None
         grandchild = int(pid_file.read_text())
-    assert not children.alive(grandchild)
+    assert gone(grandchild)
     with children.Session(["sh", "-c", "echo gone >&2; exit 4"], "a helper") as helper:
         assert helper.proc is not None and helper.proc.wait(timeout=10) == 4
         assert helper.exited() == "exited with 4: gone"
