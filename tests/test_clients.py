@@ -172,7 +172,8 @@ def test_a_client_in_a_session_is_killed_with_its_children_at_its_deadline(tmp_p
     code = "import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n" \
            "print('started', flush=True)\ntime.sleep(60)"
     exit = r._execute(run, Script(code, 0.5, session=True))
-    assert exit.killed and exit.code < 0 and exit.out == "started\n" and exit.elapsed < 5
+    # killed at its deadline, not after its 60 s (the bound is loose: a busy machine is slow to start it)
+    assert exit.killed and exit.code < 0 and exit.out == "started\n" and exit.elapsed < 30
 
 
 def test_a_command_probe_runs_end_to_end(tmp_path: Path) -> None:
@@ -180,10 +181,10 @@ def test_a_command_probe_runs_end_to_end(tmp_path: Path) -> None:
                     "expect = \"normal\"\ncommand = \"cat {file} >/dev/null; echo '{{\\\"received\\\": 1000, "
                     "\\\"seconds\\\": 0.5}}'\"\n"
                     '[[probe]]\nname = "slow"\nhost = "a.example"\nprotocol = "command"\ntimeout = "0.5s"\n'
-                    'command = "sleep 30"')
+                    'command = "sleep 60"')
     r = Runner(parse_scenario(text), LocalLab(), tmp_path)  # type: ignore[arg-type]
     ok, slow = r.runs
     r.run_probe(ok)
     assert (ok.cause, ok.bytes, ok.seconds, ok.completed) == ("completed", 1000, 0.5, True)
     r.run_probe(slow)
-    assert slow.cause == "timeout" and "killed" in slow.error and slow.seconds < 5
+    assert slow.cause == "timeout" and "killed" in slow.error and slow.seconds < 30  # not its 60 s sleep
