@@ -1,9 +1,12 @@
 """The hand-over of decided flows to the kernel, without root: the censor's composition (hook,
-engine, hand-over) over a fake fast path whose netlink worker is a real thread, slowed down."""
+engine, hand-over) over a fake fast path whose netlink worker is a real thread, held until the test
+releases it: what must not wait for netlink is checked while netlink cannot have answered, and
+nothing depends on how fast a busy machine runs."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
@@ -55,10 +58,14 @@ class FakeQdiscs:
 
 
 class FakeFastPath:
-    """The parts of FastPath the hand-over uses; `delay` slows every netlink request down."""
+    """The parts of FastPath the hand-over uses. With `held`, netlink requests wait until the test
+    calls `settle()`."""
 
-    def __init__(self, delay: float = 0.0, bridged: bool = False) -> None:
-        self.delay = delay
+    def __init__(self, held: bool = False, bridged: bool = False) -> None:
+        self.released = threading.Event()
+        if not held:
+            self.released.set()
+        self.futures: list[Future[Any]] = []
         self.hops = Hops()
         if bridged:
             self.hops.bridged |= {INSIDE, OUTSIDE}
@@ -75,11 +82,29 @@ class FakeFastPath:
     def submit(self, fn: Callable[[Any], Any]) -> Future[Any]:
         self.requests += 1
 
-        def slow() -> Any:
-            time.sleep(self.delay)
+        def held() -> Any:
+            if not self.released.wait(60):
+                raise RuntimeError("the test never released the netlink worker")
             return fn(FakeIPRoute(self.neighbours_asked))
 
-        return self._pool.submit(slow)
+        future = self._pool.submit(held)
+        self.futures.append(future)
+        return future
+
+    async def settle(self) -> None:
+        """Release the worker; return once every request (those its answers led to included) is
+        answered and the answers handled by the event loop."""
+        self.released.set()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            seen = len(self.futures)
+            if all(f.done() for f in self.futures):
+                for _ in range(3):  # the answers reach the loop through call_soon_threadsafe
+                    await asyncio.sleep(0.01)
+                if len(self.futures) == seen and all(f.done() for f in self.futures):
+                    return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the fake netlink worker did not finish within 60 s")
 
     def put_flow(self, up: bytes, down: bytes, hops: Any, upload: Any = None, download: Any = None) -> bool:
         self.map[up], self.map[down] = (hops[0], upload), (hops[1], download)
@@ -117,24 +142,22 @@ def open_flow(censor: Censor, name: str, **kw: Any) -> Conversation:
 
 
 def test_a_slow_netlink_worker_does_not_delay_the_verdicts() -> None:
-    """Routed: the next hops' MACs come from netlink, on a worker that takes 0.5 s a request. The
-    hook's verdicts come at once meanwhile (the flow stays on the slow path), and the hand-over
-    completes through the event loop once the worker answers."""
-    fast = FakeFastPath(delay=0.5)
+    """Routed: the next hops' MACs come from netlink, on a worker that is held. The hook's
+    verdicts come meanwhile (the flow stays on the slow path; a hook that waited for the worker
+    would hang here), and the hand-over completes through the event loop once the worker answers."""
+    fast = FakeFastPath(held=True)
 
     async def main() -> None:
         censor = censor_over(fast)
-        start = time.monotonic()
         conv = open_flow(censor, "pbs.twimg.com")  # decided: limited by "police"
         packets = feed(censor.hook, [conv.client(b"x" * 1400) for _ in range(50)])
-        took = time.monotonic() - start
-        assert all(p.verdict is not None for p in packets) and took < 0.25, took
+        assert all(p.verdict is not None for p in packets) and not fast.released.is_set()
         assert fast.requests == 1 and fast.map == {}  # asked, not yet answered: still the engine's
         open_flow(censor, "example.org", client_port=41000)  # the same next hops: waits, not asked again
         (flow,) = [f for f in censor.engine.flows() if f.name == "pbs.twimg.com"]
         bucket = flow.buckets[UPLOAD]
         assert bucket is not None and bucket.tokens < bucket.burst  # the engine spent credit meanwhile
-        await asyncio.sleep(1.2)
+        await fast.settle()
         assert len(fast.map) == 4 and censor.handover is not None and censor.handover.limited == 1
         assert fast.requests == 2 and sorted(fast.neighbours_asked) == ["198.18.0.2", "198.18.2.2"]
         up_hop, up_limit = fast.map[next(iter(fast.map))]
@@ -150,7 +173,7 @@ def test_a_slow_netlink_worker_does_not_delay_the_verdicts() -> None:
 
 
 def test_a_flow_that_ends_or_is_decided_again_before_the_worker_answers_stays_out() -> None:
-    fast = FakeFastPath(delay=0.3)
+    fast = FakeFastPath(held=True)
 
     async def main() -> None:
         censor = censor_over(fast)
@@ -160,7 +183,7 @@ def test_a_flow_that_ends_or_is_decided_again_before_the_worker_answers_stays_ou
         feed(censor.hook, [conv.client(b"", flags="R")])  # ended (RST) while the worker looks
         open_flow(censor, "example.org", client_port=41001)  # decided (passed) while the worker looks,
         open_flow(censor, "other.example", client_port=41001, seq=[9000, 7000])  # and its 5-tuple opened again
-        await asyncio.sleep(1.0)
+        await fast.settle()
         assert handover.limited == 0 and handover.forwarded == 1 and len(fast.map) == 2
         assert len(handover._slots) == 0  # the ended flow's bucket slot is free again
         flows = [f for f in censor.engine.flows() if f.client_port == 41001]
@@ -173,7 +196,7 @@ def test_a_flow_that_ends_or_is_decided_again_before_the_worker_answers_stays_ou
 def test_shaped_flows_share_one_class_made_once_and_removed_after_the_last() -> None:
     """Bridged (no MACs to look up): the first shaped flow waits for its HTB class; a second flow
     on the same bucket (scope rule here: one per rule) shares it; the class goes with the last."""
-    fast = FakeFastPath(delay=0.2, bridged=True)
+    fast = FakeFastPath(held=True, bridged=True)
     text = SCENARIO.replace('direction = "upload"\n', 'direction = "upload"\nscope = "rule"\n')
 
     async def main() -> None:
@@ -183,7 +206,7 @@ def test_shaped_flows_share_one_class_made_once_and_removed_after_the_last() -> 
         a = open_flow(censor, "a.shaped.example", client_port=42000)
         b = open_flow(censor, "b.shaped.example", client_port=42001)
         assert fast.map == {} and fast.requests == 2  # the second waits behind the first's class
-        await asyncio.sleep(0.6)
+        await fast.settle()
         assert handover.limited == 2 and fast.qdiscs.made == [1] and len(fast.map) == 4
         assert {limit.priority for _, limit in fast.map.values() if limit is not None} == {0x7A57 << 16 | 1}
         c = open_flow(censor, "c.shaped.example", client_port=42002)  # the class is known: at once
@@ -191,7 +214,7 @@ def test_shaped_flows_share_one_class_made_once_and_removed_after_the_last() -> 
         for conv in (a, b, c):
             feed(censor.hook, [conv.client(b"", flags="R")])
         assert fast.map == {}
-        await asyncio.sleep(0.3)
+        await fast.settle()
         assert fast.qdiscs.removed == [1] and fast.qdiscs.made == []
 
     asyncio.run(main())
@@ -232,7 +255,7 @@ def test_expiry_frees_a_flow_unless_its_5_tuple_was_handed_over_again_since() ->
 
 
 def test_a_failed_netlink_request_is_counted_and_the_flow_stays_in_the_engine() -> None:
-    fast = FakeFastPath(delay=0.1)
+    fast = FakeFastPath()
 
     def broken(fn: Callable[[Any], Any]) -> Future[Any]:
         future: Future[Any] = Future()
