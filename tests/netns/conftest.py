@@ -57,10 +57,36 @@ def worker_lab() -> Iterator[Lab]:
 
 
 @pytest.fixture(scope="module")
-def shared_lab(worker_lab: Lab) -> Lab:
-    """The shared lab, repaired for the module that asks for it."""
+def shared_lab(worker_lab: Lab) -> Iterator[Lab]:
+    """The shared lab, repaired for the module that asks for it. A module that leaves a process
+    behind in the client, censor or router namespace fails here, and the process is stopped: a
+    client still running (a browser retrying, a probe past its test) would otherwise send its
+    traffic through the next module's censor and change that module's counts."""
     worker_lab.up(list(SHARED_HOSTS))
-    return worker_lab
+    yield worker_lab
+    left = leftovers(worker_lab)
+    if left:
+        from throttle import children
+
+        children.stop(set(left), 5)
+        pytest.fail("this module left processes in the shared lab (now stopped): "
+                    + "; ".join(f"{pid} {cmd}" for pid, cmd in left.items()))
+
+
+def leftovers(lab: Lab) -> dict[int, str]:
+    """Processes in the lab's client, censor and router namespaces (the lab itself runs none
+    there), with their command lines."""
+    from throttle.lab import procs
+
+    found = procs.pids_in({role: lab.ns(role) for role in ("client", "censor", "router")})
+    out: dict[int, str] = {}
+    for pid in sorted({p for pids in found.values() for p in pids} - {os.getpid()}):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                out[pid] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:160]
+        except OSError:
+            continue  # gone already
+    return out
 
 
 @contextmanager

@@ -4,6 +4,7 @@ in-path bridge (frames out of the ports) and in gateway mode on the router (a ra
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -65,10 +66,20 @@ def check_resets(lab: Lab) -> None:
     assert outcome == "data", outcome
 
 
+def check_counts(tail: str) -> None:
+    """Two RSTs, both sent, for each flow limited. Usually that is one flow, the Twitter hello; a
+    loaded CI run once counted two flows limited and 4 RSTs (0 not sent) while the client still
+    read "reset" and the server lost the connection, so the count is checked per flow."""
+    rsts = re.search(r"(\d+) RSTs injected \((\d+) not sent\)", tail)
+    limited = re.search(r"flows limited (\d+)", tail)
+    assert rsts and limited, tail
+    assert int(rsts[2]) == 0 and int(limited[1]) >= 1 and int(rsts[1]) == 2 * int(limited[1]), tail
+
+
 def test_the_bridge_resets_both_ends(lab: Lab) -> None:
     with running_censor("twitter-2022-03-04", LAB) as proc:
         check_resets(lab)
-    assert "2 RSTs injected (0 not sent)" in proc.tail, proc.tail  # type: ignore[attr-defined]
+    check_counts(proc.tail)  # type: ignore[attr-defined]
 
 
 def test_a_gateway_resets_both_ends(lab: Lab) -> None:
@@ -85,4 +96,4 @@ def test_a_gateway_resets_both_ends(lab: Lab) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         tail = proc.communicate(timeout=20)[1]
-    assert "2 RSTs injected (0 not sent)" in tail, tail
+    check_counts(tail)
