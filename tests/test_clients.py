@@ -12,8 +12,10 @@ import pytest
 
 from throttle.errors import ScenarioError
 from throttle.lab import lines
+from throttle.lab.ca import CAFiles, ensure_ca, leaf_spki, spki_sha256
+from throttle.lab.server import browser_page
 from throttle.measure.clients import Exit, ProbeClient, Setup
-from throttle.measure.commands import CHROMIUM_FLAGS, BrowserClient
+from throttle.measure.commands import CHROMIUM_FLAGS, CHROMIUM_TCP, BrowserClient
 from throttle.measure.judge import Figures, judge
 from throttle.measure.ports import PORT_BASE, PORTS, ProbePorts
 from throttle.measure.report import ProbeRun
@@ -23,6 +25,8 @@ from throttle.scenario import PROTOCOLS, Probe, parse_scenario
 
 class LocalLab:
     """Runs a client's argv as it is, on this machine (loopback only in these tests)."""
+
+    state_dir = Path("/nonexistent/lab")  # no CA: nothing here loads a browser over HTTP/3
 
     def exec_argv(self, role: str, argv: list[str]) -> list[str]:
         return argv
@@ -73,9 +77,10 @@ def test_ss_output_by_local_port() -> None:
 
 
 # ---- the browser ---------------------------------------------------------------------------------
-def browser(tmp_path: Path, **probe: object) -> BrowserClient:
-    return BrowserClient(Probe(name="b", host="pbs.twimg.com", size=1000, protocol="browser", **probe),
-                         Setup(lambda argv: ["ns", *argv], tmp_path, 20.0))
+def browser(tmp_path: Path, ca_dir: Path | None = None, **probe: object) -> BrowserClient:
+    fields: dict[str, object] = {"name": "b", "host": "pbs.twimg.com", "size": 1000, "protocol": "browser", **probe}
+    return BrowserClient(Probe(**fields),  # type: ignore[arg-type]
+                         Setup(lambda argv: ["ns", *argv], tmp_path, 20.0, ca_dir=ca_dir))
 
 
 def test_the_browser_loads_the_upload_page_with_the_labs_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -86,9 +91,65 @@ def test_the_browser_loads_the_upload_page_with_the_labs_flags(tmp_path: Path, m
         argv = client.argv()
     assert not Path(client.profile).exists()  # a fresh profile each run, removed after
     assert argv[:2] == ["ns", "/usr/bin/chromium"] and list(CHROMIUM_FLAGS) == argv[2:2 + len(CHROMIUM_FLAGS)]
+    assert argv[2 + len(CHROMIUM_FLAGS):4 + len(CHROMIUM_FLAGS)] == list(CHROMIUM_TCP) == ["--disable-quic",
+                                                                                      "--ignore-certificate-errors"]
     assert f"--user-data-dir={client.profile}" in argv and "--host-resolver-rules=MAP * 198.18.1.3" in argv
     assert argv[-2:] == ["--dump-dom", "https://pbs.twimg.com/upload-page/1000"]
     assert client.session and client.crowds and not client.takes_ports
+    assert browser(tmp_path, direction="download").page == "https://pbs.twimg.com/download-page/1000"
+    v6 = browser(tmp_path, address="2001:2:0:2::3")
+    with v6.prepared():
+        assert "--host-resolver-rules=MAP * [2001:2:0:2::3]" in v6.argv()
+
+
+# A key and its SPKI pin as openssl computes it (`openssl pkey -pubout -outform der | openssl dgst
+# -sha256 -binary | base64`), so the pin is checked against a computation that is not ours.
+KNOWN_KEY = b"""-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgxTWtdugNFF5F9A6v
+dbq9Ptxmk+wlStJD7yWtxSuZHhehRANCAATwHaOREUOUcNiX5gTZ600LJTfql4C2
+evirisZ2L6qI4u2qh0jeHSkQc/JtPupMHwORsjobOF0NkhjRcKvt2dpq
+-----END PRIVATE KEY-----
+"""
+KNOWN_SPKI = "N4JFcmmuPZeafWfptimlMdh0UHpdmXYwMfVXzyl+k6g="
+
+
+def test_the_leaf_spki_is_openssls_pin_of_the_key_every_lab_certificate_carries(tmp_path: Path) -> None:
+    files = ensure_ca(tmp_path)
+    files.leaf_key.write_bytes(KNOWN_KEY)
+    assert leaf_spki(CAFiles.in_dir(tmp_path)) == KNOWN_SPKI
+    # The key Chromium sees: the HTTP/3 server's certificate for the name it is asked for, and the
+    # HTTPS server's, both signed by the lab CA with the lab's one leaf key.
+    from cryptography import x509
+
+    from throttle.lab.h3 import Certificates as H3Certificates
+    from throttle.lab.server import Certificates
+
+    h3_cert = H3Certificates(tmp_path, ["server.lab"]).for_name("rr1---sn-xxx.googlevideo.com")
+    assert spki_sha256(h3_cert.public_key()) == KNOWN_SPKI
+    context = Certificates(files, tmp_path / "certs", ["server.lab"]).context_for("pbs.twimg.com")
+    assert context is not None  # loaded with the leaf key: a certificate of another key would not load
+    ca = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    assert spki_sha256(ca.public_key()) != KNOWN_SPKI  # the pin is the leaf's, not the CA's
+
+
+def test_the_browser_over_http3_forces_quic_and_pins_the_labs_leaf_key(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("throttle.kernel.tools.find_tool", lambda name: f"/usr/bin/{name}")
+    ensure_ca(tmp_path / "lab").leaf_key.write_bytes(KNOWN_KEY)
+    client = browser(tmp_path, tmp_path / "lab", host="rr1---sn-xxx.googlevideo.com", direction="download",
+                     http3=True)
+    with client.prepared() as problem:
+        assert problem == ""
+        argv = client.argv()
+    assert list(CHROMIUM_FLAGS) == argv[2:2 + len(CHROMIUM_FLAGS)]
+    assert "--origin-to-force-quic-on=rr1---sn-xxx.googlevideo.com:443" in argv
+    assert f"--ignore-certificate-errors-spki-list={KNOWN_SPKI}" in argv
+    assert not set(CHROMIUM_TCP) & set(argv)  # QUIC on; no blanket certificate override
+    assert argv[-2:] == ["--dump-dom", "https://rr1---sn-xxx.googlevideo.com/download-page/1000"]
+    # No CA to read the key from: the lab's failure, said before Chromium starts.
+    for ca_dir, says in [(None, "CA directory is not known"), (tmp_path / "none", "leaf key could not be read")]:
+        with browser(tmp_path, ca_dir, http3=True).prepared() as problem:
+            assert says in problem
 
 
 @pytest.mark.parametrize(
@@ -110,12 +171,47 @@ def test_the_browser_is_judged_by_the_servers_reply(tmp_path: Path, out: str, co
         assert (outcome.bytes, outcome.seconds) == (1000, 0.25)
 
 
-def test_browser_probes_load_only_as_uploads_by_name() -> None:
-    ok = parse_scenario(scenario('[[probe]]\nhost = "a.example"\nprotocol = "browser"\nexpect = "normal"'))
-    assert ok.probes[0].protocol == "browser"
-    for bad, says in [('direction = "download"', "uploads"), ("sni = false", "SNI"), ('command = "x"', "command")]:
+@pytest.mark.parametrize(
+    "out,cause,detail",
+    [
+        ('<pre id="result">{"received":1000,"seconds":0.5}</pre>', "completed", ""),  # JSON.stringify's form
+        ('<pre id="result">{"received":400,"seconds":0.5}</pre>', "lab", "the page received 400 of 1000 bytes"),
+        ('<pre id="result">download failed: NetworkError</pre>', "lab",
+         "the page shows no result: download failed: NetworkError"),
+        ("", "lab", "the page shows no result: no page"),
+    ],
+)
+def test_a_browser_download_is_judged_by_what_the_page_received(tmp_path: Path, out: str, cause: str,
+                                                                  detail: str) -> None:
+    outcome = browser(tmp_path, direction="download", http3=True).outcome(Exit(out, "", 0, 2.0))
+    assert outcome.cause == cause and detail in outcome.detail
+    if cause == "completed":
+        assert (outcome.bytes, outcome.seconds) == (1000, 0.5)
+
+
+def test_the_browser_pages_move_their_size_synchronously() -> None:
+    for direction, request in [("upload", "xhr.open('POST', '/upload', false)"),
+                               ("download", "xhr.open('GET', '/bytes/' + size, false)")]:
+        status, body = browser_page(f"/{direction}-page/64KB") or (0, b"")
+        assert status == 200 and "const size = 65536;" in body.decode() and request in body.decode()
+    assert "x-user-defined" in (browser_page("/download-page/1") or (0, b""))[1].decode()  # a byte a character
+    assert (browser_page("/download-page/junk") or (0, b""))[0] == 400
+    assert (browser_page(f"/upload-page/{2 << 30}") or (0, b""))[0] == 400
+    assert browser_page("/bytes/10") is None and browser_page("/") is None
+
+
+def test_browser_probes_load_by_name_and_http3_only_for_the_browser() -> None:
+    ok = parse_scenario(scenario('[[probe]]\nhost = "a.example"\nprotocol = "browser"\nexpect = "normal"\n'
+                                 '[[probe]]\nhost = "a.example"\nprotocol = "browser"\nhttp3 = true\n'
+                                 'direction = "download"\nexpect = "normal"'))
+    assert [(p.protocol, p.direction, p.http3, p.transport) for p in ok.probes] == [
+        ("browser", "upload", False, "tcp"), ("browser", "download", True, "udp")]
+    for bad, says in [("sni = false", "SNI"), ('command = "x"', "command")]:
         with pytest.raises(ScenarioError, match=says):
             parse_scenario(scenario(f'[[probe]]\nhost = "a.example"\nprotocol = "browser"\n{bad}'))
+    for protocol in ("https", "quic"):
+        with pytest.raises(ScenarioError, match="http3.*needs protocol = \"browser\""):
+            parse_scenario(scenario(f'[[probe]]\nhost = "a.example"\nprotocol = "{protocol}"\nhttp3 = true'))
 
 
 # ---- the judge -----------------------------------------------------------------------------------

@@ -124,6 +124,25 @@ def test_command_probes_join_with_the_scenarios_controls() -> None:
     assert all(p in plan.scenario.probes for p in own_controls)
 
 
+def test_a_browser_over_http3_is_a_row_judged_by_its_quic_rule() -> None:
+    # One row for the HTTP/3 browser download in both models; its controls (a browser among them)
+    # are the reference, not rows; the QUIC-only first-datagram model is no 2021 device.
+    row = "browser:video-download-chromium-h3"
+    first, reassembling = scenario("browser-chromium-quic"), scenario("youtube-2024")
+    for scen in (first, reassembling):
+        plan = plan_scenario(scen)
+        assert [r for r in plan.tricks if ":" in r] == [row]
+        assert all(p in plan.scenario.probes for p in scen.probes if p.control)
+        probe = next(p for p in plan.scenario.probes if p.name == plan.tricks[row])
+        assert probe_rule(plan.scenario, probe) is scen.rules[-1] and scen.rules[-1].transport == "udp"
+    assert not is_2021_device(first.model) and not plan_scenario(first).tricks.keys() & set(EVASIONS)
+    results = {"browser-chromium-quic": {"video-download-chromium-h3": ("normal", "completed", 4e6)},
+               "youtube-2024": {"video-download-chromium-h3": ("throttled", "completed", 61000.0)}}
+    matrix = matrix_of("browser-chromium-quic", "youtube-2024", results=results)
+    assert [c.cells[row].outcome for c in matrix.columns] == ["evaded", "caught"]
+    assert not matrix.to_json()["models"][0]["device_2021"]
+
+
 def fake_report(scen: Scenario, results: dict[str, tuple[str, str, float]]) -> RunReport:
     """A report as the runner returns it: probe name -> (observed, cause, speed bytes/s)."""
     runs = []

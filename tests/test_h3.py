@@ -26,6 +26,8 @@ CLIENT = ("198.18.0.2", 40000)
 
 
 class FakeLab:
+    state_dir = Path("/run/throttle/t")
+
     def exec_argv(self, role: str, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", f"t-{role}", *argv]
 

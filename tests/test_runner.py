@@ -85,6 +85,8 @@ def test_reference_rate_and_timeouts() -> None:
 
 
 class FakeLab:
+    state_dir = Path("/run/throttle/t")
+
     def exec_argv(self, role: str, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", f"t-{role}", *argv]
 

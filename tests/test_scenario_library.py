@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, VECTORS
 from throttle.engine import Engine, Flow, State, Verdict
 from throttle.lab.evasion.plans import add_ech
 from throttle.scenario import Probe, Scenario, load_scenario
@@ -42,6 +42,7 @@ EXPECTED_FILES = {
     "media-upload", "tcp-16-20-2025", "tele2-3g-shaper", "turkey-2022", "twitter-2021-03-10",
     "twitter-2021-04-02", "twitter-2021-evasions", "twitter-2022-03", "twitter-2022-03-04", "youtube-2024",
     "russia-2022-quic", "russia-2023-quic-sni", "ech-2024", "browser-chromium", "kazakhstan-2023",
+    "browser-chromium-quic",
 }
 
 
@@ -184,10 +185,10 @@ class Simulation:
         return result
 
     def run_all(self) -> dict[str, ProbeResult]:
-        # A command probe's client (a browser) sends what it sends: its scenario has its own test on
-        # a capture of that client (the Chromium one below).
+        # A command probe's client or a browser sends what it sends: their scenarios have their own
+        # tests on captures of that client (the Chromium ones below).
         return {p.name: self.run(p) for p in runner_order(self.scenario)
-                if p.evasion == "none" and p.protocol != "command"}
+                if p.evasion == "none" and p.protocol not in ("command", "browser")}
 
 
 def check_expectation(result: ProbeResult, rules_by_name: dict) -> None:
@@ -464,6 +465,28 @@ def test_browser_chromium_two_segment_hello_passes_only_the_first_packet_model()
     browser = next(p for p in scenario.probes if p.protocol == "command")
     assert browser.expect == "normal" and "chromium" in browser.command and "apt-get install chromium" in browser.command
     assert any(p.protocol == "https" and p.host == browser.host and p.expect == "throttled" for p in scenario.probes)
+
+
+def test_chromium_over_http3_walks_past_the_first_datagram_device_only() -> None:
+    # §4.28: Chromium's QUIC hello (captured from the same Chromium: two Initial datagrams) is not
+    # read by browser-chromium-quic's first-datagram device, and is by youtube-2024's reassembling
+    # one, whose QUIC rule it meets: what their HTTP/3 browser probes expect, normal and throttled.
+    from throttle.engine.offline import classify_file
+
+    capture = VECTORS / "chromium-quic-rr1---sn-xxx.googlevideo.com.pcap"
+    expected = {"browser-chromium-quic": "normal", "youtube-2024": "throttled"}
+    for name, expect in expected.items():
+        scenario = SCENARIOS[name]
+        (flow,) = classify_file(capture, scenario)
+        (probe,) = [p for p in scenario.probes if p.protocol == "browser" and p.http3 and not p.control]
+        assert probe.expect == expect and probe.transport == "udp"
+        assert probe_rule(scenario, probe) is scenario.rules[-1]  # its QUIC rule, googlevideo-quic
+        if expect == "throttled":
+            assert (flow.name, flow.rule, flow.verdict) == (probe.host, "googlevideo-quic", "limited")
+        else:
+            assert flow.name is None and flow.verdict != "limited", flow
+    quic = {p.expect for p in SCENARIOS["browser-chromium-quic"].probes if p.protocol == "quic" and not p.control}
+    assert quic == {"throttled"}  # the lab's QUIC client, one datagram, is read by the same device
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))

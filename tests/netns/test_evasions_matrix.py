@@ -54,3 +54,34 @@ def test_the_matrix_of_the_2021_device_and_a_reassembling_model(lab: object, tmp
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Evasion matrix" in result.stdout and "§1.7" in result.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chromium_over_http3_is_a_row_evaded_by_a_first_datagram_model_and_caught_by_a_reassembling_one(
+        lab: object, tmp_path: Path) -> None:
+    """The HTTP/3 browser probe of browser-chromium-quic as a row of the matrix, against its own
+    first-datagram model and the same scenario with the model reassembling (what youtube-2024
+    does; its own run of the same probe is in tests/netns/test_run.py): Chromium's two-datagram hello
+    (§4.28) walks past the one and is caught by the other, at its QUIC rule's rate."""
+    first = "browser-chromium-quic"
+    text = (ROOT / "scenarios" / f"{first}.toml").read_text()
+    reassembling = text.replace(f'name = "{first}"', 'name = "chromium-quic-reassembling"').replace(
+        "reassemble = false", "reassemble = true")
+    assert reassembling.count("reassemble = true") == 1, "the scenario's model line moved: update this test"
+    variant = tmp_path / "chromium-quic-reassembling.toml"
+    variant.write_text(reassembling)
+    out = tmp_path / "matrix.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "throttle", "evasions", first, str(variant), "--lab", LAB, "--metrics-listen", "off",
+         "-o", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )
+    print(result.stdout)
+    assert out.exists(), result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["lab_failures"] == [] and result.returncode == 0, result.stderr[-2000:]
+    row = data["matrix"]["browser:video-download-chromium-h3"]
+    assert row[first]["outcome"] == "evaded", row
+    assert row["chromium-quic-reassembling"]["outcome"] == "caught", row
+    assert [r for r in data["matrix"] if r.startswith("browser:")] == ["browser:video-download-chromium-h3"]
+    assert not any(m["device_2021"] for m in data["models"])
+    assert "Evasion matrix" in result.stdout

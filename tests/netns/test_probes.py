@@ -183,3 +183,58 @@ def test_the_browser_kind_uploads_through_real_chromium(lab: object, tmp_path: P
           f"{probe['speed_bytes_per_second'] * 8 / 1000:.1f} kbit/s")
     assert result.returncode == 0 and report["passed"], result.stdout + result.stderr
     assert probe["protocol"] == "browser" and probe["cause"] == "completed" and probe["bytes"] >= 256 * 1024
+
+
+BROWSER_MORE = """
+[scenario]
+name = "browser-more"
+sources = ["docs/incidents.md §4.28"]
+[model]
+reassemble = true
+name_sources = ["tls", "quic"]
+[[rule]]
+name = "twimg-quic"
+match = ["*.twimg.com"]
+transport = "udp"
+rate = "512kbit"
+burst = "4KB"
+[[probe]]
+name = "control"
+host = "example.org"
+direction = "download"
+size = "256KB"
+expect = "normal"
+control = true
+[[probe]]
+name = "chromium-download"
+host = "example.org"
+direction = "download"
+size = "1MB"
+protocol = "browser"
+expect = "normal"
+[[probe]]
+name = "chromium-h3-upload"
+host = "pbs.twimg.com"
+direction = "upload"
+size = "256KB"
+protocol = "browser"
+http3 = true
+expect = "throttled"
+"""
+
+
+def test_the_browser_downloads_over_tcp_and_uploads_over_http3(lab: Lab, tmp_path: Path) -> None:
+    """The browser's other two ways (the bundled scenarios download over HTTP/3): a download over
+    TCP judged by the bytes the page received, and an upload over HTTP/3 by the HTTP/3 server's
+    count, policed by the QUIC rule that reads Chromium's two-datagram hello (§4.28)."""
+    h3_log = lab.state_dir / "h3server.log"
+    before = h3_log.stat().st_size
+    result, report = run_text(BROWSER_MORE, tmp_path)
+    by_name = {p["name"]: p for p in report["probes"]}
+    for name in ("chromium-download", "chromium-h3-upload"):
+        print(f"{name}: {by_name[name]['observed']} at {by_name[name]['speed_bytes_per_second'] * 8 / 1000:.1f} kbit/s")
+    assert result.returncode == 0 and report["passed"], result.stdout + result.stderr
+    assert by_name["chromium-download"]["bytes"] == 1024 * 1024 and by_name["chromium-h3-upload"]["bytes"] == 256 * 1024
+    with h3_log.open("rb") as f:  # what the HTTP/3 server logged during this run
+        log = f.read()[before:].decode(errors="replace")
+    assert "h3 POST /upload (sni pbs.twimg.com" in log and "POST /upload: received 262144" in log, log

@@ -3,12 +3,17 @@
 The lab server answers every SNI with a certificate for that name, so a client inside the lab that
 trusts the lab CA (`/etc/netns/NAME-client/ssl/certs/ca-certificates.crt`) connects to
 `https://pbs.twimg.com/` without `-k`, as a real user would: the censor then sees the same
-handshake it would see on the internet. Nothing here does network I/O.
+handshake it would see on the internet. Every leaf certificate, the HTTPS server's and the HTTP/3
+server's for any name, carries the one leaf key of the lab, so `leaf_spki` names the key every
+certificate of the lab presents (what Chromium, whose QUIC ignores --ignore-certificate-errors, is
+told to accept). Nothing here does network I/O.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime
+import hashlib
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +21,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from throttle.errors import ThrottleError
@@ -37,11 +43,16 @@ class CAFiles:
     key: Path
     leaf_key: Path
 
+    @classmethod
+    def in_dir(cls, directory: Path) -> CAFiles:
+        """The CA's files in `directory` (the lab's state directory), as `ensure_ca` makes them."""
+        return cls(directory / CA_CERT, directory / CA_KEY, directory / LEAF_KEY)
+
 
 def ensure_ca(directory: Path, label: str = "throttle") -> CAFiles:
     """The CA in `directory`, created if missing or unreadable; an existing valid one is reused."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    files = CAFiles(directory / CA_CERT, directory / CA_KEY, directory / LEAF_KEY)
+    files = CAFiles.in_dir(directory)
     if files.cert.exists() and files.key.exists() and files.leaf_key.exists():
         try:
             cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
@@ -94,6 +105,18 @@ def _ec_key(path: Path) -> ec.EllipticCurvePrivateKey:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ThrottleError(f"{path}: not the lab's EC key; remove the lab's state (throttle lab down) and try again")
     return key
+
+
+def spki_sha256(key: CertificatePublicKeyTypes) -> str:
+    """Base64 of the SHA-256 of a public key's DER SubjectPublicKeyInfo: the form of Chromium's
+    --ignore-certificate-errors-spki-list (and of HPKP pins)."""
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
+def leaf_spki(files: CAFiles) -> str:
+    """`spki_sha256` of the lab's leaf key, which every leaf certificate `Issuer` signs carries."""
+    return spki_sha256(_ec_key(files.leaf_key).public_key())
 
 
 class Issuer:

@@ -11,6 +11,8 @@ ALPN h3, the same routes as the HTTPS server (`throttle.lab.server`):
                           server received", as `ss`'s bytes_acked does for TCP.
     GET /bytes/N          N bytes, streamed (also GET /download?size=N)
     GET /info             JSON: the SNI, :authority, client and server addresses of this request
+    GET /upload-page/N, /download-page/N
+                          a browser probe's pages, as the HTTPS server's (`lab.server.browser_page`)
     GET /                 a small page
 
 Any SNI gets a certificate for that name from the lab CA. aioquic (1.7.2) takes one certificate per
@@ -58,7 +60,7 @@ from throttle.errors import ParseError
 from throttle.files import atomic_write
 from throttle.lab.quic_io import (PROGRESS_HEADER, SEND_AHEAD, Address, Datagrams, Endpoint, Sender, configuration,
                                   socket_for)
-from throttle.lab.server import release_pid_file, requested_size, server_arguments
+from throttle.lab.server import browser_page, release_pid_file, requested_size, server_arguments
 from throttle.wire import quic as wire_quic
 from throttle.wire.names import normalise
 
@@ -140,9 +142,9 @@ class Certificates:
         from cryptography import x509
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-        from throttle.lab.ca import CA_CERT, CA_KEY, LEAF_KEY, CAFiles, Issuer
+        from throttle.lab.ca import CAFiles, Issuer
 
-        self._issuer = Issuer(CAFiles(ca_dir / CA_CERT, ca_dir / CA_KEY, ca_dir / LEAF_KEY))
+        self._issuer = Issuer(CAFiles.in_dir(ca_dir))
         self.key = load_pem_private_key(self._issuer.leaf_key_pem, None)
         self.ca = x509.load_pem_x509_certificate(self._issuer.ca_pem)
         self._cache: OrderedDict[str, Any] = OrderedDict()
@@ -273,6 +275,9 @@ class ServerConnection(Endpoint):
                 self._data(req, b"", True)
             else:
                 req.left = size  # written by before_send, as the connection drains
+        elif (shown := browser_page(url.path)) is not None:
+            status, body = shown
+            self._reply(req, status, "text/html; charset=utf-8" if status == 200 else "text/plain", body)
         elif url.path == "/info":
             self._reply(req, 200, "application/json", json.dumps(self._info(req)).encode() + b"\n")
         elif url.path in ("/", "/index.html"):

@@ -12,6 +12,9 @@ Routes, the same on both web ports:
     GET /upload-page/N    a page whose script POSTs N random bytes to /upload while it loads (a
                           synchronous request, so a headless browser's --dump-dom waits for it) and
                           writes the server's reply into the page: a browser's upload
+    GET /download-page/N  a page whose script GETs /bytes/N the same way and writes into the page
+                          {"received": N, "seconds": T}: the bytes the page received, and the time
+                          from the request to its last byte: a browser's download
     GET /                 a small page
 
 A raw sink on TCP 8443, for the evasion client (`throttle.lab.evasion`): it counts every byte until
@@ -47,13 +50,13 @@ from typing import Any, Optional
 from urllib.parse import parse_qs, urlsplit
 
 from throttle.files import atomic_write
-from throttle.lab.ca import CA_CERT, CA_KEY, LEAF_KEY, CAFiles, Issuer
+from throttle.lab.ca import CAFiles, Issuer
 from throttle.units import parse_size
 from throttle.wire.names import normalise
 
 CHUNK = 65536
 MAX_SIZE = 1 << 40  # GET /bytes/N refuses more than 1 TiB
-MAX_UPLOAD_PAGE = 1 << 30  # GET /upload-page/N: the browser holds the N bytes in memory
+MAX_PAGE_SIZE = 1 << 30  # GET /upload-page/N, /download-page/N: the browser holds the N bytes in memory
 MAX_CACHED_NAMES = 4096
 MAX_CONNECTIONS = 4096  # per listening socket; each has a thread
 DEFAULT_NAME = "server.lab"
@@ -153,8 +156,9 @@ class Handler(BaseHTTPRequestHandler):
             self._send(400, "text/plain", wanted.encode())
         elif wanted is not None:
             self._stream(wanted, head)
-        elif path.startswith("/upload-page/"):
-            self._upload_page(path[len("/upload-page/"):], head)
+        elif (shown := browser_page(path)) is not None:
+            status, body = shown
+            self._send(status, "text/html; charset=utf-8" if status == 200 else "text/plain", body, head)
         elif path == "/info":
             self._send(200, "application/json", json.dumps(self._info()).encode() + b"\n", head)
         elif path in ("/", "/index.html"):
@@ -168,33 +172,6 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, "text/html; charset=utf-8", page, head)
         else:
             self._send(404, "text/plain", b"not found\n", head)
-
-    def _upload_page(self, text: str, head: bool) -> None:
-        try:
-            size = parse_size(text)
-        except ValueError as exc:
-            self._send(400, "text/plain", f"{exc}\n".encode(), head)
-            return
-        if not 0 <= size <= MAX_UPLOAD_PAGE:
-            self._send(400, "text/plain", f"an upload page sends at most {MAX_UPLOAD_PAGE} bytes\n".encode(), head)
-            return
-        page = (
-            "<!doctype html><title>throttle lab upload</title>\n<pre id=result>uploading</pre>\n<script>\n"
-            f"const size = {size};\n"
-            "const body = new Uint8Array(size);\n"
-            "for (let i = 0; i < size; i += 65536) crypto.getRandomValues(body.subarray(i, Math.min(size, i + 65536)));\n"
-            "const out = document.getElementById('result');\n"
-            "try {\n"
-            "  const xhr = new XMLHttpRequest();\n"
-            "  xhr.open('POST', '/upload', false);  // synchronous: the page's load waits for it\n"
-            "  xhr.send(body);\n"
-            "  out.textContent = xhr.status === 200 ? xhr.responseText : 'upload failed: HTTP ' + xhr.status;\n"
-            "} catch (e) {\n"
-            "  out.textContent = 'upload failed: ' + e;\n"
-            "}\n"
-            "</script>\n"
-        ).encode()
-        self._send(200, "text/html; charset=utf-8", page, head)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -301,6 +278,55 @@ def requested_size(target: str) -> int | str | None:
     return size
 
 
+# The pages of a browser probe (`throttle.measure.commands.BrowserClient`), served by both web
+# servers. Their requests are synchronous, so a headless browser's --dump-dom (which prints the page
+# once it has loaded) waits for the transfer; each writes the reply line into #result.
+_UPLOAD_SCRIPT = """const body = new Uint8Array(size);
+for (let i = 0; i < size; i += 65536) crypto.getRandomValues(body.subarray(i, Math.min(size, i + 65536)));
+try {
+  const xhr = new XMLHttpRequest();
+  xhr.open('POST', '/upload', false);
+  xhr.send(body);
+  out.textContent = xhr.status === 200 ? xhr.responseText : 'upload failed: HTTP ' + xhr.status;
+} catch (e) {
+  out.textContent = 'upload failed: ' + e;
+}
+"""
+# x-user-defined maps each byte to one character, so the text's length is the bytes received.
+_DOWNLOAD_SCRIPT = """try {
+  const xhr = new XMLHttpRequest();
+  xhr.open('GET', '/bytes/' + size, false);
+  xhr.overrideMimeType('text/plain; charset=x-user-defined');
+  const start = performance.now();
+  xhr.send();
+  const seconds = (performance.now() - start) / 1000;
+  out.textContent = xhr.status === 200 ? JSON.stringify({received: xhr.responseText.length, seconds: seconds})
+                                       : 'download failed: HTTP ' + xhr.status;
+} catch (e) {
+  out.textContent = 'download failed: ' + e;
+}
+"""
+_PAGE_SCRIPTS = {"/upload-page/": _UPLOAD_SCRIPT, "/download-page/": _DOWNLOAD_SCRIPT}
+
+
+def browser_page(path: str) -> tuple[int, bytes] | None:
+    """A browser probe's page (`/upload-page/N`, `/download-page/N`): (200, the HTML), or (400, why
+    the size is wrong); None for any other path."""
+    prefix = next((p for p in _PAGE_SCRIPTS if path.startswith(p)), None)
+    if prefix is None:
+        return None
+    text = path[len(prefix):]
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        return 400, f"{exc}\n".encode()
+    if not 0 <= size <= MAX_PAGE_SIZE:
+        return 400, f"a browser page moves at most {MAX_PAGE_SIZE} bytes\n".encode()
+    return 200, ("<!doctype html><title>throttle lab</title>\n<pre id=result>running</pre>\n<script>\n"
+                 f"const size = {size};\nconst out = document.getElementById('result');\n"
+                 f"{_PAGE_SCRIPTS[prefix]}</script>\n").encode()
+
+
 def _html(value: Any) -> str:
     import html
 
@@ -404,7 +430,7 @@ class SinkServer(_Listener):
 def serve(args: argparse.Namespace) -> None:
     ca_dir = Path(args.ca_dir)
     state = Path(args.state_dir)
-    ca = CAFiles(ca_dir / CA_CERT, ca_dir / CA_KEY, ca_dir / LEAF_KEY)
+    ca = CAFiles.in_dir(ca_dir)
     certs = Certificates(ca, state / "certs", [DEFAULT_NAME, *args.address])
     for name in args.name:
         try:

@@ -9,7 +9,8 @@ runner (`throttle.measure.runner`) starts the process, feeds it the output and s
     tls          `throttle.lab.evasion` (hand-made ClientHellos to the lab's sink): JSON lines
     quic         `throttle.lab.h3probe` (HTTP/3): progress and error lines, RESULT, its exit codes
     command      any command of the scenario's own (`throttle.measure.commands`)
-    browser      headless Chromium loading the lab server's upload page (`throttle.measure.commands`)
+    browser      headless Chromium loading the lab server's upload or download page, over HTTP/3 too
+                 (`throttle.measure.commands`)
 
 "timeout" and "reset" are the network's doing (the probe is blocked); "lab" is the lab's own
 failure (connection refused, a certificate or TLS error, an HTTP error status, a client that could
@@ -82,6 +83,7 @@ class Setup:
     timeout: float  # seconds: the probe's, or from its size and rate (`default_timeout`)
     ports: tuple[int, int] | None = None  # its client port range (`measure.ports`); None: any port
     wrap_port: int = 0  # a command probe's helper port
+    ca_dir: Path | None = None  # the lab's CA files (`lab.ca`): the leaf key a browser over HTTP/3 accepts
 
 
 def upload_file(workdir: Path, size: int) -> Path:

@@ -11,9 +11,15 @@ timeout (a browser starts helpers), and are judged from what they printed once t
 
 A command (`protocol = "command"`) is a shell command with {url} {host} {address} {file} {size}
 {port} filled in, shell-quoted, run with `sh -c`; its `wrap` helper is started first and waited for
-until it listens on {port}, and always stopped. The browser (`protocol = "browser"`) is Chromium,
-headless, opening the lab server's /upload-page/N, whose script POSTs N random bytes to /upload
-while the page loads and writes the server's reply into the page, which --dump-dom prints.
+until it listens on {port}, and always stopped.
+
+The browser (`protocol = "browser"`) is Chromium, headless, opening the lab server's
+/upload-page/N, whose script POSTs N random bytes to /upload while the page loads and writes the
+server's reply into the page, which --dump-dom prints; or /download-page/N, whose script GETs
+/bytes/N and writes the bytes the page received and the time they took, in the same form. With
+`http3 = true` it loads the page, and moves the bytes, over HTTP/3 from the lab's HTTP/3 server
+(`lab.h3`), QUIC forced for the probe's host from the first request, and the certificate accepted
+by the lab's leaf key (`lab.ca.leaf_spki`): Chromium's QUIC ignores --ignore-certificate-errors.
 """
 
 from __future__ import annotations
@@ -37,26 +43,29 @@ from throttle.scenario import Probe
 WRAP_READY = 10.0  # seconds a wrap helper has to start listening
 _SERVER_REPLY = re.compile(r'"received":\s*(\d+),\s*"seconds":\s*([\d.]+)')
 
-# Headless Chromium as this machine runs it as root: no sandbox, no GPU, TCP only (the probe is TLS
-# over TCP), and no background services, so the probe's flow is the only one. The certificate check
-# is off: Chromium reads its own certificate store, not the system bundle that holds the lab CA.
-CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+# Headless Chromium as this machine runs it as root: no sandbox, no GPU, and no background services,
+# so the probe's flow is the only one.
+CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-default-apps", "--ignore-certificate-errors")
+                  "--disable-default-apps")
+# Over TCP: TLS only (no QUIC), and the certificate check off: Chromium reads its own certificate
+# store, not the system bundle that holds the lab CA.
+CHROMIUM_TCP = ("--disable-quic", "--ignore-certificate-errors")
 
 
 def _last_line(text: str) -> str:
     return text.strip().splitlines()[-1] if text.strip() else ""
 
 
-def upload_outcome(probe: Probe, out: str, wall: float, missing: str) -> Outcome:
-    """An upload judged by the lab server's last reply in `out`; `missing` says why none is there."""
+def upload_outcome(probe: Probe, out: str, wall: float, missing: str, receiver: str = "the lab server") -> Outcome:
+    """An upload judged by the lab server's last reply in `out` (a browser's download: by the page's
+    line of the same form); `missing` says why none is there."""
     replies = _SERVER_REPLY.findall(out)
     if not replies:
         return Outcome(CAUSE_LAB, missing, 0, wall)
     received, seconds = int(replies[-1][0]), float(replies[-1][1])
     if received < probe.size:
-        return Outcome(CAUSE_LAB, f"the lab server received {received} of {probe.size} bytes", received, wall)
+        return Outcome(CAUSE_LAB, f"{receiver} received {received} of {probe.size} bytes", received, wall)
     return Outcome(CAUSE_COMPLETED, "", received, seconds if seconds > 0 else wall)
 
 
@@ -142,23 +151,46 @@ class CommandClient(_Alone):
 
 
 class BrowserClient(_Alone):
-    """Headless Chromium uploading `size` bytes from the lab server's upload page (uploads only)."""
+    """Headless Chromium uploading or downloading `size` bytes through the lab server's page, over
+    TCP, or over HTTP/3 (`http3`)."""
 
     what = "the browser"
 
     def __init__(self, probe: Probe, setup: Setup) -> None:
         super().__init__(probe, setup)
         self.profile = ""  # a fresh user-data-dir for each run
+        self.spki = ""  # over HTTP/3: the lab's leaf key, which its certificates carry
+
+    @property
+    def page(self) -> str:
+        return f"https://{self.probe.host}/{self.probe.direction}-page/{self.probe.size}"
 
     def argv(self) -> list[str]:
+        address = f"[{self.address}]" if ":" in self.address else self.address
+        if self.probe.http3:
+            # QUIC for the probe's host from the first request (no TCP first, no Alt-Svc, no fallback)
+            transport: tuple[str, ...] = (f"--origin-to-force-quic-on={self.probe.host}:443",
+                                          f"--ignore-certificate-errors-spki-list={self.spki}")
+        else:
+            transport = CHROMIUM_TCP
         return self.setup.exec_argv([
-            require_tool("chromium", "chromium"), *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}",
-            f"--host-resolver-rules=MAP * {self.address}",
-            "--dump-dom", f"https://{self.probe.host}/upload-page/{self.probe.size}",
+            require_tool("chromium", "chromium"), *CHROMIUM_FLAGS, *transport, f"--user-data-dir={self.profile}",
+            f"--host-resolver-rules=MAP * {address}", "--dump-dom", self.page,
         ])
 
     @contextlib.contextmanager
     def prepared(self) -> Iterator[str]:
+        if self.probe.http3:
+            if self.setup.ca_dir is None:
+                yield "the lab's CA directory is not known, so the browser cannot be told its key (HTTP/3)"
+                return
+            from throttle.lab.ca import CAFiles, leaf_spki  # cryptography: only where a key is read
+
+            try:
+                self.spki = leaf_spki(CAFiles.in_dir(self.setup.ca_dir))
+            except (OSError, ValueError, ThrottleError) as exc:
+                yield f"the lab's leaf key could not be read: {exc}"
+                return
         self.profile = tempfile.mkdtemp(prefix="chromium-", dir=self.setup.workdir)
         try:
             yield ""
@@ -168,8 +200,10 @@ class BrowserClient(_Alone):
     def outcome(self, exit: Exit) -> Outcome:
         if exit.killed:
             return Outcome(CAUSE_TIMEOUT, "the browser did not finish before its timeout (killed)", 0, exit.elapsed)
-        failed = re.search(r"upload failed[^<]*", exit.out)
+        failed = re.search(r"(?:upload|download) failed[^<]*", exit.out)
         shown = failed.group(0) if failed else "no page"
         if exit.code:
             shown += f" (chromium exited with {exit.code}" + (f": {_last_line(exit.err)})" if exit.err.strip() else ")")
-        return upload_outcome(self.probe, exit.out, exit.elapsed, f"the page shows no server reply: {shown}")
+        if self.upload:
+            return upload_outcome(self.probe, exit.out, exit.elapsed, f"the page shows no server reply: {shown}")
+        return upload_outcome(self.probe, exit.out, exit.elapsed, f"the page shows no result: {shown}", "the page")

@@ -7,7 +7,8 @@ censor in the lab, with probes generated here instead of the file's own:
   (the undisguised hello) included as the baseline, all for one name the scenario's rules police;
 - a control: the same upload for a name no rule matches, so speed is judged against it;
 - every `protocol = "command"` or `"browser"` probe the scenario already has (the user's own
-  tricks), with the scenario's own controls as their reference.
+  tricks, a real browser over TCP or HTTP/3) but its controls, with the scenario's own controls as
+  their reference; a browser over HTTP/3 is judged against its rule for QUIC (`probe_rule`).
 
 Each probe's verdict (the runner's, from measured speed) becomes an outcome (`outcome`):
 evaded, caught or broke. A lab failure is no outcome: the command fails instead.
@@ -60,10 +61,11 @@ OWN_PROBES = ("command", "browser")  # a scenario's probes that join the matrix 
 
 def is_2021_device(model: Model) -> bool:
     """Whether the model inspects as the 2021 device of §1.5-7 does, in every knob a trick aims
-    at: no reassembly, the first packet only, giving up on an unparseable 101-byte packet, a
-    trailing dot kept, inspection going on after a non-matching name."""
-    return (not model.reassemble and model.window_packets == 1 and model.give_up_bytes == 101
-            and not model.strip_trailing_dot and model.inspect_after_name)
+    at: the SNI of TLS ClientHellos, no reassembly, the first packet only, giving up on an
+    unparseable 101-byte packet, a trailing dot kept, inspection going on after a non-matching name.
+    (A model that reads QUIC alone is no 2021 device, however its other knobs are set.)"""
+    return ("tls" in model.name_sources and not model.reassemble and model.window_packets == 1
+            and model.give_up_bytes == 101 and not model.strip_trailing_dot and model.inspect_after_name)
 
 
 def rule_blocks(rule: Rule) -> bool:
@@ -235,7 +237,7 @@ def plan_scenario(scenario: Scenario) -> Plan:
             name = PROBE_PREFIX + trick
             probes.append(_tls_probe(name, host, trick, size, timeout=timeout))
             tricks[trick] = name
-    commands = [p for p in scenario.probes if p.protocol in OWN_PROBES]
+    commands = [p for p in scenario.probes if p.protocol in OWN_PROBES and not p.control]  # controls are no trick
     if commands:
         taken = {p.name for p in probes}
         for p in scenario.probes:

@@ -111,7 +111,8 @@ class Runner:
         index = self._index(probe)
         setup = Setup(functools.partial(self.lab.exec_argv, "client"), self.workdir,
                       default_timeout(probe, self.rate_for(probe)) if timeout is None else timeout,
-                      self.ports.client(index) if fixed_port and kind.takes_ports else None, self.ports.wrap(index))
+                      self.ports.client(index) if fixed_port and kind.takes_ports else None, self.ports.wrap(index),
+                      self.lab.state_dir)
         return kind(probe, setup)
 
     # ---- one probe ----------------------------------------------------------------------

@@ -222,6 +222,7 @@ def _probe(r: _Reader, t: Any, i: int) -> Probe:
         blocked_by=_blocked_by(r, t, k),
         command=_command(r, t, k, "command"),
         wrap=_command(r, t, k, "wrap"),
+        http3=r.get(t, f"{k}.http3", bool, default=False),
     )
 
 
@@ -229,12 +230,11 @@ COMMAND_PLACEHOLDERS = ("url", "host", "address", "file", "size", "port")
 
 
 def _browser(r: _Reader, t: dict[str, Any], k: str) -> None:
-    """A browser probe uploads from the lab server's page, to its host by name."""
+    """A browser probe goes to its host by name (over HTTP/3 with `http3`, a browser's key only)."""
     if t.get("protocol") != "browser":
+        if t.get("http3"):
+            r.fail(f"{k}.http3", 'needs protocol = "browser" (protocol = "quic" is HTTP/3 already)')
         return
-    if t.get("direction", "upload") != "upload":
-        r.fail(f"{k}.direction", 'protocol = "browser" uploads (from the lab server\'s upload page); write '
-                                 'direction = "upload", or use a command probe')
     if t.get("sni", True) is not True:
         r.fail(f"{k}.sni", 'protocol = "browser" sends its host as the SNI; remove sni')
 

@@ -24,7 +24,7 @@ Transport = Literal["any", "tcp", "udp"]
 NameSourceKind = Literal["tls", "http", "dns", "quic"]
 Outcome = Literal["throttled", "normal", "blocked"]
 # curl over TLS, curl over plain HTTP, the raw TLS client, HTTP/3, a command of the scenario's own,
-# headless Chromium uploading from the lab server's page
+# headless Chromium uploading or downloading through the lab server's pages
 Protocol = Literal["https", "http", "tls", "quic", "command", "browser"]
 HandshakeExpectation = Literal["", "slow", "normal"]
 BlockCause = Literal["", "reset", "timeout"]  # how a blocked probe must have been stopped
@@ -130,6 +130,12 @@ class Probe:
     # {file} {size} {port} filled in (measure/commands.py; load.py's COMMAND_PLACEHOLDERS)
     command: str = ""
     wrap: str = ""  # protocol "command": a helper (e.g. a proxy on {port}) running while the probe does
+    http3: bool = False  # protocol "browser": over HTTP/3 (QUIC) to the lab's HTTP/3 server, not TCP
+
+    @property
+    def transport(self) -> Literal["tcp", "udp"]:
+        """What the probe's flow runs over: udp for QUIC (the QUIC client, a browser over HTTP/3)."""
+        return "udp" if self.protocol == "quic" or self.http3 else "tcp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,9 +155,8 @@ def probe_rule(scenario: Scenario, probe: Probe) -> Rule | None:
     (its SNI or Host) over its transport, ECH condition included; None when no rule names it.
     What the runner measures a throttled probe against, when rules differ in rate (TCP and QUIC)."""
     name = probe.sni if isinstance(probe.sni, str) else probe.host if probe.sni else None
-    transport = "udp" if probe.protocol == "quic" else "tcp"
     for rule in scenario.rules:
-        if rule.transport not in ("any", transport) or not rule.patterns or name is None:
+        if rule.transport not in ("any", probe.transport) or not rule.patterns or name is None:
             continue
         if rule.ech is not None and rule.ech != probe.ech:
             continue
