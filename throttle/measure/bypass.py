@@ -147,7 +147,7 @@ def report_lines(steps: list[Step]) -> list[str]:
     the no-netfilter reference) and the target, the hook's rate."""
     ref, through_nf = steps[REFERENCE].bits_per_second, steps[NETFILTER].bits_per_second
     rounds = len(steps[REFERENCE].runs)
-    lines = ["", f"  {'':36} {'throughput':>14} {'ratio':>7} {'ratio to 2':>10}"
+    lines = ["", f"  {'':36} {'throughput':>17} {'ratio':>7} {'ratio to 2':>10}"
                  + (f"   runs (best of {rounds})" if rounds > 1 else "")]
     for n, step in enumerate(steps, 1):
         runs = "   " + ", ".join(f"{bps / 1e6:.0f}" for bps in step.runs) if rounds > 1 else ""
