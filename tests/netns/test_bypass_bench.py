@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import lab_name
 from tests.netns.conftest import require_lab_prerequisites
 from throttle.kernel import netns
+from throttle.kernel.tools import require_tool
 from throttle.lab.topology import SERVER_V4, Lab
 from throttle.measure import bypass
 
@@ -20,30 +21,35 @@ pytestmark = pytest.mark.netns
 COMMENT = "bypass-bench-test"
 
 
+def iptables() -> str:
+    return require_tool("iptables", "iptables")
+
+
 def switches(lab: Lab) -> dict[str, str]:
     """The censor namespace's bridge-nf-call-* values, by key."""
     def read() -> dict[str, str]:
-        return {key: Path("/proc/sys/" + key.replace(".", "/")).read_text().strip() for key in bypass.NETFILTER_SWITCHES}
+        return {key: Path("/proc/sys/" + key.replace(".", "/")).read_text().strip()
+                for key in bypass.NETFILTER_SWITCHES}
 
     return netns.run_in(lab.ns("censor"), read)
 
 
 def forward_count(lab: Lab) -> int:
     """Packets the test's counting rule in the censor's FORWARD chain has seen."""
-    out = subprocess.run(lab.exec_argv("censor", ["iptables", "-w", "-L", "FORWARD", "-v", "-n", "-x"]),
+    out = subprocess.run(lab.exec_argv("censor", [iptables(), "-w", "-L", "FORWARD", "-v", "-n", "-x"]),
                          capture_output=True, text=True, check=True).stdout
     return sum(int(line.split()[0]) for line in out.splitlines() if f"/* {COMMENT} */" in line)
 
 
 def ping(lab: Lab) -> None:
-    subprocess.run(lab.exec_argv("client", ["ping", "-c", "3", "-i", "0.2", "-W", "2", SERVER_V4]),
-                   capture_output=True, check=True, timeout=30)
+    argv = [require_tool("ping", "iputils-ping"), "-c", "3", "-i", "0.2", "-W", "2", SERVER_V4]
+    subprocess.run(lab.exec_argv("client", argv), capture_output=True, check=True, timeout=30)
 
 
 def test_the_reference_bridge_skips_netfilter_and_gets_it_back(shared_lab: Lab) -> None:
     lab = shared_lab
     rule = ["FORWARD", "-m", "comment", "--comment", COMMENT]
-    subprocess.run(lab.exec_argv("censor", ["iptables", "-w", "-A", *rule]), check=True)
+    subprocess.run(lab.exec_argv("censor", [iptables(), "-w", "-A", *rule]), check=True)
     try:
         assert set(switches(lab).values()) == {"1"}
         with bypass.bridge_without_netfilter(lab):
@@ -57,7 +63,7 @@ def test_the_reference_bridge_skips_netfilter_and_gets_it_back(shared_lab: Lab) 
             raise RuntimeError("a failed measurement")
         assert set(switches(lab).values()) == {"1"}, "a failed reference step left netfilter off"
     finally:
-        subprocess.run(lab.exec_argv("censor", ["iptables", "-w", "-D", *rule]), check=True)
+        subprocess.run(lab.exec_argv("censor", [iptables(), "-w", "-D", *rule]), check=True)
 
 
 def test_the_benchmark_runs_its_four_steps(monkeypatch: pytest.MonkeyPatch) -> None:
