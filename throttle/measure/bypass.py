@@ -147,11 +147,12 @@ def report_lines(steps: list[Step]) -> list[str]:
     the no-netfilter reference) and the target, the hook's rate."""
     ref, through_nf = steps[REFERENCE].bits_per_second, steps[NETFILTER].bits_per_second
     rounds = len(steps[REFERENCE].runs)
-    lines = ["", f"  {'':36} {'throughput':>17} {'ratio':>7} {'ratio to 2':>10}"
+    width = max(len(label) for label in STEPS)
+    lines = ["", f"  {'':{width + 3}} {'throughput':>17} {'ratio':>7} {'ratio to 2':>10}"
                  + (f"   runs (best of {rounds})" if rounds > 1 else "")]
     for n, step in enumerate(steps, 1):
         runs = "   " + ", ".join(f"{bps / 1e6:.0f}" for bps in step.runs) if rounds > 1 else ""
-        lines.append(f"  {n}. {step.label:33} {step.bits_per_second / 1e6:10.1f} Mbit/s "
+        lines.append(f"  {n}. {step.label:{width}} {step.bits_per_second / 1e6:10.1f} Mbit/s "
                      f"{step.bits_per_second / ref:7.3f} {step.bits_per_second / through_nf:10.3f}{runs}")
     bypass_ratio = steps[BYPASS].bits_per_second / ref
     lines.append(f"\n  references: {ref / 1e6:.1f} Mbit/s with no netfilter on the bridge (1, every ratio's base), "
