@@ -14,7 +14,7 @@ from throttle.measure.commands import CommandClient
 from throttle.measure.judge import (Figures, check_expectations, handshake_verdict, rate_check, reference_rate,
                                     speed_verdict)
 from throttle.measure.judge import judge as judge_run
-from throttle.measure.predict import Expected, expected, limiting_rule, payload_share, predict_goodput
+from throttle.measure.predict import Expected, expected, limiting_rule, payload_share, predict_goodput, window_bytes
 from throttle.measure.report import ProbeRun, RunReport
 from throttle.measure.runner import Runner
 from throttle.scenario import Probe, Rule, Scenario, load_scenario
@@ -413,15 +413,22 @@ def test_a_token_bucket_gives_its_burst_then_its_rate() -> None:
     assert predict_goodput(quic, "download", 524288, udp=True) == pytest.approx(61532.77)
 
 
-def test_a_window_meter_gives_whole_intervals() -> None:
-    """Each interval of burst / rate = 1.008 s passes 16 KiB at its start: 169,724 IP bytes need 11
-    intervals and end early in the 11th, 10 intervals (10.08 s) after the first began."""
+def test_a_window_meter_gives_whole_intervals_of_whole_packets() -> None:
+    """Each interval of burst / rate = 1.008 s passes ten 1,500-byte packets (15,000 of its 16,384
+    B; the eleventh does not fit) at its start: 169,724 IP bytes need 12 intervals and end early in
+    the 12th, 11 intervals (11.09 s) after the first began."""
     rule = Rule(name="w", rate=RATE, burst=16384, meter="window")
-    assert predict_goodput(rule, "upload", 163840) == pytest.approx(16250.0)
-    assert predict_goodput(rule, "upload", 102400) == pytest.approx(16927.08)  # 7 intervals: 6.05 s
+    assert window_bytes(rule, 1500) == 15000 and window_bytes(rule, 1378) == 15158
+    assert window_bytes(Rule(name="t", rate=RATE, burst=1000, meter="window"), 1500) == 1000
+    assert predict_goodput(rule, "upload", 163840) == pytest.approx(14772.73)
+    assert predict_goodput(rule, "upload", 102400) == pytest.approx(14508.93)  # 8 intervals: 7.06 s
     assert predict_goodput(rule, "upload", 16384) == pytest.approx(16250.0)  # 16,972 IP bytes: one more interval
-    assert predict_goodput(rule, "upload", 15000) is None  # one interval's budget: not slowed
-    assert predict_goodput(rule, "upload") == pytest.approx(15686.67)  # the long run is the bucket's
+    assert predict_goodput(rule, "upload", 15000) == pytest.approx(14877.32)  # 15,539 IP bytes: just over one
+    assert predict_goodput(rule, "upload", 14000) is None  # one interval's packets: not slowed
+    assert predict_goodput(rule, "upload") == pytest.approx(14361.57)  # the long run: 91.6% of the bucket's
+    # QUIC's 1,378-byte datagrams fill 15,158 B of each window: 512 KB takes 36 intervals after the first
+    quic = Rule(name="q", rate=RATE, burst=16384, meter="window", transport="udp")
+    assert predict_goodput(quic, "download", 524288, udp=True) == pytest.approx(524288 / (36 * 16384 / RATE))
 
 
 def test_after_bytes_pass_unlimited() -> None:

@@ -16,8 +16,10 @@ The goodput is payload bytes per second of the transfer, as the probe clients me
 - a token bucket (police, or shape: the shaper's queue keeps the rate busy) starts full, lets
   `burst` bytes through at once, then `rate`: W bytes of IP take (W - burst) / rate seconds;
 - a window meter passes `burst` bytes at the start of each interval of burst / rate seconds and
-  drops the rest of it: W bytes take ceil(W / burst) intervals and end early in the last one,
-  (ceil(W / burst) - 1) x burst / rate seconds after the first began (docs/incidents.md §1.11).
+  drops the rest of it (docs/incidents.md §1.11), counting whole packets: an interval carries
+  B = the full-size packets that fit in the burst (`window_bytes`), so W bytes take ceil(W / B)
+  intervals and end early in the last one, (ceil(W / B) - 1) x burst / rate seconds after the
+  first began; in the long run rate x B / burst (16 KiB windows of 1,500-byte packets: 91.6%).
 
 A transfer that fits in `after_bytes` and the burst is not slowed. One whose part beyond them is
 under TCP's initial window (10 full-size packets, RFC 6928) has no rate to hold it to: its time is
@@ -43,7 +45,8 @@ from throttle.lab.quic_io import DATAGRAM_SIZE
 from throttle.scenario import Probe, ProbeDirection, Rule, Scenario
 from throttle.wire.names import normalise
 
-__all__ = ["Expected", "INITIAL_WINDOW", "expected", "limiting_rule", "payload_share", "predict_goodput"]
+__all__ = ["Expected", "INITIAL_WINDOW", "expected", "limiting_rule", "packet_size", "payload_share", "predict_goodput",
+           "window_bytes"]
 
 TCP_HEADERS = 20 + 12  # TCP header with the timestamps option (Linux sends it by default)
 IP_HEADERS = {False: 20, True: 40}  # IPv4, IPv6
@@ -58,41 +61,55 @@ NAME_SOURCE = {"http": "http", "quic": "quic"}  # the kind of name each probe ki
 Kind = Literal["given", "predicted", "short", "unslowed", "blocks", "unmatched"]
 
 
+def packet_size(udp: bool = False, ipv6: bool = False) -> int:
+    """IP bytes of a full-size packet in the lab: TCP at the MTU, or a QUIC datagram (1,350 bytes)."""
+    return DATAGRAM_SIZE + UDP_HEADER + IP_HEADERS[ipv6] if udp else MTU
+
+
 def payload_share(udp: bool = False, ipv6: bool = False) -> float:
     """Payload bytes per IP byte of a full-size packet at the lab's MTU: TCP (1,448 of 1,500 over
     IPv4) or QUIC over UDP (the lab's 1,350-byte datagrams)."""
     if udp:
-        return (DATAGRAM_SIZE - QUIC_OVERHEAD) / (DATAGRAM_SIZE + UDP_HEADER + IP_HEADERS[ipv6])
+        return (DATAGRAM_SIZE - QUIC_OVERHEAD) / packet_size(udp, ipv6)
     return (MTU - IP_HEADERS[ipv6] - TCP_HEADERS) / MTU
+
+
+def window_bytes(rule: Rule, packet: int) -> int:
+    """IP bytes a window meter passes in one interval to packets of `packet` bytes: the whole
+    packets that fit in its burst (16,384 B takes ten 1,500-byte packets, 15,000 B; the eleventh
+    does not fit and is dropped), or the burst when not even one fits."""
+    return rule.burst // packet * packet or rule.burst
 
 
 def limits(rule: Rule, direction: ProbeDirection) -> bool:
     return rule.direction in ("both", direction)
 
 
-def _seconds_for(rule: Rule, wire: float) -> float:
-    """Seconds a limited direction takes to carry `wire` IP bytes, from its first limited packet."""
+def _seconds_for(rule: Rule, wire: float, packet: int) -> float:
+    """Seconds a limited direction takes to carry `wire` IP bytes in `packet`-byte packets, from
+    its first limited packet."""
     if rule.meter == "window":
-        return (math.ceil(wire / rule.burst) - 1) * rule.burst / rule.rate
+        return (math.ceil(wire / window_bytes(rule, packet)) - 1) * rule.burst / rule.rate
     return (wire - rule.burst) / rule.rate
 
 
 def predict_goodput(rule: Rule, direction: ProbeDirection, size: int | None = None, *, udp: bool = False,
                     ipv6: bool = False) -> float | None:
     """Payload bytes/s that `rule` gives one direction of a flow: with no `size`, in the long run
-    (rate x payload share, for the bucket and the window alike); else the goodput of a transfer of
+    (rate x payload share; for a window, of the whole packets its burst holds); else the goodput of a transfer of
     `size` payload bytes from start to end. None when the rule does not slow it: it has no rate
     (it drops or freezes), does not limit that direction, or the transfer fits in after_bytes and
     the burst."""
     if rule.rate <= 0 or not limits(rule, direction):
         return None
-    share = payload_share(udp, ipv6)
+    share, packet = payload_share(udp, ipv6), packet_size(udp, ipv6)
     if size is None:
-        return rule.rate * share
+        per_byte = window_bytes(rule, packet) / rule.burst if rule.meter == "window" else 1.0
+        return rule.rate * share * per_byte
     limited = size - rule.after_bytes
     if limited <= 0:
         return None
-    seconds = _seconds_for(rule, limited / share)
+    seconds = _seconds_for(rule, limited / share, packet)
     return size / seconds if seconds > 0 else None
 
 
