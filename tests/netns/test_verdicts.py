@@ -40,6 +40,11 @@ def lab(shared_lab: Lab) -> Lab:
     return shared_lab
 
 
+def bits(rate: float) -> str:
+    """A rate in bytes/s as a scenario writes it, in plain digits (parse_rate takes no exponent)."""
+    return f"{rate * 8:.3f}".rstrip("0").rstrip(".") + "bit"
+
+
 def mutant(name: str, factor: float, folder: Path) -> Path:
     """The scenario's file with every rule's rate times `factor`, and each throttled probe's
     expect_rate what the original predicts for it."""
@@ -49,12 +54,12 @@ def mutant(name: str, factor: float, folder: Path) -> Path:
     for line in scenario_path(name).read_text().splitlines():
         m = RATE_LINE.match(line)
         if m:  # `rate` is a key of [[rule]] tables only
-            line = f'{m.group(1)}"{parse_rate(m.group(2)) * factor * 8:.6g}bit"{m.group(3)}'
+            line = f'{m.group(1)}"{bits(parse_rate(m.group(2)) * factor)}"{m.group(3)}'
         lines.append(line)
         if line.strip() == "[[probe]]":
             pin = pinned[probe]
             if original.probes[probe].expect == "throttled" and pin.kind == "predicted" and pin.rate:
-                lines.append(f'expect_rate = "{pin.rate * 8:.6g}bit"')
+                lines.append(f'expect_rate = "{bits(pin.rate)}"')
             probe += 1
     assert probe == len(original.probes)
     path = folder / f"{name}.toml"
@@ -64,8 +69,14 @@ def mutant(name: str, factor: float, folder: Path) -> Path:
     return path
 
 
-def test_every_scenario_with_a_rate_is_mutated() -> None:
+def test_every_scenario_with_a_rate_is_mutated(tmp_path: Path) -> None:
+    """Every mutant loads (no lab needed), its rates written as parse_rate reads them (1,024 kbit/s
+    doubled is "1024000bit", not "1.024e+06bit")."""
     assert len(RATED) >= 10 and "twitter-2021-03-10" in RATED and "tcp-16-20-2025" not in RATED
+    for how, factor in FACTORS.items():
+        (tmp_path / how).mkdir()
+        for name in RATED:
+            mutant(name, factor, tmp_path / how)
 
 
 @pytest.mark.parametrize("how", FACTORS)
