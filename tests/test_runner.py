@@ -14,7 +14,8 @@ from throttle.measure.commands import CommandClient
 from throttle.measure.judge import (Figures, check_expectations, handshake_verdict, rate_check, reference_rate,
                                     speed_verdict)
 from throttle.measure.judge import judge as judge_run
-from throttle.measure.predict import Expected, expected, limiting_rule, payload_share, predict_goodput, window_bytes
+from throttle.measure.predict import (Expected, expected, head_start, limiting_rule, payload_share, predict_goodput,
+                                      window_bytes)
 from throttle.measure.report import ProbeRun, RunReport
 from throttle.measure.runner import Runner
 from throttle.scenario import Probe, Rule, Scenario, load_scenario
@@ -429,6 +430,20 @@ def test_a_window_meter_gives_whole_intervals_of_whole_packets() -> None:
     # QUIC's 1,378-byte datagrams fill 15,158 B of each window: 512 KB takes 36 intervals after the first
     quic = Rule(name="q", rate=RATE, burst=16384, meter="window", transport="udp")
     assert predict_goodput(quic, "download", 524288, udp=True) == pytest.approx(524288 / (36 * 16384 / RATE))
+
+
+def test_a_shared_bucket_leaves_no_burst_to_count_on() -> None:
+    """tele2-3g-shaper's one bucket per client: the earlier flows took its burst, so 160 KiB
+    (169,724 IP bytes) goes at the rate from its start: 10.44 s, 125.5 kbit/s (measured live
+    123.6-131.5 kbit/s), not the 138.9 kbit/s of a flow's own bucket."""
+    shared = Rule(name="c", action="shape", rate=RATE, burst=16384, scope="client")
+    assert head_start(shared) == 0 and head_start(Rule(name="f", rate=RATE, burst=16384)) == 16384
+    assert predict_goodput(shared, "upload", 163840) == pytest.approx(15686.67)
+    assert predict_goodput(shared, "upload", 15000) == pytest.approx(15686.67)  # no burst to fit in
+    assert head_start(Rule(name="w", rate=RATE, burst=16384, meter="window", scope="client")) == 16384
+    tele2 = scenario_of("tele2-3g-shaper")
+    upload = expected(tele2, probe_named(tele2, "example-upload"))
+    assert upload.rate == pytest.approx(15686.67) and "shared by each client" in upload.why
 
 
 def test_after_bytes_pass_unlimited() -> None:

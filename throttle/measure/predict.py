@@ -19,7 +19,10 @@ The goodput is payload bytes per second of the transfer, as the probe clients me
   drops the rest of it (docs/incidents.md §1.11), counting whole packets: an interval carries
   B = the full-size packets that fit in the burst (`window_bytes`), so W bytes take ceil(W / B)
   intervals and end early in the last one, (ceil(W / B) - 1) x burst / rate seconds after the
-  first began; in the long run rate x B / burst (16 KiB windows of 1,500-byte packets: 91.6%).
+  first began; in the long run rate x B / burst (16 KiB windows of 1,500-byte packets: 91.6%);
+- a token bucket shared by flows (`scope` other than "flow") gives a probe no burst to count on:
+  the scenario's earlier flows took it (tele2-3g-shaper's client bucket: the controls' ACKs and
+  the earlier upload leave the next upload at the rate from its start, 125 kbit/s, not 139).
 
 A transfer that fits in `after_bytes` and the burst is not slowed. One whose part beyond them is
 under TCP's initial window (10 full-size packets, RFC 6928) has no rate to hold it to: its time is
@@ -45,8 +48,8 @@ from throttle.lab.quic_io import DATAGRAM_SIZE
 from throttle.scenario import Probe, ProbeDirection, Rule, Scenario
 from throttle.wire.names import normalise
 
-__all__ = ["Expected", "INITIAL_WINDOW", "expected", "limiting_rule", "packet_size", "payload_share", "predict_goodput",
-           "window_bytes"]
+__all__ = ["Expected", "INITIAL_WINDOW", "expected", "head_start", "limiting_rule", "packet_size", "payload_share",
+           "predict_goodput", "window_bytes"]
 
 TCP_HEADERS = 20 + 12  # TCP header with the timestamps option (Linux sends it by default)
 IP_HEADERS = {False: 20, True: 40}  # IPv4, IPv6
@@ -81,6 +84,12 @@ def window_bytes(rule: Rule, packet: int) -> int:
     return rule.burst // packet * packet or rule.burst
 
 
+def head_start(rule: Rule) -> int:
+    """IP bytes a token bucket lets a flow send at once: its burst, unless flows share the bucket
+    (the module doc); a window meter's intervals are counted in `_seconds_for`."""
+    return rule.burst if rule.scope == "flow" or rule.meter == "window" else 0
+
+
 def limits(rule: Rule, direction: ProbeDirection) -> bool:
     return rule.direction in ("both", direction)
 
@@ -90,16 +99,16 @@ def _seconds_for(rule: Rule, wire: float, packet: int) -> float:
     its first limited packet."""
     if rule.meter == "window":
         return (math.ceil(wire / window_bytes(rule, packet)) - 1) * rule.burst / rule.rate
-    return (wire - rule.burst) / rule.rate
+    return (wire - head_start(rule)) / rule.rate
 
 
 def predict_goodput(rule: Rule, direction: ProbeDirection, size: int | None = None, *, udp: bool = False,
                     ipv6: bool = False) -> float | None:
     """Payload bytes/s that `rule` gives one direction of a flow: with no `size`, in the long run
-    (rate x payload share; for a window, of the whole packets its burst holds); else the goodput of a transfer of
-    `size` payload bytes from start to end. None when the rule does not slow it: it has no rate
-    (it drops or freezes), does not limit that direction, or the transfer fits in after_bytes and
-    the burst."""
+    (rate x payload share; for a window, of the whole packets its burst holds); else the goodput
+    of a transfer of `size` payload bytes from start to end. None when the rule does not slow it:
+    it has no rate (it drops or freezes), does not limit that direction, or the transfer fits in
+    after_bytes and the burst (`head_start`)."""
     if rule.rate <= 0 or not limits(rule, direction):
         return None
     share, packet = payload_share(udp, ipv6), packet_size(udp, ipv6)
@@ -198,7 +207,7 @@ def expected(scenario: Scenario, probe: Probe) -> Expected:
         return Expected("unslowed", rule=name, why=f"rule {name} limits {rule.direction} only")
     udp, ipv6 = probe.protocol == "quic", ":" in server_of(probe)
     share = payload_share(udp, ipv6)
-    beyond = (probe.size - rule.after_bytes) / share - rule.burst  # IP bytes limited beyond the burst
+    beyond = (probe.size - rule.after_bytes) / share - head_start(rule)  # IP bytes limited beyond the burst
     goodput = predict_goodput(rule, probe.direction, probe.size, udp=udp, ipv6=ipv6)
     if goodput is None:
         return Expected("unslowed", rule=name, why=f"rule {name} lets {probe.size} bytes through at once "
@@ -208,6 +217,8 @@ def expected(scenario: Scenario, probe: Probe) -> Expected:
                                                  "round trips, not the rate, set its time")
     how = "shaped" if rule.action == "shape" else f"{rule.meter}"
     terms = f"{how} at {rule.rate * 8 / 1000:g} kbit/s, burst {rule.burst} B"
+    if not head_start(rule):
+        terms += f" shared by each {rule.scope}"
     if rule.after_bytes:
         terms += f", after {rule.after_bytes} B"
     return Expected("predicted", goodput, name, f"rule {name}: {terms}")
