@@ -9,8 +9,8 @@ down (`THROTTLE_TEST_LAB_PREFIX=a- scripts/test tests/netns/test_censor.py`). Un
 Scheduling (`pytest_xdist_make_scheduler` below): a test module runs whole on one worker (its
 module fixtures, its order: some unit modules check at their end what their earlier tests did),
 except the tests named in SPREAD, each of which may run on any worker, in that worker's own lab
-(`throttle run` of one bundled scenario). The longest modules are handed out first, so that they
-do not start last and finish alone.
+(`throttle run` of one bundled scenario, or of one with its rates doubled or halved). The longest
+modules are handed out first, so that they do not start last and finish alone.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ VECTORS = ROOT / "tests" / "vectors"
 LAB_PREFIX = os.environ.get("THROTTLE_TEST_LAB_PREFIX", "")
 WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1" ... under pytest-xdist
 # Namespace tests that each may run on any worker (by test id, parameters left out).
-SPREAD = ("tests/netns/test_run.py::test_bundled_scenario_meets_its_expectations",)
+SPREAD = ("tests/netns/test_run.py::test_bundled_scenario_meets_its_expectations",
+          "tests/netns/test_verdicts.py::test_mutated_scenario_fails")
 # Namespace test modules by how long they take (longest first); the others follow in file order.
 LONG_FIRST = ("test_soak.py", "test_run.py", "test_censor.py", "test_fastpath.py", "test_evasions_matrix.py",
               "test_bench.py", "test_metrics.py", "test_gateway.py", "test_probes.py", "test_evasion.py")

@@ -11,10 +11,14 @@ from throttle.errors import ScenarioError
 from throttle.lab.lines import parse_result
 from throttle.measure.clients import Exit, Setup, classify_curl, classify_quic, classify_raw, default_timeout
 from throttle.measure.commands import CommandClient
-from throttle.measure.judge import Figures, check_expectations, handshake_verdict, reference_rate, speed_verdict
+from throttle.measure.judge import (Figures, check_expectations, handshake_verdict, rate_check, reference_rate,
+                                    speed_verdict)
+from throttle.measure.judge import judge as judge_run
+from throttle.measure.predict import (Expected, expected, head_start, limiting_rule, payload_share, predict_goodput,
+                                      window_bytes)
 from throttle.measure.report import ProbeRun, RunReport
 from throttle.measure.runner import Runner
-from throttle.scenario import Probe, load_scenario
+from throttle.scenario import Probe, Rule, Scenario, load_scenario
 
 RATE = 16250.0
 
@@ -385,3 +389,214 @@ def test_command_keys_load(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ScenarioError, match=says):
             load_scenario(scenario(bad))
+
+
+# ---- the expected speed: what a rule predicts, and the band a throttled probe must be in ----------
+
+def test_the_payload_share_of_a_full_size_packet() -> None:
+    assert payload_share() == pytest.approx(1448 / 1500)  # TCP over IPv4, timestamps on
+    assert payload_share(ipv6=True) == pytest.approx(1428 / 1500)
+    assert payload_share(udp=True) == pytest.approx(1315 / 1378)  # the lab's 1,350-byte QUIC datagrams
+
+
+def test_a_token_bucket_gives_its_burst_then_its_rate() -> None:
+    rule = Rule(name="r", rate=RATE, burst=16384)
+    # 160 KiB of payload is 169,724 IP bytes; 16 KiB pass at once, the rest at 16,250 B/s: 9.436 s
+    assert predict_goodput(rule, "upload", 163840) == pytest.approx(17362.75)
+    assert predict_goodput(rule, "download", 102400) == pytest.approx(18552.10)
+    assert predict_goodput(rule, "upload") == pytest.approx(15686.67)  # the long run: rate x share
+    assert predict_goodput(Rule(name="s", action="shape", rate=RATE, burst=16384), "upload", 163840) == \
+        pytest.approx(17362.75)  # a shaper's queue keeps its rate busy: as the bucket
+    assert predict_goodput(rule, "upload", 15000) is None  # inside the burst: not slowed
+    assert predict_goodput(Rule(name="u", rate=RATE, direction="upload"), "download", 163840) is None
+    assert predict_goodput(Rule(name="z", rate=0.0, burst=0), "upload", 163840) is None  # a freeze
+    # IPv6 and QUIC carry less payload per IP byte: youtube-2024's 512 KB over QUIC at 512 kbit/s
+    assert predict_goodput(rule, "upload", 163840, ipv6=True) == pytest.approx(163840 / ((163840 / 0.952 - 16384) / RATE))
+    quic = Rule(name="q", rate=64000.0, burst=4096, transport="udp")
+    assert predict_goodput(quic, "download", 524288, udp=True) == pytest.approx(61532.77)
+
+
+def test_a_window_meter_gives_whole_intervals_of_whole_packets() -> None:
+    """Each interval of burst / rate = 1.008 s passes ten 1,500-byte packets (15,000 of its 16,384
+    B; the eleventh does not fit) at its start: 169,724 IP bytes need 12 intervals and end early in
+    the 12th, 11 intervals (11.09 s) after the first began."""
+    rule = Rule(name="w", rate=RATE, burst=16384, meter="window")
+    assert window_bytes(rule, 1500) == 15000 and window_bytes(rule, 1378) == 15158
+    assert window_bytes(Rule(name="t", rate=RATE, burst=1000, meter="window"), 1500) == 1000
+    assert predict_goodput(rule, "upload", 163840) == pytest.approx(14772.73)
+    assert predict_goodput(rule, "upload", 102400) == pytest.approx(14508.93)  # 8 intervals: 7.06 s
+    assert predict_goodput(rule, "upload", 16384) == pytest.approx(16250.0)  # 16,972 IP bytes: one more interval
+    assert predict_goodput(rule, "upload", 15000) == pytest.approx(14877.32)  # 15,539 IP bytes: just over one
+    assert predict_goodput(rule, "upload", 14000) is None  # one interval's packets: not slowed
+    assert predict_goodput(rule, "upload") == pytest.approx(14361.57)  # the long run: 91.6% of the bucket's
+    # QUIC's 1,378-byte datagrams fill 15,158 B of each window: 512 KB takes 36 intervals after the first
+    quic = Rule(name="q", rate=RATE, burst=16384, meter="window", transport="udp")
+    assert predict_goodput(quic, "download", 524288, udp=True) == pytest.approx(524288 / (36 * 16384 / RATE))
+
+
+def test_a_shared_bucket_leaves_no_burst_to_count_on() -> None:
+    """tele2-3g-shaper's one bucket per client: the earlier flows took its burst, so 160 KiB
+    (169,724 IP bytes) goes at the rate from its start: 10.44 s, 125.5 kbit/s (measured live
+    123.6-131.5 kbit/s), not the 138.9 kbit/s of a flow's own bucket."""
+    shared = Rule(name="c", action="shape", rate=RATE, burst=16384, scope="client")
+    assert head_start(shared) == 0 and head_start(Rule(name="f", rate=RATE, burst=16384)) == 16384
+    assert predict_goodput(shared, "upload", 163840) == pytest.approx(15686.67)
+    assert predict_goodput(shared, "upload", 15000) == pytest.approx(15686.67)  # no burst to fit in
+    assert head_start(Rule(name="w", rate=RATE, burst=16384, meter="window", scope="client")) == 16384
+    tele2 = scenario_of("tele2-3g-shaper")
+    upload = expected(tele2, probe_named(tele2, "example-upload"))
+    assert upload.rate == pytest.approx(15686.67) and "shared by each client" in upload.why
+
+
+def test_after_bytes_pass_unlimited() -> None:
+    rule = Rule(name="a", rate=RATE, burst=16384, direction="upload", after_bytes=65536)
+    # media-upload's photo: 256 KiB, the first 64 KiB free, then 192 KiB (203,669 IP bytes) through the bucket
+    assert predict_goodput(rule, "upload", 262144) == pytest.approx(22745.29)
+    assert predict_goodput(rule, "upload", 65536 + 15000) is None  # past after_bytes, inside the burst
+    assert predict_goodput(rule, "upload", 32768) is None
+
+
+def scenario_of(name: str) -> Scenario:
+    return load_scenario(ROOT / f"scenarios/{name}.toml")
+
+
+def probe_named(s: Scenario, name: str) -> Probe:
+    return next(p for p in s.probes if p.name == name)
+
+
+def test_the_rule_of_a_probe_is_the_engines() -> None:
+    tele2 = scenario_of("tele2-3g-shaper")
+    rule = limiting_rule(tele2, probe_named(tele2, "example-upload"))  # by address: every upload
+    assert rule is not None and rule.name == "tele2-3g-uplink"
+    turkey = scenario_of("turkey-2022")
+    assert limiting_rule(turkey, probe_named(turkey, "no-sni-before-trigger")) is None
+    after = limiting_rule(turkey, probe_named(turkey, "no-sni-after-trigger"))  # the trigger's sticky mark
+    assert after is not None and after.name == "social-media"
+    youtube = scenario_of("youtube-2024")
+    quic = limiting_rule(youtube, probe_named(youtube, "video-download-quic"))
+    assert quic is not None and quic.name == "googlevideo-quic"
+    russia = scenario_of("russia-2022-quic")
+    v1 = limiting_rule(russia, probe_named(russia, "foreign-server-vk-sni"))  # by QUIC version, not name
+    assert v1 is not None and v1.name == "quic-v1"
+    assert limiting_rule(russia, probe_named(russia, "vk-server-vk-sni")) is None  # the allowed server
+    media = scenario_of("media-upload")
+    down = limiting_rule(media, probe_named(media, "photo-download"))  # its rule, though upload only
+    assert down is not None and down.name == "photo-upload"
+    assert expected(media, probe_named(media, "photo-download")).kind == "unslowed"
+
+
+def test_every_bundled_throttled_probe_has_a_speed_to_meet() -> None:
+    """Each throttled probe of the library is held to its rule's prediction, except kazakhstan-2023's
+    100-byte download, which is judged by its handshake (too short to have a rate)."""
+    kinds = {}
+    for path in sorted((ROOT / "scenarios").glob("*.toml")):
+        s = load_scenario(path)
+        for probe in s.probes:
+            if probe.expect == "throttled":
+                kinds[f"{s.name}/{probe.name}"] = expected(s, probe).kind
+    assert kinds.pop("kazakhstan-2023/chosen-name") == "short"
+    assert len(kinds) >= 20 and set(kinds.values()) == {"predicted"}, kinds
+    media = scenario_of("media-upload")
+    photo = expected(media, probe_named(media, "photo-upload"))
+    assert photo.rate == pytest.approx(22745.29) and "after 65536 B" in photo.why
+
+
+def band(speed: float, expected_rate: float | None = 17362.75, kind: str = "predicted", tolerance: float = 0.25,
+         verdict: str = "throttled", expect: str = "throttled") -> str | None:
+    probe = Probe(name="photo", host="h", size=163840, expect=expect, tolerance=tolerance)  # type: ignore[arg-type]
+    run = ProbeRun(probe)
+    run.bytes, run.seconds, run.completed = 163840, 163840 / speed, True
+    return rate_check(run, probe, Expected(kind, expected_rate, "twitter", "rule twitter"), verdict)  # type: ignore[arg-type]
+
+
+def test_a_throttled_probe_must_meet_its_expected_speed() -> None:
+    assert band(17362.75) is None
+    assert band(1.24 * 17362.75) is None and band(0.76 * 17362.75) is None  # inside +-25%
+    assert band(2 * 17362.75) == "throttled at 277.8 kbit/s, expected 138.9 kbit/s ±25% (rule twitter)"
+    assert band(0.5 * 17362.75) == "throttled at 69.5 kbit/s, expected 138.9 kbit/s ±25% (rule twitter)"
+    assert band(2.5 * RATE) is not None and band(0.25 * RATE) is not None  # the issue's 2.5 x and 0.25 x
+    assert band(1.2 * 17362.75, tolerance=0.1) is not None  # a probe's own tolerance
+    assert band(1e6, verdict="normal") is None  # not throttled: the verdict itself fails it
+    assert band(1e6, expect="normal", verdict="throttled") is None
+    assert band(100.0, None, "short") is None  # too short to have a rate: judged by the rest
+    nothing = band(17362.75, None, "unmatched")
+    assert nothing is not None and "nothing predicts that" in nothing and "expect_rate" in nothing
+
+
+def test_a_band_failure_is_a_failed_check_of_the_judgement() -> None:
+    probe = Probe(name="photo", host="h", size=163840)
+    run = ProbeRun(probe)
+    run.bytes, run.seconds, run.completed, run.cause = 163840, 163840 / (2 * 17362.75), True, "completed"
+    expect = Expected("predicted", 17362.75, "twitter", "rule twitter")
+    judgement = judge_run(run, probe, Figures(RATE, 3e6, expected=expect))
+    assert judgement.verdict == "throttled" and judgement.failures == (
+        "throttled at 277.8 kbit/s, expected 138.9 kbit/s ±25% (rule twitter)",)
+    run.judged(RATE, judgement, expect)
+    assert not run.passed
+    assert RunReport("s", "p", [run], RATE, 3e6, 0.0, 1.0).to_json()["probes"][0]["expected_rate_bytes_per_second"] \
+        == 17362.8
+
+
+def test_a_runner_holds_each_throttled_probe_to_its_rules_prediction(tmp_path: Path) -> None:
+    s = scenario_of("twitter-2021-03-10")
+    runner = Runner(s, FakeLab(), tmp_path)
+    for run in runner.runs:
+        speed = 3e6 if run.probe.expect == "normal" else 17000.0
+        if run.probe.name == "reddit-upload":
+            speed = 2 * 17000.0  # a censor policing this one at twice the rate
+        run.bytes, run.seconds, run.completed, run.cause = run.probe.size, run.probe.size / speed, True, "completed"
+    runner._judge([r for r in runner.runs if r.probe.control])
+    failed = {r.probe.name: r.check_failures for r in runner.runs if not r.passed}
+    assert failed == {"reddit-upload": ["throttled at 272.0 kbit/s, expected 138.9 kbit/s ±25% "
+                                        "(rule twitter: bucket at 130 kbit/s, burst 16384 B)"]}
+    assert all(r.expected is None for r in runner.runs if r.probe.expect != "throttled")
+
+
+def test_a_control_is_held_to_its_baseline_in_every_scenario() -> None:
+    """The issue's case: in a rate-0 scenario a control at 17 kbit/s against its 40 Mbit/s baseline."""
+    control = run_of(17e3 / 8, control=True)
+    control.baseline = 40e6 / 8
+    assert judge(control, 0.0, None) == "throttled"
+    control.baseline = 200e3 / 8  # 94 x: inspection's cost on a busy machine, not a censor
+    assert judge(control, 0.0, None) == "normal"
+    assert judge(run_of(17e3 / 8, control=True), 0.0, None) == "normal"  # no baseline measured, no rate
+
+
+def test_a_slow_handshake_with_a_floor() -> None:
+    probe = Probe(name="s", host="h", expect="blocked", expect_handshake="slow", handshake_at_least=4.0)
+    run = ProbeRun(probe)
+    run.cause, run.handshake = "timeout", 5.9  # twitter-2022-03 in the lab
+    assert handshake_verdict(run, 0.03, 4.0) == "slow" and check_expectations(run, probe, 0.03) == []
+    run.handshake = 2.9  # a censor at twice §2.17's rate: 10 x the controls' and more, but under the floor
+    assert handshake_verdict(run, 0.03, 4.0) == "normal" and handshake_verdict(run, 0.03) == "slow"
+    assert check_expectations(run, probe, 0.03) == [
+        "handshake: expected slow (at least 4 s), observed normal (2.900 s; controls 0.030 s)"]
+    run.handshake = None  # half the rate: the handshake never completes before the 10 s timeout
+    assert handshake_verdict(run, 0.03) == "slow"  # without a floor, a crawl past the timeout is slow
+    assert handshake_verdict(run, 0.03, 4.0) == "incomplete"  # §2.17's handshakes completed
+    assert check_expectations(run, probe, 0.03) == [
+        "handshake: expected slow (at least 4 s), observed incomplete (none; controls 0.030 s)"]
+
+
+def test_expected_speed_and_floor_keys_load(tmp_path: Path) -> None:
+    s = load_scenario(one_probe_scenario(tmp_path, 'expect_rate = "130kbit"\ntolerance = "10%"'))
+    assert s.probes[0].expect_rate == 16250.0 and s.probes[0].tolerance == pytest.approx(0.1)
+    s = load_scenario(one_probe_scenario(tmp_path, 'expect_handshake = "slow"\nhandshake_at_least = "4s"'))
+    assert s.probes[0].handshake_at_least == 4.0 and s.probes[0].tolerance == 0.25
+    assert load_scenario(one_probe_scenario(tmp_path, "")).probes[0].expect_rate is None
+    for bad, says in [
+        ('expect_rate = "13O kbit"', "not a rate"),
+        ('expect_rate = "0"', "above 0"),
+        ('expect_rate = "130kbit"\nexpect = "normal"', 'needs expect = "throttled"'),
+        ('tolerance = "25"', 'write e.g. tolerance = "25%"'),
+        ("tolerance = 25", 'write e.g. tolerance = "25%"'),
+        ('tolerance = "150%"', "between 0 and 100"),
+        ('tolerance = "x%"', "percentage"),
+        ('tolerance = "25%"\nexpect = "blocked"', 'needs expect = "throttled"'),
+        ('handshake_at_least = "4s"', 'needs expect_handshake = "slow"'),
+        ('expect_handshake = "normal"\nhandshake_at_least = "4s"', 'needs expect_handshake = "slow"'),
+        ('expect_handshake = "slow"\nhandshake_at_least = "0s"', "above 0"),
+        ('expect_handshake = "slow"\nhandshake_at_least = "2h"', "more than 1h"),
+    ]:
+        with pytest.raises(ScenarioError, match=says):
+            load_scenario(one_probe_scenario(tmp_path, bad))

@@ -70,6 +70,8 @@ def result_table(report: RunReport) -> Table:
         mark = Text("✓", style="green") if r.passed else Text("✗", style="bold red")
         observed = r.observed + (f" ({r.cause})" if r.cause not in ("", "completed") else "")
         expected: str = r.probe.expect
+        if r.expected_rate is not None:
+            expected += f" at {format_rate(r.expected_rate)} ±{r.probe.tolerance * 100:g}%"
         stalled = r.stalled_bytes
         size = format_size(r.bytes) if stalled is None else f"stalled at {format_size(stalled)}"
         if r.probe.freeze_bytes:
@@ -80,13 +82,16 @@ def result_table(report: RunReport) -> Table:
             expected += f" ({r.probe.blocked_by})"
         if r.probe.expect_handshake:
             expected += f", {r.probe.expect_handshake} handshake"
+            if r.probe.handshake_at_least:
+                expected += f" (≥ {r.probe.handshake_at_least:g} s)"
             shake += f" ({r.observed_handshake})"
         table.add_row(r.probe.name, host, r.probe.direction, size, speed, shake, expected, observed, mark)
     return table
 
 
 def check_failures(report: RunReport) -> list[str]:
-    """One line per failed freeze_bytes, blocked_by or expect_handshake check, to print under the table."""
+    """One line per failed check (expected rate, freeze_bytes, blocked_by, expect_handshake), to
+    print under the table."""
     return [f"{r.probe.name}: {failure}" for r in report.runs for failure in r.check_failures]
 
 
@@ -95,7 +100,7 @@ def _baselines(report: RunReport) -> str:
     shown = [f"{r.probe.name} {format_rate(r.baseline)}" for r in report.runs if r.probe.control and r.baseline]
     if not shown:
         return ""
-    return f" Controls are also throttled when 100 x slower than with no censor ({', '.join(shown)})."
+    return f" Controls are throttled when 100 x slower than with no censor ({', '.join(shown)})."
 
 
 def footnote(report: RunReport) -> str:
@@ -109,7 +114,8 @@ def footnote(report: RunReport) -> str:
     else:
         below = f"below {format_rate(3 * rates[0])} (3 x the scenario's {format_rate(rates[0])})"
     return (f"throttled = {below} and 10 x slower than the control ({control}; QUIC probes against QUIC "
-            f"controls when there are some); blocked = not done: stalled until its timeout, or reset."
+            f"controls when there are some), and within its tolerance of the speed its rule predicts for the "
+            f"transfer (or its expect_rate); blocked = not done: stalled until its timeout, or reset."
             f"{_baselines(report)} {report.seconds:.0f} s in all.")
 
 

@@ -8,12 +8,16 @@ stores it. The verdicts (docs/incidents.md §3.22-23):
 - error      the lab failed, not the censor (cause "lab"): the run fails naming it;
 - throttled  its speed is below 3 x its rate, and below a tenth of the control probes' speed
              (OONI's "extreme throttling" is a 10x slowdown); a control instead is throttled
-             below 3 x the rate or 100 x below its own speed with no censor (its baseline);
-- normal     otherwise.
+             100 x below its own speed with no censor (its baseline), in every scenario, or
+             below 3 x the rate in a scenario with one;
+- normal     otherwise (a completed probe of a scenario whose rules only stop flows, rate 0).
 
-A probe with `freeze_bytes` must stall having delivered that many bytes, one with `blocked_by`
-must end that way, and one with `expect_handshake` is judged by its TLS (or QUIC) handshake time
-against the controls' (`handshake_verdict`); what is not met is a failed check.
+A probe expected and observed throttled must also reach the speed it is expected at, within its
+tolerance (`rate_check`): its `expect_rate`, else what its rule predicts for the transfer
+(`throttle.measure.predict`); a censor that polices at twice or half the rate fails it. A probe
+with `freeze_bytes` must stall having delivered that many bytes, one with `blocked_by` must end
+that way, and one with `expect_handshake` is judged by its TLS (or QUIC) handshake time against
+the controls' and its floor (`handshake_verdict`); what is not met is a failed check.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from throttle.measure.clients import CAUSE_LAB, CAUSE_TIMEOUT
+from throttle.measure.predict import Expected
 from throttle.scenario import Probe, Scenario
+from throttle.units import format_rate
 
 SPEED_FACTOR = 3.0  # a throttled probe is below 3 x the scenario's rate ...
 CONTROL_FACTOR = 10.0  # ... and at least 10 x slower than the control (§23)
@@ -33,6 +39,7 @@ CONTROL_FACTOR = 10.0  # ... and at least 10 x slower than the control (§23)
 BASELINE_FACTOR = 100.0
 HANDSHAKE_FACTOR = 10.0  # a "slow" handshake takes at least 10 x the controls' (§3.23) ...
 HANDSHAKE_FLOOR = 0.5  # ... and at least half a second (a loaded machine's jitter is not a censor)
+INCOMPLETE = "incomplete"  # a handshake with a floor (a published time) that never completed
 
 
 class Measured(Protocol):
@@ -65,13 +72,14 @@ class Figures:
     control_speed: float | None = None  # the fastest control of its transport (QUIC or TCP)
     control_handshake: float | None = None  # the slowest control handshake of its transport
     baseline: float | None = None  # a control's own speed with no censor, when measured
+    expected: Expected | None = None  # what its speed is held to when throttled (None: not judged)
 
 
 @dataclass(frozen=True, slots=True)
 class Judgement:
     verdict: str  # throttled, normal, blocked, error
     handshake: str  # slow or normal when the probe expects one, else ""
-    failures: tuple[str, ...]  # its freeze_bytes, blocked_by and expect_handshake checks not met
+    failures: tuple[str, ...]  # its expected rate, freeze_bytes, blocked_by and expect_handshake checks not met
 
 
 def reference_rate(scenario: Scenario) -> float:
@@ -95,26 +103,45 @@ def speed_verdict(measured: Measured, probe: Probe, figures: Figures) -> str:
         return "error"
     if not measured.completed:
         return "blocked"
-    if figures.rate <= 0:  # rules that only freeze (rate 0, §19) block flows; they cannot slow one
-        return "normal"
     below_rate = measured.speed < SPEED_FACTOR * figures.rate
-    if probe.control:  # by the rate, and against itself with no censor (when measured)
+    if probe.control:  # against itself with no censor (when measured), and by the rate
         baseline = figures.baseline
         far_below_baseline = baseline is not None and measured.speed < baseline / BASELINE_FACTOR
         return "throttled" if below_rate or far_below_baseline else "normal"
+    if figures.rate <= 0:  # rules that only freeze (rate 0, §19) block flows; they cannot slow one
+        return "normal"
     control = figures.control_speed
     below_control = control is None or measured.speed < control / CONTROL_FACTOR
     return "throttled" if below_rate and below_control else "normal"
 
 
-def handshake_verdict(measured: Measured, control_handshake: float | None) -> str:
-    """slow or normal: a handshake that never completed on a probe that stalled is slow (§2.17's
-    crawl past the timeout); else slow when at least HANDSHAKE_FACTOR x the controls' and
-    HANDSHAKE_FLOOR seconds. With no control handshake, the floor alone decides."""
+def handshake_verdict(measured: Measured, control_handshake: float | None, floor: float = 0.0) -> str:
+    """slow or normal: slow when at least HANDSHAKE_FACTOR x the controls' and `floor` seconds (a
+    published time; default HANDSHAKE_FLOOR). A handshake that never completed on a probe that
+    stalled is slow (a crawl past the timeout), unless it has a floor: published times are of
+    handshakes that completed (§2.17: 5.6 s before a 10 s timeout), so it is "incomplete". With no
+    control handshake, the floor alone decides."""
     if measured.handshake is None:
-        return "slow" if measured.cause == CAUSE_TIMEOUT else "normal"
-    bound = max(HANDSHAKE_FLOOR, HANDSHAKE_FACTOR * (control_handshake or 0.0))
+        if measured.cause != CAUSE_TIMEOUT:
+            return "normal"
+        return INCOMPLETE if floor > 0 else "slow"
+    bound = max(floor or HANDSHAKE_FLOOR, HANDSHAKE_FACTOR * (control_handshake or 0.0))
     return "slow" if measured.handshake >= bound else "normal"
+
+
+def rate_check(measured: Measured, probe: Probe, expected: Expected | None, verdict: str) -> str | None:
+    """What is wrong with the speed of a probe expected and observed throttled (None: nothing): it
+    is outside its tolerance around the speed expected, or nothing predicts one though its rule (or
+    no rule) says it should not have been slowed at all."""
+    if probe.expect != "throttled" or verdict != "throttled" or expected is None:
+        return None
+    got = f"throttled at {format_rate(measured.speed)}"
+    if expected.kind in ("unmatched", "unslowed", "blocks"):
+        return f"{got}, but {expected.why}, so nothing predicts that; if it is right, give the probe expect_rate"
+    rate = expected.rate
+    if rate is None or abs(measured.speed - rate) <= probe.tolerance * rate:
+        return None
+    return f"{got}, expected {format_rate(rate)} ±{probe.tolerance * 100:g}% ({expected.why})"
 
 
 def check_expectations(measured: Measured, probe: Probe, control_handshake: float | None) -> list[str]:
@@ -132,17 +159,22 @@ def check_expectations(measured: Measured, probe: Probe, control_handshake: floa
         failures.append(f"blocked_by: expected a {probe.blocked_by}, but the probe ended by "
                         f"{measured.cause or 'an error'}")
     if probe.expect_handshake:
-        observed = handshake_verdict(measured, control_handshake)
+        floor = probe.handshake_at_least
+        observed = handshake_verdict(measured, control_handshake, floor)
         if observed != probe.expect_handshake:
             shown = "none" if measured.handshake is None else f"{measured.handshake:.3f} s"
             ref = "none" if control_handshake is None else f"{control_handshake:.3f} s"
-            failures.append(f"handshake: expected {probe.expect_handshake}, observed {observed} "
-                            f"({shown}; controls {ref})")
+            wanted = f"{probe.expect_handshake} (at least {floor:g} s)" if floor else probe.expect_handshake
+            failures.append(f"handshake: expected {wanted}, observed {observed} ({shown}; controls {ref})")
     return failures
 
 
 def judge(measured: Measured, probe: Probe, figures: Figures) -> Judgement:
     """The verdict, the handshake verdict (when expected) and the failed checks of one probe."""
-    shake = handshake_verdict(measured, figures.control_handshake) if probe.expect_handshake else ""
-    return Judgement(speed_verdict(measured, probe, figures), shake,
-                     tuple(check_expectations(measured, probe, figures.control_handshake)))
+    shake = ""
+    if probe.expect_handshake:
+        shake = handshake_verdict(measured, figures.control_handshake, probe.handshake_at_least)
+    verdict = speed_verdict(measured, probe, figures)
+    failures = check_expectations(measured, probe, figures.control_handshake)
+    wrong_rate = rate_check(measured, probe, figures.expected, verdict)
+    return Judgement(verdict, shake, tuple(failures if wrong_rate is None else [wrong_rate, *failures]))

@@ -13,6 +13,7 @@ from typing import Any
 
 from throttle.measure.clients import CAUSE_LAB, Outcome
 from throttle.measure.judge import Judgement, stalled_bytes
+from throttle.measure.predict import Expected
 from throttle.scenario import Probe
 
 
@@ -37,6 +38,7 @@ class ProbeRun:
     observed_handshake: str = ""  # slow or normal, when the probe expects one
     check_failures: list[str] = field(default_factory=list)  # freeze_bytes, blocked_by, expect_handshake
     baseline: float | None = None  # a control's speed (bytes/s) with no censor running, when measured
+    expected: Expected | None = None  # the speed it is held to when throttled, and where that comes from
 
     @property
     def stalled_bytes(self) -> int | None:
@@ -62,8 +64,13 @@ class ProbeRun:
         self.done = True
         self.current_speed = 0.0
 
-    def judged(self, rate: float, judgement: Judgement) -> None:
-        self.rate = rate
+    @property
+    def expected_rate(self) -> float | None:
+        """The speed (bytes/s) a throttled probe of this kind is held to, when there is one."""
+        return None if self.expected is None else self.expected.rate
+
+    def judged(self, rate: float, judgement: Judgement, expected: Expected | None = None) -> None:
+        self.rate, self.expected = rate, expected
         self.observed, self.observed_handshake = judgement.verdict, judgement.handshake
         self.check_failures = list(judgement.failures)
 
@@ -114,6 +121,9 @@ class RunReport:
                     "expected_freeze_bytes": list(r.probe.freeze_bytes) if r.probe.freeze_bytes else None,
                     "check_failures": r.check_failures,
                     "baseline_speed_bytes_per_second": None if r.baseline is None else round(r.baseline, 1),
+                    "expected_rate_bytes_per_second": None if r.expected_rate is None else round(r.expected_rate, 1),
+                    "expected_rate_source": None if r.expected is None else r.expected.why or None,
+                    "tolerance": r.probe.tolerance,
                 }
                 for r in self.runs
             ],

@@ -41,9 +41,10 @@ from throttle.measure.clients import (CAUSE_LAB, SINK_PORT, CurlClient, Exit, Ou
                                       RawTlsClient, Setup, default_timeout)
 from throttle.measure.commands import BrowserClient, CommandClient
 from throttle.measure.judge import Figures, judge, reference_rate
+from throttle.measure.predict import expected, limiting_rule
 from throttle.measure.ports import PORTS, ProbePorts
 from throttle.measure.report import ProbeRun, RunReport
-from throttle.scenario import Probe, Scenario, probe_rule
+from throttle.scenario import Probe, Scenario
 
 __all__ = ["CLIENTS", "SINK_PORT", "CensorProcess", "ProbeRun", "RunReport", "Runner", "client_class", "run_scenario",
            "ss_counts"]
@@ -97,7 +98,7 @@ class Runner:
     def rate_for(self, probe: Probe) -> float:
         """The rate a throttled probe is measured against: its rule's, when the scenario's rules
         differ (youtube-2024: 128 kbit/s over TCP, 512 kbit/s over QUIC), else the slowest."""
-        rule = probe_rule(self.scenario, probe)
+        rule = limiting_rule(self.scenario, probe)
         return rule.rate if rule is not None and rule.rate > 0 else self.rate
 
     def _index(self, probe: Probe) -> int:
@@ -286,8 +287,9 @@ class Runner:
             shakes[udp] = max(times) if times else None
         for run in self.runs:
             udp = client_class(run.probe.protocol).udp
-            figures = Figures(self.rate_for(run.probe), speeds[udp], shakes[udp], run.baseline)
-            run.judged(figures.rate, judge(run, run.probe, figures))
+            expect = expected(self.scenario, run.probe) if run.probe.expect == "throttled" else None
+            figures = Figures(self.rate_for(run.probe), speeds[udp], shakes[udp], run.baseline, expect)
+            run.judged(figures.rate, judge(run, run.probe, figures), expect)
         return control_speed
 
 

@@ -218,7 +218,10 @@ def _probe(r: _Reader, t: Any, i: int) -> Probe:
         timeout=r.conv(t, f"{k}.timeout", parse_duration, d.timeout),
         ech=_ech(r, t, k),
         freeze_bytes=_freeze_bytes(r, t, k),
+        expect_rate=_expect_rate(r, t, k),
+        tolerance=_tolerance(r, t, k),
         expect_handshake=_expect_handshake(r, t, k),
+        handshake_at_least=_handshake_at_least(r, t, k),
         blocked_by=_blocked_by(r, t, k),
         command=_command(r, t, k, "command"),
         wrap=_command(r, t, k, "wrap"),
@@ -287,6 +290,47 @@ def _expect_handshake(r: _Reader, t: dict[str, Any], k: str) -> HandshakeExpecta
     return value
 
 
+def _expect_rate(r: _Reader, t: dict[str, Any], k: str) -> float | None:
+    rate = r.conv(t, f"{k}.expect_rate", parse_rate, None)
+    if rate is None:
+        return None
+    if rate <= 0:
+        r.fail(f"{k}.expect_rate", 'must be above 0 (a probe that gets nothing through is expect = "blocked")')
+    _needs_throttled(r, t, k, "expect_rate", "the speed a throttled probe must reach")
+    return rate
+
+
+def _tolerance(r: _Reader, t: dict[str, Any], k: str) -> float:
+    if "tolerance" not in t:
+        return Probe(name="", host="").tolerance
+    value, fraction = t["tolerance"], -1.0
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            fraction = float(value.strip()[:-1]) / 100
+        except ValueError:
+            pass
+    if not 0 < fraction < 1:
+        r.fail(f"{k}.tolerance", f'{value!r} is not a percentage between 0 and 100; write e.g. tolerance = "25%"')
+    _needs_throttled(r, t, k, "tolerance", "the band around a throttled probe's expected speed")
+    return fraction
+
+
+def _needs_throttled(r: _Reader, t: dict[str, Any], k: str, key: str, what: str) -> None:
+    if t.get("expect", "throttled") != "throttled" or t.get("control", False):
+        r.fail(f"{k}.{key}", f'is {what}; it needs expect = "throttled" (and no control = true)')
+
+
+def _handshake_at_least(r: _Reader, t: dict[str, Any], k: str) -> float:
+    floor = r.conv(t, f"{k}.handshake_at_least", parse_duration, 0.0)
+    if "handshake_at_least" not in t:
+        return floor
+    if t.get("expect_handshake") != "slow":
+        r.fail(f"{k}.handshake_at_least", 'is the floor of a slow handshake; it needs expect_handshake = "slow"')
+    if floor <= 0:
+        r.fail(f"{k}.handshake_at_least", 'must be above 0; write e.g. handshake_at_least = "4s"')
+    return floor
+
+
 def _blocked_by(r: _Reader, t: dict[str, Any], k: str) -> BlockCause:
     value = r.choice(t, f"{k}.blocked_by", BLOCK_CAUSES, "")
     if value and t.get("expect", "throttled") != "blocked":
@@ -318,6 +362,8 @@ _TYPE_WORDS: dict[type, str] = {str: "a string", bool: "true or false", list: "a
 # off in effect (a queue that never drops, a timeout that never comes).
 _LIMITS: dict[str, tuple[float, str]] = {
     "rate": (100e9 / 8, "100gbit"),
+    "expect_rate": (100e9 / 8, "100gbit"),
+    "handshake_at_least": (3600.0, "1h"),
     "burst": (2**30, "1GiB"),
     "after_bytes": (2**40, "1TiB"),
     "queue_delay": (60.0, "60s"),

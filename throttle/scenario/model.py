@@ -120,9 +120,17 @@ class Probe:
     # (low, high) bytes: the transfer must stall having delivered this many (§2.19's 15-20 KB);
     # downloads count the TCP payload the client received, TLS handshake included
     freeze_bytes: tuple[int, int] | None = None
+    # expect = "throttled" only: the goodput (bytes/s) a throttled probe must reach within
+    # `tolerance` (a fraction: 0.25 is +-25%); None: what its rule predicts for the transfer
+    # (throttle.measure.predict)
+    expect_rate: float | None = None
+    tolerance: float = 0.25
     # the TLS handshake's time against the controls' (§3.23, §2.17, §2.21): "slow" is at least
     # HANDSHAKE_FACTOR x theirs and HANDSHAKE_FLOOR seconds, or never completed; "" is not judged
     expect_handshake: HandshakeExpectation = ""
+    # expect_handshake = "slow" only: seconds the handshake must have taken, and completed in (a
+    # published figure: §2.17's 4-5.6 s); 0: the default bound above
+    handshake_at_least: float = 0.0
     # expect = "blocked" only: by a reset (an injected RST, §2.17 from 03-04) or by a stall until the
     # timeout (drops); "" accepts either
     blocked_by: BlockCause = ""
