@@ -139,12 +139,17 @@ def server_of(probe: Probe) -> str:
 
 def _fits(rule: Rule, probe: Probe, server: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """The rule's transport, port and allow-list conditions hold for the probe's flow."""
-    transport = "udp" if probe.protocol == "quic" else "tcp"
-    if rule.transport not in ("any", transport):
+    if rule.transport not in ("any", probe.transport):
         return False
     if rule.ports and PORTS.get(probe.protocol, 443) not in rule.ports:
         return False
     return not any(server.version == n.version and server in n for n in rule.allow)
+
+
+def name_source(probe: Probe) -> str:
+    """The kind of name the probe's flow shows: QUIC's for anything over UDP (a browser over HTTP/3
+    too), the Host for plain HTTP, else the TLS SNI."""
+    return "quic" if probe.transport == "udp" else NAME_SOURCE.get(probe.protocol, "tls")
 
 
 def _covers(rule: Rule, server: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -153,7 +158,7 @@ def _covers(rule: Rule, server: ipaddress.IPv4Address | ipaddress.IPv6Address) -
 
 def _by_name(scenario: Scenario, probe: Probe) -> Rule | None:
     """The first rule whose names match the name the probe's flow shows, if the model reads it."""
-    if NAME_SOURCE.get(probe.protocol, "tls") not in scenario.model.name_sources:
+    if name_source(probe) not in scenario.model.name_sources:
         return None
     raw = probe.host if probe.protocol == "http" else probe.sni if isinstance(probe.sni, str) else (
         probe.host if probe.sni else None)
@@ -176,7 +181,7 @@ def limiting_rule(scenario: Scenario, probe: Probe) -> Rule | None:
     """The rule that limits the probe's flow, as the engine would pick it (module doc). A probe's
     evasion is not modelled: this is the rule its name meets when the censor reads it."""
     server = ipaddress.ip_address(server_of(probe))
-    if probe.protocol == "quic":  # the lab's QUIC client speaks version 1
+    if probe.transport == "udp":  # the lab's QUIC client and Chromium's HTTP/3 speak version 1
         for rule in scenario.rules:
             if 1 in rule.quic_versions and _fits(rule, probe, server):
                 return rule
@@ -205,7 +210,7 @@ def expected(scenario: Scenario, probe: Probe) -> Expected:
         return Expected("blocks", rule=name, why=f"rule {name} has no rate: it stops flows, it does not slow them")
     if not limits(rule, probe.direction):
         return Expected("unslowed", rule=name, why=f"rule {name} limits {rule.direction} only")
-    udp, ipv6 = probe.protocol == "quic", ":" in server_of(probe)
+    udp, ipv6 = probe.transport == "udp", ":" in server_of(probe)
     share = payload_share(udp, ipv6)
     beyond = (probe.size - rule.after_bytes) / share - head_start(rule)  # IP bytes limited beyond the burst
     goodput = predict_goodput(rule, probe.direction, probe.size, udp=udp, ipv6=ipv6)
