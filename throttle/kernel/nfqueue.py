@@ -243,6 +243,7 @@ class Hook:
                 sock.setsockopt(level, option, value)
             except OSError:
                 pass
+
         def readable() -> None:
             nfq.run(block=False)
             self.after_batch()
