@@ -448,3 +448,35 @@ def test_the_header_accessors_read_what_scapy_wrote(v6: bool) -> None:
     assert not opens_connection(syn[: locate(syn)[2] + 13], locate(syn)[2])  # cut before the flags
     if not v6:
         assert ipv4_header_length(data) == 20
+
+
+@pytest.mark.parametrize("ends", [False, True])
+def test_connections_are_counted_once_by_how_they_ended(ends: bool) -> None:
+    """Each connection's end counts once, under the state its flow was in: a short example.org
+    connection closes under inspection (the day-one model reads on past a name that matches
+    nothing); a limited one is reset. Whether or not the model keeps the flows past their end."""
+    e = engine(fin_rst_ends_flow=ends)
+    short = open_tls(e, "example.org")
+    run(e, [short.client(b"x" * 500), short.client(flags="FA"), short.server(flags="FA")])
+    twitter = open_tls(e, "pbs.twimg.com", client_port=40001)
+    run(e, [twitter.client(flags="R")])
+    assert e.counters.ended == {("inspecting", "fin"): 1, ("limited", "rst"): 1}
+    assert len(e.flows()) == (0 if ends else 2)
+    e.handle_timer(10_000.0)  # the kept flows expire later: their connections are not counted again
+    assert e.counters.ended == {("inspecting", "fin"): 1, ("limited", "rst"): 1}
+
+
+def test_a_new_connection_joining_a_kept_flow_is_counted_as_the_old_ones_end() -> None:
+    """The 2021 device kept a flow by its 5-tuple (syn_restarts_flow false): a new connection on
+    it goes on as the old flow. The old connection's end, unseen (its packets bypassed the
+    censor), is counted as reused; one whose end was seen is not counted twice."""
+    e = engine()
+    old = open_tls(e, "pbs.twimg.com")
+    new = Conversation()
+    run(e, new.handshake() + [new.client(python_hello("example.org"))], now=5.0)
+    assert e.counters.ended == {("limited", "reused"): 1}
+    run(e, [new.client(flags="FA"), new.server(flags="FA")], now=6.0)
+    third = Conversation()
+    run(e, third.handshake(), now=7.0)
+    assert e.counters.ended == {("limited", "reused"): 1, ("limited", "fin"): 1}
+    assert len(e.flows()) == 1 and old is not None

@@ -144,6 +144,32 @@ def test_requirements_name_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_firewall_rules_are_fail_open_and_skip_decided_flows() -> None:
     rules = [" ".join(r) for r in Firewall(queue=3).rules()]
     assert rules[0] == "-p tcp --syn -j CONNMARK --set-xmark 0x0/0x40000000"  # new connections: undecided
-    assert rules[1].startswith("-m connmark --mark 0x40000000/0x40000000 -j RETURN")
+    # Decided flows: one rule per conntrack direction, so that their counters count each (stage connmark).
+    assert rules[1] == "-m connmark --mark 0x40000000/0x40000000 -m conntrack --ctdir ORIGINAL -j RETURN"
+    assert rules[2] == "-m connmark --mark 0x40000000/0x40000000 -j RETURN"
     assert all("--queue-bypass" in r and "--queue-num 3" in r for r in rules if "NFQUEUE" in r)
     assert Firewall(queue=3).chain == "THROTTLE_Q3"
+
+
+def test_connmark_counters_are_read_per_direction_from_both_families(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`iptables -S CHAIN -v` lists each rule with `-c PACKETS BYTES`: the two conntrack-mark
+    rules' counters, IPv4 and IPv6 added, by direction; other rules and chains are not counted."""
+    from throttle.children import Captured
+    from throttle.kernel import firewall
+
+    fw = Firewall(queue=3)
+    up, down = (" ".join(r) for r in fw.connmark_rules())
+
+    def listing(counts: tuple[int, int, int, int]) -> str:
+        return "\n".join([
+            "-N THROTTLE_Q3",
+            "-A THROTTLE_Q3 -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -c 9 540 -j CONNMARK --set-xmark 0x0/0x40000000",
+            "-A THROTTLE_Q3 " + up.replace(" -j RETURN", f" -c {counts[0]} {counts[1]} -j RETURN"),
+            "-A THROTTLE_Q3 " + down.replace(" -j RETURN", f" -c {counts[2]} {counts[3]} -j RETURN"),
+            "-A THROTTLE_Q3 -p udp -c 77 7700 -j NFQUEUE --queue-num 3 --queue-bypass",
+        ])
+
+    outputs = {"iptables": listing((10, 15000, 4, 240)), "ip6tables": listing((1, 1500, 2, 160))}
+    monkeypatch.setattr(firewall, "find_tool", lambda name: name)
+    monkeypatch.setattr(firewall, "capture", lambda argv, what: Captured(0, outputs[argv[0]], ""))
+    assert firewall.connmark_counters(fw) == {"upload": (11, 16500), "download": (6, 400)}

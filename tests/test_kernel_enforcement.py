@@ -11,7 +11,7 @@ from tests.conftest import ROOT
 from throttle.engine import DOWNLOAD, UPLOAD, Engine, FlowDecided, Policer, Shaper, State
 from throttle.kernel.handover import BucketSlots
 from throttle.kernel.maps import BUCKET, VALUE
-from throttle.kernel.nfqueue import fail_open_request, queue_losses
+from throttle.kernel.nfqueue import queue_losses
 from throttle.scenario import load_scenario, parse_scenario
 
 from .packets import Conversation, python_hello
@@ -133,14 +133,6 @@ def test_map_values_match_the_c_structs() -> None:
     assert VALUE.size == 80 and BUCKET.size == 48
     for field in ("__u64 payload;", "__u64 after_bytes;", "__u32 bucket;", "__u32 priority;", "__u64 fill_ns;"):
         assert field in source
-
-
-def test_fail_open_request_is_an_nfqueue_config_message() -> None:
-    msg = fail_open_request(7)
-    length, kind, flags = struct.unpack_from("=IHH", msg)
-    assert length == len(msg) == 16 + 4 + 16 and kind == 0x0302 and flags == 1
-    assert struct.unpack_from("!H", msg, 18)[0] == 7  # the queue number, big-endian
-    assert msg[-4:] == b"\x00\x00\x00\x01"  # NFQA_CFG_F_FAIL_OPEN
 
 
 def test_queue_losses_are_read_from_proc(tmp_path: Path) -> None:

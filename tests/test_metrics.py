@@ -11,7 +11,7 @@ from throttle.kernel.maps import Counters
 from throttle.measure.exporter import MAX_NAMES, Metrics
 from throttle.scenario import load_scenario
 
-from .packets import Conversation, python_hello
+from .packets import Conversation, python_hello, udp
 
 
 def sample(m: Metrics, metric: str, **labels: str) -> float:
@@ -83,15 +83,81 @@ def test_page_is_valid_exposition_text() -> None:
     assert "# TYPE throttle_queue_delay_seconds histogram" in text
 
 
-def test_unlimited_flows_are_counted_without_the_fast_path() -> None:
-    """Where the firewall skips decided flows, the kernel's counters complete the bytes."""
+def test_unlimited_flows_are_counted_on_the_connmark_path() -> None:
+    """Where the firewall's conntrack-mark rule forwards decided flows, its own counters complete
+    the packets and bytes (stage connmark); a counter that went back counts from there."""
     s = load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml")
     e, m = Engine(s.model, s.rules), Metrics()
-    m.tick(e, held=0, fast=None, now=0.0, kernel_bytes={"upload": 1000, "download": 0})
-    m.tick(e, held=0, fast=None, now=1.0, kernel_bytes={"upload": 3_001_000, "download": 500})
-    up = {"rule": "none", "server_name": "other", "direction": "upload"}
-    assert sample(m, "throttle_bytes_total", stage="kernel", verdict="passed", **up) == 3_001_000
-    assert sample(m, "throttle_achieved_bytes_per_second", **up) == 3e6
+    m.tick(e, held=0, fast=None, now=0.0, connmark={"upload": (1, 1000), "download": (0, 0)})
+    m.tick(e, held=0, fast=None, now=1.0, connmark={"upload": (2001, 3_001_000), "download": (1, 500)})
+    m.tick(e, held=0, fast=None, now=2.0, connmark={"upload": (3, 2000), "download": (1, 500)})
+    up = {"rule": "none", "server_name": "other", "direction": "upload", "stage": "connmark", "verdict": "passed"}
+    assert sample(m, "throttle_bytes_total", **up) == 3_003_000
+    assert sample(m, "throttle_packets_total", **up) == 2004
+    assert sample(m, "throttle_packets_total", **{**up, "direction": "download"}) == 1
+
+
+def stage_totals(m: Metrics, metric: str = "throttle_packets_total", **labels: str) -> dict[tuple[str, str], float]:
+    """Every sample of `metric` with `labels`, by (stage, verdict)."""
+    out: dict[tuple[str, str], float] = {}
+    for family in m.registry.collect():
+        for smp in family.samples:
+            if smp.name == metric and all(smp.labels.get(k) == v for k, v in labels.items()):
+                key = (smp.labels["stage"], smp.labels["verdict"])
+                out[key] = out.get(key, 0.0) + smp.value
+    return out
+
+
+@pytest.mark.parametrize("batch", [1, 7, 32])
+def test_every_packet_the_engine_judged_is_counted_once(batch: int) -> None:
+    """A limited TCP flow policed in the engine (drops included) and a passed UDP flow: however the
+    events are drained (the hook drains every BATCH packets), each packet is counted once, the
+    deciding packet under enforcement, the packets before it under inspection, the passed flow's
+    later packets under handover."""
+    s = load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml")
+    e, m = Engine(s.model, s.rules), Metrics()
+    conv = Conversation()
+    tcp = conv.handshake() + [conv.client(python_hello("pbs.twimg.com"))] + [conv.client(b"x" * 1400)] * 60 + \
+        [conv.server(b"y" * 1000)] * 5
+    datagrams = [udp("198.18.0.2", "198.18.2.2", 5000, 9999, b"z" * 1000)] * 100
+    packets = [p for pair in zip(tcp, datagrams) for p in pair] + datagrams[len(tcp):]
+    for i, p in enumerate(packets):
+        e.process(p, 0.001 * i)
+        if i % batch == batch - 1:
+            for ev in e.drain_events():
+                m.on_event(ev)
+    for ev in e.drain_events():
+        m.on_event(ev)
+    m.tick(e, held=0, fast=None, now=1.0)
+    twitter = stage_totals(m, rule="twitter")
+    assert sum(twitter.values()) == len(tcp)
+    assert twitter[("inspection", "passed")] == 3  # SYN, SYN-ACK, ACK; the hello decided it
+    assert twitter[("enforcement", "dropped")] > 0
+    # Decided at its first datagram (a UDP flow that is not DNS, under a model without QUIC).
+    assert stage_totals(m, rule="none", direction="upload") == {("handover", "passed"): 100}
+    size = sum(len(p) for p in tcp)
+    assert sum(stage_totals(m, "throttle_bytes_total", rule="twitter").values()) == size
+
+
+def test_a_flow_that_closes_under_inspection_is_counted_by_how_it_ended() -> None:
+    """twitter-2021-03-10 reads on after a name that matches nothing and keeps a flow past FIN
+    (§7, §14): a short connection to example.org closes while inspected. It is counted as ended
+    in state inspecting (reason fin), and its packets under inspection, without waiting for the
+    flow's idle timeout."""
+    s = load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml")
+    e, m = Engine(s.model, s.rules), Metrics()
+    conv = Conversation()
+    packets = conv.handshake() + [conv.client(python_hello("example.org")), conv.client(b"x" * 2048),
+                                  conv.client(flags="FA"), conv.server(flags="FA"), conv.client(flags="A")]
+    for i, p in enumerate(packets):
+        e.process(p, 0.01 * i)
+    for ev in e.drain_events():
+        m.on_event(ev)
+    m.tick(e, held=0, fast=None, now=1.0)
+    assert sample(m, "throttle_flows_ended_total", state="inspecting", reason="fin") == 1
+    assert sample(m, "throttle_flows_active", state="inspecting") == 1  # the model keeps it
+    assert sum(stage_totals(m, rule="none").values()) == len(packets)
+    assert stage_totals(m, rule="none") == {("inspection", "passed"): len(packets)}
 
 
 def test_configured_rates_build_info_and_process_metrics() -> None:
@@ -131,7 +197,7 @@ def test_promtool_accepts_the_page() -> None:
         e.process(p, 0.01 * i)
     for ev in e.drain_events():
         m.on_event(ev)
-    m.tick(e, held=1, fast={b"k": Counters(10, 1, 0, 0, 0)}, now=1.0, kernel_bytes={"upload": 5})
+    m.tick(e, held=1, fast={b"k": Counters(10, 1, 0, 0, 0)}, now=1.0, connmark={"upload": (1, 5)})
     check = subprocess.run([promtool, "check", "metrics"], input=generate_latest(m.registry).decode(),
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr

@@ -28,7 +28,7 @@ from throttle.engine import Engine, Event, ResetRequested
 from throttle.errors import ThrottleError
 from throttle.kernel import netns
 from throttle.kernel.fastpath import FastPath
-from throttle.kernel.firewall import Firewall, installed
+from throttle.kernel.firewall import Firewall, connmark_counters, installed
 from throttle.kernel.handover import Handover
 from throttle.kernel.inject import Injector
 from throttle.kernel.neighbours import bridge_port as is_bridge_port
@@ -66,6 +66,7 @@ class Censor:
         self.handover: Handover | None = None  # decided flows to the fast path
         self.fastpath_note: str | None = None  # why there is no fast path (or no shaping in it)
         self._stop: asyncio.Event | None = None
+        self._reading: asyncio.Future[dict[str, tuple[int, int]]] | None = None  # the firewall's counters
 
     @property
     def stats(self) -> HookStats:
@@ -138,16 +139,27 @@ class Censor:
                 loop.remove_signal_handler(sig)
 
     def _tick(self, now: float, tick: Callable[[HookStats], None] | None) -> None:
-        """Once a second on the loop: cheap things only (the flow table's gauges, queue losses)."""
-        if tick is not None:
-            tick(self.stats)
+        """Once a second on the loop: cheap things only (the flow table's gauges and what the
+        engine judged, the queue's drops); the firewall's counters are read on another thread."""
         lost = queue_losses(self.queue)
         if lost is not None:
             self.stats.lost = lost
             if self.metrics is not None:
-                self.metrics.lost_before_inspection(lost)
-        if self.metrics is not None:
-            self.metrics.tick(self.engine, self.hook.holding, None, now)
+                self.metrics.queue_dropped(lost)
+        if tick is not None:
+            tick(self.stats)
+        metrics = self.metrics
+        if metrics is None:
+            return
+        metrics.tick(self.engine, self.hook.holding, None, now)
+        if self._reading is None or self._reading.done():  # iptables, off the packet loop
+            loop = asyncio.get_running_loop()
+            self._reading = loop.run_in_executor(None, connmark_counters, self.fw)
+            self._reading.add_done_callback(self._read)
+
+    def _read(self, reading: asyncio.Future[dict[str, tuple[int, int]]]) -> None:
+        if self.metrics is not None and not reading.cancelled() and reading.exception() is None:
+            self.metrics.connmark_tick(reading.result())
 
     def describe(self) -> str:
         s, handover, injector = self.stats, self.handover, self.injector
@@ -157,8 +169,10 @@ class Censor:
         return (f"{s.queued} pkts queued: {s.accepted} passed, {s.dropped} dropped, "
                 f"{s.held} delayed ({s.holding} held now), {s.bypassed} packets marked to hand their flow to the "
                 f"kernel, {forwarded} flows on the fast path, {limited} limited by the kernel; "
-                f"flows limited {s.flows_limited}, passed {s.flows_passed}; "
-                f"{s.lost} packets lost before inspection"
+                f"flows limited {s.flows_limited}, passed {s.flows_passed}, closed while inspected "
+                f"{sum(n for (state, _), n in self.engine.counters.ended.items() if state == 'inspecting')}; "
+                f"{s.lost} packets dropped with the queue full"
+                + (" (the censor fell behind: their senders send them again)" if s.lost else "")
                 + (f"; {errors} engine errors" if errors else "")
                 + (f"; {injector.sent} RSTs injected ({injector.failed} not sent)" if injector is not None else ""))
 
@@ -239,12 +253,13 @@ def run_censor(scenario: Scenario, *, netns_name: str | None, queue: int, inside
             if metrics_note:
                 say(metrics_note)
 
-    last = [0.0]
+    last = [0.0, 0.0]  # when the counters were printed, and how many queue drops they showed
 
     def tick(stats: HookStats) -> None:
         now = time.monotonic()
-        if not quiet and now - last[0] >= 5.0 and stats.queued:
-            last[0] = now
+        behind = stats.lost > last[1]  # said even with --quiet: the censor cannot keep up
+        if now - last[0] >= 5.0 and (behind or not quiet and stats.queued):
+            last[0], last[1] = now, stats.lost
             say(censor.describe())
 
     asyncio.run(censor.run(ready=ready, tick=tick))

@@ -17,6 +17,8 @@ The engine is a small facade over its parts, one per stage a packet meets:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from throttle.engine.buckets import Bucket
 from throttle.engine.enforce import ACCEPT, BYPASS, Decision, Enforcer
 from throttle.engine.events import EngineError, Event, FlowDecided, FlowEnded, FlowStarted, ResetRequested, Verdict
@@ -37,7 +39,7 @@ MAX_NAME = 253  # bytes in the longest DNS name
 class Counters:
     """Packets and bytes by verdict (indexed by `Verdict`), and malformed packets."""
 
-    __slots__ = ("packets", "bytes", "malformed", "internal", "long_names")
+    __slots__ = ("packets", "bytes", "malformed", "internal", "long_names", "ended")
 
     def __init__(self) -> None:
         self.packets = [0, 0, 0, 0]
@@ -45,6 +47,11 @@ class Counters:
         self.malformed = 0
         self.internal = 0  # bugs caught on the per-packet path (packet passed); must stay 0
         self.long_names = 0  # names over MAX_NAME bytes, not matched
+        # Connections that ended, by the flow's state then (inspecting: before any verdict) and
+        # how (fin, rst, idle, evicted, reused), each once; also under models that keep a flow's
+        # state past its end (then the flow stays in the table, and a new connection on its
+        # 5-tuple, "reused", joins it).
+        self.ended: dict[tuple[str, EndReason], int] = {}
 
 
 class Engine:
@@ -68,6 +75,7 @@ class Engine:
         # UDP flows other than DNS are inspected for QUIC Initials when names come from them or a
         # rule matches QUIC versions; otherwise they pass at once.
         self._quic = "quic" in model.name_sources or bool(self._rules.version_rules)
+        self._judging: tuple[Flow, Direction, int] | None = None  # the packet being judged, counted in its side
 
     # ---- the per-packet path -------------------------------------------------------------
     def process(self, packet: bytes, now: float, from_inside: bool | None = None) -> Decision:
@@ -91,12 +99,14 @@ class Engine:
         entry = self._table.get(key)
         if entry is not None:
             flow, d = entry
-            if proto == TCP and opens_connection(packet, l4) and (
-                    flow.sides[0].payload or flow.state) and self.model.syn_restarts_flow:
-                # A new connection on the 5-tuple of an old one (its end unseen): start afresh.
-                self._end(flow, now, "reused")
-                entry = None
-            elif flow.state == _PASSED:
+            if proto == TCP and opens_connection(packet, l4):
+                if (flow.sides[0].payload or flow.state) and self.model.syn_restarts_flow:
+                    # A new connection on the 5-tuple of an old one (its end unseen): start afresh.
+                    self._end(flow, now, "reused")
+                    entry = None
+                elif flow.sides[0].payload or flow.closed:
+                    self._rejoined(flow)
+            if entry is not None and flow.state == _PASSED:
                 # The fast path: a decided flow. Counters, recency, and back to the kernel.
                 flow.last_seen = now
                 self._lru.move_to_end(flow.id)
@@ -114,6 +124,7 @@ class Engine:
             # A bug, not the peer's mistake: the packet passes (fail-open), and the error is counted
             # apart from malformed input, so that tests and the exporter see it.
             self.counters.internal += 1
+            self._judging = None
             self._events.append(EngineError("internal", f"{type(exc).__name__}: {exc}", now))
             return self._count(ACCEPT, len(packet))
 
@@ -143,6 +154,7 @@ class Engine:
         side = flow.sides[d]
         side.packets += 1
         side.bytes += size
+        self._judging = (flow, d, size)
         carried = side.payload
         side.payload += len(payload)
 
@@ -171,13 +183,18 @@ class Engine:
                 self._reset(flow, d, packet, l4, seq, len(payload), now)
         else:
             result = self._enforcer.enforce(flow, d, side, size, carried, now)
-        if proto == TCP and flags & (FIN | RST) and self.model.fin_rst_ends_flow:
+        self._judging = None
+        if proto == TCP and flags & (FIN | RST):
             if flags & RST:
-                self._end(flow, now, "rst")
+                reason: EndReason | None = "rst"
             else:
                 side.fin = True
-                if flow.sides[1 - d].fin:
-                    self._end(flow, now, "fin")
+                reason = "fin" if flow.sides[1 - d].fin else None
+            if reason is not None:
+                if self.model.fin_rst_ends_flow:
+                    self._end(flow, now, reason)
+                elif not flow.closed:
+                    self._ended(flow, reason)  # the model keeps the flow; its connection is over
         return self._count(result, size)
 
     def _reset(self, flow: Flow, d: Direction, packet: bytes, l4: int, seq: int, length: int, now: float) -> None:
@@ -282,8 +299,27 @@ class Engine:
         if flow.end_reason is not None:
             return
         flow.end_reason = reason
+        if not flow.closed:
+            self._ended(flow, reason)
         self._flows.remove(flow)
         self._events.append(FlowEnded(flow, now, reason))
+
+    def _ended(self, flow: Flow, reason: EndReason) -> None:
+        """Count the end of `flow`'s connection once, by the state it ended in."""
+        flow.closed = True
+        key = (flow.state.label, reason)
+        ended = self.counters.ended
+        ended[key] = ended.get(key, 0) + 1
+
+    def _rejoined(self, flow: Flow) -> None:
+        """A new connection on the 5-tuple of a flow the model keeps (syn_restarts_flow false):
+        the old connection ended (counted as reused unless its end was seen); the new one goes on
+        with the flow's state, and its own end is counted again."""
+        if not flow.closed:
+            self._ended(flow, "reused")
+        flow.closed = False
+        for side in flow.sides:
+            side.fin = False
 
     def next_timer(self) -> float | None:
         """The time `handle_timer` should next be called at, or None when nothing is pending."""
@@ -314,6 +350,14 @@ class Engine:
 
     def flows(self) -> list[Flow]:
         return list(self._flows)
+
+    def recent_flows(self, since: float) -> Iterator[Flow]:
+        """The flows that had a packet at or after `since`, most recent first (the flow table's
+        recency order: an exporter visits only what changed since its last look)."""
+        for flow in reversed(self._lru.values()):
+            if flow.last_seen < since:
+                return
+            yield flow
 
     def drain_events(self) -> list[Event]:
         events = self._events.copy()
@@ -369,6 +413,13 @@ class Engine:
         self._decide(flow, None, now)
 
     def _decide(self, flow: Flow, rule: Rule | None, now: float) -> None:
+        up, down = flow.sides
+        counts = [up.packets, up.bytes, down.packets, down.bytes]
+        judging = self._judging
+        if judging is not None and judging[0] is flow:  # the deciding packet is judged after the decision
+            counts[2 * judging[1]] -= 1
+            counts[2 * judging[1] + 1] -= judging[2]
+        flow.decided_counts = (counts[0], counts[1], counts[2], counts[3])
         for side in flow.sides:
             side.buffer = b""
             side.pending.clear()

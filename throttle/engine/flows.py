@@ -76,7 +76,7 @@ class Flow:
     __slots__ = (
         "id", "proto", "client", "server", "client_port", "server_port", "first_seen", "last_seen",
         "state", "name", "name_source", "names_seen", "rule", "eligible", "sides", "buckets",
-        "dns_names", "end_reason", "key", "rkey",
+        "dns_names", "end_reason", "key", "rkey", "decided_counts", "closed",
     )
 
     def __init__(self, fid: int, proto: int, client: bytes, cport: int, server: bytes, sport: int, now: float,
@@ -98,6 +98,12 @@ class Flow:
         self.end_reason: EndReason | None = None
         self.key: bytes = b""
         self.rkey: bytes = b""
+        # What each side had carried (upload packets, bytes, download packets, bytes) before the
+        # packet that decided the flow: what an exporter counts as judged under inspection.
+        self.decided_counts: tuple[int, int, int, int] | None = None
+        # The connection's end (FIN both ways, RST, ...) was counted: a model that keeps its state
+        # past the end (fin_rst_ends_flow false) still says how the connection ended.
+        self.closed = False
 
     @property
     def transport(self) -> str:

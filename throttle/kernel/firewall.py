@@ -6,11 +6,17 @@ router the jumps name the two interfaces (`-i`/`-o`); on a bridge (the lab's in-
 two ports, with physdev, since br_netfilter hands bridged packets to FORWARD.
 
     -p tcp --syn -j CONNMARK (clear BIT)      a new connection is never a decided one
-    -m connmark --mark BIT/BIT -j RETURN      a decided flow: the kernel forwards it, no Python
+    -m connmark --mark BIT/BIT                a decided flow: the kernel forwards it, no Python;
+       -m conntrack --ctdir ORIGINAL -j RETURN    one rule per conntrack direction (the opener's
+    -m connmark --mark BIT/BIT -j RETURN          is upload), so their counters count each
     -m mark --mark BIT/BIT -j CONNMARK ...    the engine just decided it (verdict REPEAT with the
     -m mark --mark BIT/BIT -j RETURN          mark): remember that on the conntrack entry
     -p tcp -j NFQUEUE --queue-bypass          everything else goes to Python; with no process
     -p udp -j NFQUEUE --queue-bypass          bound to the queue, the kernel passes it (fail-open)
+
+The two conntrack-mark rules are a path of their own for packets (passed flows the eBPF program
+does not carry, or not yet): `connmark_counters` reads their kernel counters, so that every packet
+is counted once (`throttle.measure.exporter`, stage connmark).
 
 Commands are argument lists run with `-w` (wait for the xtables lock), never shell strings.
 """
@@ -56,6 +62,13 @@ class Firewall:
     def chain(self) -> str:
         return f"THROTTLE_Q{self.queue}"
 
+    def connmark_rules(self) -> tuple[list[str], list[str]]:
+        """The rules that forward decided flows (conntrack mark set): upload (the conntrack entry's
+        original direction, the opener's), then download."""
+        m = f"{self.mark:#x}/{self.mark:#x}"
+        return (["-m", "connmark", "--mark", m, "-m", "conntrack", "--ctdir", "ORIGINAL", "-j", "RETURN"],
+                ["-m", "connmark", "--mark", m, "-j", "RETURN"])
+
     def rules(self) -> list[list[str]]:
         m = f"{self.mark:#x}/{self.mark:#x}"
         q = ["-j", "NFQUEUE", "--queue-num", str(self.queue), "--queue-bypass"]
@@ -63,7 +76,7 @@ class Firewall:
             # A new connection forgets the decision of an old one with the same 5-tuple (whose
             # end the censor may never have seen, its packets having bypassed it).
             ["-p", "tcp", "--syn", "-j", "CONNMARK", "--set-xmark", f"0x0/{self.mark:#x}"],
-            ["-m", "connmark", "--mark", m, "-j", "RETURN"],
+            *self.connmark_rules(),
             ["-m", "mark", "--mark", m, "-j", "CONNMARK", "--save-mark", "--nfmask", hex(self.mark), "--ctmask", hex(self.mark)],
             ["-m", "mark", "--mark", m, "-j", "RETURN"],
             ["-p", "tcp", *q],
@@ -118,6 +131,30 @@ def cleanup() -> list[str]:
             _remove_chain(path, "FORWARD", chain)
             removed.append(f"{name} {TABLE} {chain}")
     return removed
+
+
+def connmark_counters(fw: Firewall) -> dict[str, tuple[int, int]]:
+    """The kernel's counters of `fw`'s conntrack-mark rules, IPv4 and IPv6 together: cumulative
+    (packets, bytes) per direction, "upload" and "download". Runs iptables: call it off the packet
+    loop. A family whose chain cannot be read adds nothing (the chain is gone, or not made yet)."""
+    upload, download = (" ".join(rule) for rule in fw.connmark_rules())
+    totals = {"upload": (0, 0), "download": (0, 0)}
+    for name in ("iptables", "ip6tables"):
+        path = find_tool(name)
+        if path is None:
+            continue
+        listing = _run([path, "-w", "-t", TABLE, "-S", fw.chain, "-v"], check=False).out
+        for line in listing.splitlines():
+            words = line.split()
+            if words[:2] != ["-A", fw.chain] or "-c" not in words:
+                continue
+            at = words.index("-c")
+            rule = " ".join(words[2:at] + words[at + 3:])
+            direction = "upload" if rule == upload else "download" if rule == download else None
+            if direction is not None:
+                packets, size = totals[direction]
+                totals[direction] = (packets + int(words[at + 1]), size + int(words[at + 2]))
+    return totals
 
 
 @contextmanager

@@ -7,6 +7,15 @@ conntrack entry and the kernel forwards the rest of that flow without queueing i
 `throttle.kernel.firewall`). No thread, no sleep per packet. A bug in the engine costs a verdict
 (the packet is accepted), never a packet; held packets are accepted on the way out.
 
+When the censor falls behind and the queue (QUEUE_MAXLEN packets) or its socket's buffer is full,
+the kernel drops the packet and counts it (`queue_losses`): TCP and QUIC send it again, and the
+copy is inspected then. The queue is not bound fail-open (NFQA_CFG_F_FAIL_OPEN), under which the
+kernel would accept such a packet unseen and count it nowhere: a ClientHello let through that way
+is a flow that escapes its rule, silently. The cost of dropping: a retransmission timeout for
+each dropped packet's flow (TCP's 200 ms or more, 1 s for a SYN), and a datagram of a protocol
+that does not retransmit is lost. With no censor bound to the queue at all (it died) the
+firewall's --queue-bypass still lets everything through (fail-open).
+
 What runs around it (signals, the fast path, metrics, printing) is composed in `throttle.censor`.
 """
 
@@ -14,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import struct
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,7 +39,6 @@ QUEUE_MAXLEN = 65536  # packets the kernel keeps for us, held ones included
 HOLD_LIMIT = QUEUE_MAXLEN // 2  # held (shaped) packets beyond this are dropped: the queue never fills
 RCVBUF = 64 << 20  # the netlink socket's buffer (root may go past rmem_max): bursts of new flows fit
 SOL_NETLINK, NETLINK_NO_ENOBUFS = 270, 5
-NFQA_CFG_MASK, NFQA_CFG_FLAGS, NFQA_CFG_F_FAIL_OPEN = 4, 5, 1
 PROC_QUEUES = "/proc/net/netfilter/nfnetlink_queue"
 # Events are handled (decided flows handed to the kernel) at least every BATCH packets: under load
 # the queue never runs dry, and a flow must not wait for a lull to leave Python.
@@ -52,17 +59,6 @@ class QueuedPacket(Protocol):
     def accept(self) -> None: ...
     def drop(self) -> None: ...
     def repeat(self) -> None: ...
-
-
-def fail_open_request(queue: int) -> bytes:
-    """An NFQNL_MSG_CONFIG netlink message setting NFQA_CFG_F_FAIL_OPEN on `queue`: when the queue
-    is full the kernel accepts a packet instead of dropping it (netfilterqueue cannot set flags;
-    sent on its own socket, the kernel takes it as from the queue's owner)."""
-    attrs = b"".join(struct.pack("=HH", 8, kind) + struct.pack("!I", NFQA_CFG_F_FAIL_OPEN)
-                     for kind in (NFQA_CFG_MASK, NFQA_CFG_FLAGS))
-    body = struct.pack("!BBH", socket.AF_UNSPEC, 0, queue) + attrs  # nfgenmsg: family, version, queue
-    msg_type = (3 << 8) | 2  # NFNL_SUBSYS_QUEUE, NFQNL_MSG_CONFIG
-    return struct.pack("=IHHII", 16 + len(body), msg_type, 1, 0, 0) + body  # NLM_F_REQUEST, seq 0, pid 0
 
 
 def queue_losses(queue: int, proc: str = PROC_QUEUES) -> int | None:
@@ -107,7 +103,7 @@ class HookStats:
     holding: int = 0
     flows_limited: int = 0
     flows_passed: int = 0
-    lost: int = 0  # packets the kernel could not queue for us (queue full, socket full): never inspected
+    lost: int = 0  # packets the kernel dropped, our queue or socket full: the censor fell behind
     overflow: int = 0  # shaped packets dropped because HOLD_LIMIT were held already
 
 
@@ -247,10 +243,6 @@ class Hook:
                 sock.setsockopt(level, option, value)
             except OSError:
                 pass
-        try:
-            sock.send(fail_open_request(queue))
-        except OSError:
-            pass  # an older kernel: the queue then drops when full (counted in `lost`)
 
         def readable() -> None:
             nfq.run(block=False)

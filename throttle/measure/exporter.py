@@ -6,19 +6,33 @@ rule's name or `none`), server_name (the matched server name, at most `MAX_NAMES
 `other`), direction (upload, download), stage and verdict. Never one label value per connection.
 
 Counters are the primary data, as in node_exporter: speeds are `rate(throttle_bytes_total[...])` in
-PromQL. Every byte of every flow the censor saw or handed to the kernel is counted once in
-`throttle_bytes_total`, by the stage that decided its fate:
+PromQL. Every packet (and byte) of every flow that crosses the censor is counted once in
+`throttle_packets_total` (`throttle_bytes_total`), by the path it took, the `stage`:
 
-- `stage="inspection"`: carried while the censor read the flow, before it decided (verdict passed);
-- `stage="enforcement"`: a rule's bucket decided (verdict passed, dropped or delayed);
-- `stage="kernel"`: handled by the kernel for a decided flow without the censor seeing it: an
-  unlimited flow forwarded (rule none, verdict passed), or a limited flow policed by the kernel's
-  copy of its bucket (its rule, verdict passed or dropped); counted by the eBPF program's per-flow
-  counters or, where the firewall skips decided flows instead, by the kernel counters handed to
-  `tick(kernel_bytes=...)`.
+- `stage="inspection"`: queued and judged by the engine while it read the flow, before the packet
+  that decided it (verdict passed), under the rule the decision named;
+- `stage="enforcement"`: queued, and judged by a rule's bucket in the engine (passed, dropped or
+  delayed), the deciding packet included;
+- `stage="handover"`: queued, a packet of a flow the engine had decided to pass, on its way to
+  the kernel (queued before the conntrack mark or the eBPF entry took the flow over; passed);
+- `stage="connmark"`: forwarded by the firewall's conntrack-mark rule without being queued (a
+  passed flow the eBPF program does not carry, or not yet); counted by that rule's own counters,
+  one rule per conntrack direction, handed to `tick(connmark=...)`;
+- `stage="kernel"`: forwarded or policed by the eBPF program (rule none, or the limited flow's
+  rule; passed or dropped), counted by its per-flow counters;
+- `stage="queue"`: dropped by the kernel because the censor's queue (or its socket) was full:
+  the censor fell behind, and the sender has to send it again; counted by the kernel
+  (`queue_dropped`, packets only, direction unknown), also in
+  `throttle_packets_lost_before_inspection_total`.
 
-`throttle_packets_lost_before_inspection_total` counts packets the kernel could not queue to the
-censor (queue or socket full): a flow whose first packets are lost may escape inspection.
+Packets judged by the engine are counted from the flow's own counters (`Flow.sides`, and
+`Flow.decided_counts` as of its decision), by difference, at each `tick` and when the flow ends:
+exact, and no work per packet. A flow still under inspection is counted when it is decided, ends,
+or its connection closes.
+
+`throttle_flows_ended_total{state,reason}` counts connections by how they ended (fin, rst, idle,
+evicted, reused) and the state their flow was in then: `inspecting` is a flow that ended before
+any verdict (a short connection under a model that reads past a name that matched nothing).
 
 `throttle_achieved_bytes_per_second` stays as a convenience gauge (the speed over the last
 `SPEED_WINDOW` seconds) for a quick `curl | grep`. `throttle_rule_rate_bytes_per_second` is the
@@ -38,7 +52,7 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 
 from throttle import __version__
-from throttle.engine import DIRECTION_NAMES, Engine, EngineError, Event, FlowDecided, Limited, State, Verdict
+from throttle.engine import Engine, EngineError, Event, Flow, FlowDecided, FlowEnded, Limited, State, Verdict
 
 class KernelCounters(Protocol):
     """What the kernel counted for one direction of a flow it handles (`kernel.maps.Counters`)."""
@@ -55,7 +69,6 @@ class KernelCounters(Protocol):
 
 MAX_NAMES = 20  # distinct server_name label values per rule before "other"
 SPEED_WINDOW = 5.0  # seconds the convenience speed gauge averages over
-_VERDICT = {Verdict.ACCEPT: "passed", Verdict.DROP: "dropped", Verdict.HOLD: "delayed"}
 DIRECTIONS = ("upload", "download")
 
 
@@ -89,9 +102,12 @@ class Metrics:
                            registry=r)
         self.errors = Counter("throttle_engine_errors", "Packets the engine could not parse, or errors in the hook.",
                               ["kind"], registry=r)
-        self.lost = Counter("throttle_packets_lost_before_inspection", "Packets the kernel could not queue to the "
-                            "censor (queue or socket full): flows whose first packets are lost may escape.", registry=r)
-        self._lost_seen = 0
+        self.lost = Counter("throttle_packets_lost_before_inspection", "Packets the kernel dropped because the "
+                            "censor's queue or socket was full (the censor fell behind; senders send them again).",
+                            registry=r)
+        self.ended = Counter("throttle_flows_ended", "Connections that ended, by the state of their flow then "
+                             "(inspecting: before any verdict) and how (fin, rst, idle, evicted, reused).",
+                             ["state", "reason"], registry=r)
         self.fallbacks = Counter("throttle_fastpath_fallbacks", "Packets the eBPF fast path handed to the normal "
                                  "path (netfilter, the censor's queue), by reason: no_flow is a flow not (yet) "
                                  "decided; the others are packets the program does not carry (a SYN, a fragment, "
@@ -118,8 +134,14 @@ class Metrics:
         self._fast_walk: dict[bytes, int] = {}
         self._label_sets: dict[tuple[str, str, str], tuple[str, str, str]] = {}
         self._walk = 0
-        self._kernel: dict[str, int] = {}  # direction -> kernel bytes seen so far
         self._rules_shown: tuple[object, ...] | None = None
+        # Flows whose engine-judged packets are counted by difference (see the module docstring),
+        # by flow id; and when the table was last looked at (the engine's clock).
+        self._tracked: dict[int, _Tracked] = {}
+        self._looked = float("-inf")
+        self._connmark: dict[str, tuple[int, int]] = {}  # direction -> the rule's (packets, bytes) seen so far
+        self._ended_seen: dict[tuple[str, str], int] = {}
+        self._queue_dropped_seen = 0
         for state in ("inspecting", "limited", "passed"):
             self.active.labels(state)
         self.queue.set(0)
@@ -144,24 +166,86 @@ class Metrics:
     # ---- events ---------------------------------------------------------------------------
     def on_event(self, ev: Event) -> None:
         if isinstance(ev, Limited):
-            labels = (ev.rule, self._name(ev.rule, ev.name), DIRECTION_NAMES[ev.direction])
-            self._count(labels, "enforcement", _VERDICT.get(ev.verdict, "passed"), 1, ev.size)
-            if ev.verdict == Verdict.HOLD:
+            if ev.verdict == Verdict.HOLD:  # (its packets are counted from the flow's counters)
                 self.delay.observe(ev.delay)
         elif isinstance(ev, FlowDecided):
-            flow = ev.flow
-            rule = flow.rule.name if flow.rule is not None else "none"
-            name = self._name(rule, flow.name)
-            self.flows.labels(flow.name_source or "none", "limited" if flow.state == State.LIMITED else "passed").inc()
-            for d, side in enumerate(flow.sides):
-                if side.packets:
-                    # An unlimited flow's speed is the "none" rule's, whichever name it carried.
-                    labels = (rule, name, DIRECTION_NAMES[d]) if flow.state == State.LIMITED else \
-                        ("none", "other", DIRECTION_NAMES[d])
-                    self._count(labels, "inspection", "passed", side.packets, side.bytes)
+            self._decided(ev.flow)
+        elif isinstance(ev, FlowEnded):
+            self._flow_ended(ev.flow)
         elif isinstance(ev, EngineError):
             self.errors.labels(ev.kind).inc()
-        # FlowStarted, FlowEnded, NameLearned: nothing to count (the flow table gives the gauges)
+        # FlowStarted, NameLearned: nothing to count (the flow table gives the gauges)
+
+    def _decided(self, flow: Flow) -> None:
+        """What the engine judged of `flow` before deciding it, counted under inspection with the
+        decision's labels; what it judges from then on is tracked (`_catch_up`)."""
+        limited = flow.state == State.LIMITED and flow.rule is not None
+        self.flows.labels(flow.name_source or "none", "limited" if limited else "passed").inc()
+        if limited:
+            assert flow.rule is not None
+            rule = flow.rule.name
+            name = self._name(rule, flow.name)
+            labels = ((rule, name, "upload"), (rule, name, "download"))
+        else:  # an unlimited flow's speed is the "none" rule's, whichever name it carried
+            labels = _NONE
+        before = self._tracked.get(flow.id)
+        counted = before.counted if before is not None else [0] * 12
+        snap = flow.decided_counts or (flow.sides[0].packets, flow.sides[0].bytes, flow.sides[1].packets,
+                                       flow.sides[1].bytes)
+        for d in (0, 1):
+            packets, size = snap[2 * d] - counted[6 * d], snap[2 * d + 1] - counted[6 * d + 1]
+            if packets > 0:
+                self._count(labels[d], "inspection", "passed", packets, size)
+        tracked = _Tracked(flow, "enforcement" if limited else "handover", labels)
+        tracked.counted = [snap[0], snap[1], 0, 0, 0, 0, snap[2], snap[3], 0, 0, 0, 0]
+        self._tracked[flow.id] = tracked
+        self._catch_up(tracked)
+
+    def _flow_ended(self, flow: Flow) -> None:
+        tracked = self._tracked.pop(flow.id, None)
+        if tracked is None and flow.state == State.INSPECTING:
+            tracked = _Tracked(flow, "inspection", _NONE)  # never decided: all of it under inspection
+        if tracked is not None:
+            self._catch_up(tracked)
+
+    def _catch_up(self, tracked: _Tracked) -> None:
+        """Count what the engine judged of a tracked flow since it was last counted: by its
+        direction's counters, split by verdict (its drops and delays are counted apart)."""
+        counted = tracked.counted
+        for d, side in enumerate(tracked.flow.sides):
+            i = 6 * d
+            packets, size = side.packets - counted[i], side.bytes - counted[i + 1]
+            if packets <= 0:
+                continue
+            dropped, dropped_bytes = side.dropped_packets - counted[i + 2], side.dropped_bytes - counted[i + 3]
+            delayed, delayed_bytes = side.delayed_packets - counted[i + 4], side.delayed_bytes - counted[i + 5]
+            labels, stage = tracked.labels[d], tracked.stage
+            if dropped > 0:
+                self._count(labels, stage, "dropped", dropped, dropped_bytes)
+            if delayed > 0:
+                self._count(labels, stage, "delayed", delayed, delayed_bytes)
+            if packets - dropped - delayed > 0:
+                self._count(labels, stage, "passed", packets - dropped - delayed, size - dropped_bytes - delayed_bytes)
+            counted[i:i + 6] = (side.packets, side.bytes, side.dropped_packets, side.dropped_bytes,
+                                side.delayed_packets, side.delayed_bytes)
+
+    def _look(self, engine: Engine, now: float) -> None:
+        """The flows that had packets since the last look: tracked ones caught up; one whose
+        connection closed while still under inspection is counted (and tracked) from now."""
+        tracked_of = self._tracked
+        for flow in engine.recent_flows(self._looked):
+            tracked = tracked_of.get(flow.id)
+            if tracked is None:
+                if flow.state != State.INSPECTING or not flow.closed:
+                    continue
+                tracked = tracked_of[flow.id] = _Tracked(flow, "inspection", _NONE)
+            self._catch_up(tracked)
+        self._looked = now
+        ended, seen = engine.counters.ended, self._ended_seen
+        for key, total in ended.items():
+            if total > seen.get(key, 0):
+                self.ended.labels(*key).inc(total - seen.get(key, 0))
+                seen[key] = total
 
     def hook_error(self) -> None:
         self.errors.labels("hook").inc()
@@ -174,11 +258,14 @@ class Metrics:
         self._fast_seen[key] = _NOTHING_SEEN
         self._fast_walk[key] = self._walk
 
-    def lost_before_inspection(self, total: int) -> None:
-        """The kernel's running count of packets it could not queue (`nfqueue.queue_losses`)."""
-        if total > self._lost_seen:
-            self.lost.inc(total - self._lost_seen)
-            self._lost_seen = total
+    def queue_dropped(self, total: int) -> None:
+        """The kernel's running count of packets it dropped because the censor's queue or socket
+        was full (`nfqueue.queue_losses`)."""
+        if total > self._queue_dropped_seen:
+            new = total - self._queue_dropped_seen
+            self.lost.inc(new)
+            self.packets.labels("none", "other", "unknown", "queue", "dropped").inc(new)
+            self._queue_dropped_seen = total
 
     def kernel_fallbacks(self, totals: Mapping[str, int]) -> None:
         """The eBPF program's running counts of packets it handed to the normal path, by reason
@@ -205,14 +292,16 @@ class Metrics:
 
     # ---- once a second ----------------------------------------------------------------------
     def tick(self, engine: Engine, held: int, fast: Mapping[bytes, KernelCounters] | None, now: float,
-             kernel_bytes: dict[str, int] | None = None) -> None:
-        """Once a second: gauges from the flow table, the kernel's byte counters, speeds.
+             connmark: Mapping[str, tuple[int, int]] | None = None) -> None:
+        """Once a second: gauges from the flow table, what the engine judged since the last tick,
+        the kernel's counters, speeds.
 
-        `fast`: the eBPF program's cumulative counters per flow key; `kernel_bytes`: cumulative
-        bytes per direction ("upload", "download") the kernel forwarded for decided flows by another
-        way (the firewall's skip rule counters). `now` is the censor's clock (its event loop's), the
-        one its events are stamped with."""
+        `fast`: the eBPF program's cumulative counters per flow key; `connmark`: the cumulative
+        (packets, bytes) per direction ("upload", "download") the firewall's conntrack-mark rule
+        forwarded (`firewall.connmark_counters`). `now` is the censor's clock (its event loop's),
+        the one its events are stamped with."""
         self._show_rules(engine)
+        self._look(engine, now)
         counts = {"inspecting": 0, "limited": 0, "passed": 0}
         for flow in engine.flows():
             counts[flow.state.label] += 1
@@ -223,11 +312,8 @@ class Metrics:
         self.queue.set(held)
         if fast is not None:
             self.kernel_tick(fast)
-        for direction, total in (kernel_bytes or {}).items():
-            seen_before = self._kernel.get(direction, 0)
-            if total > seen_before:  # (a counter that went back, a reset rule, starts again from there)
-                self._count(("none", "other", direction), "kernel", "passed", 0, total - seen_before)
-            self._kernel[direction] = total
+        if connmark is not None:
+            self.connmark_tick(connmark)
         with self._lock:
             passed = dict(self._passed)
         self._history.append((now, passed))
@@ -238,6 +324,19 @@ class Metrics:
         for key, total in passed.items():
             rate = (total - old.get(key, 0)) / span if span > 0 else 0.0
             self.speed.labels(*key).set(rate)
+
+    def connmark_tick(self, totals: Mapping[str, tuple[int, int]]) -> None:
+        """The firewall's conntrack-mark rule counters, cumulative (packets, bytes) per direction:
+        what is new since the last read is counted at stage connmark. A counter that went back (the
+        rules made again) counts from there."""
+        for direction, (packets, size) in totals.items():
+            seen_packets, seen_bytes = self._connmark.get(direction, (0, 0))
+            if packets < seen_packets:
+                seen_packets = seen_bytes = 0
+            if packets > seen_packets:
+                self._count(("none", "other", direction), "connmark", "passed", packets - seen_packets,
+                            size - seen_bytes)
+            self._connmark[direction] = (packets, size)
 
     def kernel_tick(self, fast: Mapping[bytes, KernelCounters]) -> None:
         """The eBPF program's cumulative counters per flow key (`kernel.maps.Counters`, or the
@@ -284,5 +383,20 @@ class Metrics:
             self._count(labels, "kernel", verdict, packets, size)
 
 
+class _Tracked:
+    """A flow whose engine-judged packets are counted by difference: at which stage, under which
+    labels per direction, and what of its counters is counted already (per direction: packets,
+    bytes, dropped packets and bytes, delayed packets and bytes)."""
+
+    __slots__ = ("flow", "stage", "labels", "counted")
+
+    def __init__(self, flow: Flow, stage: str, labels: tuple[tuple[str, str, str], tuple[str, str, str]]) -> None:
+        self.flow = flow
+        self.stage = stage
+        self.labels = labels
+        self.counted = [0] * 12
+
+
+_NONE = (("none", "other", "upload"), ("none", "other", "download"))
 _SEEN = struct.Struct("=QQQQ")
 _NOTHING_SEEN = _SEEN.pack(0, 0, 0, 0)
