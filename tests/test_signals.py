@@ -1,6 +1,8 @@
-"""The censor's signal handling (`throttle.censor.stopped_by_signals`) in the two states where
-asyncio's own loses a signal or never wakes: its self-pipe filled by other threads while the loop is
-in a long callback, and the loop asleep with no timer while the signal goes to another thread.
+"""The censor's signal handling (`throttle.censor.stopped_by_signals`) in two states: the loop's
+self-pipe filled by other threads while the loop is in a long callback (where asyncio's own
+`add_signal_handler` loses the signal: this case hangs with it), and the loop asleep with no timer
+while the signal goes to another thread (where a Python-level handler alone never runs: this case
+hangs without the wakeup fd of our own).
 
 Each case runs in a child process (signals and wakeup fds are the process's), which prints
 "stopped" once one signal stopped its loop; a hang is killed after HANG seconds and fails the test.
