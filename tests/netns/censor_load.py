@@ -2,13 +2,15 @@
 
     censor_load.py sink PORT            (server namespace) TCP and UDP on PORT, read and dropped
     censor_load.py churn PORT SECONDS [FLOWS]   (client namespace) until SECONDS pass or it is killed:
+    censor_load.py flood PORT SECONDS   (client namespace) new UDP flows back to back, 20 datagrams
+                                        each, as fast as one process sends: more than the censor reads
 
 rounds of FLOWS (default 20) short TCP connections, each a real ClientHello (names in turn: a shaped name, a policed name, an
 unlimited one) and some payload, at most OPEN at once, the oldest closed first (so flows end and
 their HTB classes go); and UDP bursts, each from a new socket (a new flow), BURST datagrams at line
 rate. Every flow is new to the censor: its queue, the hand-over's netlink worker (an HTB class per
 shaped flow, made and removed) and the walker (a map of a few thousand directions) all stay busy.
-It prints "ready" once it started, and what it did when it ends.
+Churn: it prints "ready" once it started (flood too), and what it did when it ends.
 """
 
 from __future__ import annotations
@@ -101,8 +103,28 @@ def churn(port: int, seconds: float, per_round: int = 20) -> int:
     return 0
 
 
+def flood(port: int, seconds: float) -> int:
+    """New UDP flows back to back, as fast as this process sends, for SECONDS."""
+    datagram = os.urandom(200)
+    sent = 0
+    deadline = time.monotonic() + seconds
+    print("ready", flush=True)
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            for _ in range(20):
+                try:
+                    u.sendto(datagram, (SERVER_V4, port))
+                    sent += 1
+                except OSError:
+                    break
+    print(json.dumps({"datagrams": sent}), flush=True)
+    return 0
+
+
 if __name__ == "__main__":
     role = sys.argv[1]
+    if role == "flood":
+        sys.exit(flood(int(sys.argv[2]), float(sys.argv[3])))
     if role == "sink":
         sys.exit(sink(int(sys.argv[2])))
     sys.exit(churn(int(sys.argv[2]), float(sys.argv[3]), *(int(n) for n in sys.argv[4:5])))
