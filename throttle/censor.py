@@ -21,7 +21,8 @@ import asyncio
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from throttle.engine import Engine, Event, ResetRequested
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 # 18130 lies outside 9100-9999, the range of the Prometheus exporters' port list (all taken; 9464
 # is OpenTelemetry's exporter), and below Linux's ephemeral ports.
 DEFAULT_METRICS = "127.0.0.1:18130"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Censor:
@@ -114,29 +116,28 @@ class Censor:
         check_requirements()
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._stop.set)
-        try:
-            self._start_kernel(loop)
-            with installed(self.fw), self.hook.bound(self.queue):
-                if ready is not None:
-                    ready()
-                while not self._stop.is_set():
-                    try:
-                        await asyncio.wait_for(self._stop.wait(), timeout=tick_every)
-                    except asyncio.TimeoutError:
-                        pass
-                    self._tick(loop.time(), tick)
-        finally:
-            if self.handover is not None:
-                self.handover.close()
-            if self.fastpath is not None:
-                self.fastpath.close()  # stops and joins the walker first
-                self.fastpath = None
-            if self.injector is not None:
-                self.injector.close()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
+        # The handlers stay until everything is undone: a second signal during the clean-up only
+        # asks again for the stop under way, it does not interrupt the clean-up half-way.
+        with stopped_by_signals(loop, self.stop):
+            try:
+                self._start_kernel(loop)
+                with installed(self.fw), self.hook.bound(self.queue):
+                    if ready is not None:
+                        ready()
+                    while not self._stop.is_set():
+                        try:
+                            await asyncio.wait_for(self._stop.wait(), timeout=tick_every)
+                        except asyncio.TimeoutError:
+                            pass
+                        self._tick(loop.time(), tick)
+            finally:
+                if self.handover is not None:
+                    self.handover.close()
+                if self.fastpath is not None:
+                    self.fastpath.close()  # stops and joins the walker first
+                    self.fastpath = None
+                if self.injector is not None:
+                    self.injector.close()
 
     def _tick(self, now: float, tick: Callable[[HookStats], None] | None) -> None:
         """Once a second on the loop: cheap things only (the flow table's gauges and what the
@@ -175,6 +176,55 @@ class Censor:
                 + (" (the censor fell behind: their senders send them again)" if s.lost else "")
                 + (f"; {errors} engine errors" if errors else "")
                 + (f"; {injector.sent} RSTs injected ({injector.failed} not sent)" if injector is not None else ""))
+
+
+@contextmanager
+def stopped_by_signals(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> Iterator[None]:
+    """SIGINT and SIGTERM call `stop` on `loop`, however busy the loop and the threads around it.
+
+    Not `loop.add_signal_handler`: asyncio learns of a signal only from the byte the C-level
+    handler writes into the loop's self-pipe, which every `call_soon_threadsafe` writes to as well.
+    Under load the hand-over's netlink worker and the walker fill that socketpair (278 one-byte
+    writes on Linux) while the loop is in a long callback; the signal's byte is then refused
+    (EAGAIN, "Exception ignored when trying to write to the signal wakeup fd"), asyncio never
+    hears of the signal and the loop sleeps in epoll_wait until a second one (python/cpython#74224).
+
+    Here the signal is not carried by a byte. The Python-level handler runs in the main thread at
+    the interpreter's next check, whatever the loop is doing, and queues `stop` with
+    `call_soon_threadsafe`, which appends the callback before it writes its wake-up byte: a full
+    pipe costs the wake-up, never the callback. The wakeup fd is a socketpair of our own, which
+    nothing else writes to, so it wakes the loop from epoll_wait when the kernel delivers the
+    signal to another thread (whose Python handler then runs in the main thread).
+    """
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.setblocking(False)
+
+    def drain() -> None:
+        try:
+            while reader.recv(4096):
+                pass
+        except OSError:
+            pass  # empty (EAGAIN): the handler itself does the work
+
+    def handler(signum: int, frame: object) -> None:
+        try:
+            loop.call_soon_threadsafe(stop)
+        except RuntimeError:
+            pass  # the loop is closed: nothing left to stop
+
+    loop.add_reader(reader.fileno(), drain)
+    previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, signal.SIG_DFL if old is None else old)  # None: a handler not set from Python
+        signal.set_wakeup_fd(previous_fd)
+        loop.remove_reader(reader.fileno())
+        reader.close()
+        writer.close()
 
 
 def ifindex(name: str) -> int | None:

@@ -22,6 +22,7 @@ What runs around it (signals, the fast path, metrics, printing) is composed in `
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +44,10 @@ PROC_QUEUES = "/proc/net/netfilter/nfnetlink_queue"
 # Events are handled (decided flows handed to the kernel) at least every BATCH packets: under load
 # the queue never runs dry, and a flow must not wait for a lull to leave Python.
 BATCH = 32
+# Packets read per wake-up of the loop. Under a flood the queue never runs dry, and reading until it
+# does (netfilterqueue's `run`) kept the loop in one callback for as long as the flood lasted: no
+# signal, timer, tick or hand-over completion ran meanwhile (one SIGINT waited 6 s for a flood's end).
+PER_WAKEUP = 1024
 
 
 class QueuedPacket(Protocol):
@@ -89,6 +94,21 @@ def check_requirements() -> ModuleType:
             "libnetfilter-queue-dev and builds it"
         ) from None
     return netfilterqueue
+
+
+class _Bounded:
+    """The queue's socket as netfilterqueue's `run_socket` reads it: "empty" (EAGAIN) after `left`
+    reads, so that it returns to the loop; the loop calls again while packets wait."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.left = 0
+
+    def recv(self, size: int) -> bytes:
+        if self.left <= 0:
+            raise BlockingIOError(errno.EAGAIN, "enough for one wake-up")
+        self.left -= 1
+        return self.sock.recv(size)
 
 
 @dataclass
@@ -244,8 +264,11 @@ class Hook:
             except OSError:
                 pass
 
+        bounded = _Bounded(sock)
+
         def readable() -> None:
-            nfq.run(block=False)
+            bounded.left = PER_WAKEUP
+            nfq.run_socket(bounded)
             self.after_batch()
 
         loop.add_reader(sock.fileno(), readable)
