@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, lab_name
+from throttle.lab.topology import Lab
+from throttle.measure.bench import BIN, bench
+from throttle.scenario import load_scenario
 
 from .conftest import require_lab_prerequisites
 
@@ -48,14 +51,9 @@ def after_the_burst(bins: list[int], width: float) -> list[int]:
 
 def test_a_windowed_upload_arrives_in_bursts_a_window_apart(tmp_path: Path) -> None:
     require_lab_prerequisites()
-    if not shutil.which("tcpdump"):
-        pytest.fail("tcpdump is missing: apt-get install tcpdump")
-    from throttle.lab.topology import Lab
-    from throttle.measure.bench import BIN, bench
-    from throttle.scenario import load_scenario
-
-    Lab(LAB).down()  # the remains of an interrupted earlier run
     scenario = load_scenario(one_upload_scenario(tmp_path))
+    assert shutil.which("tcpdump"), "tcpdump is missing: apt-get install tcpdump"
+    Lab(LAB).down()  # the remains of an interrupted earlier run
     (rule,) = [r for r in scenario.rules if r.meter == "window"]
     result = bench(scenario, repeat=1, out=tmp_path / "bench", lab_name=LAB, seed=1, metrics_listen="off")
     (flow,) = result.flows
