@@ -31,13 +31,15 @@ INTERVAL = 16384 / 16250  # the rule's burst / rate, seconds: one window
 
 
 def one_upload_scenario(tmp_path: Path) -> Path:
-    """twitter-2021-03-10 with one probe: its photo upload, grown to 384 KB."""
+    """twitter-2021-03-10 with two probes: its photo upload, grown to 384 KB, and its control (a run
+    needs one)."""
     text = (ROOT / "scenarios" / "twitter-2021-03-10.toml").read_text()
     assert re.search(r'(?m)^meter = "window"', text), "the scenario's rule must use the window meter"
     head, *probes = re.split(r"(?m)^(?=\[\[probe\]\])", text)
     (upload,) = [p for p in probes if 'name = "twitter-photo-upload"' in p]
+    (control,) = [p for p in probes if 'name = "control-upload"' in p]
     path = tmp_path / "twitter-384k.toml"
-    path.write_text(head + upload.replace('size = "160KB"', 'size = "384KB"'))
+    path.write_text(head + upload.replace('size = "160KB"', 'size = "384KB"') + control)
     return path
 
 
@@ -56,8 +58,8 @@ def test_a_windowed_upload_arrives_in_bursts_a_window_apart(tmp_path: Path) -> N
     Lab(LAB).down()  # the remains of an interrupted earlier run
     (rule,) = [r for r in scenario.rules if r.meter == "window"]
     result = bench(scenario, repeat=1, out=tmp_path / "bench", lab_name=LAB, seed=1, metrics_listen="off")
-    (flow,) = result.flows
-    (row,) = result.rows
+    (flow,) = [f for f in result.flows if f.probe == "twitter-photo-upload"]
+    (row,) = [r for r in result.rows if r.probe == "twitter-photo-upload"]
     assert not row.error, row.error
     assert flow.capture_bytes >= 384 * 1024  # the whole upload got through, and was captured
     assert flow.drops > 0
