@@ -62,11 +62,12 @@ def test_the_program_takes_its_structs_and_reasons_from_the_header_only() -> Non
 
 
 def test_the_structs_have_the_sizes_and_order_of_the_maps() -> None:
-    assert (FLOW_KEY.size, FLOW_VALUE.size, BUCKET.size) == (40, 80, 48)
+    assert (FLOW_KEY.size, FLOW_VALUE.size, BUCKET.size) == (40, 80, 72)
     assert FLOW_KEY.struct.format == "!BB2x16s16sHH"  # ports in network order, as in the packet
     assert FLOW_VALUE.names == ("ifindex", "dst_mac", "src_mac", "last_ns", "bytes", "packets", "dropped_bytes",
                                 "dropped_packets", "payload", "after_bytes", "bucket", "priority")
-    assert BUCKET.names == ("rate", "burst", "fill_ns", "tokens", "stamp_ns")  # lock and pad: the kernel's, zero
+    # lock and pad: the kernel's, zero; the window meter's fields after the token bucket's
+    assert BUCKET.names == ("rate", "burst", "fill_ns", "tokens", "stamp_ns", "window_ns", "start_ns", "used")
     assert [m.key_size for m in layout.MAPS.values()] == [40, 4, 4]
     assert layout.MAPS["fallbacks"].max_entries == len(FALLBACKS) == len({r.name for r in FALLBACKS})
 
@@ -87,6 +88,22 @@ def test_pack_and_unpack_by_name() -> None:
         BUCKET.getter("lock")
 
 
+def test_a_window_meter_packs_into_the_bucket_struct() -> None:
+    """A window meter (engine/buckets.py WindowMeter) in the kernel: its interval in ns (a token
+    bucket has window_ns 0), its current interval's start and the bytes used; an interval not
+    begun is start_ns 0, which the program begins at the next packet."""
+    from throttle.kernel.maps import bucket_value, window_value
+
+    begun = BUCKET.unpack(window_value(3, 16250.0, 16384, 12.5, 4500))
+    assert (begun["window_ns"], begun["start_ns"], begun["used"]) == (1_008_246_154, 12_500_000_000, 4500)
+    assert (begun["rate"], begun["burst"], begun["tokens"], begun["fill_ns"]) == (16250, 16384, 0, 0)
+    unbegun = BUCKET.unpack(window_value(3, 16250.0, 16384, None, 4500))
+    assert (unbegun["start_ns"], unbegun["used"]) == (0, 0)
+    assert BUCKET.unpack(bucket_value(3, 16250.0, 16384, 100.0, 1.0))["window_ns"] == 0
+    with pytest.raises(ThrottleError, match="outside"):
+        window_value(0, 16250.0, 16384, None, 0)
+
+
 def test_walks_unpack_arrays_of_values_by_name() -> None:
     values = [FLOW_VALUE.pack(bytes=i * 10, packets=i, dropped_bytes=i * 3, dropped_packets=i * 4, last_ns=100 + i)
               for i in range(5)]
@@ -99,13 +116,15 @@ def test_walks_unpack_arrays_of_values_by_name() -> None:
 
 
 # The structs as fastpath.py wrote them before layout.py (its KEY, VALUE, BUCKET), positional, in
-# the order its comments gave: the maps must keep exactly these bytes.
+# the order its comments gave: the maps must keep exactly these bytes. (The bucket has since grown
+# the window meter's three fields, after the token bucket's, which kept their bytes.)
 BEFORE = {
     "flow_key": (struct.Struct("!BBxx16s16sHH"), ("proto", "family", "src", "dst", "sport", "dport")),
     "flow_value": (struct.Struct("=I6s6sQQQQQQQII"), ("ifindex", "dst_mac", "src_mac", "last_ns", "bytes", "packets",
                                                         "dropped_bytes", "dropped_packets", "payload", "after_bytes",
                                                         "bucket", "priority")),
-    "bucket": (struct.Struct("=IIQQQQQ"), ("lock", "pad", "rate", "burst", "fill_ns", "tokens", "stamp_ns")),
+    "bucket": (struct.Struct("=IIQQQQQQQQ"), ("lock", "pad", "rate", "burst", "fill_ns", "tokens", "stamp_ns",
+                                              "window_ns", "start_ns", "used")),
 }
 
 

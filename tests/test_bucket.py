@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from throttle.engine.buckets import Policer, Shaper
+from throttle.engine.buckets import Policer, Shaper, WindowMeter
 from throttle.units import parse_rate, parse_size
 
 RATE = parse_rate("130kbit")  # 16,250 bytes/s
@@ -94,3 +94,17 @@ def test_shaper_never_early_never_over_bound(rate, burst, bound, arrivals) -> No
     for t, size in released:
         total += size
         assert total <= burst + rate * t + 1e-6 * total + 1
+
+
+def test_a_window_meter_made_before_its_first_packet_begins_there() -> None:
+    """Made when the flow is decided (`now` not given): the first interval begins at the first
+    packet, so it behaves exactly as one made at that packet (and as the kernel's, which is
+    handed it unbegun)."""
+    early, at_first = WindowMeter(RATE, BURST), WindowMeter(RATE, BURST, now=5.3)
+    assert early.start is None
+    times = [5.3 + 0.01 * i for i in range(400)]
+    assert [early.allow(1500, t) for t in times] == [at_first.allow(1500, t) for t in times]
+    assert early.start == at_first.start and early.start > 5.3 + early.interval  # on to later intervals
+    # ... where one begun at its making (0 s) cuts its intervals elsewhere.
+    begun, fresh = WindowMeter(RATE, BURST, now=0.0), WindowMeter(RATE, BURST)
+    assert [begun.allow(1500, t) for t in times] != [fresh.allow(1500, t) for t in times]

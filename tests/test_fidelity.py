@@ -208,15 +208,17 @@ def test_a_window_rule_in_the_engine_and_in_the_loader() -> None:
     conv = Conversation()
     feed(e, conv.handshake() + [conv.client(python_hello("pbs.twimg.com"))], now=0.0)
     (flow,) = e.flows()
-    assert isinstance(e.bucket(flow, 1, 0.0), WindowMeter)
+    meter = e.bucket(flow, 1, 0.0)
+    assert isinstance(meter, WindowMeter) and meter.start is None  # made, not begun: no download packet yet
     packet = conv.server(b"\xab" * 1448)
     fit = 16384 // len(packet)  # whole packets in the budget
     verdicts = [e.process(conv.server(b"\xab" * 1448), 0.001 * i)[0] for i in range(1, 2000)]
-    # The download meter was made at 0 s (by `bucket` above); its first interval lasts 1.008 s:
+    # The download meter's first interval begins at its first packet (1 ms) and lasts 1.008 s:
     # the first `fit` packets pass, then everything is dropped until it ends.
+    assert meter.start is not None and meter.start > 0.0
     assert verdicts[:fit] == [Verdict.ACCEPT] * fit
     assert set(verdicts[fit:1000]) == {Verdict.DROP}
-    nxt = next(i for i in range(1, 2000) if 0.001 * i >= 16384 / 16250)
+    nxt = next(i for i in range(1, 2000) if 0.001 * i >= 0.001 + 16384 / 16250)
     assert set(verdicts[1000 : nxt - 1]) == {Verdict.DROP}
     assert verdicts[nxt - 1 : nxt - 1 + fit] == [Verdict.ACCEPT] * fit
     for bad, match in (('action = "shape"\n', "is a policer's meter"), ('meter = "leaky"\n', "is not one of")):

@@ -12,7 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 from throttle.censor import Censor
-from throttle.engine import UPLOAD
+from throttle.engine import UPLOAD, WindowMeter
 from throttle.errors import ThrottleError
 from throttle.kernel.handover import Handover
 from throttle.kernel.neighbours import Hops
@@ -72,6 +72,7 @@ class FakeFastPath:
         self.qdiscs = FakeQdiscs()
         self.map: dict[bytes, tuple[Any, Any]] = {}
         self.buckets: dict[int, tuple[float, int, float, float]] = {}
+        self.windows: dict[int, tuple[float, int, float | None, int]] = {}
         self.requests = 0
         self.neighbours_asked: list[str] = []
         self._pool = ThreadPoolExecutor(max_workers=1)
@@ -115,6 +116,10 @@ class FakeFastPath:
 
     def set_bucket(self, index: int, rate: float, burst: int, tokens: float, stamp: float) -> bool:
         self.buckets[index] = (rate, burst, tokens, stamp)
+        return True
+
+    def set_window(self, index: int, rate: float, burst: int, start: float | None = None, used: int = 0) -> bool:
+        self.windows[index] = (rate, burst, start, used)
         return True
 
     def close(self) -> None:
@@ -303,6 +308,45 @@ def test_a_5_tuple_reused_unseen_replaces_the_earlier_flow_once_the_new_one_is_i
         open_flow(censor, "api.twimg.com", seq=[6000, 9000])
         assert handover._by_key == {second.up: second} and handover._flows[second.flow.key] is second
         assert len(handover._slots) == 2
+
+    asyncio.run(main())
+    fast.close()
+
+
+WINDOW = ('[model]\nfin_rst_ends_flow = true\ninspect_after_name = false\n'
+          '[[rule]]\nname = "window"\nmatch = ["*.twimg.com"]\nrate = "130kbit"\nburst = "16KB"\nmeter = "window"\n'
+          'scope = "client"\n')
+
+
+def test_windowed_flows_go_to_the_kernel_with_the_meters_state() -> None:
+    """A window meter (§1.11) is carried out in the kernel like a token bucket: a slot per engine
+    meter, shared by scope, written with the meter's state when the kernel takes it over. The
+    upload's interval began at the hello that decided the flow, so the kernel gets its start and
+    the bytes used; the download's has not begun, so the kernel begins it at the first download
+    packet, where the engine would have."""
+    fast = FakeFastPath(delay=0.2)
+
+    async def main() -> None:
+        censor = Censor(parse_scenario(WINDOW), inside_if="inside", outside_if="outside", inside_ifindex=INSIDE)
+        censor.hook._loop = loop = asyncio.get_running_loop()
+        handover = censor.handover = Handover(fast, "inside", "outside", loop)  # type: ignore[arg-type]
+        conv = open_flow(censor, "pbs.twimg.com")
+        feed(censor.hook, [conv.client(b"x" * 1400) for _ in range(3)])  # the engine's, while netlink looks
+        (flow,) = [f for f in censor.engine.flows() if f.name == "pbs.twimg.com"]
+        up, down = flow.buckets
+        assert isinstance(up, WindowMeter) and isinstance(down, WindowMeter)
+        assert up.start is not None and up.used > 3 * 1400 and down.start is None
+        await asyncio.sleep(0.6)
+        assert handover.limited == 1 and len(fast.map) == 2 and fast.buckets == {}
+        slots = {limit.bucket for _, limit in fast.map.values()}
+        assert len(slots) == 2 and 0 not in slots
+        assert sorted(fast.windows.values(), key=str) == sorted(
+            [(16250.0, 16384, up.start, up.used), (16250.0, 16384, None, 0)], key=str)
+        # A second flow of the same client shares both meters, and so their slots: nothing rewritten.
+        open_flow(censor, "video.twimg.com", client_port=41000)
+        await asyncio.sleep(0.6)
+        assert handover.limited == 2 and len(fast.map) == 4 and len(fast.windows) == 2
+        assert {limit.bucket for _, limit in fast.map.values()} == slots
 
     asyncio.run(main())
     fast.close()

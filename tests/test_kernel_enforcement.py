@@ -8,7 +8,7 @@ import struct
 from pathlib import Path
 
 from tests.conftest import ROOT
-from throttle.engine import DOWNLOAD, UPLOAD, Engine, FlowDecided, Policer, Shaper, State
+from throttle.engine import DOWNLOAD, UPLOAD, Engine, FlowDecided, Policer, Shaper, State, WindowMeter
 from throttle.kernel.handover import BucketSlots
 from throttle.kernel.maps import BUCKET, VALUE
 from throttle.kernel.nfqueue import queue_losses
@@ -108,8 +108,12 @@ def test_the_decision_carries_how_each_direction_is_limited() -> None:
     assert all(lim is not None and lim.meter == "shape" and isinstance(lim.bucket, Shaper) for lim in shaped)
     assert shaped[UPLOAD].queue_bytes == 20 * 1024 and shaped[UPLOAD].burst == 4096
     window = decided["a.window.example"].limits[UPLOAD]
-    assert window is not None and window.meter == "window" and window.bucket is None  # made at its first packet
-    assert decided["a.window.example"].flow.buckets[DOWNLOAD] is None  # no download packet yet: no meter
+    # The window meters are handed out too, each begun at its direction's first limited packet: the
+    # upload's at the hello that decided the flow, the download's not yet (no download packet).
+    assert window is not None and window.meter == "window" and isinstance(window.bucket, WindowMeter)
+    assert window.bucket.start == 1.0 and (window.rate, window.burst) == (16250.0, 16384)
+    down = decided["a.window.example"].limits[DOWNLOAD]
+    assert down is not None and isinstance(down.bucket, WindowMeter) and down.bucket.start is None
     assert decided["example.org"].limits == (None, None)
 
 
@@ -130,8 +134,9 @@ def test_map_values_match_the_c_structs() -> None:
     """Sizes and offsets of throttle.bpf.c's flow_value and bucket (its comments list them)."""
     bpf = ROOT / "throttle/kernel/bpf"
     source = (bpf / "throttle.bpf.c").read_text() + (bpf / "layout.h").read_text()  # the structs: in layout.h
-    assert VALUE.size == 80 and BUCKET.size == 48
-    for field in ("__u64 payload;", "__u64 after_bytes;", "__u32 bucket;", "__u32 priority;", "__u64 fill_ns;"):
+    assert VALUE.size == 80 and BUCKET.size == 72
+    for field in ("__u64 payload;", "__u64 after_bytes;", "__u32 bucket;", "__u32 priority;", "__u64 fill_ns;",
+                  "__u64 window_ns;"):
         assert field in source
 
 

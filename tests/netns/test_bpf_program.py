@@ -1,8 +1,9 @@
 """The eBPF program itself, run on crafted Ethernet frames with BPF_PROG_TEST_RUN (root; nothing is
 attached to any interface and nothing is sent, so it runs in this process's own namespace): every
 return to the normal path counts its reason exactly once, a hit counts none, the verdicts are the
-ones the fast path has always given, and the codecs of throttle/kernel/layout.py read the counters
-the program wrote. An object whose structs differ from the definition is refused before use.
+ones the fast path has always given, the window meter passes and drops exactly the frames the
+engine's WindowMeter does, and the codecs of throttle/kernel/layout.py read the counters the
+program wrote. An object whose structs differ from the definition is refused before use.
 Fails, never skips, without root or clang."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,8 +40,8 @@ def frame(l3: object) -> bytes:
     return bytes(raw(Ether(src=CLIENT_MAC, dst=CENSOR_MAC) / l3))
 
 
-def tcp(flags: str = "A", ttl: int = 64, sport: int = 40000) -> bytes:
-    return frame(IP(src=CLIENT, dst=SERVER, ttl=ttl) / TCP(sport=sport, dport=443, flags=flags) / Raw(PAYLOAD))
+def tcp(flags: str = "A", ttl: int = 64, sport: int = 40000, payload: bytes = PAYLOAD) -> bytes:
+    return frame(IP(src=CLIENT, dst=SERVER, ttl=ttl) / TCP(sport=sport, dport=443, flags=flags) / Raw(payload))
 
 
 def key(proto: int, src: str, sport: int, dst: str, dport: int) -> bytes:
@@ -179,6 +181,128 @@ def test_hits_count_no_fallback_and_keep_their_verdicts(program: libbpf.BpfObjec
     assert run(program, data6)[::2] == (TC_ACT_REDIRECT, {})
     assert flow(program, udp6)["bytes"] == len(data6) - 14
     assert sum(libbpf.fallbacks(program.map_fds["fallbacks"]).values()) == 0
+
+
+# -- the window meter, frame by frame against the engine's -----------------------------------------
+# The program reads the time itself (bpf_ktime_get_ns, CLOCK_MONOTONIC), so a frame cannot be given
+# a time. Its meter's only time is where its interval began (`start_ns`), and a window meter depends
+# only on how long ago that was: so the bucket is kept in the test's own clock (sim ns, from 100 s)
+# and, just before each run, moved to the real clock by the offset real - sim read then. The
+# program then sees the frame at its sim time plus the few microseconds the run takes (EPSILON
+# bounds it: a run that took longer is undone and run again). Frames are kept MARGIN away from
+# the engine's interval boundaries, so those microseconds never change an interval.
+RATE, BURST = 16250.0, 16384  # 130 kbit/s, "16KB": an interval of 1.008 s (docs/incidents.md §1.11)
+MARGIN, EPSILON = 0.05, 0.02  # seconds
+BUCKET_KEY = struct.pack("=I", 1)
+
+
+class SimClock:
+    """The program's bucket 1 and flow TCP_KEY, run at sim times (see above)."""
+
+    def __init__(self, obj: libbpf.BpfObject) -> None:
+        self.obj = obj
+        self.buckets, self.flows = obj.map_fds["buckets"], obj.map_fds["flows"]
+        self.retries = 0
+
+    def bucket(self) -> dict[str, int]:
+        raw = libbpf.map_lookup(self.buckets, BUCKET_KEY, BUCKET.size)
+        assert raw is not None
+        return BUCKET.unpack(raw)
+
+    def _shift(self, fields: dict[str, int], by: int) -> None:
+        if fields["start_ns"]:  # 0: not begun, in any clock
+            fields = {**fields, "start_ns": fields["start_ns"] + by}
+        libbpf.map_update(self.buckets, BUCKET_KEY, BUCKET.pack(**fields))
+
+    def run(self, data: bytes, at: float) -> int:
+        """The program's verdict on `data` arriving at sim time `at` (seconds)."""
+        for _ in range(20):
+            saved = self.bucket(), libbpf.map_lookup(self.flows, TCP_KEY, FLOW_VALUE.size)
+            offset = time.monotonic_ns() - int(at * 1e9)
+            self._shift(saved[0], offset)
+            verdict, _ = libbpf.run_program(self.obj.program_fd, data)
+            took = time.monotonic_ns() - offset - int(at * 1e9)
+            if took <= EPSILON * 1e9:
+                self._shift(self.bucket(), -offset)
+                return verdict
+            self.retries += 1  # descheduled mid-run: undo it and run again
+            libbpf.map_update(self.buckets, BUCKET_KEY, BUCKET.pack(**saved[0]))
+            assert saved[1] is not None
+            libbpf.map_update(self.flows, TCP_KEY, saved[1])
+        pytest.fail("20 runs in a row took longer than EPSILON: the machine is too busy to run this test")
+
+
+def schedule(start: float, pieces: list[tuple[float, float, float]]) -> list[float]:
+    """Frame times: for each (from, to, gap) piece, every `gap` seconds, all relative to `start`
+    (where the engine's first interval begins), leaving out those within MARGIN of a boundary."""
+    interval = BURST / RATE
+    times = []
+    for lo, hi, gap in pieces:
+        for k in range(round((hi - lo) / gap)):
+            t = lo + k * gap
+            if t == 0 or MARGIN <= t % interval <= interval - MARGIN:  # 0: the boundary the meter begins at
+                times.append(start + t)
+    return times
+
+
+SIZES = [1400, 1400, 600, 1400, 100, 1400, 1000, 1400, 1400, 300]  # payloads in turn: the budget fills unevenly
+
+
+def test_the_window_meter_drops_exactly_what_the_engines_drops(program: libbpf.BpfObject) -> None:
+    """Frames of a limited direction at known times through the program's window meter and the
+    engine's WindowMeter (engine/buckets.py), pass for pass: a line-rate burst, a steady stream,
+    a gap of several intervals, a second burst. First a meter not begun (the kernel begins it at
+    its first frame, as the engine does); then one handed over begun, mid-interval, with bytes
+    used, as kernel/maps.window_value writes it for the hand-over."""
+    from throttle.engine.buckets import WindowMeter
+    from throttle.kernel.maps import window_value
+
+    clock = SimClock(program)
+    frames = [tcp(payload=b"x" * n) for n in SIZES]
+    add(program, TCP_KEY, bucket=1)
+
+    def compare(meter: WindowMeter, times: list[float]) -> list[tuple[float, int, bool]]:
+        log = []
+        for i, t in enumerate(times):
+            data = frames[i % len(frames)]
+            verdict = clock.run(data, t)
+            assert verdict in (TC_ACT_REDIRECT, TC_ACT_SHOT), verdict
+            log.append((t, len(data) - 14, verdict == TC_ACT_REDIRECT))
+            engine = meter.allow(len(data) - 14, t)
+            assert (verdict == TC_ACT_REDIRECT) == engine, (i, t, log[-5:])
+        return log
+
+    # A meter not begun: the kernel's first interval begins at its first frame, as the engine's.
+    libbpf.map_update(program.map_fds["buckets"], BUCKET_KEY, window_value(1, RATE, BURST, None, 0))
+    first = 100.0
+    log = compare(WindowMeter(RATE, BURST), schedule(first, [(0.0, 0.9, 0.002), (1.1, 3.9, 0.05), (8.1, 9.0, 0.002),
+                                                              (9.1, 11.0, 0.02)]))
+    kernel = clock.bucket()
+    assert kernel["window_ns"] == round(BURST / RATE * 1e9) and kernel["start_ns"] > 0
+    counters = flow(program, TCP_KEY)
+    passed = [(t, n) for t, n, ok in log if ok]
+    assert counters["packets"] == len(passed) and counters["dropped_packets"] == len(log) - len(passed)
+    assert counters["bytes"] == sum(n for _, n in passed)
+    # And what both decided is the 2021 pattern: every interval offered more than the budget
+    # passes the budget, to within a frame, and drops the rest.
+    per_interval: dict[int, list[tuple[int, bool]]] = {}
+    for t, n, ok in log:
+        per_interval.setdefault(int((t - first) // (BURST / RATE)), []).append((n, ok))
+    assert {0, 1, 2, 3, 8, 9, 10} <= set(per_interval)  # the gap skipped intervals 4-7
+    for k, entries in per_interval.items():
+        passed_bytes = sum(n for n, ok in entries if ok)
+        assert passed_bytes <= BURST, k
+        if sum(n for n, _ in entries) > BURST:
+            assert passed_bytes > BURST - max(n for n, _ in entries) and not all(ok for _, ok in entries), k
+
+    # Handed over begun: the engine's meter began at 200 s and passed frames for 0.4 s first.
+    meter = WindowMeter(RATE, BURST, now=200.0)
+    for i, t in enumerate(schedule(200.0, [(0.0, 0.4, 0.05)])):
+        meter.allow(len(frames[i % len(frames)]) - 14, t)
+    assert meter.start == 200.0 and 0 < meter.used < BURST
+    libbpf.map_update(program.map_fds["buckets"], BUCKET_KEY, window_value(1, RATE, BURST, meter.start, meter.used))
+    compare(meter, schedule(200.0, [(0.45, 1.0, 0.004), (1.0, 4.5, 0.03)]))
+    print(f"\n{len(log)} + handed-over frames agreed; {clock.retries} runs redone (descheduled)")
 
 
 def test_an_object_whose_structs_differ_is_refused_before_use(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ otherwise it is dropped and costs nothing. A full bucket lets `burst` bytes thro
 then the flow gets `rate` on average.
 
 Window meter (the loss pattern of §11): time is cut into fixed intervals of `burst / rate` seconds,
-the first starting at the meter's creation (the direction's first limited packet). In each interval
+the first starting at the meter's first packet (the direction's first limited packet; a meter
+made earlier, when the flow was decided, waits for it), or at `now` when one is given. In each interval
 the packets that fit in `burst` bytes pass, in arrival order; every later packet of that interval
 is dropped and costs nothing. Unused bytes are not carried over. At line rate, a 16 KB budget over
 1.008 s (130 kbit/s) passes 16 KB in the first few milliseconds, then drops for the rest of the
@@ -51,19 +52,22 @@ class Policer:
 class WindowMeter:
     __slots__ = ("rate", "burst", "interval", "start", "used")
 
-    def __init__(self, rate: float, burst: int, now: float) -> None:
+    def __init__(self, rate: float, burst: int, now: float | None = None) -> None:
         if rate <= 0 or burst <= 0:
             raise ValueError("a window meter needs a positive rate and burst")
         self.rate = rate
         self.burst = burst
         self.interval = burst / rate  # seconds; `burst` bytes per interval is `rate` on average
-        self.start = now  # when the current interval began
+        self.start = now  # when the current interval began; None: at the next packet
         self.used = 0  # bytes passed in the current interval
 
     def allow(self, size: int, now: float) -> bool:
         """Whether a packet of `size` bytes arriving at `now` passes; counts it if so."""
-        if now >= self.start + self.interval:
-            self.start += self.interval * ((now - self.start) // self.interval)
+        start = self.start
+        if start is None:
+            self.start = now
+        elif now >= start + self.interval:
+            self.start = start + self.interval * ((now - start) // self.interval)
             self.used = 0
         if self.used + size <= self.burst:
             self.used += size

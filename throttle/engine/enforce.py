@@ -1,8 +1,8 @@
 """Enforcement: a limited flow's packets against its token buckets (`throttle.engine.buckets`).
 
 A rule's buckets are per flow, per client address or one for the whole rule (`scope`), always one
-per direction (docs/incidents.md §1.9). A policer passes or drops; a shaper gives a release time, or
-drops when the packet would wait longer than the queue bound.
+per direction (docs/incidents.md §1.9). A policer or a window meter (§1.11) passes or drops; a shaper
+gives a release time, or drops when the packet would wait longer than the queue bound.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from throttle.engine.buckets import Bucket, Policer, Shaper, WindowMeter
-from throttle.engine.events import DirectionLimit, Event, Limited, Limits, Verdict
+from throttle.engine.events import DirectionLimit, Event, Limited, Limits, Meter, Verdict
 from throttle.engine.flows import DIRECTION_NAMES, DOWNLOAD, UPLOAD, Direction, Flow, Side, State
 from throttle.scenario import Rule
 
@@ -23,7 +23,7 @@ DROP: Decision = (Verdict.DROP, 0.0)
 
 def make_bucket(rule: Rule, now: float) -> Bucket:
     if rule.meter == "window":  # police only (the loader checks): fixed intervals of burst bytes (§11)
-        return WindowMeter(rule.rate, rule.burst, now)
+        return WindowMeter(rule.rate, rule.burst)  # its first interval starts at its first packet
     if rule.action != "shape":  # police, or drop and rst: a policer without rate or burst (the loader sets both 0)
         return Policer(rule.rate, rule.burst, now)
     return Shaper(rule.rate, rule.burst, now, max_delay=rule.queue_delay, max_bytes=rule.queue_bytes)
@@ -89,24 +89,22 @@ class Enforcer:
         return flow.buckets[d] or self._bucket(flow, rule, d, now)
 
     def limits(self, flow: Flow, now: float) -> Limits:
-        """How each direction of a just decided flow is limited (see `DirectionLimit`). Policers
-        and shapers are made now: a bucket starts full and its refill stops at full, so one made
-        before the direction's first limited packet behaves as one made at it. Window meters are
-        not (their intervals start when they are made)."""
+        """How each direction of a just decided flow is limited (see `DirectionLimit`). Its
+        buckets are made now: a bucket starts full and its refill stops at full, so one made
+        before the direction's first limited packet behaves as one made at it, and a window meter
+        starts its first interval at its first packet, whenever it was made."""
         return self._limit(flow, UPLOAD, now), self._limit(flow, DOWNLOAD, now)
 
     def _limit(self, flow: Flow, d: Direction, now: float) -> DirectionLimit | None:
         rule = flow.rule
         if flow.state != State.LIMITED or rule is None or not _limits(rule, d):
             return None
-        if rule.meter == "window":
-            return DirectionLimit("window", rule.rate, rule.burst, None, 0.0, rule.after_bytes, flow.sides[d])
         bucket = flow.buckets[d] or self._bucket(flow, rule, d, now)
         if isinstance(bucket, Shaper):
             return DirectionLimit("shape", bucket.rate, bucket.burst, bucket, bucket.max_backlog, rule.after_bytes,
                                   flow.sides[d])
-        assert isinstance(bucket, Policer)  # make_bucket: a window meter only for meter "window"
-        return DirectionLimit("police", bucket.rate, bucket.burst, bucket, 0.0, rule.after_bytes, flow.sides[d])
+        meter: Meter = "window" if isinstance(bucket, WindowMeter) else "police"
+        return DirectionLimit(meter, bucket.rate, bucket.burst, bucket, 0.0, rule.after_bytes, flow.sides[d])
 
     def _drop(self, rule: Rule, name: str, d: Direction, side: Side, size: int, now: float) -> Decision:
         side.dropped_packets += 1

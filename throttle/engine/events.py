@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Literal
 
-from throttle.engine.buckets import Policer, Shaper
+from throttle.engine.buckets import Bucket
 from throttle.engine.flows import Direction, EndReason, Flow, Side
 
 
@@ -35,17 +35,17 @@ class DirectionLimit:
     out elsewhere (the kernel) without asking the engine again.
 
     `bucket` is the engine's own, live: shared by every flow of a client or rule scope (so its
-    identity says which flows share a limit), and its credit (`tokens` as of `stamp`) is what the
-    other enforcer starts from when it takes the direction over. A window meter's is None: the
-    meter is made at the direction's first limited packet, where its intervals start (no other
-    enforcer has window meters). `queue_bytes` bounds a shaper's backlog. `carried` is the payload
+    identity says which flows share a limit), and its state is what the other enforcer starts from
+    when it takes the direction over: a policer's or shaper's credit (`tokens` as of `stamp`), a
+    window meter's interval (`start`, None until its first packet, where its first interval
+    starts, and the bytes `used` in it). `queue_bytes` bounds a shaper's backlog. `carried` is the payload
     the direction has carried so far (live: the engine counts on while it still sees the flow), for
     `after_bytes`."""
 
     meter: Meter
     rate: float  # bytes per second
     burst: float  # bytes
-    bucket: Policer | Shaper | None
+    bucket: Bucket
     queue_bytes: float
     after_bytes: int
     counters: Side  # the direction's own, live

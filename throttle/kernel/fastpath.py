@@ -4,9 +4,9 @@ decision out, and Python never sees the flow's packets again. `FastPath` is the 
 It loads the eBPF program of `bpf/throttle.bpf.c` (C, built with clang, loaded with libbpf through
 `throttle.kernel.libbpf`) once, and attaches it to the clsact *ingress* hook of each censor
 interface (`throttle.kernel.tc`). For every IPv4/IPv6 TCP or UDP packet the program looks the
-5-tuple up in the `flows` map; on a hit it applies the direction's limit, if any (a token bucket in
-the `buckets` map: the engine's policer, in the kernel; a shaped direction gets its HTB class,
-`throttle.kernel.htb`), rewrites the Ethernet addresses, decrements the TTL / hop limit and
+5-tuple up in the `flows` map; on a hit it applies the direction's limit, if any (a token bucket or
+a window meter in the `buckets` map: the engine's policer, in the kernel; a shaped direction gets
+its HTB class, `throttle.kernel.htb`), rewrites the Ethernet addresses, decrements the TTL / hop limit and
 redirects the packet to the egress interface, so it never reaches the IP stack, netfilter or
 NFQUEUE. When both interfaces are ports of a bridge (the lab's in-path censor) a flow's entries
 carry no MACs (`NO_MAC`) and the program redirects the frame unchanged, TTL included. On a miss it
@@ -48,7 +48,7 @@ from throttle.kernel import libbpf, tc
 from throttle.kernel.htb import Qdiscs
 from throttle.kernel.maps import (HITS_KEY, INDEX, KEY, LEASE, LEASE_KEY, MAPS, NO_LIMIT, NS, PROGRAM, VALUE,
                                   Address, Counters, Limit, Snapshot, bucket_value, flow_value, last_ns, map_key,
-                                  packed)
+                                  packed, window_value)
 from throttle.kernel.neighbours import Hop, Hops, bridge_port, ifindex
 from throttle.kernel.netlink import Netlink
 from throttle.kernel.walker import Walker
@@ -203,10 +203,19 @@ class FastPath:
         self.remove(proto, server, sport, client, cport)
 
     def set_bucket(self, index: int, rate: float, burst: int, tokens: float, stamp: float) -> bool:
-        """Bucket `index` (1 and up) with this rate (bytes/s), burst (bytes), and credit `tokens`
-        (bytes) as of `stamp` (CLOCK_MONOTONIC seconds, the clock of the censor's event loop)."""
+        """Bucket `index` (1 and up) a token bucket with this rate (bytes/s), burst (bytes), and
+        credit `tokens` (bytes) as of `stamp` (CLOCK_MONOTONIC seconds, the clock of the censor's
+        event loop)."""
+        return self._write_bucket(index, bucket_value(index, rate, burst, tokens, stamp))
+
+    def set_window(self, index: int, rate: float, burst: int, start: float | None = None, used: int = 0) -> bool:
+        """Bucket `index` (1 and up) a window meter: `burst` bytes in each interval of burst /
+        `rate` seconds, the current one begun at `start` (CLOCK_MONOTONIC seconds, as `stamp`;
+        None: the first begins at the next packet that meets it) with `used` bytes passed."""
+        return self._write_bucket(index, window_value(index, rate, burst, start, used))
+
+    def _write_bucket(self, index: int, value: bytes) -> bool:
         self._check_open()
-        value = bucket_value(index, rate, burst, tokens, stamp)
         try:
             libbpf.map_update(self._buckets, INDEX.pack(index), value)
         except OSError as exc:

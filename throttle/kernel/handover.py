@@ -2,10 +2,10 @@
 the kernel carries it.
 
 The engine reports a decision (`FlowDecided`, with how each direction is limited); `Handover`
-decides whether the kernel can carry it out (TCP and UDP but DNS; not a window meter; not a shaper
-with less burst than a packet; not a shaped flow without the shaper's qdiscs), and how: forwarded,
-policed by the kernel's copy of the engine's bucket (a slot of the `buckets` map), or shaped by an
-HTB class on the direction's egress interface. Buckets shared between flows (scope client or rule)
+decides whether the kernel can carry it out (TCP and UDP but DNS; not a shaper with less burst than
+a packet; not a shaped flow without the shaper's qdiscs), and how: forwarded, policed by the
+kernel's copy of the engine's token bucket or window meter (a slot of the `buckets` map), or shaped
+by an HTB class on the direction's egress interface. Buckets shared between flows (scope client or rule)
 share their slot or class (`BucketSlots`).
 
 A flow's kernel side is one `KernelFlow` record: its two map keys (computed here, once), where
@@ -31,7 +31,7 @@ from functools import partial
 from typing import Any, Optional, Protocol
 
 from throttle.engine import (DOWNLOAD, UPLOAD, Direction, DirectionLimit, Event, Flow, FlowDecided, FlowEnded, Limits,
-                             State)
+                             State, WindowMeter)
 from throttle.errors import ThrottleError
 from throttle.kernel.fastpath import FastPath
 from throttle.kernel.htb import HTB_CLASSES, MIN_BURST, class_id
@@ -216,8 +216,6 @@ class Handover:
         limit = record.limits[d]
         if limit is None:
             return True
-        if limit.bucket is None:
-            return False  # a window meter: the kernel has token buckets only (§1.11)
         if limit.meter == "shape":
             if limit.burst < MIN_BURST:
                 # HTB's classes are given at least a full packet of burst, so a smaller one (§2.17's
@@ -334,16 +332,20 @@ class Handover:
 
     def _kernel_limit(self, record: KernelFlow, d: Direction) -> Limit | None:
         """Direction `d`'s limit in the kernel. A policer's bucket is written with the engine's
-        bucket's credit as it is now, when the first flow that uses its slot enters the map."""
+        bucket's state as it is now (a token bucket's credit; a window meter's interval and the
+        bytes used in it, or none yet: then the kernel begins it at the direction's first limited
+        packet, as the engine would have), when the first flow that uses its slot enters the map."""
         limit, slot = record.limits[d], record.slots[d]
         if limit is None or slot is None:
             return None
         if limit.meter == "shape":
             return Limit(0, limit.after_bytes, limit.carried, class_id(slot))
         bucket = limit.bucket
-        assert bucket is not None
         if slot not in self._written:
-            self.fast.set_bucket(slot, bucket.rate, int(bucket.burst), bucket.tokens, bucket.stamp)
+            if isinstance(bucket, WindowMeter):
+                self.fast.set_window(slot, bucket.rate, bucket.burst, bucket.start, bucket.used)
+            else:
+                self.fast.set_bucket(slot, bucket.rate, int(bucket.burst), bucket.tokens, bucket.stamp)
             self._written.add(slot)
         return Limit(slot, limit.after_bytes, limit.carried)
 

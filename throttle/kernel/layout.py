@@ -1,6 +1,6 @@
 """The one definition of what the eBPF program and Python share: the map structs (`flow_key`,
-`flow_value`, `bucket`), the maps that hold them, and the reasons a packet falls back to the
-normal path (the index of the `fallbacks` map).
+`flow_value`, `bucket`: a token bucket or a window meter), the maps that hold them, and the
+reasons a packet falls back to the normal path (the index of the `fallbacks` map).
 
 Both sides come from here. `c_header()` is the text of `bpf/layout.h`, which throttle.bpf.c
 includes (`throttle kernel build` rewrites it when this definition changes; a unit test keeps the
@@ -216,14 +216,17 @@ FLOW_VALUE = Struct("flow_value", "what the program does with one direction, and
     Field("priority", U32, doc="skb->priority: the shaper's HTB class (major:minor); 0: not shaped"),
 ))
 
-BUCKET = Struct("bucket", "a policer's token bucket (engine/buckets.py Policer)", (
+BUCKET = Struct("bucket", "a policer's meter (engine/buckets.py): a token bucket, or a window", (
     Field("lock", SPIN_LOCK, doc="the kernel's; Python leaves it zero"),
     Field("pad", U32, pad=True),
     Field("rate", U64, doc="bytes per second; 0 freezes once the burst is spent"),
-    Field("burst", U64, doc="bytes"),
+    Field("burst", U64, doc="bytes (a window's: its budget per interval)"),
     Field("fill_ns", U64, doc="how long an empty bucket takes to fill: burst / rate"),
     Field("tokens", U64, doc="credit, in bytes x 10^9"),
     Field("stamp_ns", U64, doc="when the credit was last brought up to date"),
+    Field("window_ns", U64, doc="a window's interval, burst / rate; 0: a token bucket (Policer)"),
+    Field("start_ns", U64, doc="when the window's interval began; 0: at its next packet"),
+    Field("used", U64, doc="bytes the window passed in its interval"),
 ))
 
 STRUCTS = (FLOW_KEY, FLOW_VALUE, BUCKET)

@@ -1,5 +1,6 @@
 """The eBPF program's maps as Python reads and writes them: the kernel's key of one direction of a
-flow (`map_key`), a direction's value and a bucket packed for the maps, and what the program
+flow (`map_key`), a direction's value and a meter (a token bucket or a window) packed for the
+maps, and what the program
 counted, read back (`Counters`, `Snapshot`). The structs themselves (`KEY`, `VALUE`, `BUCKET`) are
 the codecs of `throttle.kernel.layout`, the one definition both the C program and Python are made
 from (libbpf refuses an object whose BTF differs from it).
@@ -21,6 +22,7 @@ from throttle.kernel.layout import BUCKET, FLOW_KEY, FLOW_VALUE
 __all__ = [
     "BUCKET", "BUCKETS", "HITS_KEY", "INDEX", "KEY", "LEASE", "LEASE_KEY", "MAPS", "NO_LIMIT", "NO_MAC", "NS", "PROGRAM",
     "VALUE", "Address", "Counters", "Limit", "Snapshot", "bucket_value", "flow_value", "last_ns", "map_key", "packed",
+    "window_value",
 ]
 
 # An address: packed, or any form ipaddress takes.
@@ -96,13 +98,30 @@ def last_ns(value: bytes) -> int:
 
 
 def bucket_value(index: int, rate: float, burst: int, tokens: float, stamp: float) -> bytes:
-    """Bucket `index`'s value: `rate` bytes/s, `burst` bytes, credit `tokens` bytes as of `stamp`
-    (CLOCK_MONOTONIC seconds)."""
-    if not 0 < index < BUCKETS:
-        raise ThrottleError(f"bucket index {index} is outside 1-{BUCKETS - 1}")
+    """Bucket `index`'s value as a token bucket: `rate` bytes/s, `burst` bytes, credit `tokens`
+    bytes as of `stamp` (CLOCK_MONOTONIC seconds)."""
+    _check_index(index)
     fill_ns = int(burst * NS / rate) + 1 if rate > 0 else 0
     return BUCKET.pack(rate=int(rate), burst=int(burst), fill_ns=fill_ns, tokens=int(max(0.0, tokens) * NS),
                        stamp_ns=int(stamp * NS))
+
+
+def window_value(index: int, rate: float, burst: int, start: float | None, used: int) -> bytes:
+    """Bucket `index`'s value as a window meter (engine/buckets.py WindowMeter): `burst` bytes in
+    each interval of burst / `rate` seconds, the current one begun at `start` (CLOCK_MONOTONIC
+    seconds; None: the first begins at the next packet) with `used` bytes passed in it."""
+    _check_index(index)
+    if rate <= 0 or burst <= 0:
+        raise ThrottleError("a window meter needs a positive rate and burst")
+    window_ns = max(1, round(burst * NS / rate))
+    start_ns = 0 if start is None else max(1, int(start * NS))  # 0 is "not begun"
+    return BUCKET.pack(rate=int(rate), burst=int(burst), window_ns=window_ns, start_ns=start_ns,
+                       used=used if start is not None else 0)
+
+
+def _check_index(index: int) -> None:
+    if not 0 < index < BUCKETS:
+        raise ThrottleError(f"bucket index {index} is outside 1-{BUCKETS - 1}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,14 +34,17 @@ struct flow_value {             /* what the program does with one direction, and
 	__u32 priority;         /* skb->priority: the shaper's HTB class (major:minor); 0: not shaped */
 };
 
-struct bucket {                 /* a policer's token bucket (engine/buckets.py Policer) */
+struct bucket {                 /* a policer's meter (engine/buckets.py): a token bucket, or a window */
 	struct bpf_spin_lock lock; /* the kernel's; Python leaves it zero */
 	__u32 pad;
 	__u64 rate;             /* bytes per second; 0 freezes once the burst is spent */
-	__u64 burst;            /* bytes */
+	__u64 burst;            /* bytes (a window's: its budget per interval) */
 	__u64 fill_ns;          /* how long an empty bucket takes to fill: burst / rate */
 	__u64 tokens;           /* credit, in bytes x 10^9 */
 	__u64 stamp_ns;         /* when the credit was last brought up to date */
+	__u64 window_ns;        /* a window's interval, burst / rate; 0: a token bucket (Policer) */
+	__u64 start_ns;         /* when the window's interval began; 0: at its next packet */
+	__u64 used;             /* bytes the window passed in its interval */
 };
 
 enum fallback_reason {          /* why a packet took the normal path: its index in `fallbacks` */

@@ -6,11 +6,13 @@
  *
  *   - passed flows are forwarded at once (redirected to the egress interface with the next hop's
  *     MAC), past netfilter, conntrack and the NFQUEUE: an unlimited flow costs the censor nothing;
- *   - limited directions, once `after_bytes` of payload have passed free, either meet their token
- *     bucket (`buckets`): the same policer as throttle/engine/buckets.py (credit refilled at
- *     `rate`, at most `burst`, a packet passes when the credit covers it, else it is dropped), or,
- *     shaped, are given their HTB class in skb->priority and queued (delayed, or dropped past the
- *     queue's bound) by the egress interface's HTB qdisc, which the censor set up.
+ *   - limited directions, once `after_bytes` of payload have passed free, either meet their meter
+ *     (`buckets`): the same policers as throttle/engine/buckets.py, a token bucket (credit refilled
+ *     at `rate`, at most `burst`, a packet passes when the credit covers it, else it is dropped) or
+ *     a window meter (`burst` bytes pass in each fixed interval of burst / rate, the rest of the
+ *     interval is dropped: the 2021 loss pattern), or, shaped, are given their HTB class in
+ *     skb->priority and queued (delayed, or dropped past the queue's bound) by the egress
+ *     interface's HTB qdisc, which the censor set up.
  *
  * Packets this program does not parse always take the normal path: IPv4 with options or
  * fragments, IPv6 with extension headers, anything but TCP and UDP, a TCP SYN (a new connection on
@@ -79,13 +81,38 @@ struct {
 	__type(value, __u64);
 } lease SEC(".maps");
 
-/* Whether the bucket's credit covers `size` bytes now; takes it if so (engine/buckets.py Policer). */
+/* Whether a window meter lets `size` bytes through now; counts them if so (engine/buckets.py
+ * WindowMeter): fixed intervals of window_ns, the first from its first packet (start_ns 0 until
+ * then), `burst` bytes each, in arrival order; unused bytes are not carried over. No loop: the
+ * interval a late packet falls in is found by one division. Called with the lock held. */
+static __always_inline int window_allows(struct bucket *b, __u64 size, __u64 now)
+{
+	if (!b->start_ns) {
+		b->start_ns = now;
+		b->used = 0;
+	} else if (now > b->start_ns && now - b->start_ns >= b->window_ns) {
+		b->start_ns += (now - b->start_ns) / b->window_ns * b->window_ns;
+		b->used = 0;
+	}
+	if (b->used + size > b->burst)
+		return 0;
+	b->used += size;
+	return 1;
+}
+
+/* Whether the direction's meter lets `size` bytes through now; takes them if so: a window meter,
+ * or the token bucket (engine/buckets.py Policer), whose credit must cover them. */
 static __always_inline int bucket_allows(struct bucket *b, __u64 size, __u64 now)
 {
 	int ok = 0;
 	__u64 cost = size * NS_PER_S;
 
 	bpf_spin_lock(&b->lock);
+	if (b->window_ns) {
+		ok = window_allows(b, size, now);
+		bpf_spin_unlock(&b->lock);
+		return ok;
+	}
 	if (now > b->stamp_ns) {
 		__u64 elapsed = now - b->stamp_ns;
 		__u64 cap = b->burst * NS_PER_S;
