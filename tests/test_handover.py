@@ -324,7 +324,7 @@ def test_windowed_flows_go_to_the_kernel_with_the_meters_state() -> None:
     upload's interval began at the hello that decided the flow, so the kernel gets its start and
     the bytes used; the download's has not begun, so the kernel begins it at the first download
     packet, where the engine would have."""
-    fast = FakeFastPath(delay=0.2)
+    fast = FakeFastPath(held=True)
 
     async def main() -> None:
         censor = Censor(parse_scenario(WINDOW), inside_if="inside", outside_if="outside", inside_ifindex=INSIDE)
@@ -336,7 +336,7 @@ def test_windowed_flows_go_to_the_kernel_with_the_meters_state() -> None:
         up, down = flow.buckets
         assert isinstance(up, WindowMeter) and isinstance(down, WindowMeter)
         assert up.start is not None and up.used > 3 * 1400 and down.start is None
-        await asyncio.sleep(0.6)
+        await fast.settle()
         assert handover.limited == 1 and len(fast.map) == 2 and fast.buckets == {}
         slots = {limit.bucket for _, limit in fast.map.values()}
         assert len(slots) == 2 and 0 not in slots
@@ -344,7 +344,7 @@ def test_windowed_flows_go_to_the_kernel_with_the_meters_state() -> None:
             [(16250.0, 16384, up.start, up.used), (16250.0, 16384, None, 0)], key=str)
         # A second flow of the same client shares both meters, and so their slots: nothing rewritten.
         open_flow(censor, "video.twimg.com", client_port=41000)
-        await asyncio.sleep(0.6)
+        await fast.settle()
         assert handover.limited == 2 and len(fast.map) == 4 and len(fast.windows) == 2
         assert {limit.bucket for _, limit in fast.map.values()} == slots
 

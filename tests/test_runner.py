@@ -547,8 +547,8 @@ def test_a_runner_holds_each_throttled_probe_to_its_rules_prediction(tmp_path: P
         run.bytes, run.seconds, run.completed, run.cause = run.probe.size, run.probe.size / speed, True, "completed"
     runner._judge([r for r in runner.runs if r.probe.control])
     failed = {r.probe.name: r.check_failures for r in runner.runs if not r.passed}
-    assert failed == {"reddit-upload": ["throttled at 272.0 kbit/s, expected 138.9 kbit/s ±25% "
-                                        "(rule twitter: bucket at 130 kbit/s, burst 16384 B)"]}
+    assert failed == {"reddit-upload": ["throttled at 272.0 kbit/s, expected 118.2 kbit/s ±25% "
+                                        "(rule twitter: window at 130 kbit/s, burst 16384 B)"]}
     assert all(r.expected is None for r in runner.runs if r.probe.expect != "throttled")
 
 
