@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import ROOT
 from throttle.engine import Engine
 from throttle.errors import ThrottleError
-from throttle.kernel.firewall import DECIDED_MARK, Firewall
+from throttle.kernel.firewall import MARK_MASK, Firewall, fresh_mark
 from throttle.kernel.nfqueue import Hook, check_requirements
 from throttle.scenario import Scenario, load_scenario, parse_scenario
 
@@ -56,8 +56,12 @@ class FakePacket:
         self._set("repeat")
 
 
+MARK = 0x40000000  # a censor's decided mark (fresh_mark gives one in MARK_MASK)
+
+
 def make_hook(scenario: Scenario, **kwargs: Any) -> Hook:
     """The adapter around a fresh engine for `scenario`, as the censor composes it."""
+    kwargs.setdefault("decided_mark", MARK)
     return Hook(Engine(scenario.model, scenario.rules), **kwargs)
 
 
@@ -87,7 +91,7 @@ def test_verdicts_reach_the_packets() -> None:
         other = Conversation(client_port=41000)
         feed(hook, other.handshake() + [other.client(b"\xaa" * 200)])
         (p,) = feed(hook, [other.client(b"y" * 100)])
-        assert p.verdict == "repeat" and p.mark & DECIDED_MARK
+        assert p.verdict == "repeat" and p.mark & MARK_MASK == MARK
 
     asyncio.run(main())
 
@@ -142,13 +146,22 @@ def test_requirements_name_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_firewall_rules_are_fail_open_and_skip_decided_flows() -> None:
-    rules = [" ".join(r) for r in Firewall(queue=3).rules()]
-    assert rules[0] == "-p tcp --syn -j CONNMARK --set-xmark 0x0/0x40000000"  # new connections: undecided
+    rules = [" ".join(r) for r in Firewall(queue=3, mark=MARK).rules()]
+    assert rules[0] == "-p tcp --syn -j CONNMARK --set-xmark 0x0/0x7f800000"  # new connections: undecided
     # Decided flows: one rule per conntrack direction, so that their counters count each (stage connmark).
-    assert rules[1] == "-m connmark --mark 0x40000000/0x40000000 -m conntrack --ctdir ORIGINAL -j RETURN"
-    assert rules[2] == "-m connmark --mark 0x40000000/0x40000000 -j RETURN"
+    assert rules[1] == "-m connmark --mark 0x40000000/0x7f800000 -m conntrack --ctdir ORIGINAL -j RETURN"
+    assert rules[2] == "-m connmark --mark 0x40000000/0x7f800000 -j RETURN"
     assert all("--queue-bypass" in r and "--queue-num 3" in r for r in rules if "NFQUEUE" in r)
     assert Firewall(queue=3).chain == "THROTTLE_Q3"
+
+
+def test_each_censor_has_its_own_mark_so_an_earlier_ones_decisions_do_not_hold() -> None:
+    """Conntrack entries outlive a censor: a UDP flow an earlier censor passed keeps its mark for
+    minutes. Censors started one after the other have different marks, all inside the mask."""
+    marks = [fresh_mark(1_000_000.0 + s) for s in range(255)]
+    assert len(set(marks)) == 255 and all(m and m & MARK_MASK == m for m in marks)
+    assert fresh_mark(1_000_000.0) == fresh_mark(1_000_255.0)  # the cycle: 255 s
+    assert Firewall(queue=3).mark & MARK_MASK == Firewall(queue=3).mark != 0
 
 
 def test_connmark_counters_are_read_per_direction_from_both_families(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -157,13 +170,13 @@ def test_connmark_counters_are_read_per_direction_from_both_families(monkeypatch
     from throttle.children import Captured
     from throttle.kernel import firewall
 
-    fw = Firewall(queue=3)
+    fw = Firewall(queue=3, mark=MARK)
     up, down = (" ".join(r) for r in fw.connmark_rules())
 
     def listing(counts: tuple[int, int, int, int]) -> str:
         return "\n".join([
             "-N THROTTLE_Q3",
-            "-A THROTTLE_Q3 -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -c 9 540 -j CONNMARK --set-xmark 0x0/0x40000000",
+            "-A THROTTLE_Q3 -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -c 9 540 -j CONNMARK --set-xmark 0x0/0x7f800000",
             "-A THROTTLE_Q3 " + up.replace(" -j RETURN", f" -c {counts[0]} {counts[1]} -j RETURN"),
             "-A THROTTLE_Q3 " + down.replace(" -j RETURN", f" -c {counts[2]} {counts[3]} -j RETURN"),
             "-A THROTTLE_Q3 -p udp -c 77 7700 -j NFQUEUE --queue-num 3 --queue-bypass",

@@ -61,7 +61,8 @@ class Censor:
         self.engine = Engine(scenario.model, scenario.rules)
         # RSTs to inject (action "rst"): the injector learns from every packet where each end is.
         self.injector = Injector() if any(rule.action == "rst" for rule in scenario.rules) else None
-        self.hook = Hook(self.engine, bypass=bypass, inside_ifindex=inside_ifindex, on_events=self._on_events,
+        self.hook = Hook(self.engine, decided_mark=self.fw.mark, bypass=bypass, inside_ifindex=inside_ifindex,
+                         on_events=self._on_events,
                          on_error=metrics.hook_error if metrics is not None else None,
                          learn=self.injector.learn if self.injector is not None else None)
         self.fastpath: FastPath | None = None

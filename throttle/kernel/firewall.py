@@ -14,6 +14,12 @@ two ports, with physdev, since br_netfilter hands bridged packets to FORWARD.
     -p tcp -j NFQUEUE --queue-bypass          everything else goes to Python; with no process
     -p udp -j NFQUEUE --queue-bypass          bound to the queue, the kernel passes it (fail-open)
 
+BIT is not one fixed bit but this censor's own value in MARK_MASK (`fresh_mark`): conntrack entries
+outlive the censor that marked them (UDP's for up to two minutes after their last packet, TCP's for
+days), and a later censor in the same namespace must not take an earlier one's decisions for its
+own. With one fixed bit, a QUIC flow passed by one run let the same 5-tuple through the next run's
+censor unseen, whatever that scenario said of its name; a SYN clears the mark, but UDP has none.
+
 The two conntrack-mark rules are a path of their own for packets (passed flows the eBPF program
 does not carry, or not yet): `connmark_counters` reads their kernel counters, so that every packet
 is counted once (`throttle.measure.exporter`, stage connmark).
@@ -24,22 +30,30 @@ Commands are argument lists run with `-w` (wait for the xtables lock), never she
 from __future__ import annotations
 
 import shlex
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from throttle.children import Captured, capture
 from throttle.errors import ThrottleError
 from throttle.kernel.tools import find_tool, require_tool
 
-DECIDED_MARK = 0x40000000
+MARK_MASK = 0x7F800000  # the packet and conntrack mark bits the censor owns: 8 bits, 23-30
 TABLE = "mangle"
+
+
+def fresh_mark(now: float | None = None) -> int:
+    """A censor's own decided-flow mark in MARK_MASK: from the clock's seconds, so censors started
+    one after the other (within 255 s) in a namespace never share one; never 0 (no decision)."""
+    seconds = int(time.time() if now is None else now)
+    return (1 + seconds % 255) << 23
 
 
 @dataclass(frozen=True)
 class Firewall:
     queue: int = 0
-    mark: int = DECIDED_MARK
+    mark: int = field(default_factory=fresh_mark)  # this censor's value in MARK_MASK
     hook_chain: str = "FORWARD"
     # One jump into our chain per entry, each with its extra matches. In the lab: one jump for
     # everything the censor namespace forwards. In gateway mode: only packets between the two
@@ -65,19 +79,19 @@ class Firewall:
     def connmark_rules(self) -> tuple[list[str], list[str]]:
         """The rules that forward decided flows (conntrack mark set): upload (the conntrack entry's
         original direction, the opener's), then download."""
-        m = f"{self.mark:#x}/{self.mark:#x}"
+        m = f"{self.mark:#x}/{MARK_MASK:#x}"
         return (["-m", "connmark", "--mark", m, "-m", "conntrack", "--ctdir", "ORIGINAL", "-j", "RETURN"],
                 ["-m", "connmark", "--mark", m, "-j", "RETURN"])
 
     def rules(self) -> list[list[str]]:
-        m = f"{self.mark:#x}/{self.mark:#x}"
+        m = f"{self.mark:#x}/{MARK_MASK:#x}"
         q = ["-j", "NFQUEUE", "--queue-num", str(self.queue), "--queue-bypass"]
         return [
             # A new connection forgets the decision of an old one with the same 5-tuple (whose
             # end the censor may never have seen, its packets having bypassed it).
-            ["-p", "tcp", "--syn", "-j", "CONNMARK", "--set-xmark", f"0x0/{self.mark:#x}"],
+            ["-p", "tcp", "--syn", "-j", "CONNMARK", "--set-xmark", f"0x0/{MARK_MASK:#x}"],
             *self.connmark_rules(),
-            ["-m", "mark", "--mark", m, "-j", "CONNMARK", "--save-mark", "--nfmask", hex(self.mark), "--ctmask", hex(self.mark)],
+            ["-m", "mark", "--mark", m, "-j", "CONNMARK", "--save-mark", "--nfmask", hex(MARK_MASK), "--ctmask", hex(MARK_MASK)],
             ["-m", "mark", "--mark", m, "-j", "RETURN"],
             ["-p", "tcp", *q],
             ["-p", "udp", *q],

@@ -33,7 +33,7 @@ from typing import Protocol
 
 from throttle.engine import Engine, Event, FlowDecided, Verdict
 from throttle.errors import ThrottleError
-from throttle.kernel.firewall import DECIDED_MARK
+from throttle.kernel.firewall import MARK_MASK
 from throttle.kernel.tools import require_root, require_tool
 
 QUEUE_MAXLEN = 65536  # packets the kernel keeps for us, held ones included
@@ -130,13 +130,14 @@ class HookStats:
 class Hook:
     """One engine behind one queue. `on_packet` for every packet, `after_batch` after each read."""
 
-    def __init__(self, engine: Engine, *, bypass: bool = True, inside_ifindex: int | None = None,
+    def __init__(self, engine: Engine, *, decided_mark: int, bypass: bool = True, inside_ifindex: int | None = None,
                  on_events: Callable[[list[Event]], None] | None = None,
                  on_error: Callable[[], None] | None = None,
                  learn: Callable[[QueuedPacket, bytes], None] | None = None) -> None:
         self.engine = engine
         self.learn = learn  # sees every packet read, before the engine (the RST injector's MAC table)
         self.bypass = bypass  # False keeps every packet in Python (a benchmark baseline)
+        self.decided_mark = decided_mark  # the firewall's (Firewall.mark): its rules forward such flows
         self.inside_ifindex = inside_ifindex
         self.on_events = on_events
         self.on_error = on_error
@@ -180,7 +181,7 @@ class Hook:
             pkt.accept()
         elif verdict == Verdict.BYPASS:
             stats.bypassed += 1
-            pkt.set_mark(pkt.get_mark() | DECIDED_MARK)
+            pkt.set_mark(pkt.get_mark() & ~MARK_MASK | self.decided_mark)
             pkt.repeat()
         elif verdict == Verdict.DROP:
             stats.dropped += 1
