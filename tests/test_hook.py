@@ -148,9 +148,13 @@ def test_requirements_name_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_firewall_rules_are_fail_open_and_skip_decided_flows() -> None:
     rules = [" ".join(r) for r in Firewall(queue=3, mark=MARK).rules()]
     assert rules[0] == "-p tcp --syn -j CONNMARK --set-xmark 0x0/0x7f800000"  # new connections: undecided
+    # Packets the engine passed and handed over (REPEAT with the mark) come back first: they are
+    # counted by the engine, never by the conntrack-mark rules' counters.
+    assert rules[1].startswith("-m mark --mark 0x40000000/0x7f800000 -j CONNMARK --save-mark")
+    assert rules[2] == "-m mark --mark 0x40000000/0x7f800000 -j RETURN"
     # Decided flows: one rule per conntrack direction, so that their counters count each (stage connmark).
-    assert rules[1] == "-m connmark --mark 0x40000000/0x7f800000 -m conntrack --ctdir ORIGINAL -j RETURN"
-    assert rules[2] == "-m connmark --mark 0x40000000/0x7f800000 -j RETURN"
+    assert rules[3] == "-m connmark --mark 0x40000000/0x7f800000 -m conntrack --ctdir ORIGINAL -j RETURN"
+    assert rules[4] == "-m connmark --mark 0x40000000/0x7f800000 -j RETURN"
     assert all("--queue-bypass" in r and "--queue-num 3" in r for r in rules if "NFQUEUE" in r)
     assert Firewall(queue=3).chain == "THROTTLE_Q3"
 
