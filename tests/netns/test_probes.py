@@ -220,6 +220,9 @@ size = "256KB"
 protocol = "browser"
 http3 = true
 expect = "throttled"
+# Chromium's own QUIC sender against a 4 KB-burst policer: 445-478 kbit/s on an idle machine, 364
+# once in a full run on a busy one (496 predicted); at twice or half the rate it is still far out.
+tolerance = "40%"
 """
 
 
