@@ -125,6 +125,10 @@ class Background:
             self._kill()
             raise
         if self.ready not in line:
+            try:  # it is failing: let it finish saying why (a traceback is many lines) before the kill
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
             self._kill()
             assert self.proc.stderr is not None
             rest = self.proc.stderr.read()
