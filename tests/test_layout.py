@@ -19,7 +19,8 @@ PACKAGE = ROOT / "throttle"
 
 # Each layer may import itself and the layers listed after it, nothing else of throttle.
 LAYERS = {
-    "cli": {"cli", "censor", "measure", "lab", "kernel", "engine", "scenario", "wire", "base"},
+    "cli": {"cli", "censor", "infer", "measure", "lab", "kernel", "engine", "scenario", "wire", "base"},
+    "infer": {"infer", "measure", "lab", "kernel", "engine", "scenario", "wire", "base"},
     "censor": {"censor", "measure", "kernel", "engine", "scenario", "wire", "base"},
     "measure": {"measure", "lab", "kernel", "engine", "scenario", "wire", "base"},
     "lab": {"lab", "kernel", "scenario", "wire", "base"},
@@ -92,7 +93,7 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_the_package_has_its_subpackages() -> None:
-    for sub in ("wire", "engine", "scenario", "kernel", "lab", "measure", "cli"):
+    for sub in ("wire", "engine", "scenario", "kernel", "lab", "measure", "infer", "cli"):
         assert (PACKAGE / sub / "__init__.py").is_file(), sub
     assert not (PACKAGE / "scenarios").exists(), "the bundled scenarios live in the top-level scenarios/ folder"
 
