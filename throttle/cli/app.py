@@ -19,6 +19,7 @@ from throttle.cli.classify import classify
 from throttle.cli.cleanup import cleanup
 from throttle.cli.demo import demo
 from throttle.cli.evasions import evasions
+from throttle.cli.infer import infer
 from throttle.cli.kernel import kernel_app
 from throttle.cli.lab import lab_app
 from throttle.cli.run import bench, run
@@ -38,6 +39,7 @@ app.command()(censor)
 app.command()(run)
 app.command()(bench)
 app.command()(evasions)
+app.command()(infer)
 app.add_typer(scenarios_app, name="scenarios", context_settings=HELP)
 app.command()(demo)
 app.add_typer(lab_app, name="lab", context_settings=HELP)
