@@ -1,0 +1,78 @@
+"""`throttle infer` on a lab capture, the issue's "done when": twitter-2021-03-10 at 50 ms RTT,
+captured at the client, is inferred as policed (the window meter of the 2021 scenarios, or a
+bucket) at the scenario's rate +-10% for pbs.twimg.com both ways, and none for the control; then
+`--write` writes a scenario that `--check` runs in the lab and finds the same.
+
+Only the photo upload, the photo download and the control of the scenario run (the other probes
+repeat the same rule and name): about 20 s for the capture and 20 s for the check, in its own lab.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, lab_name, scenario_path
+from tests.netns.conftest import lab_session
+from throttle.lab.topology import CLIENT_IF, Lab
+
+pytestmark = pytest.mark.netns
+
+LAB = lab_name("infer")
+KEEP = ("twitter-photo-upload", "twitter-photo-download", "control-upload")
+RATE_BPS = 130_000.0
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    yield from lab_session(LAB, ["pbs.twimg.com", "example.org"])
+
+
+def trimmed(tmp: Path) -> Path:
+    """twitter-2021-03-10 with the probes in KEEP only, at 50 ms RTT."""
+    text = scenario_path("twitter-2021-03-10").read_text()
+    head, *probes = text.split("[[probe]]")
+    kept = [p for p in probes if any(f'name = "{name}"' in p for name in KEEP)]
+    assert len(kept) == len(KEEP)
+    path = tmp / "twitter-50ms.toml"
+    path.write_text('rtt = "50ms"\n' + head + "".join("[[probe]]" + p for p in kept))
+    return path
+
+
+def throttle(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "throttle", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
+
+
+def test_twitter_at_50ms_is_inferred_written_and_checked(lab: Lab, tmp_path: Path) -> None:
+    from throttle.measure.bench import Capture
+    from throttle.measure.runner import run_scenario
+    from throttle.scenario import load_scenario
+
+    scenario = load_scenario(trimmed(tmp_path))
+    capture = tmp_path / "client.pcap"
+    with Capture(lab, "client", CLIENT_IF, capture):
+        run_scenario(scenario, lab_name=lab.name, keep=True, baseline=False)
+        time.sleep(0.3)
+    result = throttle("infer", str(capture), "--json")
+    assert result.returncode == 0, result.stderr
+    flows = json.loads(result.stdout)["flows"]
+    twimg = [f for f in flows if f["server_name"] == "pbs.twimg.com"]
+    assert {f["direction"] for f in twimg} == {"upload", "download"}, flows
+    for flow in twimg:
+        assert flow["mechanism"] in ("window", "police"), flow
+        assert flow["rate_bps"] == pytest.approx(RATE_BPS, rel=0.10), flow
+    control = [f for f in flows if f["server_name"] == "example.org" and f["direction"] == "upload"]
+    assert control and all(f["mechanism"] == "none" for f in control), flows
+
+    written = tmp_path / "inferred.toml"
+    check = throttle("infer", str(capture), "--write", str(written), "--check", "--lab", lab.name, timeout=600)
+    assert written.is_file() and "pbs.twimg.com" in written.read_text()
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "the same" in check.stdout
