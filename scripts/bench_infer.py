@@ -23,6 +23,7 @@ builds its own lab (`binfer`) and always takes it down.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -239,13 +240,17 @@ def run_case(lab: Lab, case: Case, workdir: Path, infer: Callable[[Path], list[A
     scen_path.write_text(scenario_toml(case))
     scenario = load_scenario(scen_path)
     caps = {side: workdir / f"{side}.pcap" for side in ("client", "server")}
-    with Capture(lab, "client", CLIENT_IF, caps["client"]), Capture(lab, "server", SERVER_IF, caps["server"]):
-        if case.shared or case.kind == "congestion":
-            with competing(lab, case, workdir):
-                time.sleep(1.0 + 4 * case.rtt_ms / 1000)  # the competing flow past its start
-                run_scenario(scenario, lab_name=lab.name, keep=True, baseline=False)
-        else:
-            run_scenario(scenario, lab_name=lab.name, keep=True, baseline=False)
+    with Capture(lab, "client", CLIENT_IF, caps["client"]), Capture(lab, "server", SERVER_IF, caps["server"]), \
+            contextlib.ExitStack() as stack:
+
+        def phase(text: str) -> None:
+            # The competing flow starts once the censor runs (one it never saw begin would pass
+            # unlimited) and before the transfer, so that it is under way for all of it.
+            if text == "running the probes" and (case.shared or case.kind == "congestion"):
+                stack.enter_context(competing(lab, case, workdir))
+                time.sleep(1.0 + 4 * case.rtt_ms / 1000)
+
+        run_scenario(scenario, lab_name=lab.name, keep=True, baseline=False, on_phase=phase)
         time.sleep(0.3)  # the last packets reach the capture files
     samples = []
     for side, path in caps.items():
