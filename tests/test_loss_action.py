@@ -11,7 +11,7 @@ import pytest
 
 from throttle.engine import UPLOAD, Engine, FlowDecided, RandomLoss, State, Verdict
 from throttle.errors import ScenarioError
-from throttle.scenario import parse_scenario
+from throttle.scenario import Probe, parse_scenario
 
 from .packets import Conversation, python_hello
 
@@ -191,3 +191,97 @@ def test_the_map_value_carries_the_probability_as_a_threshold_on_a_32_bit_draw()
     value = VALUE.unpack(flow_value(3, NO_MAC, NO_MAC, 5, Limit(0, loss=0.25)))
     assert (value["loss"], value["bucket"], value["priority"]) == (2**30, 0, 0)
     assert VALUE.unpack(flow_value(3, NO_MAC, NO_MAC, 5, Limit(4)))["loss"] == 0
+
+
+# -- what a probe under loss is held to, and what the exporter shows ----------------------------------
+
+PROBES = '''
+[[probe]]
+name = "lossy-upload"
+host = "pbs.twimg.com"
+size = "1MB"
+expect = "normal"
+
+[[probe]]
+name = "lossy-download"
+host = "pbs.twimg.com"
+direction = "download"
+size = "1MB"
+
+[[probe]]
+name = "control"
+host = "example.org"
+expect = "normal"
+control = true
+'''
+
+
+def test_a_probe_under_loss_has_no_predicted_speed_and_is_judged_normal_when_fast() -> None:
+    from throttle.measure.judge import Figures, judge, reference_rate
+    from throttle.measure.predict import expected, predict_goodput
+    from throttle.measure.report import ProbeRun
+
+    s = parse_scenario(lossy(0.02, 'direction = "upload"\n') + PROBES)
+    (rule,) = s.rules
+    upload, download, control = s.probes
+    assert predict_goodput(rule, "upload", 1 << 20) is None and predict_goodput(rule, "upload") is None
+    lost = expected(s, upload)
+    assert (lost.kind, lost.rate, lost.rule) == ("loss", None, "lossy") and "at random" in lost.why
+    assert expected(s, download).kind == "unslowed"  # the rule loses uploads only
+    assert expected(s, control).kind == "unmatched"
+    assert reference_rate(s) == 0.0  # no rule has a rate
+    run = ProbeRun(upload)
+    run.bytes, run.seconds, run.completed, run.cause = 1 << 20, 0.1, True, "completed"  # 84 Mbit/s
+    judgement = judge(run, upload, Figures(reference_rate(s), 1e8, expected=lost))
+    assert (judgement.verdict, judgement.failures) == ("normal", ())
+    # Expected throttled and slowed under loss: nothing predicts the speed, so the probe must give one.
+    slow = Probe(name="slow", host="pbs.twimg.com", size=1 << 20)
+    run = ProbeRun(slow)
+    run.bytes, run.seconds, run.completed, run.cause = 1 << 20, 100.0, True, "completed"
+    judgement = judge(run, slow, Figures(16250.0, 1e8, expected=expected(s, slow)))
+    assert judgement.verdict == "throttled" and len(judgement.failures) == 1
+    assert "nothing predicts that" in judgement.failures[0]
+
+
+def test_the_exporter_shows_a_loss_rules_probability_and_its_drops() -> None:
+    from throttle.kernel.maps import Counters
+    from throttle.measure.exporter import Metrics
+
+    from .test_metrics import sample
+
+    s = parse_scenario(lossy(0.02) + '[[rule]]\nname = "police"\nmatch = ["*.example"]\nrate = "130kbit"\n')
+    e, m = Engine(s.model, s.rules, random.Random(1)), Metrics()
+    conv = Conversation()
+    for p in conv.handshake() + [conv.client(python_hello("pbs.twimg.com"))]:
+        e.process(p, 1.0)
+    for ev in e.drain_events():
+        m.on_event(ev)
+    m.tick(e, held=0, fast=None, now=1.0)
+    for direction in ("upload", "download"):
+        assert sample(m, "throttle_rule_loss_probability", rule="lossy", direction=direction) == 0.02
+        assert m.registry.get_sample_value("throttle_rule_rate_bytes_per_second",
+                                           {"rule": "lossy", "direction": direction, "action": "loss"}) is None
+    assert sample(m, "throttle_rule_rate_bytes_per_second", rule="police", direction="upload", action="police") \
+        == 16250.0
+    # Drops in the kernel are counted as a policer's: verdict dropped, stage kernel, under the rule.
+    (flow,) = e.flows()
+    from throttle.kernel.maps import map_key
+
+    key = map_key(6, flow.client, flow.client_port, flow.server, flow.server_port)
+    m.fast_flow_added(key, "upload", "lossy", flow.name)
+    m.tick(e, held=0, fast={key: Counters(98 * 1500, 98, 2 * 1500, 2, 0)}, now=2.0)
+    labels = {"rule": "lossy", "server_name": "pbs.twimg.com", "direction": "upload", "stage": "kernel"}
+    assert sample(m, "throttle_packets_total", **labels, verdict="dropped") == 2
+    assert sample(m, "throttle_packets_total", **labels, verdict="passed") == 98
+
+
+def test_scenarios_show_describes_a_loss_rule(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from throttle.cli.app import app
+
+    path = tmp_path / "lossy.toml"
+    path.write_text(lossy(0.02, 'direction = "upload"\n'))
+    result = CliRunner().invoke(app, ["scenarios", "show", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "lossy: *.twimg.com -> lose 0.02 of packets at random, upload" in result.output
