@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 
 import pytest
 
-from throttle.engine import UPLOAD, Engine, FlowDecided, RandomLoss, State, Verdict
+from throttle.engine import UPLOAD, Engine, Event, FlowDecided, RandomLoss, State, Verdict
 from throttle.errors import ScenarioError
 from throttle.scenario import Probe, parse_scenario
 
@@ -22,14 +23,19 @@ def lossy(probability: float = 0.02, extra: str = "") -> str:
     return f'[[rule]]\nname = "lossy"\nmatch = ["*.twimg.com"]\naction = "loss"\nprobability = {probability}\n{extra}'
 
 
-def matched(text: str, seed: int = 1, name: str = "pbs.twimg.com") -> tuple[Engine, Conversation, list[FlowDecided]]:
-    """An engine with the scenario `text`, a flow to `name` decided by its hello."""
+def matched(text: str, seed: int = 1, name: str = "pbs.twimg.com",
+            observer: Callable[[Event], None] | None = None) -> tuple[Engine, Conversation, list[FlowDecided]]:
+    """An engine with the scenario `text`, a flow to `name` decided by its hello (its events also
+    given to `observer`)."""
     s = parse_scenario(text)
     e = Engine(s.model, s.rules, random.Random(seed))
     conv = Conversation()
     for p in conv.handshake() + [conv.client(python_hello(name))]:
         e.process(p, 1.0)
-    return e, conv, [ev for ev in e.drain_events() if isinstance(ev, FlowDecided)]
+    events = e.drain_events()
+    for ev in events if observer is not None else ():
+        observer(ev)
+    return e, conv, [ev for ev in events if isinstance(ev, FlowDecided)]
 
 
 def drops(e: Engine, packet: bytes, n: int = PACKETS) -> int:
@@ -244,18 +250,14 @@ def test_a_probe_under_loss_has_no_predicted_speed_and_is_judged_normal_when_fas
 
 
 def test_the_exporter_shows_a_loss_rules_probability_and_its_drops() -> None:
-    from throttle.kernel.maps import Counters
+    from throttle.kernel.maps import Counters, map_key
     from throttle.measure.exporter import Metrics
 
     from .test_metrics import sample
 
-    s = parse_scenario(lossy(0.02) + '[[rule]]\nname = "police"\nmatch = ["*.example"]\nrate = "130kbit"\n')
-    e, m = Engine(s.model, s.rules, random.Random(1)), Metrics()
-    conv = Conversation()
-    for p in conv.handshake() + [conv.client(python_hello("pbs.twimg.com"))]:
-        e.process(p, 1.0)
-    for ev in e.drain_events():
-        m.on_event(ev)
+    m = Metrics()
+    e, _, (decided,) = matched(lossy(0.02) + '[[rule]]\nname = "police"\nmatch = ["*.example"]\nrate = "130kbit"\n',
+                               observer=m.on_event)
     m.tick(e, held=0, fast=None, now=1.0)
     for direction in ("upload", "download"):
         assert sample(m, "throttle_rule_loss_probability", rule="lossy", direction=direction) == 0.02
@@ -264,9 +266,7 @@ def test_the_exporter_shows_a_loss_rules_probability_and_its_drops() -> None:
     assert sample(m, "throttle_rule_rate_bytes_per_second", rule="police", direction="upload", action="police") \
         == 16250.0
     # Drops in the kernel are counted as a policer's: verdict dropped, stage kernel, under the rule.
-    (flow,) = e.flows()
-    from throttle.kernel.maps import map_key
-
+    flow = decided.flow
     key = map_key(6, flow.client, flow.client_port, flow.server, flow.server_port)
     m.fast_flow_added(key, "upload", "lossy", flow.name)
     m.tick(e, held=0, fast={key: Counters(98 * 1500, 98, 2 * 1500, 2, 0)}, now=2.0)
