@@ -192,8 +192,9 @@ def scenario_toml(case: Case) -> str:
         lines.append(f'bottleneck = "{case.rate_bps / 1000:g}kbit"')
     lines += ["[scenario]", f"name = {q('bench-infer')}", f"sources = [{q('scripts/bench-infer: ' + case.label)}]",
               "[model]", "reassemble = true", 'name_sources = ["tls", "quic"]', "[[rule]]", 'name = "truth"',
-              f"match = [{q(NAME)}, {q(SECOND)}]", 'direction = "both"',
-              f'scope = "{"rule" if case.shared else "flow"}"']
+              f"match = [{q(NAME)}, {q(SECOND)}]", 'direction = "both"']
+    if case.kind in ("police", "window", "shape"):
+        lines.append(f'scope = "{"rule" if case.shared else "flow"}"')
     if case.kind in ("police", "window", "shape"):
         lines += [f'action = "{"shape" if case.kind == "shape" else "police"}"',
                   f'rate = "{case.rate_bps / 1000:g}kbit"', f'burst = "{case.burst}"']
