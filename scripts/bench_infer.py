@@ -241,7 +241,7 @@ def run_case(lab: Lab, case: Case, workdir: Path, infer: Callable[[Path], list[A
     scen_path.write_text(scenario_toml(case))
     scenario = load_scenario(scen_path)
     caps = {side: workdir / f"{side}.pcap" for side in ("client", "server")}
-    with Capture(lab, "client", CLIENT_IF, caps["client"]), Capture(lab, "server", SERVER_IF, caps["server"]), \
+    with Capture(lab, "client", CLIENT_IF, caps["client"], 0), Capture(lab, "server", SERVER_IF, caps["server"], 0), \
             contextlib.ExitStack() as stack:
 
         def phase(text: str) -> None:

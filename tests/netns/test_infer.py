@@ -57,7 +57,7 @@ def test_twitter_at_50ms_is_inferred_written_and_checked(lab: Lab, tmp_path: Pat
 
     scenario = load_scenario(trimmed(tmp_path))
     capture = tmp_path / "client.pcap"
-    with Capture(lab, "client", CLIENT_IF, capture):
+    with Capture(lab, "client", CLIENT_IF, capture, snaplen=0):
         run_scenario(scenario, lab_name=lab.name, keep=True, baseline=False)
         time.sleep(0.3)
     result = throttle("infer", str(capture), "--json")

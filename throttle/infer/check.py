@@ -127,7 +127,7 @@ def check_scenario(scenario_path: Path, original: Sequence[Inference],
     lab.up(sorted({p.host for p in scenario.probes}))
     try:
         phase(f"capturing at the {side} while {scenario.name} runs")
-        with Capture(lab, side, CLIENT_IF if side == "client" else SERVER_IF, path):
+        with Capture(lab, side, CLIENT_IF if side == "client" else SERVER_IF, path, snaplen=0):
             report = run_scenario(scenario, lab_name=lab_name, keep=True, on_phase=phase, baseline=False)
             time.sleep(0.3)  # the last packets reach the capture file
     finally:

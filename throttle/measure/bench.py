@@ -359,9 +359,11 @@ class Capture(Background):
     `--immediate-mode`: without it libpcap hands packets over a ring block at a time, and on SIGINT
     tcpdump exits without the block it had not been given yet: up to a second of a flow's end lost."""
 
-    def __init__(self, lab: Lab, role: str, iface: str, path: Path) -> None:
+    def __init__(self, lab: Lab, role: str, iface: str, path: Path, snaplen: int = 128) -> None:
+        # 128 bytes hold every header bench reads; `throttle infer` needs whole packets (the
+        # ClientHello's SNI, QUIC Initials): snaplen 0.
         tcpdump = require_tool("tcpdump", "tcpdump")
-        super().__init__(lab.exec_argv(role, [tcpdump, "-n", "-i", iface, "-s", "128", "-U", "--immediate-mode",
+        super().__init__(lab.exec_argv(role, [tcpdump, "-n", "-i", iface, "-s", str(snaplen), "-U", "--immediate-mode",
                                               "-Z", "root", "-w", str(path), "tcp", "or", "udp"]),
                          ready="listening on", what="tcpdump", fix="apt-get install tcpdump", stop_timeout=10)
         self.path = path
