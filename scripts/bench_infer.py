@@ -221,10 +221,11 @@ def scenario_toml(case: Case) -> str:
 
 
 def competing(lab: Lab, case: Case, workdir: Path) -> Background:
-    """A long TCP transfer in the case's direction: to SECOND (sharing the bucket) or to OTHER
-    (through the bottleneck), for longer than the case's transfer."""
+    """A TCP transfer in the case's direction beside the case's: to SECOND (sharing the bucket) or
+    to OTHER (through the bottleneck)."""
     host = SECOND if case.shared else OTHER
-    size = 64 << 20
+    # about as long as the transfer: sharing the bucket (or the bottleneck), each gets about half
+    size = case.size if case.shared else 2 * case.size
     curl = require_tool("curl", "curl")
     argv = [curl, "-4", "-k", "-sS", "-o", "/dev/null", "--max-time", str(int(case.seconds() * 3 + 30)),
             "--resolve", f"{host}:443:{SERVER_V4}"]
