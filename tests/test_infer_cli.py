@@ -205,6 +205,16 @@ def test_written_scenario_groups_names_and_directions(tmp_path: Path) -> None:
     assert any(p.control for p in scen.probes)  # none in the capture: one is added for the runner's baseline
 
 
+def test_one_probe_per_connection_in_the_direction_that_carried_most() -> None:
+    up = trace()
+    reply = trace(direction="download")  # the same connection: its handshake and the server's reply
+    reply.payload = 3000
+    scen = parse_scenario(scenario_text([inference(up, "police"), inference(reply, "none"),
+                                         inference(trace("example.org", port=9), "none")], ["x.pcap"]), "x.toml")
+    twimg = [p for p in scen.probes if p.host == "pbs.twimg.com"]
+    assert [(p.direction, p.size, p.expect) for p in twimg] == [("upload", up.payload, "throttled")]
+
+
 def test_unnamed_flows_are_left_out_with_a_comment() -> None:
     anon = trace(name=None)
     text = scenario_text([inference(anon, "police"), inference(trace(name="example.org", port=4), "none")],

@@ -2,8 +2,9 @@
 
 Limited names become rules, grouped when they share a mechanism, a transport, the directions
 limited and parameters within `SAME_RATE` / `SAME_BURST` of each other; names nothing limited
-become controls; every inferred flow direction becomes a probe of the same direction, size and
-transport, expected to come out as the capture did (a limited transfer at the goodput it had).
+become controls; every connection becomes a probe of the direction that carried the most, of that
+size and transport, expected to come out as the capture did (a limited transfer at the goodput it
+had).
 The capture's round-trip time goes in the scenario's `rtt` key when the scenario model has one.
 
 Rates are written as the fitter gives them, IP-layer bits per second, which is what the engine's
@@ -196,6 +197,17 @@ def _probe_lines(i: int, inf: Inference, limited_names: set[str], limit: _Limit 
     return out + [""]
 
 
+def _transfers(inferences: Sequence[Inference]) -> list[Inference]:
+    """One per connection: the direction that carried the most (an upload's other half carries
+    the handshake and the server's reply, not a transfer of its own)."""
+    best: dict[tuple[str, str, str], Inference] = {}
+    for inf in inferences:
+        key = (inf.trace.client, inf.trace.server, inf.trace.transport)
+        if key not in best or inf.trace.payload > best[key].trace.payload:
+            best[key] = inf
+    return list(best.values())
+
+
 def _rtt(inferences: Sequence[Inference]) -> float | None:
     samples = [i.trace.base_rtt for i in inferences if i.trace.base_rtt is not None and i.trace.base_rtt > 0]
     return statistics.median(samples) if samples else None
@@ -215,7 +227,7 @@ def scenario_text(inferences: Sequence[Inference], captures: Sequence[str | Path
     if any(i.trace.transport != "tcp" for i in named) and "quic" not in sources:
         sources.append("quic")
     lines = [f"# Written by throttle infer {__version__} from {', '.join(str(c) for c in captures)}.",
-             "# Rates are IP-layer, as the fitter measured them; every probe repeats one transfer of the capture.",
+             "# Rates are IP-layer, as the fitter measured them; every probe repeats one connection of the capture.",
              *(f"# not reproduced: {i.trace.client} -> {i.trace.server} {i.trace.transport} {i.trace.direction} "
                f"({i.mechanism}): no name a censor could act on" for i in unnamed), ""]
     rtt = _rtt(inferences)
@@ -232,11 +244,10 @@ def scenario_text(inferences: Sequence[Inference], captures: Sequence[str | Path
             lines += _rule_lines(i, limit)
     else:  # the loader needs a rule; one that names nothing in the capture limits nothing
         lines += ["[[rule]]", 'name = "nothing-limited"', 'match = ["nothing-was-limited.invalid"]', 'action = "drop"', ""]
-    by_name = {n: lim for lim in limits for n in lim.names}
-    for i, inf in enumerate(named, 1):
-        lim = by_name.get(inf.trace.server_name or "")
-        if lim is not None and lim.direction not in ("both", inf.trace.direction):
-            lim = None
+    for i, inf in enumerate(_transfers(named), 1):
+        t = inf.trace
+        lim = next((lim for lim in limits if t.server_name in lim.names and lim.direction in ("both", t.direction)
+                    and lim.transport == _rule_transport(inf)), None)
         lines += _probe_lines(i, inf, limited_names, lim)
     if not any(i.trace.server_name not in limited_names for i in named):
         lines += ["[[probe]]  # the capture had no unlimited flow; the runner needs a control for its baseline",
