@@ -272,3 +272,32 @@ def test_check_needs_root(fake_parts: dict[str, object], capsys: pytest.CaptureF
     monkeypatch.setattr("throttle.kernel.tools.is_root", lambda: False)
     code, _, err = run([str(DEMO), "--check"], capsys)
     assert code == 2 and "root" in err and "Traceback" not in err
+
+
+def test_bench_scores_against_the_targets() -> None:
+    """scripts/bench_infer.py's scoring: the matrix, precision and recall, errors, PASS/FAIL."""
+    scripts = str(ROOT / "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        import bench_infer as b
+    finally:
+        sys.path.remove(scripts)
+    police = b.Case("police", rate_bps=1e6, burst=16384)
+    summary = b.Summary(samples=[
+        b.Sample(police, "client", "police", 0.9, 1.02e6, 15000),
+        b.Sample(police, "server", "police", 0.9, 0.99e6, 20000),
+        b.Sample(police, "client", "none"),
+        b.Sample(b.Case("loss", probability=0.02), "client", "police", 0.5, 3e5, 4000),
+        b.Sample(b.Case("none"), "client", "none"),
+        b.Sample(b.Case("police", rate_bps=1e6, burst=16384, shared=True), "client", "police", 0.6, 5e5, 9000),
+    ])
+    result = b.score(summary)
+    assert result["confusion"]["police"]["police"] == 2 and result["confusion"]["police"]["none"] == 1
+    assert result["confusion"]["none"]["police"] == 1  # the loss case: its truth is none
+    assert result["police_precision"] == pytest.approx(2 / 3) and result["police_recall"] == pytest.approx(2 / 3)
+    assert result["rate_error_median"] == pytest.approx(0.015) and result["not_censor_called_police"] == 1.0
+    assert result["shared_police_found"] == 1.0
+    met = b.verdicts(result)
+    assert met["police_precision"] is False and met["shared_police_found"] is True and met["rate_error_p90"] is True
+    assert "FAIL" in b.report(result) and "PASS" in b.report(result)
+    assert all(b.Case.truth.fget(c) in b.TRUTHS for c in b.full_grid())  # type: ignore[attr-defined]

@@ -186,5 +186,9 @@ def _check(scenario_path: Path, infs: list[Inference], lab_name: str) -> int:
     for row in result.rows:
         table.add_row(row.name, row.direction, row.original, row.again, row.difference,
                       style=None if row.same else "bold red")
-    stdout_console().print(table)
+    console = stdout_console()
+    console.print(table)
+    console.print(f"the lab's capture: {result.capture}; the run's own verdicts: "
+                  + ("every probe as expected" if result.probes_passed else "some probes not as expected"
+                     " (`throttle run` on the scenario shows which)"), style="dim", highlight=False)
     return 0 if result.passed else 1
