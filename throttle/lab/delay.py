@@ -4,9 +4,9 @@ the router namespace that holds every forwarded packet for the link's one-way de
 iptables sends everything the router forwards (both families, every protocol: ICMP too, so ping
 reads the RTT) to netfilter queue `DELAY_QUEUE` with only its metadata copied (COPY_META: no
 payload crosses to us), and the daemon gives each packet its ACCEPT verdict once its time has
-come. `Schedule` (pure, no clock of its own) says when: arrival + one-way delay + a uniform draw
-of +-jitter/2, but never before the packet ahead of it from the same interface, so jitter moves
-release times and never reorders a direction. The loop is one thread: `select` on the queue's
+come. `Schedule` (pure, no clock of its own) says when: arrival + one-way delay + the direction's
+jitter, an offset within +-jitter/2 that wanders too slowly for a packet to overtake the one ahead
+of it, so jitter moves release times and never reorders a direction. The loop is one thread: `select` on the queue's
 socket with a timeout until the next packet is due, netfilterqueue reading what arrived
 (`run(block=False)`, which stops when the socket is empty), and the verdicts given after the
 callback has returned (netfilterqueue >= 1.0 keeps a packet's verdict open until it is given).
@@ -54,12 +54,17 @@ RCVBUF = 16 << 20  # the netlink socket's buffer (metadata only: ~200 bytes a pa
 SOL_NETLINK, NETLINK_NO_ENOBUFS, SO_RCVBUFFORCE = 270, 5, 33
 LATE = 0.001  # a release this much after its time is counted late (the stage's accuracy target)
 STATUS_EVERY = 1.0  # seconds between status files
+JITTER_PERIOD = 0.01  # seconds: the shortest leg of a lane's jitter (Schedule)
 FIFO_PRIORITY = 10  # low among real-time priorities: above every normal process, below the kernel's
 
 
 class Schedule(Generic[P]):
     """When each packet leaves: per lane (the interface it came in on) a FIFO of (release time,
-    packet). `draw()` returns a number in [0, 1) (the jitter's randomness, injected for tests)."""
+    packet). Each lane's jitter is an offset that wanders within +-jitter/2: it heads in a straight
+    line for a target drawn anew every `period` (at least twice the jitter, so it changes by at most
+    half a second per second, and a packet can never overtake the one ahead of it), rather than a
+    draw per packet, which at a few packets per millisecond would have to be clamped to keep order
+    and so would raise the mean delay. `draw()` returns a number in [0, 1) (injected for tests)."""
 
     def __init__(self, delay: float, jitter: float, draw: Callable[[], float] = random.random) -> None:
         if delay < 0 or jitter < 0 or jitter > 2 * delay:
@@ -67,13 +72,27 @@ class Schedule(Generic[P]):
         self.delay = delay
         self.jitter = jitter
         self.draw = draw
+        self.period = max(2 * jitter, JITTER_PERIOD)
         self._lanes: dict[int, collections.deque[tuple[float, P]]] = {}
         self._last: dict[int, float] = {}
+        self._legs: dict[int, tuple[float, float, float]] = {}  # lane -> (leg start, offset then, target)
+
+    def offset(self, lane: int, now: float) -> float:
+        """The lane's jitter at `now`, in [-jitter/2, +jitter/2]."""
+        if not self.jitter:
+            return 0.0
+        leg = self._legs.get(lane)
+        if leg is None or now >= leg[0] + self.period:
+            start = leg[2] if leg is not None else (self.draw() - 0.5) * self.jitter
+            leg = (now, start, (self.draw() - 0.5) * self.jitter)
+            self._legs[lane] = leg
+        began, start, target = leg
+        return start + (target - start) * (now - began) / self.period
 
     def add(self, lane: int, now: float, item: P) -> float:
         """Queue `item`, arrived at `now`; its release time."""
-        at = now + self.delay + (self.draw() - 0.5) * self.jitter if self.jitter else now + self.delay
-        at = max(at, self._last.get(lane, at))  # never before the one ahead: order is kept
+        at = now + self.delay + self.offset(lane, now)
+        at = max(at, self._last.get(lane, at))  # never before the one ahead (the offset's slope sees to it)
         self._last[lane] = at
         self._lanes.setdefault(lane, collections.deque()).append((at, item))
         return at
