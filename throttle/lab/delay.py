@@ -53,6 +53,9 @@ QUEUE_MAXLEN = 1 << 20  # packets the kernel may hold for us: far beyond 20 Mbit
 RCVBUF = 16 << 20  # the netlink socket's buffer (metadata only: ~200 bytes a packet)
 SOL_NETLINK, NETLINK_NO_ENOBUFS, SO_RCVBUFFORCE = 270, 5, 33
 LATE = 0.001  # a release this much after its time is counted late (the stage's accuracy target)
+# Packets released between reads while a burst goes out: a packet is stamped when it is read, and
+# one that waited for a burst of hundreds to be released (several ms) would be held that much longer.
+READ_EVERY = 16
 STATUS_EVERY = 1.0  # seconds between status files
 JITTER_PERIOD = 0.01  # seconds: the shortest leg of a lane's jitter (Schedule)
 # Seconds each packet spends in the stage beyond its hold, which the hold leaves out: the wake-up
@@ -241,7 +244,9 @@ def serve(delay: float, jitter: float, queue: int, pid_file: Path, status_file: 
                      delay * 1e3, jitter * 5e2, queue, stats.fifo)
             while not stopping:
                 now = clock()
-                for at, pkt in schedule.due(now):
+                for n, (at, pkt) in enumerate(schedule.due(now), 1):
+                    if n % READ_EVERY == 0:
+                        nfq.run(block=False)  # arrivals stamped now, not once the burst is out
                     t0 = clock()
                     pkt.accept()
                     t1 = clock()
