@@ -91,6 +91,16 @@ class FlowTrace:
     fin: bool = False  # the sender closed this direction normally
     delivered: int = 0  # payload bytes known delivered (highest cumulative ack, or bytes received)
     payload: int = 0  # distinct payload bytes seen in this direction
+    # Added by the reader (all with defaults):
+    # False when this trace cannot show losses: QUIC from one capture (its packet numbers and ACKs
+    # are encrypted), so `losses` is empty for want of evidence, not for want of loss.
+    losses_known: bool = True
+    # Two captures of this connection, one on each side of the loss point, were matched packet by
+    # packet: `losses` are exactly the sender's packets that never arrived, `vantage` is the
+    # sender's, and `one_way` holds the delays.
+    matched: bool = False
+    one_way: list[tuple[float, float]] = field(default_factory=list)  # (send time, seconds) per packet matched
+    files: tuple[str, ...] = ()  # the capture file(s) this trace was read from
 
     @property
     def key(self) -> str:
