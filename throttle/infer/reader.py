@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 from throttle.errors import CaptureError, ParseError
 from throttle.infer.match import Keyed, join_pairs
-from throttle.infer.tcpside import TcpSide
+from throttle.infer.tcpside import TcpSide, shared
 from throttle.infer.trace import FlowTrace, Reset, Sent, Transport, Vantage
 from throttle.wire import dns, http, ip, names, pcap, quic, tls
 
@@ -64,7 +64,7 @@ class _UdpSide:
         if length > self.max_payload:
             self.max_payload = length
             self.header_bytes = wire - length
-        self.sent.append(Sent(t, self.total, length, wire, False))
+        self.sent.append(Sent(t, self.total, shared(length), shared(wire), False))
         self.hashes.append(hash(payload))
         self.total += length
 
@@ -122,7 +122,8 @@ class _Capture:
     def __init__(self, path: str) -> None:
         self.path = path
         self.conns: dict[bytes, _Conn] = {}
-        self.done: list[_Conn] = []
+        self.closed: set[bytes] = set()  # connections both ends closed, already made into traces
+        self.keyed: list[Keyed] = []  # the traces of the connections done with
         self.dns: dict[bytes, str] = {}  # server address -> the name a DNS answer gave it
         self.malformed = 0
 
@@ -147,12 +148,17 @@ class _Capture:
         rkey = ip.reverse_key(key)
         canonical, side = (key, 0) if key <= rkey else (rkey, 1)
         conn = self.conns.get(canonical)
-        if proto == ip.TCP and conn is not None and ip.opens_connection(packet, l4):
+        opens = proto == ip.TCP and ip.opens_connection(packet, l4)
+        if conn is None and canonical in self.closed:
+            if not opens:
+                return  # the last ACK of a connection already closed
+            self.closed.discard(canonical)
+        if opens and conn is not None:
             tcp = conn.tcp
             assert tcp is not None
             base = tcp[side].base
             if conn.has_data() and (base is None or base != (d.seq + 1) % (1 << 32)):
-                self.done.append(conn)  # the same ports, a new connection
+                self._close(canonical, conn, False)  # the same ports, a new connection
                 conn = None
         if conn is None:
             me, peer = (d.src, d.sport), (d.dst, d.dport)
@@ -161,6 +167,10 @@ class _Capture:
         conn.last[side] = t
         if proto == ip.TCP:
             self._tcp(conn, side, t, packet, l4, d)
+            tcp = conn.tcp
+            assert tcp is not None
+            if tcp[0].fin and tcp[1].fin:
+                self._close(canonical, conn, True)  # its state is freed now, not at the end
         else:
             self._udp(conn, side, t, packet, d)
 
@@ -305,10 +315,26 @@ class _Capture:
             if hello.sni:
                 conn.names[side] = (names.normalise(hello.sni), "quic")
 
-    def finish(self) -> list[_Conn]:
-        out = self.done + list(self.conns.values())
-        self.done, self.conns = [], {}
-        return [conn for conn in out if conn.has_data()]
+    def _close(self, canonical: bytes, conn: _Conn, closed: bool) -> None:
+        del self.conns[canonical]
+        if closed:
+            self.closed.add(canonical)
+        if conn.has_data():
+            self.keyed.extend(_traces_of(conn, self.dns, self.path))
+
+    def finish(self) -> list[Keyed]:
+        """Every trace, in the order the connections were closed or (the rest) began."""
+        for canonical, conn in list(self.conns.items()):
+            self._close(canonical, conn, False)
+        self.closed.clear()
+        for item in self.keyed:  # a name a DNS answer gave after the connection closed
+            trace = item.trace
+            if trace.server_name is None:
+                name = self.dns.get(_address(trace.server))
+                if name is not None:
+                    trace.server_name, trace.name_source = name, "dns"
+        self.keyed.sort(key=lambda item: item.trace.first)
+        return self.keyed
 
 
 _NO_NAME = ("", "")
@@ -332,6 +358,11 @@ def _name(head: bytes) -> tuple[str, str] | None:
     except ParseError:
         pass
     return _NO_NAME
+
+
+def _address(endpoint: str) -> bytes:
+    """The packed address of an "ip:port" or "[v6]:port" endpoint."""
+    return ipaddress.ip_address(endpoint.rsplit(":", 1)[0].strip("[]")).packed
 
 
 def _endpoint_text(address: bytes, port: int) -> str:
@@ -458,7 +489,7 @@ def _fill_tcp(trace: FlowTrace, me: TcpSide, peer: TcpSide, opening: list[tuple[
     trace.rtt = sorted(opening + samples)
     trace.base_rtt = min((s for _, s in trace.rtt), default=None)
     if me.acks_seen:
-        trace.delivered = me.acked
+        trace.delivered = min(me.acked, me.high)  # an ACK of the FIN counts one more
     elif trace.vantage == "receiver":
         trace.delivered = me.contiguous()
 
@@ -483,15 +514,12 @@ def _read(path: str | os.PathLike[str]) -> tuple[list[Keyed], str | None]:
             capture.feed(t, packet)
     except CaptureError as exc:
         problem = str(exc)
-    keyed: list[Keyed] = []
-    for conn in capture.finish():
-        keyed.extend(_traces_of(conn, capture.dns, name))
-    return keyed, problem
+    return capture.finish(), problem
 
 
 def read_traces(paths: Iterable[str | os.PathLike[str]]) -> Reading:
     """Every flow direction that carried data in the captures, each capture's in the order its
-    connections began; two captures of one connection (given together, one at each side) become
+    connections began (client direction first); two captures of one connection (given together, one at each side) become
     one matched trace per direction (`FlowTrace.matched`). Never raises for a capture's content."""
     keyed: list[Keyed] = []
     problems: list[str] = []
