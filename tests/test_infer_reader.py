@@ -54,12 +54,15 @@ class Transfer:
     v6: bool = False
     name: str = "pbs.twimg.com"
     rst: tuple[int, int] | None = None  # an injected RST "from the server": (TTL, IP ID)
+    timestamps: bool = False  # TCP timestamps (RFC 7323) on every packet, in milliseconds
     t0: float = 1_700_000_000.0
     at_client: list[tuple[float, bytes]] = field(default_factory=list)
     at_server: list[tuple[float, bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.ip_id = [100, 5000]
+        self.now = 0.0
+        self.heard: tuple[list[tuple[float, int]], list[tuple[float, int]]] = ([], [])  # (when, TSval) each side got
         self._build()
 
     def _packet(self, from_client: bool, seq: int, ack: int, flags: str, payload: bytes = b"",
@@ -77,11 +80,20 @@ class Transfer:
                 ip_id = self.ip_id[side]
                 self.ip_id[side] += 1
             net = IP(src=src, dst=dst, ttl=hops, id=ip_id)
-        segment = TCP(sport=sport, dport=dport, seq=seq, ack=ack, flags=flags, options=options or [])
+        options = list(options or [])
+        if self.timestamps:
+            echo = max((ts for when, ts in self.heard[side] if when <= self.now), default=0)
+            options.append(("Timestamp", (int(self.now * 1000), echo)))
+        segment = TCP(sport=sport, dport=dport, seq=seq, ack=ack, flags=flags, options=options)
         return raw(net / segment / payload) if payload else raw(net / segment)
 
-    def _send(self, t: float, from_client: bool, packet: bytes, lost: bool = False) -> None:
-        """`t` is the sender's time; the other side sees it ONE_WAY later, unless lost."""
+    def _send(self, t: float, from_client: bool, *fields: object, lost: bool = False, **options: object) -> None:
+        """A packet (the fields of `_packet`) sent at `t`, the sender's time; the other side sees it
+        ONE_WAY later, unless lost."""
+        self.now = t
+        packet = self._packet(from_client, *fields, **options)  # type: ignore[arg-type]
+        if not lost:
+            self.heard[1 if from_client else 0].append((t + ONE_WAY, int(t * 1000)))
         here, there = (self.at_client, self.at_server) if from_client else (self.at_server, self.at_client)
         here.append((self.t0 + t, packet))
         if not lost:
@@ -89,26 +101,26 @@ class Transfer:
 
     def _build(self) -> None:
         c_isn, s_isn = 1000, 900_000
-        self._send(0.0, True, self._packet(True, c_isn, 0, "S", options=[("MSS", 1460)]))
-        self._send(0.025, False, self._packet(False, s_isn, c_isn + 1, "SA", options=[("MSS", MSS)]))
-        self._send(0.0501, True, self._packet(True, c_isn + 1, s_isn + 1, "A"))
+        self._send(0.0, True, c_isn, 0, "S", options=[("MSS", 1460)])
+        self._send(0.025, False, s_isn, c_isn + 1, "SA", options=[("MSS", MSS)])
+        self._send(0.0501, True, c_isn + 1, s_isn + 1, "A")
         hello = python_hello(self.name)
         half = len(hello) // 2
-        self._send(0.0502, True, self._packet(True, c_isn + 1, s_isn + 1, "PA", hello[:half]))
-        self._send(0.0512, True, self._packet(True, c_isn + 1 + half, s_isn + 1, "PA", hello[half:]))
+        self._send(0.0502, True, c_isn + 1, s_isn + 1, "PA", hello[:half])
+        self._send(0.0512, True, c_isn + 1 + half, s_isn + 1, "PA", hello[half:])
         c_next = c_isn + 1 + len(hello)
         base = s_isn + 1
         received: set[int] = set()
         for i in range(self.segments):
             t = 0.1 + i * 0.001
             lost = i in self.lost
-            self._send(t, False, self._packet(False, base + i * MSS, c_next, "PA", bytes([i]) * MSS), lost)
+            self._send(t, False, base + i * MSS, c_next, "PA", bytes([i]) * MSS, lost=lost)
             if not lost:
                 received.add(i)
                 self._ack(t + ONE_WAY + ACK_DELAY, received, base, c_next)
         t = 0.1 + self.segments * 0.001 + 0.05
         for n, i in enumerate(self.lost):
-            self._send(t + n * 0.001, False, self._packet(False, base + i * MSS, c_next, "PA", bytes([i]) * MSS))
+            self._send(t + n * 0.001, False, base + i * MSS, c_next, "PA", bytes([i]) * MSS)
             received.add(i)
             self._ack(t + n * 0.001 + ONE_WAY + ACK_DELAY, received, base, c_next)
         end = t + 0.01
@@ -117,7 +129,7 @@ class Transfer:
             packet = self._packet(False, base + self.segments * MSS, c_next, "R", ttl=ttl, ip_id=ip_id)
             self.at_client.append((self.t0 + end + ONE_WAY, packet))  # injected on the path: the server never sent it
         else:
-            self._send(end, False, self._packet(False, base + self.segments * MSS, c_next, "FA"))
+            self._send(end, False, base + self.segments * MSS, c_next, "FA")
         self.at_client.sort(key=lambda item: item[0])
         self.at_server.sort(key=lambda item: item[0])
 
@@ -138,7 +150,7 @@ class Transfer:
             else:
                 i += 1
         options: list[tuple[str, object]] = [("SAck", tuple(blocks[:6]))] if blocks else []
-        self._send(t, True, self._packet(True, c_next, base + cumulative * MSS, "A", options=options))
+        self._send(t, True, c_next, base + cumulative * MSS, "A", options=options)
 
 
 def only(traces: list[FlowTrace], direction: str) -> FlowTrace:
@@ -192,6 +204,17 @@ def test_at_the_client_the_same_download_shows_the_same_losses_as_holes(tmp_path
     assert only(read(write_pcap(tmp_path / "c.pcap", x.at_client)), "upload").vantage == "sender"
     # the ACKs are recorded where they change something: cumulative or SACK
     assert down.acks[-1].acked == x.segments * MSS and any(a.sack for a in down.acks)
+
+
+def test_at_the_receiver_timestamps_echoed_by_the_data_give_round_trips(tmp_path: Path) -> None:
+    """The client's ACK sends TSval X; the first data segment echoing X arrives a round trip later
+    (or more: this server sends on a timer, not on the ACKs)."""
+    x = Transfer(lost=(), timestamps=True, segments=120)
+    down = only(read(write_pcap(tmp_path / "c.pcap", x.at_client)), "download")
+    assert down.vantage == "receiver"
+    data_samples = [s for t, s in down.rtt if t > x.t0 + 0.1]
+    assert len(data_samples) > 20 and min(data_samples) >= 2 * ONE_WAY - 1e-4
+    assert sorted(data_samples)[len(data_samples) // 2] < 2 * ONE_WAY + 0.002
 
 
 def test_without_loss_the_handshake_places_the_capture(tmp_path: Path) -> None:
@@ -354,3 +377,18 @@ def test_flows_without_data_are_not_returned(tmp_path: Path) -> None:
     x = Transfer()
     bare = [(t, p) for t, p in x.at_client if len(IP(p)[TCP].payload) == 0 and t < x.t0 + 0.06]
     assert len(bare) == 3 and read(write_pcap(tmp_path / "h.pcap", bare)) == []
+
+
+VECTORS = Path(__file__).parent / "vectors"
+
+
+@pytest.mark.parametrize("path", sorted(VECTORS.glob("*.pcap")), ids=lambda p: p.stem)
+def test_real_captures_give_the_name_in_their_file_name(path: Path) -> None:
+    traces = read(path)
+    assert traces and traces[0].direction == "upload" and not traces[0].started_mid_flow
+    name = traces[0].server_name
+    if "nosni" in path.stem:
+        assert name is None
+    else:
+        assert name is not None and path.stem.endswith(name)
+        assert traces[0].name_source == ("quic" if "quic" in path.stem else "http" if "http" in path.stem else "tls")
