@@ -217,6 +217,19 @@ def test_at_the_receiver_timestamps_echoed_by_the_data_give_round_trips(tmp_path
     assert sorted(data_samples)[len(data_samples) // 2] < 2 * ONE_WAY + 0.002
 
 
+def test_at_the_receiver_a_lost_tail_shows_in_the_senders_ip_ids(tmp_path: Path) -> None:
+    """The last two segments are lost: no later packet opens a hole, but the server numbers its
+    packets, and the retransmissions come with IDs two past the last one seen."""
+    x = Transfer(lost=(18, 19))
+    down = only(read(write_pcap(tmp_path / "c.pcap", x.at_client)), "download")
+    assert down.vantage == "receiver"  # no hole, nothing sent twice: the handshake places the capture
+    assert [(loss.start, loss.length) for loss in down.losses] == [(18 * MSS, MSS), (19 * MSS, MSS)]
+    at_server = only(read(write_pcap(tmp_path / "s.pcap", x.at_server)), "download")
+    assert [(loss.start, loss.length) for loss in at_server.losses] == [(18 * MSS, MSS), (19 * MSS, MSS)]
+    # IPv6 has no IDs: the tail cannot be seen from the receiver's side
+    assert only(read(write_pcap(tmp_path / "c6.pcap", Transfer(v6=True, lost=(18, 19)).at_client)), "download").losses == []
+
+
 def test_without_loss_the_handshake_places_the_capture(tmp_path: Path) -> None:
     x = Transfer(lost=())
     assert only(read(write_pcap(tmp_path / "c.pcap", x.at_client)), "download").vantage == "receiver"

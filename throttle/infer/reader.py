@@ -204,6 +204,8 @@ class _Capture:
             counts = conn.ttls[side]
             usual = max(counts, key=counts.__getitem__) if counts else None
             conn.resets.append((t, side, ttl, ip_id, usual, conn.last_id[side], conn.sent_bytes(0), conn.sent_bytes(1)))
+        if not flags & ip.RST:
+            me.ident(t, ip_id, d.payload_length, peer.syn_mss)
         seq = d.seq
         if flags & ip.SYN:
             seq = (seq + 1) % (1 << 32)
@@ -479,7 +481,7 @@ def _fill_tcp(trace: FlowTrace, me: TcpSide, peer: TcpSide, opening: list[tuple[
     trace.fin = me.fin
     trace.payload = me.high - me.open_hole_bytes
     if trace.vantage == "sender":
-        trace.losses = sorted(me.sender_losses)
+        trace.losses = me.losses_at_sender()
         samples = me.rtt_sender
     elif trace.vantage == "receiver":
         trace.losses = me.receiver_losses(mss, me.header_bytes)

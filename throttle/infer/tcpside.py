@@ -22,11 +22,15 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left, bisect_right
+from collections.abc import Sequence
 
 from throttle.infer.trace import Ack, Loss, Sent
 
 _MOD = 1 << 32
 _HALF = 1 << 31
+_ID_JUMP = 1024  # a larger jump of the IP ID is not packets lost (another counter, a wrap)
+_MISSING_KEPT = 4096  # missing IDs remembered, for one that arrives late (reordered)
+_DSACK_LOOKBACK = 1024  # losses searched back for the one a D-SACK undoes
 _TS_KEPT = 4096  # timestamps an endpoint sent, remembered for the echo that makes an RTT sample
 
 
@@ -55,7 +59,9 @@ class TcpSide:
         "first_payload_at", "_holes_s", "_holes_e", "_holes_log", "hole_log", "open_hole_bytes",
         "rexmit_seen", "holes_made", "sender_losses", "_owner_s", "_owner_e", "_owner_i",
         "_owner_head", "acked", "acks_seen", "acks", "_sack_s", "_sack_e", "_last_sack",
-        "_pend_end", "_pend_t", "_pend_head", "rtt_sender", "rtt_receiver", "ts_sent",
+        "_pend_end", "_pend_t", "_pend_head", "rtt_sender", "rtt_receiver", "ts_sent", "dsacked",
+        "cancelled", "last_ip_id", "_id_step", "ids_counted", "ids_in_order", "id_gaps", "_missing_ids",
+        "_fresh_gap",
     )
 
     def __init__(self) -> None:
@@ -78,6 +84,17 @@ class TcpSide:
         self.rexmit_seen = 0  # transmissions carrying bytes seen before
         self.holes_made = 0
         self.sender_losses: list[Loss] = []
+        self.cancelled: set[int] = set()  # indexes of sender_losses a D-SACK showed were not lost
+        self.dsacked: list[tuple[int, int]] = []  # ranges the receiver reported getting twice
+        # The endpoint's IPv4 IDs: Linux numbers a connection's packets 1, 2, 3 ..., so a jump is
+        # packets that did not arrive (`ident`).
+        self.last_ip_id: int | None = None
+        self._id_step = 1  # how far the next ID should be: the last packet's wire segments
+        self.ids_counted = 0
+        self.ids_in_order = 0
+        self.id_gaps: list[list[float]] = []  # [time, bytes from, packets missing, 1 if a hole shows them]
+        self._missing_ids: dict[int, int] = {}  # a missing ID -> its entry in id_gaps
+        self._fresh_gap = -1
         # The latest transmission of each byte not yet cumulatively acked: [start, end) -> index.
         self._owner_s: list[int] = []
         self._owner_e: list[int] = []
@@ -99,6 +116,37 @@ class TcpSide:
 
     # ------------------------------------------------------------------------------------------
     # this direction's data
+
+    def ident(self, t: float, ip_id: int | None, length: int, mss: int | None) -> None:
+        """Any packet this endpoint sent but a reset (call before `data`): its IPv4 ID."""
+        self._fresh_gap = -1
+        if ip_id is None:
+            return
+        prev = self.last_ip_id
+        step = self._id_step
+        self._id_step = -(-length // mss) if mss and length > mss else 1  # offload: one ID per wire packet
+        if prev is None:
+            self.last_ip_id = ip_id
+            return
+        gap = (ip_id - prev) & 0xFFFF
+        self.ids_counted += 1
+        if gap == step:
+            self.ids_in_order += 1
+        elif step < gap < _ID_JUMP:
+            index = len(self.id_gaps)
+            self.id_gaps.append([t, self.high, gap - step, 0])
+            missing = self._missing_ids
+            for k in range(step, gap):
+                missing[(prev + k) & 0xFFFF] = index
+            while len(missing) > _MISSING_KEPT:
+                del missing[next(iter(missing))]
+            self._fresh_gap = index
+        elif gap > 0x10000 - _ID_JUMP:
+            index = self._missing_ids.pop(ip_id, -1)
+            if index >= 0:
+                self.id_gaps[index][2] -= 1  # it came after all, late
+            return  # the highest ID seen stays the reference
+        self.last_ip_id = ip_id
 
     def data(self, t: float, seq: int, length: int, wire: int, ip_id: int | None) -> None:
         """A segment carrying `length` payload bytes from absolute sequence number `seq`."""
@@ -122,6 +170,11 @@ class TcpSide:
             below = min(end, high)
             filled = self._fill(start, below)
             seen_before = below - start > filled
+        if self._fresh_gap >= 0:
+            gap = self.id_gaps[self._fresh_gap]
+            gap[1] = start
+            if start > high:
+                gap[3] = 1  # the hole below this packet counts these losses
         if end > high:
             if start > high:
                 self._open_hole(t, high, start)
@@ -224,6 +277,10 @@ class TcpSide:
             pairs.append((left, unwrap(b, self.base, left)))
         blocks = tuple(pairs)
         self.acks_seen = True
+        if blocks:
+            left, right = blocks[0]
+            if left < right and (right <= acked or (len(blocks) > 1 and blocks[1][0] <= left and right <= blocks[1][1])):
+                self._duplicate(left, right)
         advanced = acked > self.acked
         if advanced:
             self.acked = acked
@@ -234,6 +291,17 @@ class TcpSide:
         if advanced or blocks != self._last_sack or not self.acks:
             self.acks.append(Ack(t, acked, blocks))
             self._last_sack = blocks
+
+    def _duplicate(self, left: int, right: int) -> None:
+        """A D-SACK (RFC 2883): the receiver got [left, right) twice, so the copy sent before the
+        retransmission arrived after all (reordered or delayed, not lost)."""
+        self.dsacked.append((left, right))
+        losses = self.sender_losses
+        for i in range(len(losses) - 1, max(-1, len(losses) - 1 - _DSACK_LOOKBACK), -1):
+            loss = losses[i]
+            if left <= loss.start and loss.start + loss.length <= right and i not in self.cancelled:
+                self.cancelled.add(i)
+                return
 
     def _on_cumulative(self, t: float, acked: int) -> None:
         head = self._owner_head
@@ -298,19 +366,54 @@ class TcpSide:
     # ------------------------------------------------------------------------------------------
     # the two readings of loss
 
+    def losses_at_sender(self) -> list[Loss]:
+        """The transmissions sent again later, less those a D-SACK showed arrived, in send order."""
+        return sorted(loss for i, loss in enumerate(self.sender_losses) if i not in self.cancelled)
+
     def receiver_losses(self, mss: int, header_bytes: int) -> list[Loss]:
-        """Each hole the capture saw filled later (or never), as whole MSS-sized packets."""
+        """Each hole the capture saw filled later (or never), as whole MSS-sized packets, less the
+        bytes the receiver D-SACKed (the late original filled the hole, then a copy came too);
+        and, when the sender's IPv4 IDs count its packets, the packets missing from that count
+        where no hole shows them (a flight's tail): taken to be the flight from the first byte
+        that came next, so a later hole in those bytes is the same loss, not another."""
         out: list[Loss] = []
+        tails: list[tuple[int, int, float]] = []
+        if self.ids_counted and self.ids_in_order * 2 >= self.ids_counted:
+            for t, start, missing, hole in self.id_gaps:
+                if hole or missing <= 0:
+                    continue
+                first = int(start)
+                tails.append((first, first + int(missing) * mss, t))
+                for k in range(int(missing)):
+                    out.append(Loss(t, first + k * mss, mss, mss + header_bytes))
+        tails.sort()
+        tail_starts = [a for a, _, _ in tails]
+        twice = sorted(self.dsacked)
+        starts = [a for a, _ in twice]
         for t, start, end, state in self.hole_log:
             if state == 2:
                 continue
             pos, stop = int(start), int(end)
             while pos < stop:
                 length = min(mss, stop - pos)
-                out.append(Loss(t, pos, length, length + header_bytes))
+                if not (_within(twice, starts, pos, pos + length)
+                        or _within(tails, tail_starts, pos, pos + length, before=t)):
+                    out.append(Loss(t, pos, length, length + header_bytes))
                 pos += length
+        out.sort()
         return out
 
     def contiguous(self) -> int:
         """Bytes from 0 seen without a hole."""
         return self._holes_s[0] if self._holes_s else self.high
+
+
+def _within(ranges: Sequence[tuple[int, int] | tuple[int, int, float]], starts: list[int], start: int, end: int,
+            before: float | None = None) -> bool:
+    """Whether [start, end) lies in one of the sorted `ranges` (among the few that start just
+    before it), one dated no later than `before` when that is given."""
+    i = bisect_right(starts, start)
+    for item in ranges[max(0, i - 8) : i]:
+        if item[0] <= start and end <= item[1] and (before is None or len(item) < 3 or item[2] <= before):
+            return True
+    return False
