@@ -244,6 +244,18 @@ def test_a_spurious_retransmission_of_acked_bytes_is_no_loss(tmp_path: Path) -> 
     assert down.losses == [] and down.sent[-1].retransmission
 
 
+def test_a_d_sack_undoes_the_losses_of_the_copies_it_reports_twice(tmp_path: Path) -> None:
+    """Segments 5 and 6 were only late (reordered), not lost: once the retransmissions arrive
+    too, the client reports both in one D-SACK block (RFC 2883), below its cumulative ACK."""
+    x = Transfer(lost=(2, 5, 6))
+    c_next = 1000 + 1 + len(python_hello(x.name))
+    base = 900_001
+    dsack = x._packet(True, c_next, base + x.segments * MSS, "A", options=[("SAck", (base + 5 * MSS, base + 7 * MSS))])
+    last = max(t for t, _ in x.at_server)
+    down = only(read(write_pcap(tmp_path / "s.pcap", x.at_server + [(last + 0.001, dsack)])), "download")
+    assert [loss.start for loss in down.losses] == [2 * MSS]
+
+
 def test_a_capture_that_drops_packets_itself_does_not_invent_losses(tmp_path: Path) -> None:
     x = Transfer(lost=())
     # the client-side capture misses segment 5, yet the client's ACKs cover it: tcpdump's drop

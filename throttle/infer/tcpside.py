@@ -297,11 +297,13 @@ class TcpSide:
         retransmission arrived after all (reordered or delayed, not lost)."""
         self.dsacked.append((left, right))
         losses = self.sender_losses
+        undone: set[int] = set()  # one block may report several packets: undo the latest loss of each
         for i in range(len(losses) - 1, max(-1, len(losses) - 1 - _DSACK_LOOKBACK), -1):
             loss = losses[i]
-            if left <= loss.start and loss.start + loss.length <= right and i not in self.cancelled:
+            if left <= loss.start and loss.start + loss.length <= right and i not in self.cancelled \
+                    and loss.start not in undone:
                 self.cancelled.add(i)
-                return
+                undone.add(loss.start)
 
     def _on_cumulative(self, t: float, acked: int) -> None:
         head = self._owner_head
