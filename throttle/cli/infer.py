@@ -88,7 +88,7 @@ def read_captures(captures: Sequence[Path]) -> tuple[list[FlowTrace], list[str]]
             raise ThrottleError(f"{path}: {'is a folder' if path.is_dir() else 'no such file'}; {CAPTURE_FIX}")
         # its header and first packet say whether it is a capture at all (CaptureError names the fix)
         next(iter(read_packets(str(path))), None)
-    from throttle.infer.reader import read_traces  # type: ignore[import-not-found]
+    from throttle.infer.reader import read_traces
 
     traces, problems = read_traces([str(p) for p in captures])
     return traces, [f"{problem}; the flows before that point are reported" for problem in problems]
