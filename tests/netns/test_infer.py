@@ -50,16 +50,23 @@ def throttle(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[st
                           timeout=timeout)
 
 
-def test_twitter_at_50ms_is_inferred_written_and_checked(lab: Lab, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def capture(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trimmed scenario run once, captured at the client (whole packets: the names)."""
     from throttle.measure.bench import Capture
     from throttle.measure.runner import run_scenario
     from throttle.scenario import load_scenario
 
-    scenario = load_scenario(trimmed(tmp_path))
-    capture = tmp_path / "client.pcap"
-    with Capture(lab, "client", CLIENT_IF, capture, snaplen=0):
+    tmp = tmp_path_factory.mktemp("infer")
+    scenario = load_scenario(trimmed(tmp))
+    path = tmp / "client.pcap"
+    with Capture(lab, "client", CLIENT_IF, path, snaplen=0):
         run_scenario(scenario, lab_name=lab.name, keep=True, baseline=False)
         time.sleep(0.3)
+    return path
+
+
+def test_twitter_at_50ms_is_policed_at_its_rate_and_the_control_is_not(capture: Path) -> None:
     result = throttle("infer", str(capture), "--json")
     assert result.returncode == 0, result.stderr
     flows = json.loads(result.stdout)["flows"]
@@ -79,8 +86,11 @@ def test_twitter_at_50ms_is_inferred_written_and_checked(lab: Lab, tmp_path: Pat
         assert flow["rate_bps"] == pytest.approx(RATE_BPS, rel=0.10), flow
     assert transfer("example.org", "upload")["mechanism"] == "none"
 
-    written = tmp_path / "inferred.toml"
+
+def test_written_scenario_is_checked_in_the_lab(lab: Lab, capture: Path) -> None:
+    written = capture.with_name("inferred.toml")
     check = throttle("infer", str(capture), "--write", str(written), "--check", "--lab", lab.name, timeout=600)
+    print(check.stdout, check.stderr)
     assert written.is_file() and "pbs.twimg.com" in written.read_text()
     assert check.returncode == 0, check.stdout + check.stderr
     assert "the same" in check.stdout
