@@ -191,7 +191,7 @@ def test_written_scenario_groups_names_and_directions(tmp_path: Path) -> None:
             inference(quic, "police", rate_bps=512_000)]
     path = tmp_path / "inferred.toml"
     scen = write_scenario(path, infs, [tmp_path / "a.pcap"])
-    assert path.is_file()
+    assert path.is_file() and scen.rtt == pytest.approx(0.05)  # the capture's smallest round trip
     rules = {r.name: r for r in scen.rules}
     twimg = next(r for r in rules.values() if r.matches_name("pbs.twimg.com"))
     assert twimg.direction == "both"  # upload and download limited alike: one rule, separate buckets
