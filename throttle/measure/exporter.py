@@ -39,6 +39,9 @@ any verdict (a short connection under a model that reads past a name that matche
 configured limit of each rule and direction, so that a dashboard draws the limit beside the
 speeds (`throttle_rule_loss_probability` a loss rule's chance of dropping a packet, which has no
 rate); `throttle_build_info` and the process collector's `process_*` describe the censor itself.
+
+`Metrics.board` is the live page's view of the same counters, per flow (`measure.page`): decisions
+add flows to it, and the tick samples them.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Plat
 
 from throttle import __version__
 from throttle.engine import Engine, EngineError, Event, Flow, FlowDecided, FlowEnded, Limited, State, Verdict
+from throttle.measure.page import Board
 
 class KernelCounters(Protocol):
     """What the kernel counted for one direction of a flow it handles (`kernel.maps.Counters`)."""
@@ -146,6 +150,7 @@ class Metrics:
         self._connmark: dict[str, tuple[int, int]] = {}  # direction -> the rule's (packets, bytes) seen so far
         self._ended_seen: dict[tuple[str, str], int] = {}
         self._queue_dropped_seen = 0
+        self.board = Board()  # the live page's flows (measure.page), sampled on the tick
         for state in ("inspecting", "limited", "passed"):
             self.active.labels(state)
         self.queue.set(0)
@@ -174,6 +179,7 @@ class Metrics:
                 self.delay.observe(ev.delay)
         elif isinstance(ev, FlowDecided):
             self._decided(ev.flow)
+            self.board.decided(ev.flow, ev.at)
         elif isinstance(ev, FlowEnded):
             self._flow_ended(ev.flow)
         elif isinstance(ev, EngineError):
@@ -321,6 +327,7 @@ class Metrics:
             self.kernel_tick(fast)
         if connmark is not None:
             self.connmark_tick(connmark)
+        self.board.sample(now, self._fast_seen, counts)
         with self._lock:
             passed = dict(self._passed)
         self._history.append((now, passed))
