@@ -214,3 +214,16 @@ def serve(board: Board, registry: Any, addr: str, port: int) -> WSGIServer:
     httpd: WSGIServer = make_server(addr, port, app(board, make_wsgi_app(registry)), server_class, handler_class=_Quiet)
     threading.Thread(target=httpd.serve_forever, name="page", daemon=True).start()
     return httpd
+
+
+def browser_argv(url: str, profile: str, *, screenshot: str | None = None, width: int = 1600,
+                 height: int = 1100, wait_ms: int = 4000) -> list[str]:
+    """Headless Chromium showing the page at `url` for `wait_ms` of its (virtual) time, then
+    printing its DOM, or saving a screenshot: what the namespace test reads and what
+    scripts/page-screenshot makes the README's picture with."""
+    from throttle.kernel.tools import require_tool
+    from throttle.measure.commands import CHROMIUM_FLAGS
+
+    out = [f"--screenshot={screenshot}", "--hide-scrollbars"] if screenshot else ["--dump-dom"]
+    return [require_tool("chromium", "chromium"), *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+            f"--window-size={width},{height}", f"--virtual-time-budget={wait_ms}", *out, url]
