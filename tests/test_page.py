@@ -144,3 +144,12 @@ def test_the_page_and_its_assets_are_served_and_load_nothing_from_elsewhere() ->
     assert b'id="pause"' in asset("page.html") and b"api/flows?since=" in asset("page.js")
     status, headers, body = get(m, "/metrics")
     assert status.startswith("200") and b"throttle_packets_total" in body
+
+
+def test_the_photo_page_uploads_to_the_lab_server_and_shows_progress_and_speed() -> None:
+    from throttle.lab.server import photo_page
+
+    page = photo_page()
+    assert b"<progress" in page and b'xhr.open("POST", "/upload")' in page and b'type="file"' in page
+    assert b"upload.onprogress" in page and b'id="speed"' in page
+    assert not re.search(rb"""(src|href)=["']?(https?:)?//""", page)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, lab_name
 from throttle.lab.topology import Lab
 from throttle.measure.page import browser_argv
 from throttle.measure.predict import payload_share, predict_goodput
@@ -25,6 +25,8 @@ from throttle.scenario import load_scenario
 pytestmark = pytest.mark.netns
 
 METRICS_PORT = 19481
+WEB_PORT = 19482
+WEB_LAB = lab_name("web")
 SCENARIO = "twitter-2021-03-10"
 URL = f"http://127.0.0.1:{METRICS_PORT}/"
 
@@ -98,3 +100,34 @@ def test_chromium_shows_the_policed_flow_at_its_rate_and_the_control_at_full_spe
     assert f'class="flow limited" data-name="pbs.twimg.com"' in dumped.stdout  # charted on a card, too
     assert shot.returncode == 0 and screenshot.stat().st_size > 10_000, shot.stderr[-2000:]
     print(f"screenshot: {screenshot}")
+
+
+def test_demo_web_serves_the_page_and_the_photo_page_until_ctrl_c(tmp_path: Path) -> None:
+    """`throttle demo --web` brings its lab up, says the page's URL, serves the page and (in the
+    lab) the upload page a real browser opens, and on Ctrl-C stops and takes its lab down."""
+    import signal
+    import urllib.request
+
+    demo = subprocess.Popen([sys.executable, "-m", "throttle", "demo", "--web", "--lab", WEB_LAB,
+                             "--metrics-listen", f"127.0.0.1:{WEB_PORT}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    said: list[str] = []
+    profile = tempfile.mkdtemp(prefix="chromium-photo-")
+    lab = Lab(WEB_LAB)
+    try:
+        for line in demo.stdout:  # type: ignore[union-attr]
+            said.append(line)
+            if line.startswith("Ctrl-C"):
+                break
+        assert any(f"http://127.0.0.1:{WEB_PORT}/" in line for line in said), said
+        with urllib.request.urlopen(f"http://127.0.0.1:{WEB_PORT}/", timeout=5) as response:
+            assert b'id="pause"' in response.read()
+        page = chromium(lab.exec_argv("client", [*browser_argv("https://pbs.twimg.com/photo", profile)[:-1],
+                                                 "--ignore-certificate-errors", "https://pbs.twimg.com/photo"]))
+        assert page.returncode == 0 and 'id="go"' in page.stdout and "<progress" in page.stdout, page.stderr[-2000:]
+    finally:
+        demo.send_signal(signal.SIGINT)
+        rest, _ = demo.communicate(timeout=60)
+        shutil.rmtree(profile, ignore_errors=True)
+    assert demo.returncode == 0, "".join(said) + rest
+    assert not lab.status().up, "demo --web left its lab up"
