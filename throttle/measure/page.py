@@ -40,6 +40,7 @@ from throttle.scenario import Rule, Scenario
 
 CAP = 300  # flows kept on the board: the most recently decided
 WINDOW = 120  # one-second points kept per flow: two minutes
+MEAN = 5  # points a flow's speed now is the mean of
 DIRECTIONS = ("upload", "download")
 ASSETS = {"/": ("page.html", "text/html; charset=utf-8"), "/page.js": ("page.js", "text/javascript; charset=utf-8"),
           "/page.css": ("page.css", "text/css; charset=utf-8")}
@@ -62,7 +63,7 @@ def rule_limits(rule: Rule | None) -> dict[str, float | None]:
 class _Shown:
     """One flow on the board: what it is, its bytes as last sampled, its points (seq, up, down B/s)."""
 
-    __slots__ = ("flow", "keys", "fields", "totals", "at", "points", "last_active")
+    __slots__ = ("flow", "keys", "fields", "totals", "at", "points", "last_active", "speed")
 
     def __init__(self, flow: Flow, seq: int, now: float) -> None:
         self.flow = flow
@@ -84,6 +85,7 @@ class _Shown:
         self.at = now
         self.points: deque[tuple[int, int, int]] = deque(maxlen=WINDOW)
         self.last_active = seq
+        self.speed = {"upload": 0, "download": 0}  # the mean of the last `MEAN` points
 
 
 class Board:
@@ -139,7 +141,12 @@ class Board:
                             speeds[d] = round((total - totals[d]) / span)
                         totals[d] = total
                 shown.at = now
-                shown.points.append((seq, speeds[0], speeds[1]))
+                points = shown.points
+                points.append((seq, speeds[0], speeds[1]))
+                n = min(len(points), MEAN)
+                recent = [points[-i] for i in range(1, n + 1)]
+                shown.speed = {"upload": round(sum(p[1] for p in recent) / n),
+                               "download": round(sum(p[2] for p in recent) / n)}
                 if speeds[0] or speeds[1]:
                     shown.last_active = seq
                 elif flow.end_reason is not None and seq - shown.last_active >= WINDOW:
@@ -149,18 +156,18 @@ class Board:
 
     def snapshot(self, since: int = 0) -> dict[str, Any]:
         """What /api/flows answers: the flows (newest decision first) with their points after tick
-        `since` (all of the window with 0) and their speed now (the mean of the last five points)."""
+        `since` (all of the window with 0) and their speed now (the mean of the last `MEAN` points).
+        Only those points are copied, under the lock; the rest is made outside it."""
         with self._lock:
-            shown = [(s.fields, s.flow.end_reason is not None, list(s.points)) for s in self._shown.values()]
             seq, limited, passed, active = self.seq, self.limited, self.passed, dict(self.active)
-        flows = []
-        for fields, ended, points in reversed(shown):
-            recent = points[-5:]
-            n = max(len(recent), 1)
-            flows.append({**fields, "ended": ended,
-                          "speed": {"upload": round(sum(p[1] for p in recent) / n),
-                                    "download": round(sum(p[2] for p in recent) / n)},
-                          "history": [list(p) for p in points if p[0] > since]})
+            shown = []
+            for s in self._shown.values():
+                points = s.points
+                n = min(len(points), max(seq - since, 0))
+                shown.append((s.fields, s.flow.end_reason is not None, s.speed,
+                              [points[i] for i in range(len(points) - n, len(points))]))
+        flows = [{**fields, "ended": ended, "speed": speed, "history": [list(p) for p in points]}
+                 for fields, ended, speed, points in reversed(shown)]
         return {"scenario": self.scenario, "seq": seq, "interval": 1.0, "window": WINDOW, "cap": self.cap,
                 "counts": {"limited": limited, "passed": passed, "active_limited": active["limited"],
                            "active_passed": active["passed"], "shown": len(flows)},
