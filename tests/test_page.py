@@ -103,19 +103,26 @@ def test_api_flows_schema_and_the_policed_speed_against_its_rate_line() -> None:
 
 
 def test_kernel_counters_are_the_speed_of_a_flow_the_kernel_carries() -> None:
-    """Once the fast path carries a flow, its bytes come from the walker's per-key counters."""
+    """Once the fast path carries a flow, its speed comes from the walker's per-key counters, at
+    the walks' times: a walk that falls between two ticks or two walks within one tick change
+    nothing (no beat between the walker's second and the tick's)."""
     e, m, limited, passed = policed_and_passed()
     up = map_key(6, bytes([198, 18, 0, 2]), 40001, bytes([198, 18, 2, 2]), 443)
     down = map_key(6, bytes([198, 18, 2, 2]), 443, bytes([198, 18, 0, 2]), 40001)
     m.fast_flow_added(up, "upload")
     m.fast_flow_added(down, "download")
-    m.kernel_tick({up: Counters(1_000_000, 700, 0, 0, 0), down: Counters(10_000, 100, 0, 0, 0)})
-    m.tick(e, held=0, fast=None, now=1.0)
-    m.kernel_tick({up: Counters(6_000_000, 4200, 0, 0, 0), down: Counters(60_000, 600, 0, 0, 0)})
-    m.tick(e, held=0, fast=None, now=2.0)
+    walks = [(0.1, 1_000_000, 10_000), (1.1, 6_000_000, 60_000), (1.95, 10_250_000, 102_500),
+             (2.05, 10_750_000, 107_500), (4.1, 21_000_000, 210_000)]  # 5 MB/s up, 50 kB/s down
+    ticks = iter([1.0, 2.0, 3.0, 4.0, 5.0])
+    for at, sent, received in walks:
+        m.kernel_tick({up: Counters(sent, sent // 1448, 0, 0, 0), down: Counters(received, 100, 0, 0, 0)}, now=at)
+        if at in (0.1, 1.1, 2.05, 4.1):
+            m.tick(e, held=0, fast=None, now=next(ticks))
     control = {f["name"]: f for f in m.board.snapshot()["flows"]}["example.com"]
-    assert control["history"][-1][1:] == [5_000_000, 50_000]
-    assert control["history"][-2][1:] == [1_000_000, 10_000]
+    assert [p[1:] for p in control["history"][1:]] == [[0, 0]] + [[5_000_000, 50_000]] * 3
+    m.kernel_tick({}, now=5.1)  # the flow left the kernel (it ended, or went idle)
+    m.tick(e, held=0, fast=None, now=6.0)
+    assert m.board.snapshot(since=m.board.seq - 1)["flows"][-1]["history"] == [[m.board.seq, 0, 0]]
 
 
 def test_the_board_keeps_the_most_recent_flows_and_lets_ended_ones_go() -> None:
@@ -130,7 +137,7 @@ def test_the_board_keeps_the_most_recent_flows_and_lets_ended_ones_go() -> None:
     assert board.snapshot()["counts"]["passed"] == 5
     flows[4].end_reason = "idle"
     for t in range(1, WINDOW + 2):
-        board.sample(float(t), {}, {})
+        board.sample(float(t), {})
     assert [f["client"] for f in board.snapshot()["flows"]] == ["198.18.0.2:5003", "198.18.0.2:5002"]
 
 

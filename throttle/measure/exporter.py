@@ -49,6 +49,7 @@ from __future__ import annotations
 import platform
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Mapping
 from typing import Protocol
@@ -327,7 +328,7 @@ class Metrics:
             self.kernel_tick(fast)
         if connmark is not None:
             self.connmark_tick(connmark)
-        self.board.sample(now, self._fast_seen, counts)
+        self.board.sample(now, counts)
         with self._lock:
             passed = dict(self._passed)
         self._history.append((now, passed))
@@ -352,12 +353,14 @@ class Metrics:
                             size - seen_bytes)
             self._connmark[direction] = (packets, size)
 
-    def kernel_tick(self, fast: Mapping[bytes, KernelCounters]) -> None:
+    def kernel_tick(self, fast: Mapping[bytes, KernelCounters], now: float | None = None) -> None:
         """The eBPF program's cumulative counters per flow key (`kernel.maps.Counters`, or the
         fast path's `Snapshot`), read by a walk of its map: what each direction carried since the
         last walk is counted at stage kernel. Safe on another thread than the one handling events
         (the censor calls it on the fast path's walker, so the walk of a big map never holds up
-        packets): the per-key work needs no lock, the sums are added at the end."""
+        packets): the per-key work needs no lock, the sums are added at the end. Then the live
+        page's board takes each shown flow's kernel speed, at `now` (the walk's time; default the
+        monotonic clock's)."""
         walk = self._walk
         self._walk = walk + 1
         self.tables.labels("kernel_flows").set(len(fast))
@@ -395,6 +398,7 @@ class Metrics:
                 labels_of.pop(fast_key, None)
         for (labels, verdict), (packets, size) in sums.items():
             self._count(labels, "kernel", verdict, packets, size)
+        self.board.walked(time.monotonic() if now is None else now, seen_of)
 
 
 class _Tracked:

@@ -9,9 +9,11 @@ served with the Prometheus metrics by one small HTTP server.
 
 `Board` is fed by `measure.exporter.Metrics`: a decision adds the flow (the `FlowDecided` event,
 once per flow), and the once-a-second tick samples what the censor already counts for it: the
-engine's per-flow counters (`Flow.sides`) plus the eBPF program's per-direction counters as the
-walker last read them (`Metrics`' per-key table, looked up by the flow's two map keys). Nothing is
-added to the per-packet path. At most `CAP` flows are kept (the most recently decided), each with
+engine's per-flow counters (`Flow.sides`) plus the speed of its directions the eBPF program
+carries, from its per-direction counters at the walker's last two walks (`Metrics`' per-key table,
+looked up by the flow's two map keys, after each walk, at the walk's time: the walker's second and
+the tick's would beat, showing 0 and twice the speed in turn). Nothing is added to the per-packet
+path. At most `CAP` flows are kept (the most recently decided), each with
 `WINDOW` one-second points; a flow that ended leaves the page once its last point left the window.
 
 The HTTP server's threads read the board under its lock, by copying; the JSON is made off the
@@ -63,7 +65,7 @@ def rule_limits(rule: Rule | None) -> dict[str, float | None]:
 class _Shown:
     """One flow on the board: what it is, its bytes as last sampled, its points (seq, up, down B/s)."""
 
-    __slots__ = ("flow", "keys", "fields", "totals", "at", "points", "last_active", "speed")
+    __slots__ = ("flow", "keys", "fields", "totals", "at", "walked", "kernel_rate", "points", "last_active", "speed")
 
     def __init__(self, flow: Flow, seq: int, now: float) -> None:
         self.flow = flow
@@ -81,8 +83,12 @@ class _Shown:
             "transport": flow.transport, "client": flow.client_endpoint, "server": flow.server_endpoint,
             "decided": seq, "limit": rule_limits(rule)}
         # bytes before the decision are the inspection's: the first point counts from here
-        self.totals = [side.bytes - side.dropped_bytes for side in flow.sides]
+        self.totals = [side.bytes - side.dropped_bytes for side in flow.sides]  # what the engine passed
         self.at = now
+        # per direction: the kernel's count at the last walk that saw it, and when; the speed between
+        # the last two walks (the walker's clock, not the tick's: the two would beat)
+        self.walked: list[tuple[float, int] | None] = [None, None]
+        self.kernel_rate = [0.0, 0.0]
         self.points: deque[tuple[int, int, int]] = deque(maxlen=WINDOW)
         self.last_active = seq
         self.speed = {"upload": 0, "download": 0}  # the mean of the last `MEAN` points
@@ -116,30 +122,43 @@ class Board:
             while len(self._shown) > self.cap:
                 self._shown.popitem(last=False)
 
-    def sample(self, now: float, kernel: Mapping[bytes, bytes], active: Mapping[str, int]) -> None:
-        """Once a second (the censor's tick): each shown flow's passed bytes per direction, from the
-        engine's counters plus the kernel's (`kernel`: the exporter's packed counters by map key, as
-        the walker last read them), as a speed since the last sample."""
+    def walked(self, now: float, kernel: Mapping[bytes, bytes]) -> None:
+        """After each walk of the eBPF map (on the walker's thread; `kernel`: the exporter's packed
+        counters by map key): the speed of each shown flow's kernel-carried directions between
+        this walk and the last, at the walks' own times."""
+        with self._lock:
+            for shown in self._shown.values():
+                keys = shown.keys
+                if keys is None:
+                    continue
+                for d in (0, 1):
+                    packed = kernel.get(keys[d])
+                    if packed is None:  # not (yet, or no longer) in the kernel
+                        shown.walked[d], shown.kernel_rate[d] = None, 0.0
+                        continue
+                    count, before = _COUNTS.unpack(packed)[0], shown.walked[d]
+                    if before is not None and now > before[0]:
+                        shown.kernel_rate[d] = max(count - before[1], 0) / (now - before[0])
+                    shown.walked[d] = (now, count)
+
+    def sample(self, now: float, active: Mapping[str, int]) -> None:
+        """Once a second (the censor's tick): each shown flow's speed per direction since the last
+        sample, from the engine's counters, plus the kernel's speed at the last walk (`walked`)."""
         with self._lock:
             self.seq += 1
             seq = self.seq
             self.active = {"limited": active.get("limited", 0), "passed": active.get("passed", 0)}
             gone = []
             for fid, shown in self._shown.items():
-                flow, keys, totals = shown.flow, shown.keys, shown.totals
+                flow, totals, kernel_rate = shown.flow, shown.totals, shown.kernel_rate
                 span = now - shown.at
                 speeds = [0, 0]
                 for d in (0, 1):
                     side = flow.sides[d]
                     total = side.bytes - side.dropped_bytes
-                    if keys is not None:
-                        packed = kernel.get(keys[d])
-                        if packed is not None:
-                            total += _COUNTS.unpack(packed)[0]
-                    if total > totals[d]:  # never back: a kernel entry gone takes its count with it
-                        if span > 0:
-                            speeds[d] = round((total - totals[d]) / span)
-                        totals[d] = total
+                    engine = (total - totals[d]) / span if span > 0 and total > totals[d] else 0.0
+                    totals[d] = max(total, totals[d])
+                    speeds[d] = round(engine + kernel_rate[d])
                 shown.at = now
                 points = shown.points
                 points.append((seq, speeds[0], speeds[1]))

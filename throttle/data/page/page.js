@@ -44,6 +44,7 @@ function header(data) {
   document.title = "throttle: " + (s.title || s.name);
   const sources = document.getElementById("sources");
   sources.replaceChildren();
+  sources.title = s.sources.join("\n");
   if (s.name) sources.append(el("span", {}, s.name + (s.sources.length ? " \u00b7 sources: " : "")));
   s.sources.forEach((src, i) => {
     const link = /^https?:/.test(src) ? el("a", { href: src }, "[" + (i + 1) + "]") : el("span", {}, src);
@@ -97,7 +98,12 @@ function draw(canvas, flow) {
     g.lineTo(right, y(rate));
     g.stroke();
     g.setLineDash([]);
-    g.fillText("rule's rate " + fmtSpeed(rate), right - 220, y(rate) - 6);
+    const label = "rule's rate " + fmtSpeed(rate);
+    const w = g.measureText(label).width;
+    g.fillStyle = "rgba(255, 255, 255, 0.85)"; // the label stays readable over the lines
+    g.fillRect(right - w - 8, y(rate) - 24, w + 8, 20);
+    g.fillStyle = COLOURS.text;
+    g.fillText(label, right - w - 4, y(rate) - 9);
   }
   const seqs = [...flow.points.keys()].sort((a, b) => a - b);
   [["upload", 0, []], ["download", 1, [4, 4]]].forEach(([d, i, dash]) => {
