@@ -106,16 +106,31 @@ function draw(canvas, flow) {
     g.fillText(label, right - w - 4, y(rate) - 9);
   }
   const seqs = [...flow.points.keys()].sort((a, b) => a - b);
-  [["upload", 0, []], ["download", 1, [4, 4]]].forEach(([d, i, dash]) => {
-    g.strokeStyle = COLOURS[d];
-    g.lineWidth = 4;
-    g.setLineDash(dash);
+  // Each second thin, the mean of the last 5 s thick: a policer's bursts land in one second or
+  // the next, so single seconds swing between 0 and twice the rate around the line.
+  const line = (values, i) => {
     g.beginPath();
     seqs.forEach((seq, n) => {
-      const v = flow.points.get(seq)[i];
+      const v = values(n, i);
       if (n === 0) g.moveTo(x(seq), y(v)); else g.lineTo(x(seq), y(v));
     });
     g.stroke();
+  };
+  const second = (n, i) => flow.points.get(seqs[n])[i];
+  const mean = (n, i) => {
+    let sum = 0, k = 0;
+    for (let m = Math.max(0, n - 4); m <= n; m++, k++) sum += second(m, i);
+    return sum / k;
+  };
+  [["upload", 0, []], ["download", 1, [4, 4]]].forEach(([d, i, dash]) => {
+    g.strokeStyle = COLOURS[d];
+    g.setLineDash(dash);
+    g.globalAlpha = 0.45;
+    g.lineWidth = 1.5;
+    line(second, i);
+    g.globalAlpha = 1;
+    g.lineWidth = 4;
+    line(mean, i);
   });
   g.setLineDash([]);
 }
