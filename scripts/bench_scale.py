@@ -13,7 +13,14 @@ censor's CPU and peak RSS, and the generator's and sink's CPU, so they are seen 
 bottleneck. Then the same flows with no censor, as the reference line. `--json` prints the rows as
 JSON. Needs root; builds its own lab (`scale`) and always takes it down.
 
-    scripts/bench-scale [--flows 1000,2000] [--scenario twitter-2021-03-10] [--shape] [--json]
+`--page`: what the live page (throttle.measure.page) costs the censor. Each censored run is made
+twice, side by side, with the censor serving its metrics and page: once with the page closed, once
+with it open and refreshing, its requests made as the page makes them (the HTML, script and style
+once, then GET /api/flows?since=SEQ every second), or by a real headless Chromium with the page
+open (`--page-browser`; it competes with the flows for this machine's CPUs). The page line's
+accuracy and censor CPU beside the closed line's are the comparison.
+
+    scripts/bench-scale [--flows 1000,2000] [--scenario twitter-2021-03-10] [--shape] [--page] [--json]
 """
 
 from __future__ import annotations
@@ -24,13 +31,16 @@ import json
 import os
 import resource
 import selectors
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from throttle.errors import ThrottleError
@@ -42,6 +52,7 @@ from throttle.scenario.library import find_scenario
 
 LAB = "scale"
 PORT = 9100
+PAGE_PORT = 19483  # the censor's metrics and page, on the host's loopback, with --page
 CHUNK = 65536
 MSS, PACKET = 1448, 1500  # a full-sized segment's payload and its IP packet (TCP timestamps on)
 TCP_NOTSENT_LOWAT = 25  # payload per wire byte of a full-sized segment
@@ -161,6 +172,7 @@ def expected_kbit(rule: Rule) -> float:
 class Row:
     flows: int
     censor: bool
+    page: str  # the live page: "off" (no metrics server), "closed", "open" (polled), "browser"
     measured: int  # flows the sink saw deliver during the window
     p5_kbit: float
     p50_kbit: float
@@ -197,20 +209,82 @@ def _queue_losses(lab: Lab) -> int | None:
     return None
 
 
+class PageReader:
+    """The live page, open and refreshing: its requests as the page's script makes them, from a
+    thread (the assets once, then /api/flows?since=SEQ once a second), or a headless Chromium."""
+
+    def __init__(self, browser: bool) -> None:
+        self.browser = browser
+        self.stop = threading.Event()
+        self.polls = 0
+        self.failed = 0
+        self.thread: threading.Thread | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.profile = ""
+
+    def _poll(self) -> None:
+        base = f"http://127.0.0.1:{PAGE_PORT}/"
+        seq = 0
+        for path in ("", "page.js", "page.css"):
+            self._get(base + path)
+        while not self.stop.wait(1.0):
+            body = self._get(f"{base}api/flows?since={seq}")
+            if body:
+                seq = json.loads(body)["seq"]
+                self.polls += 1
+
+    def _get(self, url: str) -> bytes:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.read()  # type: ignore[no-any-return]
+        except OSError:
+            self.failed += 1
+            return b""
+
+    def __enter__(self) -> PageReader:
+        if self.browser:
+            from throttle.kernel.tools import require_tool
+            from throttle.measure.commands import CHROMIUM_FLAGS
+
+            self.profile = tempfile.mkdtemp(prefix="bench-page-")
+            self.proc = subprocess.Popen([require_tool("chromium", "chromium"), *CHROMIUM_FLAGS,
+                                          f"--user-data-dir={self.profile}", "--window-size=1600,1100",
+                                          "--remote-debugging-port=0", f"http://127.0.0.1:{PAGE_PORT}/"],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        else:
+            self.thread = threading.Thread(target=self._poll, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            shutil.rmtree(self.profile, ignore_errors=True)
+
+
 def run_once(lab: Lab, flows: int, scenario_path: str | None, target: float, sni: str, warmup: float,
-             window: float) -> Row:
+             window: float, page: str = "off") -> Row:
     here = str(Path(__file__).resolve())
     sink_proc = subprocess.Popen(lab.exec_argv("server", [sys.executable, here, "sink", "--port", str(PORT)]),
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     censor: CensorProcess | None = None
+    reader: PageReader | None = None
     gen: subprocess.Popen[str] | None = None
     try:
         assert sink_proc.stdout is not None and sink_proc.stdin is not None
         if sink_proc.stdout.readline().strip() != "ready":
             raise ThrottleError("the sink did not start")
         if scenario_path is not None:
-            censor = CensorProcess(scenario_path, lab.ns("censor"), "--metrics-listen", "off")
+            listen = "off" if page == "off" else f"127.0.0.1:{PAGE_PORT}"
+            censor = CensorProcess(scenario_path, lab.ns("censor"), "--metrics-listen", listen)
             censor.__enter__()
+        reader = PageReader(page == "browser") if page in ("open", "browser") else None
+        if reader is not None:
+            reader.__enter__()
         pid = censor.proc.pid if censor is not None and censor.proc is not None else None
         ramp = flows / 2000 + 1
         seconds = ramp + warmup + window + 2
@@ -236,6 +310,8 @@ def run_once(lab: Lab, flows: int, scenario_path: str | None, target: float, sni
         gen_out = json.loads(gen.stdout.readline() or "{}")
         gen.wait(timeout=30)
     finally:
+        if reader is not None:
+            reader.__exit__(None, None, None)
         if gen is not None and gen.poll() is None:
             gen.kill()
             gen.wait()
@@ -249,6 +325,8 @@ def run_once(lab: Lab, flows: int, scenario_path: str | None, target: float, sni
             except (OSError, subprocess.TimeoutExpired):
                 sink_proc.kill()
                 sink_proc.wait()
+    if reader is not None and reader.thread is not None and (reader.failed or not reader.polls):
+        raise ThrottleError(f"the page's polls: {reader.polls} answered, {reader.failed} failed")
     span = float(second["t"]) - float(first["t"])  # type: ignore[arg-type]
     before: dict[str, int] = first["counts"]  # type: ignore[assignment]
     after: dict[str, int] = second["counts"]  # type: ignore[assignment]
@@ -257,7 +335,8 @@ def run_once(lab: Lab, flows: int, scenario_path: str | None, target: float, sni
     q = statistics.quantiles(speeds, n=20) if len(speeds) >= 2 else speeds * 19
     gen_cpu = float(gen_out.get("cpu", 0.0))
     return Row(
-        flows=flows, censor=censor is not None, measured=len(speeds), p5_kbit=round(q[0], 1),
+        flows=flows, censor=censor is not None, page=page if censor is not None else "off", measured=len(speeds),
+        p5_kbit=round(q[0], 1),
         p50_kbit=round(statistics.median(speeds), 1) if speeds else 0.0, p95_kbit=round(q[-1], 1),
         within_10pct=sum(abs(s - target) <= 0.1 * target for s in speeds),
         escaped=sum(s >= 2 * target for s in speeds), lost_before_inspection=lost,
@@ -300,8 +379,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--window", type=float, default=20.0, help="seconds measured")
     p.add_argument("--no-reference", action="store_true", help="skip the runs without a censor")
     p.add_argument("--lab", default=LAB, help=f"lab name (default {LAB}); taken down first and at the end")
+    p.add_argument("--page", action="store_true", help="each censored run twice: the live page closed, then open")
+    p.add_argument("--page-browser", action="store_true", help="with --page: a headless Chromium has the page open")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    pages = ("closed", "browser" if a.page_browser else "open") if a.page else ("off",)
     counts = [int(n) for n in a.flows.split(",") if n]
     path = find_scenario(a.scenario)
     scenario = load_scenario(path)
@@ -316,9 +398,13 @@ def main(argv: list[str]) -> int:
             scen_path = _shaped(path, Path(tmp)) if a.shape else str(path)
             lab.up([])
             for n in counts:
-                for with_censor in (True, False) if not a.no_reference else (True,):
-                    say(f"bench-scale: {n} flows, {'through the censor' if with_censor else 'no censor'} ...")
-                    rows.append(run_once(lab, n, scen_path if with_censor else None, target, a.sni, a.warmup, a.window))
+                runs = [(True, page) for page in pages] + ([(False, "off")] if not a.no_reference else [])
+                for with_censor, page in runs:
+                    shown = "no censor" if not with_censor else "through the censor" + \
+                        ("" if page == "off" else f", the page {page}")
+                    say(f"bench-scale: {n} flows, {shown} ...")
+                    rows.append(run_once(lab, n, scen_path if with_censor else None, target, a.sni, a.warmup,
+                                         a.window, page))
                     say(f"  {rows[-1]}")
     finally:
         lab.down()
@@ -328,17 +414,26 @@ def main(argv: list[str]) -> int:
     meter = f"{rule.meter} meter" if not a.shape else "shaped"
     print(f"\n{scenario.name} ({meter}): rate {rule.rate * 8 / 1000:.1f} kbit/s, burst {rule.burst} B, goodput target "
           f"{target:.1f} kbit/s (+-10%: {0.9 * target:.1f}-{1.1 * target:.1f}); window {a.window:.0f} s")
-    header = ("flows", "censor", "p5", "p50", "p95 kbit/s", "within 10%", "escaped", "lost", "censor CPU", "RSS MB",
-              "gen CPU", "sink CPU")
+    header = ("flows", "censor", "page", "p5", "p50", "p95 kbit/s", "within 10%", "escaped", "lost", "censor CPU",
+              "RSS MB", "gen CPU", "sink CPU")
     print("  ".join(f"{h:>10}" for h in header))
     for r in rows:
-        cells = (r.flows, "yes" if r.censor else "no", r.p5_kbit, r.p50_kbit, r.p95_kbit,
+        cells = (r.flows, "yes" if r.censor else "no", r.page if r.censor else "-", r.p5_kbit, r.p50_kbit, r.p95_kbit,
                  f"{r.within_10pct} ({100 * r.within_10pct / max(1, r.flows):.1f}%)", r.escaped,
                  "-" if r.lost_before_inspection is None else r.lost_before_inspection,
                  "-" if r.censor_cpu_percent is None else f"{r.censor_cpu_percent}%",
                  "-" if r.censor_peak_rss_mb is None else r.censor_peak_rss_mb,
                  f"{r.generator_cpu_percent}%", f"{r.sink_cpu_percent}%")
         print("  ".join(f"{c!s:>10}" for c in cells))
+    closed = {r.flows: r for r in rows if r.page == "closed"}
+    for r in rows:
+        before = closed.get(r.flows)
+        if r.page in ("open", "browser") and before is not None and r.censor_cpu_percent is not None \
+                and before.censor_cpu_percent is not None:
+            cost = r.censor_cpu_percent - before.censor_cpu_percent
+            print(f"{r.flows} flows: the page {r.page} costs the censor {cost:+.1f} CPU points "
+                  f"({before.censor_cpu_percent}% closed, {r.censor_cpu_percent}% open); within 10%: "
+                  f"{before.within_10pct} closed, {r.within_10pct} open")
     return 0
 
 

@@ -99,3 +99,13 @@ def test_no_live_or_plot_packages_and_a_clear_message(installed: tuple[Path, Pat
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert "[live] extra" in line and "pip install 'throttle-lab[live]'" in line
+
+
+def test_the_live_page_ships_in_the_wheel(installed: tuple[Path, Path]) -> None:
+    """The censor's page and the lab server's upload page are package data (no CDN, no repository)."""
+    bin_dir, work = installed
+    code = ("from importlib import resources; folder = resources.files('throttle') / 'data' / 'page'; "
+            "print(' '.join(sorted(p.name for p in folder.iterdir() if p.read_bytes())))")
+    result = run([str(bin_dir / "python"), "-c", code], work, "the page's assets")
+    assert result.returncode == 0 and result.stdout.split() == ["page.css", "page.html", "page.js", "photo.html"], \
+        result.stdout + result.stderr

@@ -246,15 +246,14 @@ def bridge_port(name: str) -> bool:
         return bool(found) and is_bridge_port(ipr, found[0])
 
 
-def start_metrics(listen: str | None) -> tuple[Metrics | None, str | None]:
-    """The exporter's HTTP server, bound now, in this (the host's) namespace: it stays reachable
+def start_metrics(listen: str | None, scenario: Scenario | None = None) -> tuple[Metrics | None, str | None]:
+    """The exporter's HTTP server (the metrics, and the live page of `scenario` at its root), bound now, in this (the host's) namespace: it stays reachable
     from the host after the process enters the lab's namespace. `listen` None means the default,
     where a busy port is only a warning; "off" means none. Returns (metrics, a line to print)."""
     if listen == "off":
         return None, None
-    from prometheus_client import start_http_server
-
     from throttle.measure.exporter import Metrics
+    from throttle.measure.page import serve
 
     explicit = listen is not None
     addr, _, port = (listen or DEFAULT_METRICS).rpartition(":")
@@ -262,15 +261,17 @@ def start_metrics(listen: str | None) -> tuple[Metrics | None, str | None]:
     if not port.isdigit():
         raise ThrottleError(f"--metrics-listen {listen}: write ADDR:PORT, e.g. {DEFAULT_METRICS}, or off")
     metrics = Metrics()
+    if scenario is not None:
+        metrics.board.describe(scenario)
     try:
-        start_http_server(int(port), addr=addr, registry=metrics.registry)
+        serve(metrics.board, metrics.registry, addr, int(port))
     except OSError as exc:
         message = f"cannot serve metrics on {addr}:{port} ({exc.strerror}); choose another with --metrics-listen ADDR:PORT"
         if explicit:
             raise ThrottleError(message) from None
         return None, message
     shown = f"[{addr}]" if ":" in addr else addr
-    return metrics, f"metrics at http://{shown}:{port}/metrics"
+    return metrics, f"metrics at http://{shown}:{port}/metrics, the live page at http://{shown}:{port}/"
 
 
 def run_censor(scenario: Scenario, *, netns_name: str | None, queue: int, inside_if: str | None,
@@ -279,7 +280,7 @@ def run_censor(scenario: Scenario, *, netns_name: str | None, queue: int, inside
     """The `throttle censor` command: enter the namespace, hook, run until SIGINT/SIGTERM. What it
     has to tell (its lines of progress and counters) goes to `say`."""
     check_requirements()
-    metrics, metrics_note = start_metrics(metrics_listen)
+    metrics, metrics_note = start_metrics(metrics_listen, scenario)
     if netns_name:
         netns.enter(netns_name)
     where_ns = f"namespace {netns_name}" if netns_name else "this namespace"

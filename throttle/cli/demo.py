@@ -5,6 +5,11 @@ photo upload, a reddit.com upload caught by the `*t.co*` bug and a control uploa
 their speeds redrawn every second for about a minute, then the table. The control upload is
 repeated meanwhile, so its speed stays on screen and in the Prometheus exporter.
 
+Web (`--web`, needs root): the lab up and the same censor running until Ctrl-C, with the URL of
+its live page (measure.page) for a projector and the command that opens the lab server's upload
+page in a browser in the client's namespace, so a class can try names and evasions; the censor
+stopped and the lab taken down (if this command brought it up) on Ctrl-C or SIGTERM.
+
 Offline (`--offline`, no root): a capture of nine real connections (curl, openssl, Python and
 Chromium talking TLS to a lab server; see tests/vectors/README.md) is run through three censors,
 and a table shows which connections each would have throttled and why.
@@ -13,14 +18,18 @@ and a table shows which connections each would have throttled and why.
 from __future__ import annotations
 
 import dataclasses
+import signal
+import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 import typer
 
-from throttle.cli.options import lab_option
+from throttle.cli.options import DEFAULT_LAB, lab_option, metrics_option
 from throttle.cli.output import format_table
 from throttle.engine.offline import FlowReport, classify_file
+from throttle.errors import ThrottleError
 from throttle.extras import require
 from throttle.scenario import Probe, Scenario, load_scenario
 from throttle.scenario.library import bundled_path
@@ -74,6 +83,62 @@ def run_live_demo(lab_name: str = "throttle") -> int:
     return 0 if report.passed else 1
 
 
+WEB_NAMES = ("pbs.twimg.com", "twitter.com", "reddit.com", "example.org")  # certificates made at start
+
+
+def web_demo_lines(lab_name: str, listen: str) -> list[str]:
+    """What `demo --web` tells the class: the page's URL and what to try."""
+    addr, _, port = listen.rpartition(":")
+    shown = addr if addr not in ("", "0.0.0.0", "::", "[::]") else "127.0.0.1"
+    lab = "" if lab_name == DEFAULT_LAB else f" --lab {lab_name}"
+    return [
+        f"the live page: http://{shown}:{port}/  (open it on the projector; Pause freezes the picture)",
+        "upload a photo from the lab's client in a real browser (a window appears on your display):",
+        f"  sudo throttle lab exec{lab} -- chromium --no-sandbox --user-data-dir=/tmp/throttle-class "
+        "--ignore-certificate-errors https://pbs.twimg.com/photo",
+        "  then https://example.org/photo in the same window: the bar crawls for the first, flies for the second",
+        f"or from a terminal: sudo throttle lab exec{lab} -- curl -T 1MB.jpg https://reddit.com/upload",
+        "Ctrl-C stops the censor and takes the lab down",
+    ]
+
+
+def run_web_demo(lab_name: str, listen: str | None, say: Callable[[str], None]) -> int:
+    """The lab and the day-one censor, up until Ctrl-C or SIGTERM; the page's URL said first."""
+    from throttle.censor import DEFAULT_METRICS
+    from throttle.lab.topology import Lab
+    from throttle.measure.runner import CensorProcess
+
+    listen = listen or DEFAULT_METRICS
+    if listen == "off":
+        raise ThrottleError("demo --web shows the censor's page on its metrics address: give ADDR:PORT, not off")
+    scenario_path = str(bundled_path("twitter-2021-03-10"))
+    lab = Lab(lab_name)
+    was_up = lab.status().up
+    say("reusing the running lab" if was_up else f"bringing the lab {lab_name} up")
+    lab.up(WEB_NAMES)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with CensorProcess(scenario_path, lab.ns("censor"), "--metrics-listen", listen) as censor:
+            say("censor on: Russia slows Twitter, 2021-03-10 (SNI policing at 130 kbit/s)")
+            for line in web_demo_lines(lab_name, listen):
+                say(line)
+            while censor.poll() is None:
+                time.sleep(1.0)
+            raise ThrottleError(f"the censor stopped by itself (exit {censor.poll()}): {censor.tail.strip()}")
+    except KeyboardInterrupt:
+        say("stopping")
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if not was_up:
+            say("taking the lab down")
+            lab.down()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends the class as Ctrl-C does: censor stopped, lab down
+
+
 def run_demo(capture: Path | None = None) -> int:
     capture = capture or Path(str(resources.files("throttle") / "data" / DEMO_CAPTURE))
     models = _models()
@@ -100,11 +165,17 @@ def run_demo(capture: Path | None = None) -> int:
 
 def demo(
     offline: bool = typer.Option(False, "--offline", help="No lab, no root: classify a bundled capture instead."),
+    web: bool = typer.Option(False, "--web", help="Keep the lab and the censor up until Ctrl-C, and print the URL "
+                             "of the censor's live page, for a class to watch and try names."),
     lab_name: str = lab_option(),
+    metrics_listen: str | None = metrics_option(),
 ) -> None:
     """The demonstration: Twitter slowed live in the lab, about a minute (needs root and the [live]
-    extra). `--offline`: the same censors on a bundled capture, anywhere, no root."""
+    extra). `--web`: the lab and censor stay up with a live page until Ctrl-C. `--offline`: the
+    same censors on a bundled capture, anywhere, no root."""
     if offline:
         raise typer.Exit(run_demo())
     require("live", "throttle demo (live; --offline needs nothing)")
+    if web:
+        raise typer.Exit(run_web_demo(lab_name, metrics_listen, typer.echo))
     raise typer.Exit(run_live_demo(lab_name))

@@ -45,8 +45,8 @@ def scenario_option(default: Optional[str] = None) -> Any:
 
 def metrics_option() -> Any:
     return typer.Option(None, "--metrics-listen", metavar="ADDR:PORT|off",
-                        help="Where the censor serves its Prometheus metrics (default 127.0.0.1:18130, where a busy "
-                             "port is only a warning), or off.")
+                        help="Where the censor serves its Prometheus metrics and its live page (default "
+                             "127.0.0.1:18130, where a busy port is only a warning), or off.")
 
 
 def json_option() -> Any:

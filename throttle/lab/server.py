@@ -15,6 +15,8 @@ Routes, the same on both web ports:
     GET /download-page/N  a page whose script GETs /bytes/N the same way and writes into the page
                           {"received": N, "seconds": T}: the bytes the page received, and the time
                           from the request to its last byte: a browser's download
+    GET /photo            a page for people: choose a photo's size (or a file), Upload, and watch its
+                          progress bar and speed (throttle/data/page/photo.html)
     GET /                 a small page
 
 A raw sink on TCP 8443, for the evasion client (`throttle.lab.evasion`): it counts every byte until
@@ -161,13 +163,16 @@ class Handler(BaseHTTPRequestHandler):
             self._send(status, "text/html; charset=utf-8" if status == 200 else "text/plain", body, head)
         elif path == "/info":
             self._send(200, "application/json", json.dumps(self._info()).encode() + b"\n", head)
+        elif path in ("/photo", "/photo.html"):
+            self._send(200, "text/html; charset=utf-8", photo_page(), head)
         elif path in ("/", "/index.html"):
             info = self._info()
             page = (
                 "<!doctype html><title>throttle lab</title>\n"
                 f"<p>throttle lab server. Host: {_html(info['host'])}; SNI: {_html(info['sni'])}; "
                 f"you are {_html(info['client'])}.</p>\n"
-                "<p>POST a body to any path; GET /bytes/N for N bytes; GET /info for JSON.</p>\n"
+                "<p>POST a body to any path; GET /bytes/N for N bytes; GET /info for JSON; "
+                "<a href=/photo>upload a photo</a>.</p>\n"
             ).encode()
             self._send(200, "text/html; charset=utf-8", page, head)
         else:
@@ -325,6 +330,13 @@ def browser_page(path: str) -> tuple[int, bytes] | None:
     return 200, ("<!doctype html><title>throttle lab</title>\n<pre id=result>running</pre>\n<script>\n"
                  f"const size = {size};\nconst out = document.getElementById('result');\n"
                  f"{_PAGE_SCRIPTS[prefix]}</script>\n").encode()
+
+
+def photo_page() -> bytes:
+    """The upload page for people (`GET /photo`), shipped with the package."""
+    from importlib import resources
+
+    return (resources.files("throttle") / "data" / "page" / "photo.html").read_bytes()
 
 
 def _html(value: Any) -> str:

@@ -39,6 +39,9 @@ any verdict (a short connection under a model that reads past a name that matche
 configured limit of each rule and direction, so that a dashboard draws the limit beside the
 speeds (`throttle_rule_loss_probability` a loss rule's chance of dropping a packet, which has no
 rate); `throttle_build_info` and the process collector's `process_*` describe the censor itself.
+
+`Metrics.board` is the live page's view of the same counters, per flow (`measure.page`): decisions
+add flows to it, and the tick samples them.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from __future__ import annotations
 import platform
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Mapping
 from typing import Protocol
@@ -54,6 +58,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Plat
 
 from throttle import __version__
 from throttle.engine import Engine, EngineError, Event, Flow, FlowDecided, FlowEnded, Limited, State, Verdict
+from throttle.measure.page import Board
 
 class KernelCounters(Protocol):
     """What the kernel counted for one direction of a flow it handles (`kernel.maps.Counters`)."""
@@ -146,6 +151,7 @@ class Metrics:
         self._connmark: dict[str, tuple[int, int]] = {}  # direction -> the rule's (packets, bytes) seen so far
         self._ended_seen: dict[tuple[str, str], int] = {}
         self._queue_dropped_seen = 0
+        self.board = Board()  # the live page's flows (measure.page), sampled on the tick
         for state in ("inspecting", "limited", "passed"):
             self.active.labels(state)
         self.queue.set(0)
@@ -174,6 +180,7 @@ class Metrics:
                 self.delay.observe(ev.delay)
         elif isinstance(ev, FlowDecided):
             self._decided(ev.flow)
+            self.board.decided(ev.flow, ev.at)
         elif isinstance(ev, FlowEnded):
             self._flow_ended(ev.flow)
         elif isinstance(ev, EngineError):
@@ -321,6 +328,7 @@ class Metrics:
             self.kernel_tick(fast)
         if connmark is not None:
             self.connmark_tick(connmark)
+        self.board.sample(now, counts)
         with self._lock:
             passed = dict(self._passed)
         self._history.append((now, passed))
@@ -345,12 +353,14 @@ class Metrics:
                             size - seen_bytes)
             self._connmark[direction] = (packets, size)
 
-    def kernel_tick(self, fast: Mapping[bytes, KernelCounters]) -> None:
+    def kernel_tick(self, fast: Mapping[bytes, KernelCounters], now: float | None = None) -> None:
         """The eBPF program's cumulative counters per flow key (`kernel.maps.Counters`, or the
         fast path's `Snapshot`), read by a walk of its map: what each direction carried since the
         last walk is counted at stage kernel. Safe on another thread than the one handling events
         (the censor calls it on the fast path's walker, so the walk of a big map never holds up
-        packets): the per-key work needs no lock, the sums are added at the end."""
+        packets): the per-key work needs no lock, the sums are added at the end. Then the live
+        page's board takes each shown flow's kernel speed, at `now` (the walk's time; default the
+        monotonic clock's)."""
         walk = self._walk
         self._walk = walk + 1
         self.tables.labels("kernel_flows").set(len(fast))
@@ -388,6 +398,7 @@ class Metrics:
                 labels_of.pop(fast_key, None)
         for (labels, verdict), (packets, size) in sums.items():
             self._count(labels, "kernel", verdict, packets, size)
+        self.board.walked(time.monotonic() if now is None else now, seen_of)
 
 
 class _Tracked:
