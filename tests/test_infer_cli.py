@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import ROOT
 from throttle.cli.app import main
-from throttle.infer.check import capture_side, compare
+from throttle.infer.check import Row, capture_side, compare
 from throttle.infer.scenario_out import scenario_text, write_scenario
 from throttle.infer.trace import MECHANISMS, Estimate, FlowTrace, Inference, Loss, Mechanism, Sent
 from throttle.scenario.load import parse_scenario
@@ -250,13 +250,33 @@ def test_plot_draws_the_limited_flows(tmp_path: Path) -> None:
 def test_check_compares_mechanisms_and_rates() -> None:
     a, b = trace(), trace(name="example.org", port=2)
     original = [inference(a, "police"), inference(b, "none")]
+
+    def by_name(rows: tuple[Row, ...]) -> dict[str, Row]:
+        return {r.name: r for r in rows}
+
     assert all(r.same for r in compare(original, [inference(a, "police", rate_bps=138_000), inference(b, "none")]))
-    off = compare(original, [inference(a, "police", rate_bps=150_000), inference(b, "none")])
-    assert [r.same for r in off] == [False, True] and off[0].difference == "rate +15.4%"
-    other = compare(original, [inference(a, "window"), inference(b, "none")])
-    assert other[0].difference == "mechanism police -> window"
-    missing = compare(original, [inference(b, "none")])
-    assert not missing[0].same and missing[1].same
+    off = by_name(compare(original, [inference(a, "police", rate_bps=150_000), inference(b, "none")]))
+    assert not off["pbs.twimg.com"].same and off["example.org"].same
+    assert off["pbs.twimg.com"].difference == "rate +15.4%"
+    other = by_name(compare(original, [inference(a, "window"), inference(b, "none")]))
+    assert other["pbs.twimg.com"].difference == "mechanism police -> window"
+    missing = by_name(compare(original, [inference(b, "none")]))
+    assert not missing["pbs.twimg.com"].same and missing["example.org"].same
+
+
+def test_check_pairs_transfers_whatever_their_order() -> None:
+    """The lab runs the probes in its own order; each connection's other half (a handshake, a
+    reply) is no transfer and is not compared."""
+    def connection(port: int, direction: str) -> list[Inference]:
+        main = trace(port=port, direction=direction)
+        half = trace(port=port, direction="download" if direction == "upload" else "upload")
+        half.payload = 2000
+        return [inference(main, "window"), inference(half, "police" if port > 50000 else "none")]
+
+    original = connection(31000, "upload") + connection(31010, "download")
+    again = connection(60010, "download") + connection(60000, "upload")  # reversed; halves called police
+    rows = compare(original, again)
+    assert [(r.direction, r.same) for r in rows] == [("download", True), ("upload", True)]
 
 
 def test_capture_side_from_vantage() -> None:

@@ -4,8 +4,9 @@ captured, inferred again and compared with what the capture showed.
 Where: the vantage of the original's traces says which end the capture was taken at (a client-side
 capture sees its uploads before any loss and its downloads after it; a server-side one the
 reverse), so the lab run is captured with tcpdump in that end's namespace. The comparison is pure
-(`compare`): flows are paired by name, transport and direction, in capture order; a pair differs
-when its mechanisms differ or its rates are more than `RATE_TOLERANCE` apart.
+(`compare`): each connection's transfer (the direction that carried the most) is paired with the
+lab's of the same name, transport and direction, the largest with the largest; a pair differs when
+its mechanisms differ or its rates are more than `RATE_TOLERANCE` apart.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from throttle.infer.scenario_out import transfers
 from throttle.infer.trace import Inference
 
 __all__ = ["RATE_TOLERANCE", "CheckResult", "Row", "capture_side", "check_scenario", "compare", "describe"]
@@ -88,23 +90,24 @@ def _difference(a: Inference, b: Inference | None) -> str:
 
 
 def compare(original: Sequence[Inference], again: Sequence[Inference]) -> tuple[Row, ...]:
-    """The original's named flows, each against the lab's flow of the same name, transport and
-    direction (the n-th with the n-th)."""
+    """Each transfer of the original (a connection's direction that carried the most, as the
+    written scenario's probes repeat them) against the lab's transfer of the same name, transport
+    and direction, the largest with the largest."""
     def key(inf: Inference) -> tuple[str, str, str]:
         return inf.trace.server_name or "", "tcp" if inf.trace.transport == "tcp" else "udp", inf.trace.direction
 
     pool: dict[tuple[str, str, str], list[Inference]] = defaultdict(list)
-    for inf in again:
+    for inf in sorted(transfers(again), key=lambda i: -i.trace.payload):
         pool[key(inf)].append(inf)
     rows = []
-    for inf in original:
+    for inf in sorted(transfers(original), key=lambda i: -i.trace.payload):
         if inf.trace.server_name is None:
             continue  # not in the scenario: nothing of it was reproduced
         matches = pool[key(inf)]
         other = matches.pop(0) if matches else None
         diff = _difference(inf, other)
         rows.append(Row(inf.trace.server_name, inf.trace.direction, describe(inf), describe(other), diff, not diff))
-    return tuple(rows)
+    return tuple(sorted(rows, key=lambda r: (r.name, r.direction)))
 
 
 def check_scenario(scenario_path: Path, original: Sequence[Inference],

@@ -31,7 +31,7 @@ from throttle.scenario import Scenario
 from throttle.scenario.load import parse_scenario
 from throttle.scenario.model import NAME_SOURCES
 
-__all__ = ["SAME_BURST", "SAME_RATE", "scenario_text", "write_scenario"]
+__all__ = ["SAME_BURST", "SAME_RATE", "scenario_text", "transfers", "write_scenario"]
 
 SAME_RATE = 0.10  # two limits this close in rate are one rule (the --check tolerance)
 SAME_BURST = 0.25
@@ -197,7 +197,7 @@ def _probe_lines(i: int, inf: Inference, limited_names: set[str], limit: _Limit 
     return out + [""]
 
 
-def _transfers(inferences: Sequence[Inference]) -> list[Inference]:
+def transfers(inferences: Sequence[Inference]) -> list[Inference]:
     """One per connection: the direction that carried the most (an upload's other half carries
     the handshake and the server's reply, not a transfer of its own)."""
     best: dict[tuple[str, str, str], Inference] = {}
@@ -244,7 +244,7 @@ def scenario_text(inferences: Sequence[Inference], captures: Sequence[str | Path
             lines += _rule_lines(i, limit)
     else:  # the loader needs a rule; one that names nothing in the capture limits nothing
         lines += ["[[rule]]", 'name = "nothing-limited"', 'match = ["nothing-was-limited.invalid"]', 'action = "drop"', ""]
-    for i, inf in enumerate(_transfers(named), 1):
+    for i, inf in enumerate(transfers(named), 1):
         t = inf.trace
         lim = next((lim for lim in limits if t.server_name in lim.names and lim.direction in ("both", t.direction)
                     and lim.transport == _rule_transport(inf)), None)
