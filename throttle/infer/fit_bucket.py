@@ -1,0 +1,286 @@
+"""Fitting a token bucket (police) and a window meter (window) to a passed/lost packet sequence.
+
+The sequence (`Packets`) is what reached the limiter, in its order: each packet's time, its IP
+bytes (`wire`, headers included: the rate is the IP layer's) and whether it passed. A capture at the
+sender sees every packet and a loss as a copy sent again later; one at the receiver sees the passes
+exactly and a loss as a hole, placed just before the packet that revealed it. Either way the times
+are the limiter's shifted by a constant one-way delay, which neither model minds.
+
+Police: for a candidate rate r, the bucket's deficit D (bytes below full) follows from the passes
+alone — D = max(0, D - r dt), then D += wire for a pass — so a packet passes iff D + wire <= burst.
+The burst is therefore the threshold that best separates the passes' D + wire from the losses'; the
+rate is the candidate where that separation is best (balanced accuracy over passes and losses). The
+same replay of the same threshold over a window meter's per-interval count fits a window.
+
+Nothing here does I/O; `PacketSeq` is built by `throttle.infer.fit` from one trace or several
+(flows that share one bucket are fitted together, their packets merged in time).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class PacketSeq:
+    t: list[float]
+    wire: list[int]
+    passed: list[bool]
+
+    @property
+    def losses(self) -> int:
+        return len(self.passed) - sum(self.passed)
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """The best threshold between passes (at or below) and losses (above)."""
+
+    score: float  # balanced accuracy: mean of the pass and loss agreement fractions
+    threshold: float  # bytes
+    gap: float  # bytes between the highest agreeing pass and the lowest agreeing loss
+
+
+@dataclass(frozen=True, slots=True)
+class BucketFit:
+    rate: float  # bytes per second (IP layer)
+    rate_error: float
+    burst: float  # bytes
+    burst_error: float
+    score: float  # balanced accuracy of the passes/losses the fitted bucket replays
+    null: float  # the same fit on losses scattered at random over the same packets
+
+
+@dataclass(frozen=True, slots=True)
+class WindowFit:
+    period: float  # seconds
+    period_error: float
+    burst: float  # bytes per period
+    burst_error: float
+    duty: float  # fraction of a period in which packets passed
+    score: float
+    null: float
+
+    @property
+    def rate(self) -> float:
+        return self.burst / self.period
+
+
+def split(levels: list[float], passed: list[bool]) -> Split:
+    """The threshold on `levels` that best predicts `passed` (pass iff level <= threshold)."""
+    n_pass = sum(passed)
+    n_loss = len(passed) - n_pass
+    if n_pass == 0 or n_loss == 0:
+        return Split(0.5, max(levels, default=0.0), 0.0)
+    order = sorted(range(len(levels)), key=levels.__getitem__)
+    best = Split(0.5, levels[order[-1]], 0.0)
+    below_pass = below_loss = 0
+    for n, i in enumerate(order):
+        if passed[i]:
+            below_pass += 1
+        else:
+            below_loss += 1
+        nxt = levels[order[n + 1]] if n + 1 < len(order) else math.inf
+        if nxt == levels[i]:
+            continue  # a threshold cannot fall between equal levels
+        score = (below_pass / n_pass + (n_loss - below_loss) / n_loss) / 2
+        if score > best.score:
+            gap = (nxt - levels[i]) if nxt < math.inf else 0.0
+            best = Split(score, levels[i], gap)
+    return best
+
+
+def deficits(seq: PacketSeq, rate: float) -> list[float]:
+    """Each packet's D + wire under a bucket refilled at `rate` bytes/s (the burst it would need)."""
+    out: list[float] = []
+    deficit = 0.0
+    last = seq.t[0] if seq.t else 0.0
+    for t, wire, ok in zip(seq.t, seq.wire, seq.passed):
+        deficit = max(0.0, deficit - rate * (t - last))
+        last = t
+        out.append(deficit + wire)
+        if ok:
+            deficit += wire
+    return out
+
+
+def window_levels(seq: PacketSeq, period: float, start: float) -> list[float]:
+    """Each packet's bytes-used-in-its-interval + wire under a window meter."""
+    out: list[float] = []
+    used = 0.0
+    current = -1
+    for t, wire, ok in zip(seq.t, seq.wire, seq.passed):
+        k = math.floor((t - start) / period)
+        if k != current:
+            current, used = k, 0.0
+        out.append(used + wire)
+        if ok:
+            used += wire
+    return out
+
+
+def scrambled(passed: list[bool]) -> list[bool]:
+    """The same number of losses spread evenly over the packets: a loss pattern owing nothing to
+    any bucket's state (deterministic, so fits are reproducible)."""
+    n = len(passed)
+    n_loss = n - sum(passed)
+    out = [True] * n
+    if n_loss:
+        step = n / n_loss
+        for k in range(n_loss):
+            # a golden-ratio offset keeps the pattern from lining up with any period
+            out[min(n - 1, int((k + (k * 0.618034) % 1) * step))] = False
+    return out
+
+
+def span_rate(seq: PacketSeq) -> float:
+    """Passed IP bytes per second from the first loss to the last packet (the policed span)."""
+    first = next((i for i, ok in enumerate(seq.passed) if not ok), 0)
+    start, end = seq.t[first], seq.t[-1]
+    if end - start < 1e-3:
+        start = seq.t[0]
+    passed = sum(w for w, ok, t in zip(seq.wire, seq.passed, seq.t) if ok and t >= start)
+    return passed / max(end - start, 1e-3)
+
+
+def _geometric(low: float, high: float, steps: int) -> list[float]:
+    return [low * (high / low) ** (k / (steps - 1)) for k in range(steps)]
+
+
+def replay(seq: PacketSeq, rate: float, burst: float) -> float:
+    """Balanced agreement of a bucket (rate bytes/s, burst bytes) replayed over the packets. The
+    replay follows the evidence: a pass means the bucket held the packet's bytes, a loss that it did
+    not, so one mislabelled packet (a spurious retransmission read as a loss) costs one miss instead
+    of shifting the bucket for the rest of the flow."""
+    deficit = 0.0
+    last = seq.t[0]
+    hits_pass = hits_loss = 0
+    for t, wire, ok in zip(seq.t, seq.wire, seq.passed):
+        deficit = max(0.0, deficit - rate * (t - last))
+        last = t
+        fits = deficit + wire <= burst
+        if ok:
+            hits_pass += fits
+            deficit = min(deficit, burst - wire) + wire
+        else:
+            hits_loss += not fits
+            deficit = max(deficit, burst - wire + 1)
+    n_loss = seq.losses
+    n_pass = len(seq.passed) - n_loss
+    return (hits_pass / max(n_pass, 1) + hits_loss / max(n_loss, 1)) / 2
+
+
+def fit_police(seq: PacketSeq) -> BucketFit | None:
+    """The (rate, burst) whose replayed bucket best agrees with the passes and losses."""
+    n_loss = seq.losses
+    if n_loss < 2 or len(seq.t) - n_loss < 4:
+        return None
+    base = span_rate(seq)  # a lower bound, loose when the sender idled (RTO) while tokens overflowed
+    scores: dict[float, Split] = {}
+
+    def at(rate: float) -> Split:
+        if rate not in scores:
+            scores[rate] = split(deficits(seq, rate), seq.passed)
+        return scores[rate]
+
+    # The agreement peaks sharply at the rate (a bucket replayed a little too slow or too fast
+    # drifts over a long busy span), so a 2% grid finds the peaks' neighbourhoods and a 0.1% one
+    # each of the best three.
+    coarse = _geometric(base * 0.9, base * 12.0, 131)
+    for r in coarse:
+        at(r)
+    peaks = sorted((r for k, r in enumerate(coarse)
+                    if at(r).score >= max(at(coarse[max(k - 1, 0)]).score, at(coarse[min(k + 1, len(coarse) - 1)]).score)),
+                   key=lambda r: -at(r).score)[:3]
+    for peak in peaks:
+        for r in _geometric(peak / 1.025, peak * 1.025, 49):
+            at(r)
+    top = max(s.score for s in scores.values())
+    plateau = sorted(r for r, s in scores.items() if s.score >= top - 1e-9)
+    if plateau[-1] / plateau[0] > 1.1:
+        # The data allow a range of rates (a sender that idled between single-packet passes);
+        # the long-run rate of the policed span is its floor and TCP runs a little under the rate.
+        rate = min(max(base * 1.1, plateau[0]), plateau[-1])
+    else:
+        rate = plateau[len(plateau) // 2]
+    wire = max(seq.wire)
+    chosen = at(rate)
+    burst = chosen.threshold + min(chosen.gap / 2, wire / 2)
+    # refine both with the evidence-following replay, which tolerates mislabelled packets
+    best_score, best_pair = -1.0, (rate, burst)
+    for r in _geometric(rate / 1.03, rate * 1.03, 13):
+        for b in _geometric(max(burst / 1.15, wire), burst * 1.15, 11):
+            score = replay(seq, r, b)
+            if score > best_score + 1e-9:
+                best_score, best_pair = score, (r, b)
+    if best_score > chosen.score:
+        rate, burst = best_pair
+        score = best_score
+    else:
+        score = chosen.score
+    slack = 0.5 / n_loss + 1e-9
+    good = sorted(r for r, s in scores.items() if s.score >= top - slack)
+    rate_error = max((good[-1] - good[0]) / 4, rate * 0.005)
+    first_loss = next(t for t, ok in zip(seq.t, seq.passed) if not ok)
+    burst_error = math.hypot(chosen.gap / 2 + wire / 2, rate_error * (first_loss - seq.t[0]))
+    null = split(deficits(seq, rate), scrambled(seq.passed)).score
+    return BucketFit(rate, rate_error, burst, burst_error, score, null)
+
+
+def resumptions(seq: PacketSeq) -> list[float]:
+    """Times of the first pass after one or more losses."""
+    out: list[float] = []
+    lost = False
+    for t, ok in zip(seq.t, seq.passed):
+        if ok and lost:
+            out.append(t)
+        lost = not ok
+    return out
+
+
+def fit_window(seq: PacketSeq) -> WindowFit | None:
+    """The window meter (period, budget) that best agrees with the passes and losses; its
+    intervals start at the first packet, as the engine's meter does."""
+    n_loss = seq.losses
+    if n_loss < 2 or len(seq.t) - n_loss < 4:
+        return None
+    resumed = resumptions(seq)
+    gaps = sorted(b - a for a, b in zip(resumed, resumed[1:]) if b - a > 1e-3)
+    if not gaps:
+        return None
+    candidates = set()
+    for g in gaps[: len(gaps) // 2 + 1]:
+        candidates.update((g, g / 2))
+    start = seq.t[0]
+    scores: dict[float, Split] = {}
+
+    def at(period: float) -> Split:
+        if period not in scores:
+            scores[period] = split(window_levels(seq, period, start), seq.passed)
+        return scores[period]
+
+    ranked = sorted(candidates)
+    if len(ranked) > 24:
+        ranked = [ranked[k * len(ranked) // 24] for k in range(24)]
+    best = max(ranked, key=lambda p: at(p).score)
+    for p in _geometric(best / 1.03, best * 1.03, 31):
+        at(p)
+    top = max(s.score for s in scores.values())
+    best_periods = sorted(p for p, s in scores.items() if s.score >= top - 1e-9)
+    period = best_periods[len(best_periods) // 2]
+    slack = 0.5 / n_loss + 1e-9
+    good = sorted(p for p, s in scores.items() if s.score >= top - slack)
+    chosen = scores[period]
+    wire = max(seq.wire)
+    # duty: from each interval's start to its last pass, as a fraction of the period
+    last_pass: dict[int, float] = {}
+    for t, ok in zip(seq.t, seq.passed):
+        if ok:
+            last_pass[math.floor((t - start) / period)] = t
+    fractions = sorted(((t - start) / period) % 1 for t in last_pass.values())
+    duty = fractions[len(fractions) // 2] if fractions else 1.0
+    null = split(window_levels(seq, period, start), scrambled(seq.passed)).score
+    return WindowFit(period, max((good[-1] - good[0]) / 4, period * 0.003),
+                     chosen.threshold + min(chosen.gap / 2, wire / 2), chosen.gap / 2 + wire / 2,
+                     duty, chosen.score, null)

@@ -1,0 +1,201 @@
+"""What a trace says before any bucket is fitted: its packets as the limiter saw them (passed or
+lost, at either vantage), whether round trips grew before the losses (a queue), whether the flow
+stopped for good (a freeze), and, where losses cannot be seen, the delivered rate's shape.
+
+Pure helpers of `throttle.infer.fit`; no I/O.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+
+from throttle.infer.fit_bucket import PacketSeq, deficits
+from throttle.infer.trace import FlowTrace, Loss, Vantage
+
+
+def vantage(tr: FlowTrace) -> Vantage:
+    """The trace's vantage, or the one its losses imply: a sender-side loss is a copy it also sent."""
+    if tr.vantage != "unknown":
+        return tr.vantage
+    sent = {(s.start, round(s.t, 6)) for s in tr.sent}
+    if tr.losses and all((lo.start, round(lo.t, 6)) in sent for lo in tr.losses):
+        return "sender"
+    return "receiver"
+
+
+def _really_lost(tr: FlowTrace) -> list[Loss]:
+    """The sender side's losses without the spurious ones: a copy is not lost when an ACK covering
+    it came back sooner after its resending than a round trip allows (so the first copy arrived)."""
+    if not tr.acks or not tr.base_rtt:
+        return list(tr.losses)
+    ack_t = [a.t for a in tr.acks]
+    resent: dict[int, list[float]] = {}
+    for s in tr.sent:
+        if s.retransmission:
+            resent.setdefault(s.start, []).append(s.t)
+    out = []
+    for lo in tr.losses:
+        again = next((t for t in resent.get(lo.start, []) if t > lo.t), None)
+        if again is not None:
+            end = lo.start + lo.length
+            first = bisect.bisect_left(ack_t, lo.t)
+            last = bisect.bisect_left(ack_t, again + 0.8 * tr.base_rtt)
+            if any(a.acked >= end or any(s <= lo.start and end <= e for s, e in a.sack)
+                   for a in tr.acks[first:last]):
+                continue
+        out.append(lo)
+    return out
+
+
+def packets(tr: FlowTrace) -> PacketSeq:
+    """The packets that reached the limiter, in time order, with whether each passed."""
+    rows: list[tuple[float, int, int, bool]] = []
+    if vantage(tr) == "sender":
+        lost: dict[tuple[int, float], int] = {}
+        for lo in _really_lost(tr):
+            key = (lo.start, round(lo.t, 6))
+            lost[key] = lost.get(key, 0) + 1
+        for s in tr.sent:
+            key = (s.start, round(s.t, 6))
+            gone = lost.get(key, 0) > 0
+            if gone:
+                lost[key] -= 1
+            rows.append((s.t, 1, s.wire, not gone))
+    else:
+        per_packet = tr.mss + tr.header_bytes
+        arrivals = sorted(s.t for s in tr.sent)
+        for s in tr.sent:
+            rows.append((s.t, 1, s.wire, True))
+        for lo in tr.losses:
+            # A hole shows when the packet beyond it arrives; its packets reached the limiter
+            # between that packet and the one before it, when the bucket was still short.
+            before = bisect.bisect_left(arrivals, lo.t) - 1
+            prev = arrivals[before] if before >= 0 else lo.t
+            count = max(1, round(lo.wire / per_packet))
+            for k in range(count):
+                rows.append((prev + (lo.t - prev) * (k + 1) / (count + 1), 0, max(1, lo.wire // count), False))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    return PacketSeq([r[0] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+
+
+@dataclass(frozen=True, slots=True)
+class Queueing:
+    inflated_before_losses: float  # fraction of loss episodes with an inflated round trip just before
+    delay: float  # seconds: the 90th percentile round trip over the base
+    delay_error: float
+    steady: bool  # the delivered rate held while the queue was there
+    rate: float  # bytes/s delivered over the flow's later part
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def steady_rate(seq: PacketSeq, window: float) -> tuple[float, float] | None:
+    """Passed bytes/s over the later 60% of the flow, and its coefficient of variation across
+    windows of `window` seconds (None when the span is too short for three windows)."""
+    times = [t for t, ok in zip(seq.t, seq.passed) if ok]
+    if len(times) < 10:
+        return None
+    start = times[0] + 0.4 * (times[-1] - times[0])
+    span = times[-1] - start
+    count = int(span / window)
+    if count < 3:
+        return None
+    bins = [0.0] * count
+    for t, w, ok in zip(seq.t, seq.wire, seq.passed):
+        k = int((t - start) / window)
+        if ok and 0 <= k < count:
+            bins[k] += w
+    mean = sum(bins) / count
+    if mean <= 0:
+        return None
+    cv = math.sqrt(sum((b - mean) ** 2 for b in bins) / count) / mean
+    return mean / window, cv
+
+
+def queueing(tr: FlowTrace, seq: PacketSeq) -> Queueing | None:
+    """Round-trip inflation (a queue) and whether the rate held; None without round-trip samples."""
+    samples = sorted(tr.rtt)
+    if len(samples) < 5:
+        return None
+    values = [r for _, r in samples]
+    base = min(_quantile(values, 0.1), tr.base_rtt or math.inf)
+    limit = base + max(0.3 * base, 0.005)
+    episodes: list[float] = []
+    for t, ok in zip(seq.t, seq.passed):
+        if not ok and (not episodes or t - episodes[-1] > max(base, 0.01)):
+            episodes.append(t)
+    inflated = 0
+    k = 0
+    latest: float | None = None
+    for t in episodes:
+        while k < len(samples) and samples[k][0] <= t:
+            latest = samples[k][1]
+            k += 1
+        if latest is not None and latest > limit:
+            inflated += 1
+    delay = max(0.0, _quantile(values, 0.9) - base)
+    held = steady_rate(seq, max(0.5, 4 * base))
+    rate, cv = held if held is not None else (0.0, 1.0)
+    return Queueing(inflated / len(episodes) if episodes else 0.0, delay,
+                    max(0.001, _quantile(values, 0.97) - _quantile(values, 0.75)), cv < 0.15, rate)
+
+
+def stalled(tr: FlowTrace, seq: PacketSeq) -> tuple[int, float, str] | None:
+    """A freeze: nothing passed once the first loss came, and the flow never closed. Returns the
+    bytes carried before it, a confidence and the reason."""
+    if tr.fin or tr.resets or not seq.t:
+        return None
+    if vantage(tr) == "sender":
+        first = min(tr.losses, default=None)
+        if first is None or tr.delivered > first.start + tr.mss:
+            return None
+        tries = [s for s in tr.sent if s.t >= first.t]
+        waited = tr.last - first.t
+        sure = 0.85 if len(tries) >= 3 and waited >= 1.0 else 0.5
+        return (tr.delivered, sure, f"nothing delivered after {tr.delivered} bytes: {len(tries)} transmissions "
+                f"over {waited:.1f} s went unacknowledged and the flow never closed")
+    if seq.losses == 0 and tr.delivered < 1_000_000:
+        return (tr.delivered, 0.45, f"nothing arrived after {tr.delivered} bytes and the flow never closed "
+                "(receiver side: the sender's retries are out of sight)")
+    return None
+
+
+def plateau(seq: PacketSeq) -> tuple[float, float] | None:
+    """(rate bytes/s, burst bytes) when the delivered rate holds after an initial burst."""
+    duration = seq.t[-1] - seq.t[0]
+    if len(seq.t) < 20 or duration < 1.0:
+        return None
+    held = steady_rate(seq, duration / 10)
+    if held is None or held[1] > 0.2:
+        return None
+    rate = held[0]
+    burst = max(deficits(seq, rate))
+    if burst < 4 * max(seq.wire):
+        return None
+    return rate, burst
+
+
+def burst_starts(seq: PacketSeq) -> tuple[float, float] | None:
+    """(period, bytes per burst) when arrivals come in bursts a whole number of periods apart."""
+    times = seq.t
+    if len(times) < 20:
+        return None
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    limit = max(5 * _quantile(gaps, 0.5), 0.05)
+    starts = [0] + [n + 1 for n, g in enumerate(gaps) if g > limit]
+    if len(starts) < 5:
+        return None
+    spacing = [times[b] - times[a] for a, b in zip(starts, starts[1:])]
+    period = _quantile(spacing, 0.25)
+    if period <= 0:
+        return None
+    whole = sum(1 for d in spacing if abs(d / period - round(d / period)) < 0.15)
+    if whole < 0.7 * len(spacing):
+        return None
+    sizes = [sum(seq.wire[a:b]) for a, b in zip(starts, starts[1:])]
+    return period, _quantile(sizes, 0.5)
