@@ -281,7 +281,6 @@ class Sim:
         f.outstanding.clear()
         f.backoff += 1
         f.recover = -1  # slow start again from one segment
-        f.timer = 0
         self.pump(f, i, t)
 
 

@@ -23,7 +23,7 @@ import math
 from collections import defaultdict
 
 from throttle.infer.fit_bucket import BucketFit, PacketSeq, WindowFit, fit_police, fit_window
-from throttle.infer.fit_flow import burst_starts, packets, plateau, queueing, stalled
+from throttle.infer.fit_flow import burst_starts, packets, plateau, queueing, stalled, vantage
 from throttle.infer.trace import Estimate, FlowTrace, Inference, Reset
 
 MIN_PACKETS = 8
@@ -145,7 +145,9 @@ def _lossless(tr: FlowTrace, seq: PacketSeq) -> Inference:
                          f"no loss; round trips grew by {q.delay * 1000:.0f} ms while the rate held at "
                          f"{q.rate * 8 / 1000:.0f} kbit/s", rate_bps=Estimate(q.rate * 8, q.rate * 0.8),
                          queue_delay=Estimate(q.delay, q.delay_error))
-    blind = tr.transport != "tcp" or not tr.acks  # losses this trace could not show
+    # losses this trace may not show: QUIC's are encrypted, and at the receiver a drop at the end of
+    # a flight leaves no hole (its retransmission arrives in order)
+    blind = tr.transport != "tcp" or not tr.acks or vantage(tr) == "receiver"
     if blind:
         starts = burst_starts(seq)
         if starts is not None:
@@ -158,12 +160,14 @@ def _lossless(tr: FlowTrace, seq: PacketSeq) -> Inference:
         flat = plateau(seq)
         if flat is not None:
             rate, burst = flat
-            return Inference(tr, "police", 0.45,
+            return Inference(tr, "police", 0.45 if burst >= 4 * tr.mss else 0.3,
                              f"no losses visible; the rate holds at {rate * 8 / 1000:.0f} kbit/s after a "
                              f"{burst / 1000:.1f} KB burst (a policer or a shaper: losses would tell)",
                              rate_bps=Estimate(rate * 8, rate * 0.4), burst_bytes=Estimate(burst, burst * 0.5))
+        if tr.transport == "tcp":
+            return Inference(tr, "none", 0.6, "no hole in the sequence, no periodic gaps and no rate plateau")
         return Inference(tr, "none", 0.3, "no losses visible and no rate plateau: cannot decide")
-    return Inference(tr, "none", 0.8 if len(seq.t) >= MIN_PACKETS else 0.3, "no loss")
+    return Inference(tr, "none", 0.8, "no loss")
 
 
 def _single(tr: FlowTrace) -> tuple[Inference, PacketSeq | None]:

@@ -228,14 +228,20 @@ def fit_police(seq: PacketSeq) -> BucketFit | None:
     return BucketFit(rate, rate_error, burst, burst_error, score, null)
 
 
-def resumptions(seq: PacketSeq) -> list[float]:
-    """Times of the first pass after one or more losses."""
-    out: list[float] = []
-    lost = False
+MIN_PERIOD = 0.02  # seconds: a shorter window is a policer for any trace's resolution
+
+
+def _loss_to_pass(seq: PacketSeq) -> list[tuple[float, float]]:
+    """(last loss, next pass) times after the first packet, for every loss followed by a pass."""
+    start = seq.t[0]
+    out: list[tuple[float, float]] = []
+    lost_at: float | None = None
     for t, ok in zip(seq.t, seq.passed):
-        if ok and lost:
-            out.append(t)
-        lost = not ok
+        if not ok:
+            lost_at = t
+        elif lost_at is not None:
+            out.append((lost_at - start, t - start))
+            lost_at = None
     return out
 
 
@@ -245,13 +251,8 @@ def fit_window(seq: PacketSeq) -> WindowFit | None:
     n_loss = seq.losses
     if n_loss < 2 or len(seq.t) - n_loss < 4:
         return None
-    resumed = resumptions(seq)
-    gaps = sorted(b - a for a, b in zip(resumed, resumed[1:]) if b - a > 1e-3)
-    if not gaps:
+    if not _loss_to_pass(seq):
         return None
-    candidates = set()
-    for g in gaps[: len(gaps) // 2 + 1]:
-        candidates.update((g, g / 2))
     start = seq.t[0]
     scores: dict[float, Split] = {}
 
@@ -260,12 +261,28 @@ def fit_window(seq: PacketSeq) -> WindowFit | None:
             scores[period] = split(window_levels(seq, period, start), seq.passed)
         return scores[period]
 
-    ranked = sorted(candidates)
-    if len(ranked) > 24:
-        ranked = [ranked[k * len(ranked) // 24] for k in range(24)]
-    best = max(ranked, key=lambda p: at(p).score)
-    for p in _geometric(best / 1.03, best * 1.03, 31):
-        at(p)
+    # Under a window meter a pass never follows a loss within one interval, so an interval starts
+    # between every loss and the pass after it: the period is one that puts a boundary inside
+    # each such gap. The last gap, divided by each whole number of periods, lists the candidates.
+    gaps_after = _loss_to_pass(seq)
+    last_a, last_b = gaps_after[-1]
+    found: list[tuple[int, float, float]] = []
+    k = 1
+    while last_a / k >= MIN_PERIOD and k <= 5000:
+        low, high = last_a / k, last_b / k
+        k += 1
+        mid = (low + high) / 2
+        inside = sum(1 for a, b in gaps_after if math.floor(b / mid) > math.floor(a / mid))
+        if inside >= 0.9 * len(gaps_after):
+            found.append((inside, low, high))
+    # every divisor of a period also puts a boundary in each gap: the longest periods come first
+    candidates = [low + (high - low) * f for _, low, high in found[:40] for f in (0.1, 0.5, 0.9)]
+    if not candidates:
+        return None
+    ranked = sorted(candidates, key=lambda p: -at(p).score)[:3]
+    for best in ranked:
+        for p in _geometric(best / 1.004, best * 1.004, 17):
+            at(p)
     top = max(s.score for s in scores.values())
     best_periods = sorted(p for p, s in scores.items() if s.score >= top - 1e-9)
     period = best_periods[len(best_periods) // 2]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from throttle.infer.fit_bucket import PacketSeq, deficits
@@ -49,6 +50,16 @@ def _really_lost(tr: FlowTrace) -> list[Loss]:
     return out
 
 
+def _line_spacing(tr: FlowTrace) -> float:
+    """Seconds between back-to-back full packets at the receiver (the path's line rate): the
+    5th percentile of the arrival gaps."""
+    times = sorted(s.t for s in tr.sent)
+    gaps = sorted(b - a for a, b in zip(times, times[1:]) if b > a)
+    if not gaps:
+        return 1e-4
+    return gaps[len(gaps) // 20]
+
+
 def packets(tr: FlowTrace) -> PacketSeq:
     """The packets that reached the limiter, in time order, with whether each passed."""
     rows: list[tuple[float, int, int, bool]] = []
@@ -66,16 +77,22 @@ def packets(tr: FlowTrace) -> PacketSeq:
     else:
         per_packet = tr.mss + tr.header_bytes
         arrivals = sorted(s.t for s in tr.sent)
+        spacing = _line_spacing(tr)
+        ends: dict[int, float] = {}  # the first arrival of the packet ending at each byte
         for s in tr.sent:
             rows.append((s.t, 1, s.wire, True))
+            ends.setdefault(s.start + s.length, s.t)
         for lo in tr.losses:
-            # A hole shows when the packet beyond it arrives; its packets reached the limiter
-            # between that packet and the one before it, when the bucket was still short.
-            before = bisect.bisect_left(arrivals, lo.t) - 1
-            prev = arrivals[before] if before >= 0 else lo.t
+            # A hole shows when the packet beyond it arrives. Its packets were sent right after the
+            # packet just below it, and the bucket was short for the first of them, so it was short
+            # just after that packet passed too: they go there, at the line's packet spacing.
+            prev = ends.get(lo.start)
+            if prev is None or prev > lo.t:
+                before = bisect.bisect_left(arrivals, lo.t) - 1
+                prev = arrivals[before] if before >= 0 else lo.t - 1e-3
             count = max(1, round(lo.wire / per_packet))
             for k in range(count):
-                rows.append((prev + (lo.t - prev) * (k + 1) / (count + 1), 0, max(1, lo.wire // count), False))
+                rows.append((min(prev + (k + 1) * spacing, lo.t), 0, max(1, lo.wire // count), False))
     rows.sort(key=lambda r: (r[0], r[1]))
     return PacketSeq([r[0] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
 
@@ -89,7 +106,7 @@ class Queueing:
     rate: float  # bytes/s delivered over the flow's later part
 
 
-def _quantile(values: list[float], q: float) -> float:
+def _quantile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
@@ -174,10 +191,7 @@ def plateau(seq: PacketSeq) -> tuple[float, float] | None:
     if held is None or held[1] > 0.2:
         return None
     rate = held[0]
-    burst = max(deficits(seq, rate))
-    if burst < 4 * max(seq.wire):
-        return None
-    return rate, burst
+    return rate, max(deficits(seq, rate))
 
 
 def burst_starts(seq: PacketSeq) -> tuple[float, float] | None:
@@ -199,3 +213,4 @@ def burst_starts(seq: PacketSeq) -> tuple[float, float] | None:
         return None
     sizes = [sum(seq.wire[a:b]) for a, b in zip(starts, starts[1:])]
     return period, _quantile(sizes, 0.5)
+
