@@ -23,7 +23,8 @@ import math
 from collections import defaultdict
 
 from throttle.infer.fit_bucket import BucketFit, PacketSeq, WindowFit, fit_police, fit_window
-from throttle.infer.fit_flow import burst_starts, packets, plateau, queueing, stalled, vantage
+from throttle.infer.fit_flow import (burst_starts, packets, peak_rate, plateau, queueing, stalled, steady_rate,
+                                     vantage)
 from throttle.infer.trace import Estimate, FlowTrace, Inference, Reset
 
 MIN_PACKETS = 8
@@ -120,6 +121,20 @@ def _lossy(tr: FlowTrace, seq: PacketSeq) -> Inference:
                          f"congestion: round trips inflated by {q.delay * 1000:.0f} ms before "
                          f"{q.inflated_before_losses:.0%} of losses, and the rate did not hold",
                          queue_delay=delay, scores=scores)
+    if pf is not None and q is None and vantage(tr) == "receiver" and pf.rate >= 0.7 * peak_rate(tr):
+        # The "bucket" drains no faster than packets ever arrived back to back: a queue at the
+        # path's narrowest point, not a policer (which passes line-rate bursts).
+        held = steady_rate(seq, max(0.5, 4 * (tr.base_rtt or 0.0)))
+        scores["queue"] = pf.score
+        if held is not None and held[1] < 0.15:
+            return Inference(tr, "shape", 0.5,
+                             f"losses at a queue's end: packets never arrived faster than "
+                             f"{pf.rate * 8 / 1000:.0f} kbit/s and the rate held (no round trips here "
+                             "to measure the queue's delay)",
+                             rate_bps=Estimate(held[0] * 8, held[0] * 0.8), scores=scores)
+        return Inference(tr, "none", 0.5,
+                         f"congestion: losses at a queue's end (packets never arrived faster than "
+                         f"{pf.rate * 8 / 1000:.0f} kbit/s) while this flow's rate varied", scores=scores)
     window_better = wf is not None and (pf is None or wf.score > pf.score + 0.02)
     if window_better and wf is not None and wf.score >= POLICE_SCORE and wf.score - wf.null >= NULL_MARGIN:
         inf = _window(tr, wf, n_loss)

@@ -177,51 +177,58 @@ def fit_police(seq: PacketSeq) -> BucketFit | None:
     if n_loss < 2 or len(seq.t) - n_loss < 4:
         return None
     base = span_rate(seq)  # a lower bound, loose when the sender idled (RTO) while tokens overflowed
-    scores: dict[float, Split] = {}
+    wire = max(seq.wire)
+    splits: dict[float, Split] = {}
+    replays: dict[float, tuple[float, float]] = {}
 
-    def at(rate: float) -> Split:
-        if rate not in scores:
-            scores[rate] = split(deficits(seq, rate), seq.passed)
-        return scores[rate]
+    def threshold(rate: float) -> Split:
+        if rate not in splits:
+            splits[rate] = split(deficits(seq, rate), seq.passed)
+        return splits[rate]
 
-    # The agreement peaks sharply at the rate (a bucket replayed a little too slow or too fast
-    # drifts over a long busy span), so a 2% grid finds the peaks' neighbourhoods and a 0.1% one
-    # each of the best three.
-    coarse = _geometric(base * 0.9, base * 12.0, 131)
-    for r in coarse:
-        at(r)
-    peaks = sorted((r for k, r in enumerate(coarse)
-                    if at(r).score >= max(at(coarse[max(k - 1, 0)]).score, at(coarse[min(k + 1, len(coarse) - 1)]).score)),
-                   key=lambda r: -at(r).score)[:3]
-    for peak in peaks:
-        for r in _geometric(peak / 1.025, peak * 1.025, 49):
+    def at(rate: float) -> float:
+        """The evidence-following replay's agreement at `rate`, its burst from the threshold."""
+        if rate not in replays:
+            sp = threshold(rate)
+            burst = sp.threshold + min(sp.gap / 2, wire / 2)
+            replays[rate] = (replay(seq, rate, burst), burst)
+        return replays[rate][0]
+
+    # The replay's agreement varies smoothly with the rate (it resynchronises at every packet), so a
+    # 2% grid finds the neighbourhood; the pure threshold's agreement peaks only within a fraction
+    # of a percent of the rate (a bucket a little too slow or fast drifts over a long busy span),
+    # so it then pins the rate inside that neighbourhood.
+    coarse = _geometric(base * 0.6, base * 12.0, 152)
+    scored = [at(r) for r in coarse]
+    peaks = sorted((k for k in range(len(coarse))
+                    if scored[k] >= max(scored[max(k - 1, 0)], scored[min(k + 1, len(coarse) - 1)])),
+                   key=lambda k: -scored[k])[:3]
+    for k in peaks:
+        for r in _geometric(coarse[k] / 1.025, coarse[k] * 1.025, 21):
             at(r)
-    top = max(s.score for s in scores.values())
-    plateau = sorted(r for r, s in scores.items() if s.score >= top - 1e-9)
+    top = max(replays.values())[0]
+    plateau = sorted(r for r, (score, _) in replays.items() if score >= top - 1e-9)
     if plateau[-1] / plateau[0] > 1.1:
         # The data allow a range of rates (a sender that idled between single-packet passes);
         # the long-run rate of the policed span is its floor and TCP runs a little under the rate.
         rate = min(max(base * 1.1, plateau[0]), plateau[-1])
+        at(rate)
     else:
         rate = plateau[len(plateau) // 2]
-    wire = max(seq.wire)
-    chosen = at(rate)
-    burst = chosen.threshold + min(chosen.gap / 2, wire / 2)
-    # refine both with the evidence-following replay, which tolerates mislabelled packets
-    best_score, best_pair = -1.0, (rate, burst)
-    for r in _geometric(rate / 1.03, rate * 1.03, 13):
-        for b in _geometric(max(burst / 1.15, wire), burst * 1.15, 11):
-            score = replay(seq, r, b)
-            if score > best_score + 1e-9:
-                best_score, best_pair = score, (r, b)
-    if best_score > chosen.score:
-        rate, burst = best_pair
-        score = best_score
-    else:
-        score = chosen.score
+    score, burst = replays[rate]
+    for r in _geometric(rate / 1.015, rate * 1.015, 61):
+        sp = threshold(r)
+        if sp.score > score + 1e-9:
+            score, rate, burst = sp.score, r, sp.threshold + min(sp.gap / 2, wire / 2)
+    for r in _geometric(rate / 1.01, rate * 1.01, 7):
+        for b in _geometric(max(burst / 1.1, wire), burst * 1.1, 9):
+            agreement = replay(seq, r, b)
+            if agreement > score + 1e-9:
+                score, rate, burst = agreement, r, b
     slack = 0.5 / n_loss + 1e-9
-    good = sorted(r for r, s in scores.items() if s.score >= top - slack)
+    good = sorted(r for r, (s, _) in replays.items() if s >= top - slack)
     rate_error = max((good[-1] - good[0]) / 4, rate * 0.005)
+    chosen = threshold(rate)
     first_loss = next(t for t, ok in zip(seq.t, seq.passed) if not ok)
     burst_error = math.hypot(chosen.gap / 2 + wire / 2, rate_error * (first_loss - seq.t[0]))
     null = split(deficits(seq, rate), scrambled(seq.passed)).score

@@ -60,6 +60,12 @@ def _line_spacing(tr: FlowTrace) -> float:
     return gaps[len(gaps) // 20]
 
 
+def peak_rate(tr: FlowTrace) -> float:
+    """Bytes/s of back-to-back packets as this capture saw them: at the receiver, the rate of the
+    slowest link or queue drain on the path."""
+    return (tr.mss + tr.header_bytes) / max(_line_spacing(tr), 1e-9)
+
+
 def packets(tr: FlowTrace) -> PacketSeq:
     """The packets that reached the limiter, in time order, with whether each passed."""
     rows: list[tuple[float, int, int, bool]] = []
