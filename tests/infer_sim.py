@@ -350,3 +350,120 @@ def handshake_trace(kind: str, *, rtt: float = 0.05, crawl: float = 5.6) -> Flow
     tr.payload = 517
     tr.last = tr.sent[-1].t
     return tr
+
+
+@dataclass(frozen=True)
+class Case:
+    """One simulated capture with its ground truth."""
+
+    truth: str  # the mechanism the limiter is (random loss and congestion: "none")
+    kind: str  # police, window, shape, random, congestion, shared, freeze, reset, unlimited
+    vantage: str
+    rtt: float
+    size: int
+    rate_bps: float = 0.0
+    burst: int = 0
+    extra: float = 0.0  # random: the loss probability; freeze/reset: after bytes
+
+    @property
+    def name(self) -> str:
+        return (f"{self.kind}-{self.vantage}-{self.rtt * 1000:.0f}ms-{self.size // 1000}KB"
+                + (f"-{self.rate_bps / 1000:.0f}k-{self.burst // 1000}KB" if self.rate_bps else "")
+                + (f"-{self.extra:g}" if self.extra else ""))
+
+    def traces(self, seed: int = 1) -> list[FlowTrace]:
+        """The traces the capture holds; the flow the case is about first."""
+        one = [Flow(self.size, rtt=self.rtt)]
+        if self.kind == "police":
+            return run(police(self.rate_bps, self.burst), one, self.vantage)
+        if self.kind == "window":
+            return run(window(self.rate_bps, self.burst), one, self.vantage)
+        if self.kind == "shape":
+            return run(shape(self.rate_bps), one, self.vantage)
+        if self.kind == "random":
+            return run(random_loss(self.extra, seed), one, self.vantage)
+        if self.kind == "freeze":
+            return run(freeze(int(self.extra)), one, self.vantage)
+        if self.kind == "reset":
+            return run(unlimited, [Flow(self.size, rtt=self.rtt, rst_after=int(self.extra))], self.vantage)
+        if self.kind == "unlimited":
+            return run(unlimited, one, self.vantage)
+        two = [Flow(self.size, rtt=self.rtt), Flow(self.size * 2, rtt=self.rtt, start=0.2)]
+        if self.kind == "shared":  # a second flow of the same client through the same policer
+            traces = run(police(self.rate_bps, self.burst), two, self.vantage)
+            traces[1].client = "10.0.0.2:40001"
+            return traces
+        if self.kind == "congestion":  # a competing flow of another client through a drop-tail queue
+            traces = run(bottleneck(self.rate_bps, self.burst), two, self.vantage)
+            traces[1].client = "10.0.9.2:40009"
+            return traces
+        raise ValueError(self.kind)
+
+
+def grid(full: bool = False) -> list[Case]:
+    """The simulated grid: police over rates, bursts and RTTs, and every other mechanism; `full`
+    adds the slow corners (8 MB transfers, 20 Mbit/s)."""
+    cases: list[Case] = []
+    vantages = ("sender", "receiver")
+    rtts = (0.01, 0.05, 0.15)
+    police_grid = [(64e3, 2_000, 256_000), (500e3, 8_000, 512_000), (1.5e6, 100_000, 2_000_000),
+                   (5e6, 500_000, 4_000_000)]
+    if full:
+        police_grid += [(128e3, 16_000, 512_000), (10e6, 50_000, 4_000_000), (20e6, 2_000_000, 8_000_000)]
+    for v in vantages:
+        for rtt in rtts:
+            for rate, burst, size in police_grid:
+                cases.append(Case("police", "police", v, rtt, size, rate, burst))
+            cases.append(Case("police", "shared", v, rtt, 1_000_000, 1.5e6, 100_000))
+            cases.append(Case("window", "window", v, rtt, 400_000, 130e3, 16_000))
+            cases.append(Case("shape", "shape", v, rtt, 1_000_000, 1e6))
+            for p in (0.01, 0.02):
+                cases.append(Case("none", "random", v, rtt, 2_000_000, extra=p))
+            cases.append(Case("none", "congestion", v, rtt, 2_000_000, 10e6, 100_000))
+            cases.append(Case("none", "unlimited", v, rtt, 1_000_000))
+            cases.append(Case("freeze", "freeze", v, rtt, 400_000, extra=16_000))
+            cases.append(Case("reset", "reset", v, rtt, 400_000, extra=30_000))
+    return cases
+
+
+def report(cases: list[Case]) -> str:
+    """The confusion matrix of mechanisms and the rate and burst errors of police, over `cases`."""
+    from throttle.infer.fit import infer
+    from throttle.infer.trace import MECHANISMS
+
+    matrix: dict[tuple[str, str], int] = {}
+    rate_err: list[float] = []
+    burst_err: list[float] = []
+    lines = []
+    for case in cases:
+        inf = infer(case.traces())[0]
+        matrix[case.truth, inf.mechanism] = matrix.get((case.truth, inf.mechanism), 0) + 1
+        detail = ""
+        if case.truth in ("police", "window") and inf.rate_bps is not None:
+            rate_err.append(abs(inf.rate_bps.value / case.rate_bps - 1))
+            detail = f" rate {inf.rate_bps.value / case.rate_bps - 1:+.1%}"
+            if inf.burst_bytes is not None and case.truth == "police":
+                burst_err.append(abs(inf.burst_bytes.value / case.burst - 1))
+                detail += f" burst {inf.burst_bytes.value / case.burst - 1:+.1%}"
+        lines.append(f"{case.name:45s} -> {inf.mechanism:7s} {inf.confidence:.2f}{detail}")
+    seen = [m for m in MECHANISMS if any(k[0] == m or k[1] == m for k in matrix)]
+    lines.append("")
+    lines.append("truth \\ inferred " + " ".join(f"{m:>7s}" for m in seen))
+    for truth in seen:
+        lines.append(f"{truth:16s} " + " ".join(f"{matrix.get((truth, m), 0):7d}" for m in seen))
+    tp = matrix.get(("police", "police"), 0)
+    called = sum(v for (t, m), v in matrix.items() if m == "police")
+    real = sum(v for (t, m), v in matrix.items() if t == "police")
+    lines.append(f"police precision {tp / max(called, 1):.3f} recall {tp / max(real, 1):.3f}")
+    for label, errs in (("rate", rate_err), ("burst", burst_err)):
+        if errs:
+            errs.sort()
+            lines.append(f"{label} error (police/window found): median {errs[len(errs) // 2]:.1%} "
+                         f"p90 {errs[int(0.9 * (len(errs) - 1))]:.1%} over {len(errs)}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(report(grid(full="--full" in sys.argv)))

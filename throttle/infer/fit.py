@@ -164,7 +164,7 @@ def _lossless(tr: FlowTrace, seq: PacketSeq) -> Inference:
     # a flight leaves no hole (its retransmission arrives in order)
     blind = tr.transport != "tcp" or not tr.acks or vantage(tr) == "receiver"
     if blind:
-        starts = burst_starts(seq)
+        starts = burst_starts(seq, 3 * (tr.base_rtt or 0.0))
         if starts is not None:
             period, budget = starts
             return Inference(tr, "window", 0.45,

@@ -140,6 +140,32 @@ def steady_rate(seq: PacketSeq, window: float) -> tuple[float, float] | None:
     return mean / window, cv
 
 
+def delivery_rate(tr: FlowTrace, above: float) -> tuple[float, float] | None:
+    """Bytes in flight over the round trip, at each round-trip sample longer than `above`: the
+    rate a queue drained this flow at. Returns its median and coefficient of variation; a queue
+    this flow has to itself (a shaper) drains it at one rate, a shared one at a varying share."""
+    sent = sorted((s.t, s.start + s.length) for s in tr.sent)
+    acks = tr.acks
+    rates: list[float] = []
+    k = j = 0
+    highest = acked = 0
+    for t, rtt in sorted(tr.rtt):
+        while k < len(sent) and sent[k][0] <= t:
+            highest = max(highest, sent[k][1])
+            k += 1
+        while j < len(acks) and acks[j].t <= t:
+            acked = max(acked, acks[j].acked)
+            j += 1
+        if rtt > above and highest > acked:
+            rates.append((highest - acked) / rtt)
+    if len(rates) < 10:
+        return None
+    rates.sort()
+    mid = rates[len(rates) // 2]
+    spread = (rates[int(0.75 * len(rates))] - rates[int(0.25 * len(rates))]) / 1.35
+    return mid, spread / mid
+
+
 def queueing(tr: FlowTrace, seq: PacketSeq) -> Queueing | None:
     """Round-trip inflation (a queue) and whether the rate held; None without round-trip samples."""
     samples = sorted(tr.rtt)
@@ -162,7 +188,8 @@ def queueing(tr: FlowTrace, seq: PacketSeq) -> Queueing | None:
         if latest is not None and latest > limit:
             inflated += 1
     delay = max(0.0, _quantile(values, 0.9) - base)
-    held = steady_rate(seq, max(0.5, 4 * base))
+    held = (delivery_rate(tr, limit) if vantage(tr) == "sender" and tr.acks
+            else steady_rate(seq, max(0.5, 4 * base)))
     rate, cv = held if held is not None else (0.0, 1.0)
     return Queueing(inflated / len(episodes) if episodes else 0.0, delay,
                     max(0.001, _quantile(values, 0.97) - _quantile(values, 0.75)), cv < 0.15, rate)
@@ -200,7 +227,7 @@ def plateau(seq: PacketSeq) -> tuple[float, float] | None:
     return rate, max(deficits(seq, rate))
 
 
-def burst_starts(seq: PacketSeq) -> tuple[float, float] | None:
+def burst_starts(seq: PacketSeq, min_period: float = 0.0) -> tuple[float, float] | None:
     """(period, bytes per burst) when arrivals come in bursts a whole number of periods apart."""
     times = seq.t
     if len(times) < 20:
@@ -210,13 +237,16 @@ def burst_starts(seq: PacketSeq) -> tuple[float, float] | None:
     starts = [0] + [n + 1 for n, g in enumerate(gaps) if g > limit]
     if len(starts) < 5:
         return None
+    sizes = [sum(seq.wire[a:b]) for a, b in zip(starts, starts[1:])]
+    mean = sum(sizes) / len(sizes)
+    if math.sqrt(sum((x - mean) ** 2 for x in sizes) / len(sizes)) > 0.35 * mean:
+        return None  # flights that grow (slow start), not a fixed budget
     spacing = [times[b] - times[a] for a, b in zip(starts, starts[1:])]
     period = _quantile(spacing, 0.25)
-    if period <= 0:
-        return None
+    if period <= min_period:
+        return None  # flights a round trip apart
     whole = sum(1 for d in spacing if abs(d / period - round(d / period)) < 0.15)
     if whole < 0.7 * len(spacing):
         return None
-    sizes = [sum(seq.wire[a:b]) for a, b in zip(starts, starts[1:])]
     return period, _quantile(sizes, 0.5)
 
