@@ -76,23 +76,25 @@ def _reset(tr: FlowTrace) -> Inference | None:
     return None
 
 
-def _bucket_confidence(fit: BucketFit | WindowFit, n_loss: int) -> float:
+def _bucket_confidence(fit: BucketFit | WindowFit, n_loss: int, n_pass: int) -> float:
+    """Agreement, its margin over scattered losses, and enough of both kinds of packet: a
+    two-parameter fit agrees easily with a dozen packets."""
     return min(0.97, _clamp(2 * (fit.score - 0.5)) * _clamp((fit.score - fit.null) / 0.3)
-               * (1 - math.exp(-n_loss / 4)))
+               * (1 - math.exp(-n_loss / 4)) * min(1.0, n_pass / 40))
 
 
-def _police(tr: FlowTrace, fit: BucketFit, n_loss: int, extra: str = "") -> Inference:
+def _police(tr: FlowTrace, fit: BucketFit, seq: PacketSeq, extra: str = "") -> Inference:
     rate = fit.rate * 8
-    return Inference(tr, "police", _bucket_confidence(fit, n_loss),
+    return Inference(tr, "police", _bucket_confidence(fit, seq.losses, len(seq.t) - seq.losses),
                      f"a {rate / 1000:.0f} kbit/s bucket of {fit.burst / 1000:.1f} KB replays "
                      f"{fit.score:.0%} of passes and losses (scattered losses: {fit.null:.0%}){extra}",
                      rate_bps=Estimate(rate, fit.rate_error * 8),
                      burst_bytes=Estimate(fit.burst, fit.burst_error))
 
 
-def _window(tr: FlowTrace, fit: WindowFit, n_loss: int) -> Inference:
+def _window(tr: FlowTrace, fit: WindowFit, seq: PacketSeq) -> Inference:
     rate = fit.rate * 8
-    return Inference(tr, "window", _bucket_confidence(fit, n_loss),
+    return Inference(tr, "window", _bucket_confidence(fit, seq.losses, len(seq.t) - seq.losses),
                      f"{fit.burst / 1000:.1f} KB per {fit.period:.3f} s window replays {fit.score:.0%} "
                      f"of passes and losses (scattered losses: {fit.null:.0%})",
                      rate_bps=Estimate(rate, rate * math.hypot(fit.period_error / fit.period,
@@ -112,14 +114,14 @@ def _lossy(tr: FlowTrace, seq: PacketSeq) -> Inference:
     if q is not None and q.inflated_before_losses >= 0.3:
         scores["queue"] = q.inflated_before_losses
         delay = Estimate(q.delay, q.delay_error)
-        if q.steady:
+        if q.steady and n_loss <= 0.02 * len(seq.t):
             return Inference(tr, "shape", _clamp(0.4 + q.inflated_before_losses / 2),
                              f"round trips {q.delay * 1000:.0f} ms over the base before "
                              f"{q.inflated_before_losses:.0%} of losses while the rate held",
                              rate_bps=Estimate(q.rate * 8, q.rate * 0.8), queue_delay=delay, scores=scores)
         return Inference(tr, "none", _clamp(0.4 + q.inflated_before_losses / 2),
                          f"congestion: round trips inflated by {q.delay * 1000:.0f} ms before "
-                         f"{q.inflated_before_losses:.0%} of losses, and the rate did not hold",
+                         f"{q.inflated_before_losses:.0%} of losses ({n_loss} of {len(seq.t)} packets lost)",
                          queue_delay=delay, scores=scores)
     if pf is not None and q is None and vantage(tr) == "receiver" and pf.rate >= 0.7 * peak_rate(tr):
         # The "bucket" drains no faster than packets ever arrived back to back: a queue at the
@@ -137,11 +139,11 @@ def _lossy(tr: FlowTrace, seq: PacketSeq) -> Inference:
                          f"{pf.rate * 8 / 1000:.0f} kbit/s) while this flow's rate varied", scores=scores)
     window_better = wf is not None and (pf is None or wf.score > pf.score + 0.02)
     if window_better and wf is not None and wf.score >= POLICE_SCORE and wf.score - wf.null >= NULL_MARGIN:
-        inf = _window(tr, wf, n_loss)
+        inf = _window(tr, wf, seq)
         inf.scores = scores
         return inf
     if pf is not None and pf.score >= POLICE_SCORE and pf.score - pf.null >= NULL_MARGIN:
-        inf = _police(tr, pf, n_loss)
+        inf = _police(tr, pf, seq)
         inf.scores = scores
         return inf
     if n_loss < 3 or len(seq.t) < MIN_PACKETS:
@@ -248,7 +250,7 @@ def infer(traces: list[FlowTrace]) -> list[Inference]:
         for m in members:
             own = out[m].scores.get("police", 0.0)
             if out[m].mechanism != "police" or joint.score > own + 0.02:
-                inf = _police(traces[m], joint, merged.losses,
+                inf = _police(traces[m], joint, merged,
                               f"; one bucket shared with {len(members) - 1} other flow(s)")
                 inf.scores = dict(out[m].scores, shared=joint.score)
                 out[m] = inf

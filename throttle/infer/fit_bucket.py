@@ -202,7 +202,7 @@ def fit_police(seq: PacketSeq) -> BucketFit | None:
     scored = [at(r) for r in coarse]
     peaks = sorted((k for k in range(len(coarse))
                     if scored[k] >= max(scored[max(k - 1, 0)], scored[min(k + 1, len(coarse) - 1)])),
-                   key=lambda k: -scored[k])[:3]
+                   key=lambda k: -scored[k])[:5]
     for k in peaks:
         for r in _geometric(coarse[k] / 1.025, coarse[k] * 1.025, 21):
             at(r)
@@ -211,15 +211,19 @@ def fit_police(seq: PacketSeq) -> BucketFit | None:
     if plateau[-1] / plateau[0] > 1.1:
         # The data allow a range of rates (a sender that idled between single-packet passes);
         # the long-run rate of the policed span is its floor and TCP runs a little under the rate.
-        rate = min(max(base * 1.1, plateau[0]), plateau[-1])
-        at(rate)
+        starts = [min(max(base * 1.1, plateau[0]), plateau[-1])]
+        at(starts[0])
     else:
-        rate = plateau[len(plateau) // 2]
-    score, burst = replays[rate]
-    for r in _geometric(rate / 1.015, rate * 1.015, 61):
-        sp = threshold(r)
-        if sp.score > score + 1e-9:
-            score, rate, burst = sp.score, r, sp.threshold + min(sp.gap / 2, wire / 2)
+        ranked = sorted(replays, key=lambda r: -replays[r][0])
+        starts = [plateau[len(plateau) // 2]] + [r for r in ranked if abs(r / plateau[0] - 1) > 0.02][:1]
+    score, burst = replays[starts[0]]
+    rate = starts[0]
+    # a sender that kept the bucket drained passed exactly the rate over the policed span
+    for start in starts + [base * 1.01]:
+        for r in _geometric(start / 1.015, start * 1.015, 61):
+            sp = threshold(r)
+            if sp.score > score + 1e-9:
+                score, rate, burst = sp.score, r, sp.threshold + min(sp.gap / 2, wire / 2)
     for r in _geometric(rate / 1.01, rate * 1.01, 7):
         for b in _geometric(max(burst / 1.1, wire), burst * 1.1, 9):
             agreement = replay(seq, r, b)
@@ -239,14 +243,16 @@ MIN_PERIOD = 0.02  # seconds: a shorter window is a policer for any trace's reso
 
 
 def _loss_to_pass(seq: PacketSeq) -> list[tuple[float, float]]:
-    """(last loss, next pass) times after the first packet, for every loss followed by a pass."""
+    """(last loss, next pass) times after the first packet, for every loss followed by the pass
+    of a packet at least as large (a smaller one may still fit the interval's remaining budget)."""
     start = seq.t[0]
     out: list[tuple[float, float]] = []
     lost_at: float | None = None
-    for t, ok in zip(seq.t, seq.passed):
+    lost_size = 0
+    for t, wire, ok in zip(seq.t, seq.wire, seq.passed):
         if not ok:
-            lost_at = t
-        elif lost_at is not None:
+            lost_at, lost_size = t, wire
+        elif lost_at is not None and wire >= lost_size:
             out.append((lost_at - start, t - start))
             lost_at = None
     return out
@@ -280,7 +286,7 @@ def fit_window(seq: PacketSeq) -> WindowFit | None:
         k += 1
         mid = (low + high) / 2
         inside = sum(1 for a, b in gaps_after if math.floor(b / mid) > math.floor(a / mid))
-        if inside >= 0.9 * len(gaps_after):
+        if inside >= 0.75 * len(gaps_after):
             found.append((inside, low, high))
     # every divisor of a period also puts a boundary in each gap: the longest periods come first
     candidates = [low + (high - low) * f for _, low, high in found[:40] for f in (0.1, 0.5, 0.9)]

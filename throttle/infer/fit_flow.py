@@ -130,7 +130,7 @@ def steady_rate(seq: PacketSeq, window: float) -> tuple[float, float] | None:
         return None
     bins = [0.0] * count
     for t, w, ok in zip(seq.t, seq.wire, seq.passed):
-        k = int((t - start) / window)
+        k = math.floor((t - start) / window)
         if ok and 0 <= k < count:
             bins[k] += w
     mean = sum(bins) / count
@@ -141,26 +141,23 @@ def steady_rate(seq: PacketSeq, window: float) -> tuple[float, float] | None:
 
 
 def delivery_rate(tr: FlowTrace, above: float) -> tuple[float, float] | None:
-    """Bytes in flight over the round trip, at each round-trip sample longer than `above`: the
-    rate a queue drained this flow at. Returns its median and coefficient of variation; a queue
-    this flow has to itself (a shaper) drains it at one rate, a shared one at a varying share."""
-    sent = sorted((s.t, s.start + s.length) for s in tr.sent)
-    acks = tr.acks
-    rates: list[float] = []
-    k = j = 0
-    highest = acked = 0
-    for t, rtt in sorted(tr.rtt):
-        while k < len(sent) and sent[k][0] <= t:
-            highest = max(highest, sent[k][1])
-            k += 1
-        while j < len(acks) and acks[j].t <= t:
-            acked = max(acked, acks[j].acked)
-            j += 1
-        if rtt > above and highest > acked:
-            rates.append((highest - acked) / rtt)
-    if len(rates) < 10:
+    """The bytes acknowledged over each round-trip sample longer than `above`, per second: the
+    rate a queue drained this flow at. Returns its median and relative spread; a queue this flow
+    has to itself (a shaper) drains it at one rate, a shared one at a varying share."""
+    times = [a.t for a in tr.acks]
+    acked: list[int] = []
+    top = 0
+    for a in tr.acks:
+        top = max(top, a.acked)
+        acked.append(top)
+
+    def at(t: float) -> int:
+        k = bisect.bisect_right(times, t) - 1
+        return acked[k] if k >= 0 else 0
+
+    rates = sorted((at(t) - at(t - rtt)) / rtt for t, rtt in tr.rtt if rtt > above)
+    if len(rates) < 10 or rates[len(rates) // 2] <= 0:
         return None
-    rates.sort()
     mid = rates[len(rates) // 2]
     spread = (rates[int(0.75 * len(rates))] - rates[int(0.25 * len(rates))]) / 1.35
     return mid, spread / mid
@@ -209,7 +206,7 @@ def stalled(tr: FlowTrace, seq: PacketSeq) -> tuple[int, float, str] | None:
         sure = 0.85 if len(tries) >= 3 and waited >= 1.0 else 0.5
         return (tr.delivered, sure, f"nothing delivered after {tr.delivered} bytes: {len(tries)} transmissions "
                 f"over {waited:.1f} s went unacknowledged and the flow never closed")
-    if seq.losses == 0 and tr.delivered < 1_000_000:
+    if seq.losses == 0 and tr.transport == "tcp" and 0 < tr.delivered < 1_000_000:
         return (tr.delivered, 0.45, f"nothing arrived after {tr.delivered} bytes and the flow never closed "
                 "(receiver side: the sender's retries are out of sight)")
     return None
@@ -238,15 +235,15 @@ def burst_starts(seq: PacketSeq, min_period: float = 0.0) -> tuple[float, float]
     if len(starts) < 5:
         return None
     sizes = [sum(seq.wire[a:b]) for a, b in zip(starts, starts[1:])]
-    mean = sum(sizes) / len(sizes)
-    if math.sqrt(sum((x - mean) ** 2 for x in sizes) / len(sizes)) > 0.35 * mean:
+    budget = _quantile(sizes, 0.5)
+    if sum(1 for x in sizes if abs(x - budget) <= 0.2 * budget) < 0.6 * len(sizes):
         return None  # flights that grow (slow start), not a fixed budget
-    spacing = [times[b] - times[a] for a, b in zip(starts, starts[1:])]
-    period = _quantile(spacing, 0.25)
-    if period <= min_period:
+    spacing = [d for d in (times[b] - times[a] for a, b in zip(starts, starts[1:])) if d > min_period]
+    if len(spacing) < 4:
         return None  # flights a round trip apart
+    period = _quantile(spacing, 0.5)
     whole = sum(1 for d in spacing if abs(d / period - round(d / period)) < 0.15)
     if whole < 0.7 * len(spacing):
         return None
-    return period, _quantile(sizes, 0.5)
+    return period, budget
 
