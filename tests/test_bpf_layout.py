@@ -62,10 +62,10 @@ def test_the_program_takes_its_structs_and_reasons_from_the_header_only() -> Non
 
 
 def test_the_structs_have_the_sizes_and_order_of_the_maps() -> None:
-    assert (FLOW_KEY.size, FLOW_VALUE.size, BUCKET.size) == (40, 80, 72)
+    assert (FLOW_KEY.size, FLOW_VALUE.size, BUCKET.size) == (40, 88, 72)
     assert FLOW_KEY.struct.format == "!BB2x16s16sHH"  # ports in network order, as in the packet
     assert FLOW_VALUE.names == ("ifindex", "dst_mac", "src_mac", "last_ns", "bytes", "packets", "dropped_bytes",
-                                "dropped_packets", "payload", "after_bytes", "bucket", "priority")
+                                "dropped_packets", "payload", "after_bytes", "bucket", "priority", "loss")
     # lock and pad: the kernel's, zero; the window meter's fields after the token bucket's
     assert BUCKET.names == ("rate", "burst", "fill_ns", "tokens", "stamp_ns", "window_ns", "start_ns", "used")
     assert [m.key_size for m in layout.MAPS.values()] == [40, 4, 4]
@@ -74,7 +74,7 @@ def test_the_structs_have_the_sizes_and_order_of_the_maps() -> None:
 
 def test_pack_and_unpack_by_name() -> None:
     raw = FLOW_VALUE.pack(ifindex=3, dst_mac=b"\x02" * 6, src_mac=b"\x04" * 6, bytes=1500, packets=1, bucket=9)
-    assert len(raw) == 80 and struct.unpack_from("=Q", raw, 24) == (1500,) and struct.unpack_from("=Q", raw, 32) == (1,)
+    assert len(raw) == 88 and struct.unpack_from("=Q", raw, 24) == (1500,) and struct.unpack_from("=Q", raw, 32) == (1,)
     value = FLOW_VALUE.unpack(raw)
     assert value["bytes"] == 1500 and value["packets"] == 1 and value["bucket"] == 9 and value["priority"] == 0
     assert value["dst_mac"] == b"\x02" * 6 and value["last_ns"] == 0  # not given: zero
@@ -117,12 +117,13 @@ def test_walks_unpack_arrays_of_values_by_name() -> None:
 
 # The structs as fastpath.py wrote them before layout.py (its KEY, VALUE, BUCKET), positional, in
 # the order its comments gave: the maps must keep exactly these bytes. (The bucket has since grown
-# the window meter's three fields, after the token bucket's, which kept their bytes.)
+# the window meter's three fields, after the token bucket's, which kept their bytes; the flow value
+# the loss threshold of action "loss", after the rest.)
 BEFORE = {
     "flow_key": (struct.Struct("!BBxx16s16sHH"), ("proto", "family", "src", "dst", "sport", "dport")),
-    "flow_value": (struct.Struct("=I6s6sQQQQQQQII"), ("ifindex", "dst_mac", "src_mac", "last_ns", "bytes", "packets",
-                                                        "dropped_bytes", "dropped_packets", "payload", "after_bytes",
-                                                        "bucket", "priority")),
+    "flow_value": (struct.Struct("=I6s6sQQQQQQQIIQ"), ("ifindex", "dst_mac", "src_mac", "last_ns", "bytes", "packets",
+                                                         "dropped_bytes", "dropped_packets", "payload", "after_bytes",
+                                                         "bucket", "priority", "loss")),
     "bucket": (struct.Struct("=IIQQQQQQQQ"), ("lock", "pad", "rate", "burst", "fill_ns", "tokens", "stamp_ns",
                                               "window_ns", "start_ns", "used")),
 }
@@ -158,13 +159,13 @@ def test_a_definition_with_hidden_padding_or_mixed_byte_order_is_refused() -> No
 
 def test_mismatches_name_the_struct_and_the_field() -> None:
     members = [(f.name, FLOW_VALUE.offsets[f.name], f.size) for f in FLOW_VALUE.fields]
-    assert FLOW_VALUE.mismatch((80, members)) is None
+    assert FLOW_VALUE.mismatch((88, members)) is None
     swapped = [(n, 32 if n == "bytes" else 24 if n == "packets" else o, s) for n, o, s in members]
-    message = FLOW_VALUE.mismatch((80, swapped))
+    message = FLOW_VALUE.mismatch((88, swapped))
     assert message is not None and "flow_value" in message and "bytes" in message and "packets" in message
     assert FLOW_VALUE.mismatch(None) == "it has no struct flow_value"
-    assert "has no field priority" in str(FLOW_VALUE.mismatch((80, members[:-1])))
-    assert "which layout.py does not define" in str(FLOW_VALUE.mismatch((88, members + [("extra", 80, 8)])))
+    assert "has no field loss" in str(FLOW_VALUE.mismatch((80, members[:-1])))  # an object built before loss
+    assert "which layout.py does not define" in str(FLOW_VALUE.mismatch((96, members + [("extra", 88, 8)])))
     expected = f"its map fallbacks has 3 entries; layout.py expects {len(FALLBACKS)}"
     assert layout.map_mismatch("fallbacks", 4, 8, 3) == expected
 

@@ -134,9 +134,9 @@ def test_map_values_match_the_c_structs() -> None:
     """Sizes and offsets of throttle.bpf.c's flow_value and bucket (its comments list them)."""
     bpf = ROOT / "throttle/kernel/bpf"
     source = (bpf / "throttle.bpf.c").read_text() + (bpf / "layout.h").read_text()  # the structs: in layout.h
-    assert VALUE.size == 80 and BUCKET.size == 72
-    for field in ("__u64 payload;", "__u64 after_bytes;", "__u32 bucket;", "__u32 priority;", "__u64 fill_ns;",
-                  "__u64 window_ns;"):
+    assert VALUE.size == 88 and BUCKET.size == 72
+    for field in ("__u64 payload;", "__u64 after_bytes;", "__u32 bucket;", "__u32 priority;", "__u64 loss;",
+                  "__u64 fill_ns;", "__u64 window_ns;"):
         assert field in source
 
 

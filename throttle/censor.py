@@ -18,6 +18,7 @@ them.
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 import socket
 import time
@@ -58,7 +59,8 @@ class Censor:
         self.bypass = bypass
         self.metrics = metrics
         self.fw = fw or Firewall(queue=queue)
-        self.engine = Engine(scenario.model, scenario.rules)
+        # a live censor's random losses (action "loss") differ run to run, as the kernel's do
+        self.engine = Engine(scenario.model, scenario.rules, rng=random.Random())
         # RSTs to inject (action "rst"): the injector learns from every packet where each end is.
         self.injector = Injector() if any(rule.action == "rst" for rule in scenario.rules) else None
         self.hook = Hook(self.engine, decided_mark=self.fw.mark, bypass=bypass, inside_ifindex=inside_ifindex,

@@ -65,8 +65,9 @@ def scenarios_show(name: Optional[str] = scenario_argument(), scenario: Optional
         extra += f", sticky {r.sticky:.0f} s ({r.sticky_scope.replace('_', ' to ')})" if r.sticky else ""
         if r.meter == "window":
             extra += f", window meter ({format_size(r.burst)} per {r.burst / r.rate:.2f} s)"
-        if r.action in ("drop", "rst"):
-            how = "drop" if r.action == "drop" else "RST both ways, then drop"
+        if r.action in ("drop", "rst", "loss"):
+            how = {"drop": "drop", "rst": "RST both ways, then drop"}.get(r.action, f"lose {r.probability:.3g} of "
+                                                                                     "packets at random")
             typer.echo(f"  {r.name}: {what} -> {how}, {r.direction}{extra}")
         else:
             typer.echo(f"  {r.name}: {what} -> {r.action} at {format_rate(r.rate)}, burst {format_size(r.burst)}, "

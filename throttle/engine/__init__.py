@@ -6,7 +6,7 @@ adapters (the NFQUEUE hook, offline classification, metrics) use what is exporte
 
 from __future__ import annotations
 
-from throttle.engine.buckets import Bucket, Policer, Shaper, WindowMeter
+from throttle.engine.buckets import Bucket, Policer, RandomLoss, Shaper, WindowMeter
 from throttle.engine.core import Counters, Engine
 from throttle.engine.events import (DirectionLimit, EngineError, Event, FlowDecided, FlowEnded, FlowStarted, Limited,
                                     Limits, NameLearned, ResetRequested, Verdict)
@@ -15,5 +15,5 @@ from throttle.engine.flows import DIRECTION_NAMES, DOWNLOAD, UPLOAD, Direction, 
 __all__ = [
     "DIRECTION_NAMES", "DOWNLOAD", "UPLOAD", "Bucket", "Counters", "Direction", "DirectionLimit", "Engine",
     "EngineError", "Event", "Flow", "FlowDecided", "FlowEnded", "FlowStarted", "Limited", "Limits", "NameLearned",
-    "Policer", "ResetRequested", "Shaper", "State", "Verdict", "WindowMeter",
+    "Policer", "RandomLoss", "ResetRequested", "Shaper", "State", "Verdict", "WindowMeter",
 ]

@@ -21,9 +21,16 @@ Shaper (the Tele2 3G confounder, §12): every packet is released, but not before
 it. Credit may go negative; the deficit is the queue, and `-credit / rate` is how long the newest
 packet waits. A packet that would wait longer than the bound (in seconds or bytes) is dropped
 instead, so the queue never holds more than the bound.
+
+Random loss (action "loss": loss no censor caused, which `throttle infer` must not call policing):
+each packet is dropped with a fixed probability, on its own draw, whatever its size and time; the
+rest pass at once. The draws come from a `random.Random` the engine is given, so a seeded engine
+drops the same packets every run.
 """
 
 from __future__ import annotations
+
+import random
 
 
 class Policer:
@@ -110,4 +117,18 @@ class Shaper:
         return max(0.0, -tokens)
 
 
-Bucket = Policer | WindowMeter | Shaper  # what a limited flow direction holds (`Flow.buckets`)
+class RandomLoss:
+    __slots__ = ("probability", "_draw")
+
+    def __init__(self, probability: float, rng: random.Random) -> None:
+        if not 0 < probability <= 1:
+            raise ValueError("a loss probability is above 0 and at most 1")
+        self.probability = probability
+        self._draw = rng.random  # in [0, 1): a probability of 1 drops every packet
+
+    def allow(self, size: int, now: float) -> bool:
+        """Whether a packet passes: it is dropped with `probability`, independently of the others."""
+        return self._draw() >= self.probability
+
+
+Bucket = Policer | WindowMeter | Shaper | RandomLoss  # what a limited flow direction holds (`Flow.buckets`)

@@ -12,11 +12,15 @@ The engine is a small facade over its parts, one per stage a packet meets:
     engine.flows          the flow table (both orientations, recency, bounded)
     engine.inspect        the model's inspection window: names from SNI, Host, DNS answers
     engine.rules          which rule a name, an address or a sticky server selects
-    engine.enforce        the limited flow's token buckets: pass, drop, or hold
+    engine.enforce        the limited flow's token buckets (or random loss): pass, drop, or hold
+
+Nothing here draws on the machine's entropy: loss rules draw from the `random.Random` the engine
+is given, seeded, so the same packets at the same times get the same verdicts.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 
 from throttle.engine.buckets import Bucket
@@ -57,7 +61,8 @@ class Counters:
 class Engine:
     """The censor. One instance per censor process; not thread-safe (one event loop drives it)."""
 
-    def __init__(self, model: Model, rules: tuple[Rule, ...] | list[Rule]) -> None:
+    def __init__(self, model: Model, rules: tuple[Rule, ...] | list[Rule], rng: random.Random | None = None) -> None:
+        """`rng` gives loss rules their draws (default: seeded with 0, so runs repeat exactly)."""
         self.model = model
         self.rules = tuple(rules)
         self.counters = Counters()
@@ -68,7 +73,7 @@ class Engine:
         self._lru = self._flows.recency
         self._inspector = Inspector(model, emit)
         self._rules = RuleSet(self.rules, model.max_flows)
-        self._enforcer = Enforcer(emit, model.max_flows)
+        self._enforcer = Enforcer(emit, model.max_flows, rng)
         self._inside = tuple(model.inside)
         self._budget = model.window_packets
         self._max_inspected = self._inspector.max_inspected

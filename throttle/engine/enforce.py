@@ -2,15 +2,18 @@
 
 A rule's buckets are per flow, per client address or one for the whole rule (`scope`), always one
 per direction (docs/incidents.md §1.9). A policer or a window meter (§1.11) passes or drops; a shaper
-gives a release time, or drops when the packet would wait longer than the queue bound.
+gives a release time, or drops when the packet would wait longer than the queue bound. A loss rule's
+directions drop each packet at random (`RandomLoss`), with draws from the enforcer's seeded
+`random.Random`.
 """
 
 from __future__ import annotations
 
+import random
 from collections import OrderedDict
 from collections.abc import Callable
 
-from throttle.engine.buckets import Bucket, Policer, Shaper, WindowMeter
+from throttle.engine.buckets import Bucket, Policer, RandomLoss, Shaper, WindowMeter
 from throttle.engine.events import DirectionLimit, Event, Limited, Limits, Meter, Verdict
 from throttle.engine.flows import DIRECTION_NAMES, DOWNLOAD, UPLOAD, Direction, Flow, Side, State
 from throttle.scenario import Rule
@@ -21,7 +24,9 @@ BYPASS: Decision = (Verdict.BYPASS, 0.0)
 DROP: Decision = (Verdict.DROP, 0.0)
 
 
-def make_bucket(rule: Rule, now: float) -> Bucket:
+def make_bucket(rule: Rule, now: float, rng: random.Random) -> Bucket:
+    if rule.action == "loss":  # random drops at no rate; `rng` gives the draws
+        return RandomLoss(rule.probability, rng)
     if rule.meter == "window":  # police only (the loader checks): fixed intervals of burst bytes (§11)
         return WindowMeter(rule.rate, rule.burst)  # its first interval starts at its first packet
     if rule.action != "shape":  # police, or drop and rst: a policer without rate or burst (the loader sets both 0)
@@ -37,8 +42,10 @@ def _limits(rule: Rule, d: Direction) -> bool:
 class Enforcer:
     """Buckets for limited flows; the buckets shared between flows (scope client or rule) live here."""
 
-    def __init__(self, emit: Callable[[Event], None], max_shared: int = 200_000) -> None:
+    def __init__(self, emit: Callable[[Event], None], max_shared: int = 200_000,
+                 rng: random.Random | None = None) -> None:
         self._emit = emit
+        self._rng = rng if rng is not None else random.Random(0)  # loss rules' draws: seeded, reproducible
         # Shared buckets, least recently used first, at most `max_shared` (a flow keeps its own
         # reference, so dropping one here only means the next flow of that client starts afresh).
         self._shared: OrderedDict[tuple[str, Direction, bytes], Bucket] = OrderedDict()
@@ -63,7 +70,7 @@ class Enforcer:
         if bucket is None:
             bucket = self._bucket(flow, rule, d, now)
         name = flow.name or ""
-        if isinstance(bucket, (Policer, WindowMeter)):
+        if isinstance(bucket, (Policer, WindowMeter, RandomLoss)):
             if bucket.allow(size, now):
                 self._emit(Limited(rule.name, name, d, size, Verdict.ACCEPT, 0.0, now))
                 return ACCEPT
@@ -103,6 +110,8 @@ class Enforcer:
         if isinstance(bucket, Shaper):
             return DirectionLimit("shape", bucket.rate, bucket.burst, bucket, bucket.max_backlog, rule.after_bytes,
                                   flow.sides[d])
+        if isinstance(bucket, RandomLoss):
+            return DirectionLimit("loss", 0.0, 0.0, bucket, 0.0, rule.after_bytes, flow.sides[d], bucket.probability)
         meter: Meter = "window" if isinstance(bucket, WindowMeter) else "police"
         return DirectionLimit(meter, bucket.rate, bucket.burst, bucket, 0.0, rule.after_bytes, flow.sides[d])
 
@@ -114,13 +123,13 @@ class Enforcer:
 
     def _bucket(self, flow: Flow, rule: Rule, d: Direction, now: float) -> Bucket:
         if rule.scope == "flow":
-            bucket = make_bucket(rule, now)
+            bucket = make_bucket(rule, now, self._rng)
         else:
             # Client and rule scopes share buckets across flows, one per direction (§9).
             key = (rule.name, d, flow.client if rule.scope == "client" else b"")
             shared = self._shared.get(key)
             if shared is None:
-                shared = self._shared[key] = make_bucket(rule, now)
+                shared = self._shared[key] = make_bucket(rule, now, self._rng)
                 while len(self._shared) > self._max_shared:
                     self._shared.popitem(last=False)
             else:

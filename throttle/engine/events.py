@@ -26,7 +26,7 @@ class FlowStarted:
     at: float
 
 
-Meter = Literal["police", "shape", "window"]
+Meter = Literal["police", "shape", "window", "loss"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +40,7 @@ class DirectionLimit:
     window meter's interval (`start`, None until its first packet, where its first interval
     starts, and the bytes `used` in it). `queue_bytes` bounds a shaper's backlog. `carried` is the payload
     the direction has carried so far (live: the engine counts on while it still sees the flow), for
-    `after_bytes`."""
+    `after_bytes`. A "loss" direction (random drops) has no rate or burst, only its `probability`."""
 
     meter: Meter
     rate: float  # bytes per second
@@ -49,6 +49,7 @@ class DirectionLimit:
     queue_bytes: float
     after_bytes: int
     counters: Side  # the direction's own, live
+    probability: float = 0.0  # "loss": the chance each packet is dropped
 
     @property
     def carried(self) -> int:

@@ -6,7 +6,8 @@ It loads the eBPF program of `bpf/throttle.bpf.c` (C, built with clang, loaded w
 interface (`throttle.kernel.tc`). For every IPv4/IPv6 TCP or UDP packet the program looks the
 5-tuple up in the `flows` map; on a hit it applies the direction's limit, if any (a token bucket or
 a window meter in the `buckets` map: the engine's policer, in the kernel; a shaped direction gets
-its HTB class, `throttle.kernel.htb`), rewrites the Ethernet addresses, decrements the TTL / hop limit and
+its HTB class, `throttle.kernel.htb`; a direction of a loss rule drops packets at random with the
+kernel's own PRNG), rewrites the Ethernet addresses, decrements the TTL / hop limit and
 redirects the packet to the egress interface, so it never reaches the IP stack, netfilter or
 NFQUEUE. When both interfaces are ports of a bridge (the lab's in-path censor) a flow's entries
 carry no MACs (`NO_MAC`) and the program redirects the frame unchanged, TTL included. On a miss it

@@ -4,8 +4,9 @@ the kernel carries it.
 The engine reports a decision (`FlowDecided`, with how each direction is limited); `Handover`
 decides whether the kernel can carry it out (TCP and UDP but DNS; not a shaper with less burst than
 a packet; not a shaped flow without the shaper's qdiscs), and how: forwarded, policed by the
-kernel's copy of the engine's token bucket or window meter (a slot of the `buckets` map), or shaped
-by an HTB class on the direction's egress interface. Buckets shared between flows (scope client or rule)
+kernel's copy of the engine's token bucket or window meter (a slot of the `buckets` map), shaped
+by an HTB class on the direction's egress interface, or losing packets at random (a loss rule: its
+probability in the direction's entry, drawn by the kernel's own PRNG; no slot). Buckets shared between flows (scope client or rule)
 share their slot or class (`BucketSlots`).
 
 A flow's kernel side is one `KernelFlow` record: its two map keys (computed here, once), where
@@ -31,7 +32,7 @@ from functools import partial
 from typing import Any, Optional, Protocol
 
 from throttle.engine import (DOWNLOAD, UPLOAD, Direction, DirectionLimit, Event, Flow, FlowDecided, FlowEnded, Limits,
-                             State, WindowMeter)
+                             Policer, State, WindowMeter)
 from throttle.errors import ThrottleError
 from throttle.kernel.fastpath import FastPath
 from throttle.kernel.htb import HTB_CLASSES, MIN_BURST, class_id
@@ -214,8 +215,8 @@ class Handover:
     def _reserve(self, record: KernelFlow, d: Direction) -> bool:
         """Direction `d`'s slot (policed) or class (shaped); False when the kernel cannot limit it."""
         limit = record.limits[d]
-        if limit is None:
-            return True
+        if limit is None or limit.meter == "loss":
+            return True  # random loss needs no slot: its probability goes in the direction's own entry
         if limit.meter == "shape":
             if limit.burst < MIN_BURST:
                 # HTB's classes are given at least a full packet of burst, so a smaller one (§2.17's
@@ -336,6 +337,8 @@ class Handover:
         bytes used in it, or none yet: then the kernel begins it at the direction's first limited
         packet, as the engine would have), when the first flow that uses its slot enters the map."""
         limit, slot = record.limits[d], record.slots[d]
+        if limit is not None and limit.meter == "loss":
+            return Limit(0, limit.after_bytes, limit.carried, loss=limit.probability)
         if limit is None or slot is None:
             return None
         if limit.meter == "shape":
@@ -345,6 +348,7 @@ class Handover:
             if isinstance(bucket, WindowMeter):
                 self.fast.set_window(slot, bucket.rate, bucket.burst, bucket.start, bucket.used)
             else:
+                assert isinstance(bucket, Policer)  # "police": shaped and loss directions returned above
                 self.fast.set_bucket(slot, bucket.rate, int(bucket.burst), bucket.tokens, bucket.stamp)
             self._written.add(slot)
         return Limit(slot, limit.after_bytes, limit.carried)

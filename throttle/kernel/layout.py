@@ -1,5 +1,5 @@
 """The one definition of what the eBPF program and Python share: the map structs (`flow_key`,
-`flow_value`, `bucket`: a token bucket or a window meter), the maps that hold them, and the
+`flow_value`, with a direction's random loss, `bucket`: a token bucket or a window meter), the maps that hold them, and the
 reasons a packet falls back to the normal path (the index of the `fallbacks` map).
 
 Both sides come from here. `c_header()` is the text of `bpf/layout.h`, which throttle.bpf.c
@@ -214,6 +214,7 @@ FLOW_VALUE = Struct("flow_value", "what the program does with one direction, and
     Field("after_bytes", U64, doc="payload that passes before the bucket applies"),
     Field("bucket", U32, doc="index into `buckets`; 0: this direction is not limited"),
     Field("priority", U32, doc="skb->priority: the shaper's HTB class (major:minor); 0: not shaped"),
+    Field("loss", U64, doc="random loss: a packet drops when a 32-bit random draw is below this; 0: none"),
 ))
 
 BUCKET = Struct("bucket", "a policer's meter (engine/buckets.py): a token bucket, or a window", (

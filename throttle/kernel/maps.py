@@ -1,6 +1,6 @@
 """The eBPF program's maps as Python reads and writes them: the kernel's key of one direction of a
-flow (`map_key`), a direction's value and a meter (a token bucket or a window) packed for the
-maps, and what the program
+flow (`map_key`), a direction's value (with its random loss, `loss_threshold`) and a meter (a token
+bucket or a window) packed for the maps, and what the program
 counted, read back (`Counters`, `Snapshot`). The structs themselves (`KEY`, `VALUE`, `BUCKET`) are
 the codecs of `throttle.kernel.layout`, the one definition both the C program and Python are made
 from (libbpf refuses an object whose BTF differs from it).
@@ -20,9 +20,9 @@ from throttle.errors import ThrottleError
 from throttle.kernel.layout import BUCKET, FLOW_KEY, FLOW_VALUE
 
 __all__ = [
-    "BUCKET", "BUCKETS", "HITS_KEY", "INDEX", "KEY", "LEASE", "LEASE_KEY", "MAPS", "NO_LIMIT", "NO_MAC", "NS", "PROGRAM",
-    "VALUE", "Address", "Counters", "Limit", "Snapshot", "bucket_value", "flow_value", "last_ns", "map_key", "packed",
-    "window_value",
+    "BUCKET", "BUCKETS", "HITS_KEY", "INDEX", "KEY", "LEASE", "LEASE_KEY", "LOSS_SCALE", "MAPS", "NO_LIMIT", "NO_MAC",
+    "NS", "PROGRAM", "VALUE", "Address", "Counters", "Limit", "Snapshot", "bucket_value", "flow_value", "last_ns",
+    "loss_threshold", "map_key", "packed", "window_value",
 ]
 
 # An address: packed, or any form ipaddress takes.
@@ -40,18 +40,21 @@ PROGRAM = "throttle_ingress"
 MAPS = ("flows", "buckets", "hits", "lease", "fallbacks")
 NS = 1_000_000_000
 NO_MAC = bytes(6)  # a flow entry without MACs: bridged, the frame goes out unchanged
+LOSS_SCALE = 1 << 32  # bpf_get_prandom_u32()'s range: a loss probability of 1
 
 
 @dataclass(frozen=True, slots=True)
 class Limit:
     """How the kernel limits one direction of a flow: its bucket (an index given to `set_bucket`),
-    the payload that passes free first, what the direction already carried, and for a shaped
-    direction its egress class (skb->priority, major:minor)."""
+    the payload that passes free first, what the direction already carried, for a shaped
+    direction its egress class (skb->priority, major:minor), and for random loss (action "loss")
+    the chance each packet is dropped."""
 
     bucket: int
     after_bytes: int = 0
     carried: int = 0
     priority: int = 0
+    loss: float = 0.0
 
 
 NO_LIMIT = Limit(0)
@@ -89,7 +92,16 @@ def flow_value(egress: int, dst_mac: bytes, src_mac: bytes, now_ns: int, limit: 
     if len(dst_mac) != 6 or len(src_mac) != 6 or (dst_mac == NO_MAC) != (src_mac == NO_MAC):
         raise ThrottleError("MAC addresses are 6 bytes")
     return VALUE.pack(ifindex=egress, dst_mac=dst_mac, src_mac=src_mac, last_ns=now_ns, payload=limit.carried,
-                      after_bytes=limit.after_bytes, bucket=limit.bucket, priority=limit.priority)
+                      after_bytes=limit.after_bytes, bucket=limit.bucket, priority=limit.priority,
+                      loss=loss_threshold(limit.loss))
+
+
+def loss_threshold(probability: float) -> int:
+    """The program's form of a loss probability: it drops a packet when bpf_get_prandom_u32() is
+    below this, so 2^32 drops every one and 0 none (a probability above 0 is never rounded to 0)."""
+    if not 0 <= probability <= 1:
+        raise ThrottleError(f"a loss probability is between 0 and 1, not {probability}")
+    return max(1, round(probability * LOSS_SCALE)) if probability > 0 else 0
 
 
 def last_ns(value: bytes) -> int:

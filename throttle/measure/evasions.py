@@ -103,6 +103,8 @@ def _unfit(rule: Rule) -> str:
     """Why the raw client's upload cannot trigger `rule` ("" when it can)."""
     if not rule.patterns:
         return "matches by address, not by name"
+    if rule.action == "loss":
+        return "drops packets at random, which slows nothing to evade"
     if rule.transport == "udp":
         return "is QUIC only"
     if rule.ech is True:

@@ -37,7 +37,8 @@ any verdict (a short connection under a model that reads past a name that matche
 `throttle_achieved_bytes_per_second` stays as a convenience gauge (the speed over the last
 `SPEED_WINDOW` seconds) for a quick `curl | grep`. `throttle_rule_rate_bytes_per_second` is the
 configured limit of each rule and direction, so that a dashboard draws the limit beside the
-speeds; `throttle_build_info` and the process collector's `process_*` describe the censor itself.
+speeds (`throttle_rule_loss_probability` a loss rule's chance of dropping a packet, which has no
+rate); `throttle_build_info` and the process collector's `process_*` describe the censor itself.
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ class Metrics:
                            "configured in the scenario.", ["rule", "direction", "action"], registry=r)
         self.burst = Gauge("throttle_rule_burst_bytes", "The burst (bucket size) of each rule, as configured.",
                            ["rule", "direction", "action"], registry=r)
+        self.loss = Gauge("throttle_rule_loss_probability", "The chance each packet is dropped, of each rule of action "
+                          "loss (random drops at no rate; its drops are counted with verdict dropped), as configured.",
+                          ["rule", "direction"], registry=r)
         self.delay = Histogram("throttle_queue_delay_seconds", "How long the shaper held delayed packets.",
                                buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10), registry=r)
         self.tables = Gauge("throttle_table_entries", "Entries in each of the censor's bounded tables (flows, "
@@ -287,6 +291,9 @@ class Metrics:
         self._rules_shown = engine.rules
         for rule in engine.rules:
             for direction in DIRECTIONS if rule.direction == "both" else (rule.direction,):
+                if rule.action == "loss":  # no rate or burst: a limit of 0 would read as a freeze
+                    self.loss.labels(rule.name, direction).set(rule.probability)
+                    continue
                 self.limit.labels(rule.name, direction, rule.action).set(rule.rate)
                 self.burst.labels(rule.name, direction, rule.action).set(rule.burst)
 

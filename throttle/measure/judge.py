@@ -10,11 +10,15 @@ stores it. The verdicts (docs/incidents.md §3.22-23):
              (OONI's "extreme throttling" is a 10x slowdown); a control instead is throttled
              100 x below its own speed with no censor (its baseline), in every scenario, or
              below 3 x the rate in a scenario with one;
-- normal     otherwise (a completed probe of a scenario whose rules only stop flows, rate 0).
+- normal     otherwise (a completed probe of a scenario whose rules only stop flows, rate 0, or only
+             lose packets at random: a loss rule has no rate, so its probes are held to the
+             scenario's slowest rate, if any rule has one, and to the controls).
 
 A probe expected and observed throttled must also reach the speed it is expected at, within its
 tolerance (`rate_check`): its `expect_rate`, else what its rule predicts for the transfer
 (`throttle.measure.predict`); a censor that polices at twice or half the rate fails it. A probe
+observed throttled under a rule that predicts no speed (no rule, a direction it does not limit, a
+rate-0 or a loss rule) fails unless it gives `expect_rate`. A probe
 with `freeze_bytes` must stall having delivered that many bytes, one with `blocked_by` must end
 that way, and one with `expect_handshake` is judged by its TLS (or QUIC) handshake time against
 the controls' and its floor (`handshake_verdict`); what is not met is a failed check.
@@ -136,7 +140,7 @@ def rate_check(measured: Measured, probe: Probe, expected: Expected | None, verd
     if probe.expect != "throttled" or verdict != "throttled" or expected is None:
         return None
     got = f"throttled at {format_rate(measured.speed)}"
-    if expected.kind in ("unmatched", "unslowed", "blocks"):
+    if expected.kind in ("unmatched", "unslowed", "blocks", "loss"):
         return f"{got}, but {expected.why}, so nothing predicts that; if it is right, give the probe expect_rate"
     rate = expected.rate
     if rate is None or abs(measured.speed - rate) <= probe.tolerance * rate:

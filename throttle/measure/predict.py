@@ -24,6 +24,11 @@ The goodput is payload bytes per second of the transfer, as the probe clients me
   the scenario's earlier flows took it (tele2-3g-shaper's client bucket: the controls' ACKs and
   the earlier upload leave the next upload at the rate from its start, 125 kbit/s, not 139).
 
+A rule of action "loss" (random drops, at no rate) predicts no speed: what a transfer makes of its
+losses is the sender's congestion control at the path's round-trip time, so a probe under it is
+expected "normal" (at the lab's round trip a 2% loss leaves TCP at tens of Mbit/s); one that
+expects "throttled" must say how fast with `expect_rate` (`expected` gives kind "loss").
+
 A transfer that fits in `after_bytes` and the burst is not slowed. One whose part beyond them is
 under TCP's initial window (10 full-size packets, RFC 6928) has no rate to hold it to: its time is
 round trips and retransmission timers (kazakhstan-2023's 100-byte download waits behind the copies
@@ -61,7 +66,7 @@ INITIAL_WINDOW = 10  # full-size packets TCP sends before its first ACK (RFC 692
 PORTS = {"http": 80, "tls": 8443}  # the lab server's ports by probe kind (the raw client: its sink); else 443
 NAME_SOURCE = {"http": "http", "quic": "quic"}  # the kind of name each probe kind shows; else tls (SNI)
 
-Kind = Literal["given", "predicted", "short", "unslowed", "blocks", "unmatched"]
+Kind = Literal["given", "predicted", "short", "unslowed", "blocks", "unmatched", "loss"]
 
 
 def packet_size(udp: bool = False, ipv6: bool = False) -> int:
@@ -108,7 +113,7 @@ def predict_goodput(rule: Rule, direction: ProbeDirection, size: int | None = No
     (rate x payload share; for a window, of the whole packets its burst holds); else the goodput
     of a transfer of `size` payload bytes from start to end. None when the rule does not slow it:
     it has no rate (it drops or freezes), does not limit that direction, or the transfer fits in
-    after_bytes and the burst (`head_start`)."""
+    after_bytes and the burst (`head_start`); a loss rule has no rate either."""
     if rule.rate <= 0 or not limits(rule, direction):
         return None
     share, packet = payload_share(udp, ipv6), packet_size(udp, ipv6)
@@ -206,7 +211,10 @@ def expected(scenario: Scenario, probe: Probe) -> Expected:
         return Expected("given", probe.expect_rate, name, "expect_rate")
     if rule is None:
         return Expected("unmatched", why="no rule here limits this probe's flow")
-    if rule.rate <= 0:
+    if rule.action == "loss" and limits(rule, probe.direction):
+        return Expected("loss", rule=name, why=f"rule {name} drops {rule.probability:.3g} of packets at random: "
+                                                 "how TCP or QUIC answers the losses sets the speed, not a rate")
+    if rule.action != "loss" and rule.rate <= 0:
         return Expected("blocks", rule=name, why=f"rule {name} has no rate: it stops flows, it does not slow them")
     if not limits(rule, probe.direction):
         return Expected("unslowed", rule=name, why=f"rule {name} limits {rule.direction} only")

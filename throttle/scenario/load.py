@@ -137,10 +137,12 @@ def _rule(r: _Reader, t: Any, i: int) -> Rule:
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             r.fail(f"{k}.ports[{j}]", f"{port!r} is not a port number (1-65535)")
     action = r.choice(t, f"{k}.action", ACTIONS, d.action)
-    if action in ("drop", "rst"):
-        for key in ("rate", "burst", "queue_delay", "queue_bytes"):
+    probability = _probability(r, t, k, action)
+    if action in ("drop", "rst", "loss"):
+        how = "each packet is dropped at random, at no rate" if action == "loss" else "every packet is dropped"
+        for key in ("rate", "burst", "queue_delay", "queue_bytes") + (("scope",) if action == "loss" else ()):
             if key in t:
-                r.fail(f"{k}.{key}", f'has no meaning for action = "{action}" (every packet is dropped); remove it')
+                r.fail(f"{k}.{key}", f'has no meaning for action = "{action}" ({how}); remove it')
         if action == "rst" and (transport == "udp" or quic_versions):
             r.fail(f"{k}.action", '"rst" resets TCP connections; for QUIC (udp) write action = "drop"')
         t = {**t, "rate": "0", "burst": "0"}
@@ -182,7 +184,25 @@ def _rule(r: _Reader, t: Any, i: int) -> Rule:
         ech=ech,
         quic_versions=quic_versions,
         allow=r.networks(t, f"{k}.allow"),
+        probability=probability,
     )
+
+
+def _probability(r: _Reader, t: dict[str, Any], k: str, action: str) -> float:
+    """A loss rule's chance of dropping each packet: a fraction above 0 and at most 1."""
+    if "probability" not in t:
+        if action == "loss":
+            r.fail(f"{k}.probability", 'is missing; action = "loss" drops each packet with this chance: write e.g. '
+                                       'probability = 0.02 (2%)')
+        return 0.0
+    if action != "loss":
+        r.fail(f"{k}.probability", f'is the chance action = "loss" drops each packet; with action = "{action}" '
+                                   'remove it')
+    value = t["probability"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        r.fail(f"{k}.probability", f"{value!r} is not a fraction above 0 and at most 1; write e.g. probability = "
+                                   "0.02 (2% of packets dropped)")
+    return float(value)
 
 
 def _probe(r: _Reader, t: Any, i: int) -> Probe:

@@ -17,7 +17,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 RuleDirection = Literal["upload", "download", "both"]
 ProbeDirection = Literal["upload", "download"]
 Scope = Literal["flow", "client", "rule"]
-Action = Literal["police", "shape", "drop", "rst"]
+Action = Literal["police", "shape", "drop", "rst", "loss"]
 Meter = Literal["bucket", "window"]  # a refilling token bucket, or a fixed-interval byte budget (§1.11)
 StickyScope = Literal["client_server", "server"]  # who a sticky mark slows: that client, or every client (§2.20)
 Transport = Literal["any", "tcp", "udp"]
@@ -77,7 +77,9 @@ class Rule:
     # police (drop above rate, §9), shape (delay, §12), or drop: every packet after the one that
     # completed the match (§4.29), in the rule's directions; or rst: as drop, and the engine asks
     # the adapter to inject a RST each way after the TCP packet that completed the match (§2.17 from
-    # 2022-03-04, §4.30; flows decided before any payload, by address or sticky mark, only drop)
+    # 2022-03-04, §4.30; flows decided before any payload, by address or sticky mark, only drop); or
+    # loss: each packet dropped at random with `probability`, the rest passed at full speed (loss no
+    # censor caused, for `throttle infer`'s benchmark; this kernel has no netem)
     action: Action = "police"
     rate: float = 16250.0  # bytes per second (130 kbit/s)
     burst: int = 16384  # bytes (§11: about 16 KB pass before the drops)
@@ -98,6 +100,7 @@ class Rule:
     ech: bool | None = None  # True: only hellos with an ECH extension; False: only without (§29)
     quic_versions: tuple[int, ...] = ()  # a flow whose first QUIC Initial has one of these versions (§25)
     allow: tuple[Network, ...] = ()  # server addresses the rule never applies to (§25's allowed servers)
+    probability: float = 0.0  # loss only: the chance each packet of the rule's directions is dropped, independently
 
     def matches_name(self, name: str) -> bool:
         return any(p.test(name) for p in self.patterns)

@@ -32,6 +32,7 @@ struct flow_value {             /* what the program does with one direction, and
 	__u64 after_bytes;      /* payload that passes before the bucket applies */
 	__u32 bucket;           /* index into `buckets`; 0: this direction is not limited */
 	__u32 priority;         /* skb->priority: the shaper's HTB class (major:minor); 0: not shaped */
+	__u64 loss;             /* random loss: a packet drops when a 32-bit random draw is below this; 0: none */
 };
 
 struct bucket {                 /* a policer's meter (engine/buckets.py): a token bucket, or a window */

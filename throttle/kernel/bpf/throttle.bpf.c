@@ -12,7 +12,9 @@
  *     a window meter (`burst` bytes pass in each fixed interval of burst / rate, the rest of the
  *     interval is dropped: the 2021 loss pattern), or, shaped, are given their HTB class in
  *     skb->priority and queued (delayed, or dropped past the queue's bound) by the egress
- *     interface's HTB qdisc, which the censor set up.
+ *     interface's HTB qdisc, which the censor set up, or lose packets at random (`loss`: each
+ *     dropped when a draw of bpf_get_prandom_u32() falls below it, independently; the rule action
+ *     "loss", loss no censor caused), counted with the policer's drops.
  *
  * Packets this program does not parse always take the normal path: IPv4 with options or
  * fragments, IPv6 with extension headers, anything but TCP and UDP, a TCP SYN (a new connection on
@@ -239,14 +241,15 @@ int throttle_ingress(struct __sk_buff *skb)
 
 	__u64 now = bpf_ktime_get_ns();
 	v->last_ns = now;
-	if (v->bucket || v->priority) {
+	if (v->bucket || v->priority || v->loss) {
 		__u64 carried = __sync_fetch_and_add(&v->payload, payload);
 
 		if (carried >= v->after_bytes) {
 			__u32 index = v->bucket;
 			struct bucket *b = index ? bpf_map_lookup_elem(&buckets, &index) : 0;
 
-			if (b && !bucket_allows(b, ip_len, now)) {
+			if ((b && !bucket_allows(b, ip_len, now)) ||
+			    (v->loss && (__u64)bpf_get_prandom_u32() < v->loss)) {
 				__sync_fetch_and_add(&v->dropped_bytes, ip_len);
 				__sync_fetch_and_add(&v->dropped_packets, 1);
 				return TC_ACT_SHOT;
