@@ -239,3 +239,45 @@ def test_quic_without_visible_losses_is_a_low_confidence_plateau() -> None:
     assert inf.mechanism == "police"
     assert inf.confidence < 0.5
     assert inf.rate_bps is not None and off(inf.rate_bps.value, 1.5e6) < 0.05
+
+
+# --- any trace: an inference, never an exception
+
+
+def random_trace(rng: random.Random) -> FlowTrace:
+    tr = FlowTrace(client="10.0.0.2:1", server="10.0.1.2:2", transport=rng.choice(["tcp", "quic", "udp"]),
+                   direction="upload", vantage=rng.choice(["sender", "receiver", "unknown"]))
+    t = rng.choice([0.0, -5.0, 1e9])
+    for _ in range(rng.choice([0, 1, 2, 5, 50, 200])):
+        t += rng.choice([0.0, 0.0, 1e-6, 0.001, 0.3, 5.0])
+        start = rng.randrange(0, 200_000, 1448)
+        length = rng.choice([0, 1, 1448, 65_000])
+        tr.sent.append(Sent(t, start, length, length + 52, rng.random() < 0.2))
+        if rng.random() < 0.15:
+            tr.losses.append(sim.Loss(t if rng.random() < 0.5 else t + 0.01, start, length, rng.choice([0, 1500, 9000])))
+        if rng.random() < 0.5:
+            tr.acks.append(sim.Ack(t + 0.05, rng.randrange(0, 200_000), ((start, start + length),)))
+        if rng.random() < 0.3:
+            tr.rtt.append((t + 0.05, rng.choice([0.0, 0.001, 0.05, 2.0])))
+    tr.base_rtt = rng.choice([None, 0.0, 0.05])
+    tr.hello_at = rng.choice([None, 0.0])
+    tr.handshake = rng.choice([None, 0.0, 0.05, 3.0])
+    tr.delivered = rng.choice([0, 1000, 10**7])
+    tr.fin = rng.random() < 0.5
+    tr.started_mid_flow = rng.random() < 0.2
+    tr.last = t
+    if rng.random() < 0.1:
+        tr.resets.append(sim.Reset(t, True, 64, rng.choice([None, 7]), rng.choice([None, 64, 50]),
+                                   rng.choice([None, 6]), 0))
+    return tr
+
+
+def test_any_trace_gets_an_inference_and_no_exception() -> None:
+    rng = random.Random(21)
+    for _ in range(60):
+        traces = [random_trace(rng) for _ in range(rng.choice([1, 1, 3]))]
+        for inf in infer(traces):
+            assert 0.0 <= inf.confidence <= 1.0
+            assert inf.reason
+            for est in (inf.rate_bps, inf.burst_bytes, inf.period, inf.duty, inf.queue_delay):
+                assert est is None or (est.value == est.value and est.error >= 0)  # no NaN

@@ -176,7 +176,13 @@ def fit_police(seq: PacketSeq) -> BucketFit | None:
     n_loss = seq.losses
     if n_loss < 2 or len(seq.t) - n_loss < 4:
         return None
+    if seq.t[-1] - seq.t[0] < 1e-3 or max(seq.wire) <= 0:
+        return None  # no time or no bytes to fit a rate to
     base = span_rate(seq)  # a lower bound, loose when the sender idled (RTO) while tokens overflowed
+    if base <= 0:
+        base = sum(w for w, ok in zip(seq.wire, seq.passed) if ok) / (seq.t[-1] - seq.t[0])
+    if base <= 0:
+        return None
     wire = max(seq.wire)
     splits: dict[float, Split] = {}
     replays: dict[float, tuple[float, float]] = {}
@@ -195,10 +201,10 @@ def fit_police(seq: PacketSeq) -> BucketFit | None:
         return replays[rate][0]
 
     # The replay's agreement varies smoothly with the rate (it resynchronises at every packet), so a
-    # 2% grid finds the neighbourhood; the pure threshold's agreement peaks only within a fraction
+    # 3% grid finds the neighbourhood; the pure threshold's agreement peaks only within a fraction
     # of a percent of the rate (a bucket a little too slow or fast drifts over a long busy span),
     # so it then pins the rate inside that neighbourhood.
-    coarse = _geometric(base * 0.6, base * 12.0, 152)
+    coarse = _geometric(base * 0.6, base * 12.0, 102)
     scored = [at(r) for r in coarse]
     peaks = sorted((k for k in range(len(coarse))
                     if scored[k] >= max(scored[max(k - 1, 0)], scored[min(k + 1, len(coarse) - 1)])),
@@ -264,7 +270,7 @@ def fit_window(seq: PacketSeq) -> WindowFit | None:
     n_loss = seq.losses
     if n_loss < 2 or len(seq.t) - n_loss < 4:
         return None
-    if not _loss_to_pass(seq):
+    if not _loss_to_pass(seq) or seq.t[-1] - seq.t[0] < 1e-3:
         return None
     start = seq.t[0]
     scores: dict[float, Split] = {}
@@ -288,6 +294,8 @@ def fit_window(seq: PacketSeq) -> WindowFit | None:
         inside = sum(1 for a, b in gaps_after if math.floor(b / mid) > math.floor(a / mid))
         if inside >= 0.75 * len(gaps_after):
             found.append((inside, low, high))
+            if len(found) == 40:
+                break
     # every divisor of a period also puts a boundary in each gap: the longest periods come first
     candidates = [low + (high - low) * f for _, low, high in found[:40] for f in (0.1, 0.5, 0.9)]
     if not candidates:
