@@ -281,3 +281,23 @@ def test_any_trace_gets_an_inference_and_no_exception() -> None:
             assert inf.reason
             for est in (inf.rate_bps, inf.burst_bytes, inf.period, inf.duty, inf.queue_delay):
                 assert est is None or (est.value == est.value and est.error >= 0)  # no NaN
+
+
+def test_offload_super_segments_are_fitted_as_the_packets_the_limiter_saw() -> None:
+    """A receiver capture with GRO on merges back-to-back arrivals into one segment of several
+    MSS: the fit splits them again."""
+    case = sim.Case("police", "police", "receiver", 0.05, 2_000_000, 1.5e6, 100_000)
+    tr = case.traces()[0]
+    merged: list[Sent] = []
+    for s in tr.sent:
+        last = merged[-1] if merged else None
+        if (last is not None and not s.retransmission and not last.retransmission and s.t - last.t < 0.0005
+                and last.start + last.length == s.start and last.length < 4 * 1448):
+            merged[-1] = Sent(s.t, last.start, last.length + s.length, last.wire + s.length, False)
+        else:
+            merged.append(s)
+    assert len(merged) < 0.6 * len(tr.sent)
+    tr.sent = merged
+    inf = one_trace(tr)
+    assert inf.mechanism == "police", inf.reason
+    assert inf.rate_bps is not None and off(inf.rate_bps.value, case.rate_bps) < 0.03

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from throttle.infer.fit_bucket import PacketSeq, deficits
-from throttle.infer.trace import FlowTrace, Loss, Vantage
+from throttle.infer.trace import FlowTrace, Loss, Sent, Vantage
 
 
 def vantage(tr: FlowTrace) -> Vantage:
@@ -66,27 +66,37 @@ def peak_rate(tr: FlowTrace) -> float:
     return (tr.mss + tr.header_bytes) / max(_line_spacing(tr), 1e-9)
 
 
+def _pieces(tr: FlowTrace, s: Sent) -> list[tuple[int, int]]:
+    """(first byte, IP bytes) of the packets a captured segment was on the wire: one, unless the
+    capture saw a segmentation-offload super-segment (GSO/TSO at the sender, GRO at the receiver),
+    which the limiter saw as MSS-sized packets."""
+    seg = tr.mss if 0 < tr.mss <= 9000 else 1448
+    if s.length <= seg:
+        return [(s.start, s.wire)]
+    header = max(0, s.wire - s.length)
+    return [(s.start + k, min(seg, s.length - k) + header) for k in range(0, s.length, seg)]
+
+
 def packets(tr: FlowTrace) -> PacketSeq:
     """The packets that reached the limiter, in time order, with whether each passed."""
     rows: list[tuple[float, int, int, bool]] = []
     if vantage(tr) == "sender":
-        lost: dict[tuple[int, float], int] = {}
+        lost: dict[float, list[tuple[int, int]]] = {}
         for lo in _really_lost(tr):
-            key = (lo.start, round(lo.t, 6))
-            lost[key] = lost.get(key, 0) + 1
+            lost.setdefault(round(lo.t, 6), []).append((lo.start, lo.start + max(lo.length, 1)))
         for s in tr.sent:
-            key = (s.start, round(s.t, 6))
-            gone = lost.get(key, 0) > 0
-            if gone:
-                lost[key] -= 1
-            rows.append((s.t, 1, s.wire, not gone))
+            ranges = lost.get(round(s.t, 6), [])
+            for start, wire in _pieces(tr, s):
+                gone = any(a <= start < b for a, b in ranges)
+                rows.append((s.t, 1, wire, not gone))
     else:
         per_packet = tr.mss + tr.header_bytes
         arrivals = sorted(s.t for s in tr.sent)
         spacing = _line_spacing(tr)
         ends: dict[int, float] = {}  # the first arrival of the packet ending at each byte
         for s in tr.sent:
-            rows.append((s.t, 1, s.wire, True))
+            for _, wire in _pieces(tr, s):
+                rows.append((s.t, 1, wire, True))
             ends.setdefault(s.start + s.length, s.t)
         for lo in tr.losses:
             # A hole shows when the packet beyond it arrives. Its packets were sent right after the
