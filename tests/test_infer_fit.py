@@ -284,20 +284,24 @@ def test_any_trace_gets_an_inference_and_no_exception() -> None:
 
 
 def test_offload_super_segments_are_fitted_as_the_packets_the_limiter_saw() -> None:
-    """A receiver capture with GRO on merges back-to-back arrivals into one segment of several
-    MSS: the fit splits them again."""
-    case = sim.Case("police", "police", "receiver", 0.05, 2_000_000, 1.5e6, 100_000)
+    """A sender capture with TSO on shows back-to-back packets as one segment of several MSS, and
+    a loss as the part of it sent again: the fit splits it into the packets the policer saw."""
+    case = sim.Case("police", "police", "sender", 0.05, 2_000_000, 1.5e6, 100_000)
     tr = case.traces()[0]
     merged: list[Sent] = []
+    home: dict[tuple[int, float], float] = {}  # each packet's (start, time) -> its segment's time
     for s in tr.sent:
         last = merged[-1] if merged else None
-        if (last is not None and not s.retransmission and not last.retransmission and s.t - last.t < 0.0005
-                and last.start + last.length == s.start and last.length < 4 * 1448):
-            merged[-1] = Sent(s.t, last.start, last.length + s.length, last.wire + s.length, False)
+        if (last is not None and s.retransmission == last.retransmission and s.t - last.t < 0.0005
+                and last.start + last.length == s.start and last.length < 8 * 1448):
+            merged[-1] = Sent(last.t, last.start, last.length + s.length, last.wire + s.length, s.retransmission)
         else:
             merged.append(s)
-    assert len(merged) < 0.6 * len(tr.sent)
+        home[s.start, s.t] = merged[-1].t
+    assert len(merged) < 0.5 * len(tr.sent)
     tr.sent = merged
+    tr.losses = [lo._replace(t=home[lo.start, lo.t]) for lo in tr.losses]
     inf = one_trace(tr)
     assert inf.mechanism == "police", inf.reason
     assert inf.rate_bps is not None and off(inf.rate_bps.value, case.rate_bps) < 0.03
+    assert inf.burst_bytes is not None and off(inf.burst_bytes.value, case.burst) < 0.1
