@@ -85,6 +85,9 @@ def _bucket_confidence(fit: BucketFit | WindowFit, n_loss: int, n_pass: int) -> 
 
 def _police(tr: FlowTrace, fit: BucketFit, seq: PacketSeq, extra: str = "") -> Inference:
     rate = fit.rate * 8
+    if fit.high > 1.1 * fit.low:
+        extra += (f"; any rate from {fit.low * 8 / 1000:.0f} kbit/s up (to {fit.high * 8 / 1000:.0f} at least) fits as well "
+                  "(the sender only met a full bucket)")
     return Inference(tr, "police", _bucket_confidence(fit, seq.losses, len(seq.t) - seq.losses),
                      f"a {rate / 1000:.0f} kbit/s bucket of {fit.burst / 1000:.1f} KB replays "
                      f"{fit.score:.0%} of passes and losses (scattered losses: {fit.null:.0%}){extra}",

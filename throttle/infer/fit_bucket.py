@@ -50,6 +50,10 @@ class BucketFit:
     burst_error: float
     score: float  # balanced accuracy of the passes/losses the fitted bucket replays
     null: float  # the same fit on losses scattered at random over the same packets
+    # the rates that replay as well (bytes/s): wide when the sender only ever met a full bucket
+    # (it idled longer than a refill between bursts), so the trace bounds the rate from below only
+    low: float = 0.0
+    high: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +246,7 @@ def fit_police(seq: PacketSeq) -> BucketFit | None:
     first_loss = next(t for t, ok in zip(seq.t, seq.passed) if not ok)
     burst_error = math.hypot(chosen.gap / 2 + wire / 2, rate_error * (first_loss - seq.t[0]))
     null = split(deficits(seq, rate), scrambled(seq.passed)).score
-    return BucketFit(rate, rate_error, burst, burst_error, score, null)
+    return BucketFit(rate, rate_error, burst, burst_error, score, null, min(plateau[0], rate), max(plateau[-1], rate))
 
 
 MIN_PERIOD = 0.02  # seconds: a shorter window is a policer for any trace's resolution
