@@ -141,6 +141,13 @@ def _lossy(tr: FlowTrace, seq: PacketSeq) -> Inference:
                          f"congestion: losses at a queue's end (packets never arrived faster than "
                          f"{pf.rate * 8 / 1000:.0f} kbit/s) while this flow's rate varied", scores=scores)
     window_better = wf is not None and (pf is None or wf.score > pf.score + 0.02)
+    if wf is not None and pf is not None and not window_better and wf.score >= pf.score - 0.02:
+        # Both replay the losses (a few losses fit either): the arrivals decide, a window's
+        # bursts falling one to an interval of its period.
+        passes = PacketSeq([t for t, ok in zip(seq.t, seq.passed) if ok],
+                           [w for w, ok in zip(seq.wire, seq.passed) if ok], [True] * (len(seq.t) - n_loss))
+        bursts = burst_starts(passes, 3 * (tr.base_rtt or 0.0))
+        window_better = bursts is not None and abs(bursts[0] / wf.period - 1) < 0.1
     if window_better and wf is not None and wf.score >= POLICE_SCORE and wf.score - wf.null >= NULL_MARGIN:
         inf = _window(tr, wf, seq)
         inf.scores = scores

@@ -235,25 +235,32 @@ def plateau(seq: PacketSeq) -> tuple[float, float] | None:
 
 
 def burst_starts(seq: PacketSeq, min_period: float = 0.0) -> tuple[float, float] | None:
-    """(period, bytes per burst) when arrivals come in bursts a whole number of periods apart."""
+    """(period, bytes per burst) when arrivals come in bursts of one size, each inside one interval
+    of a fixed period counted from the first packet, with an interval boundary in every gap
+    between them: a window meter seen where its losses are not (the sender's retries start each
+    burst whenever its timer fires, so the bursts are not a whole number of periods apart)."""
     times = seq.t
     if len(times) < 20:
         return None
     gaps = [b - a for a, b in zip(times, times[1:])]
-    limit = max(5 * _quantile(gaps, 0.5), 0.05)
+    limit = max(5 * _quantile(gaps, 0.5), 0.05, min_period)
     starts = [0] + [n + 1 for n, g in enumerate(gaps) if g > limit]
     if len(starts) < 5:
         return None
-    sizes = [sum(seq.wire[a:b]) for a, b in zip(starts, starts[1:])]
+    sizes = [sum(seq.wire[a:b]) for a, b in zip(starts, starts[1:] + [len(times)])]
     budget = _quantile(sizes, 0.5)
     if sum(1 for x in sizes if abs(x - budget) <= 0.2 * budget) < 0.6 * len(sizes):
         return None  # flights that grow (slow start), not a fixed budget
-    spacing = [d for d in (times[b] - times[a] for a, b in zip(starts, starts[1:])) if d > min_period]
-    if len(spacing) < 4:
-        return None  # flights a round trip apart
-    period = _quantile(spacing, 0.5)
-    whole = sum(1 for d in spacing if abs(d / period - round(d / period)) < 0.15)
-    if whole < 0.7 * len(spacing):
-        return None
-    return period, budget
-
+    t0 = times[0]
+    spans = [(times[a] - t0, times[b - 1] - t0) for a, b in zip(starts, starts[1:] + [len(times)])]
+    between = [(spans[i][1], spans[i + 1][0]) for i in range(len(spans) - 1)]
+    last_a, last_b = between[-1]
+    for k in range(1, 5001):
+        period = (last_a + last_b) / 2 / k
+        if period <= max(min_period, 0.02):
+            return None
+        boundary = sum(1 for a, b in between if math.floor(b / period) > math.floor(a / period))
+        inside = sum(1 for a, b in spans if math.floor(b / period) == math.floor(a / period))
+        if boundary >= 0.9 * len(between) and inside >= 0.9 * len(spans):
+            return period, budget
+    return None
