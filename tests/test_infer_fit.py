@@ -169,8 +169,9 @@ def test_a_window_meter_is_told_from_a_policer(rtt: float) -> None:
     assert inf.scores["window"] > inf.scores["police"]
 
 
-def test_a_window_seen_only_in_arrivals_is_a_guess() -> None:
-    inf = one(sim.Case("window", "window", "receiver", 0.05, 400_000, 130e3, 16_000))
+@pytest.mark.parametrize("rtt", [0.01, 0.05])
+def test_a_window_seen_only_in_arrivals_is_a_guess(rtt: float) -> None:
+    inf = one(sim.Case("window", "window", "receiver", rtt, 400_000, 130e3, 16_000))
     assert inf.mechanism == "window"
     assert inf.confidence < 0.5
     assert inf.period is not None and off(inf.period.value, 16_000 / (130e3 / 8)) < 0.05
