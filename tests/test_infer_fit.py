@@ -306,3 +306,17 @@ def test_offload_super_segments_are_fitted_as_the_packets_the_limiter_saw() -> N
     assert inf.mechanism == "police", inf.reason
     assert inf.rate_bps is not None and off(inf.rate_bps.value, case.rate_bps) < 0.03
     assert inf.burst_bytes is not None and off(inf.burst_bytes.value, case.burst) < 0.1
+
+
+def test_a_flow_beside_a_policed_one_is_not_pulled_into_its_bucket() -> None:
+    """One client: a policed transfer and, at the same time, one through 2% random loss only."""
+    policed = sim.police(1.5e6, 100_000)
+    lossy = sim.random_loss(0.02, 3)
+
+    def admit(size: int, now: float, flow: int) -> float | None:
+        return (policed if flow == 0 else lossy)(size, now, flow)
+
+    traces = sim.run(admit, [sim.Flow(2_000_000, rtt=0.05), sim.Flow(500_000, rtt=0.05, start=0.5)], "sender")
+    traces[1].client = "10.0.0.2:40001"
+    first, second = infer(traces)
+    assert first.mechanism == "police" and second.mechanism == "none", (first.reason, second.reason)

@@ -22,7 +22,8 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from throttle.infer.fit_bucket import BucketFit, PacketSeq, WindowFit, fit_police, fit_window
+from throttle.infer.fit_bucket import (BucketFit, PacketSeq, WindowFit, agreement, balanced, fit_police,
+                                       fit_window)
 from throttle.infer.fit_flow import (burst_starts, packets, peak_rate, plateau, queueing, stalled, steady_rate,
                                      vantage)
 from throttle.infer.trace import Estimate, FlowTrace, Inference, Reset
@@ -250,19 +251,26 @@ def infer(traces: list[FlowTrace]) -> list[Inference]:
         if any(s is None for s in seqs) or any(out[m].mechanism not in ("police", "none") for m in members):
             continue
         merged = PacketSeq([], [], [])
-        for t, w, ok in sorted(x for s in seqs if s is not None for x in zip(s.t, s.wire, s.passed)):
+        owner: list[int] = []
+        for t, w, ok, m in sorted(x for m, s in zip(members, seqs) if s is not None
+                                  for x in zip(s.t, s.wire, s.passed, [m] * len(s.t))):
             merged.t.append(t)
             merged.wire.append(w)
             merged.passed.append(ok)
+            owner.append(m)
         joint = fit_police(merged)
         if joint is None or joint.score < POLICE_SCORE or joint.score - joint.null < NULL_MARGIN:
             continue
+        hits = agreement(merged, joint.rate, joint.burst)
         for m in members:
             own = out[m].scores.get("police", 0.0)
-            if out[m].mechanism != "police" or joint.score > own + 0.02:
+            # the shared bucket must explain this flow's own packets, not only the others'
+            mine = balanced([h for h, o in zip(hits, owner) if o == m],
+                            [ok for ok, o in zip(merged.passed, owner) if o == m])
+            if mine >= POLICE_SCORE and (out[m].mechanism != "police" or mine > own + 0.02):
                 inf = _police(traces[m], joint, merged,
                               f"; one bucket shared with {len(members) - 1} other flow(s)")
-                inf.scores = dict(out[m].scores, shared=joint.score)
+                inf.scores = dict(out[m].scores, shared=mine)
                 out[m] = inf
     return out
 

@@ -152,27 +152,38 @@ def _geometric(low: float, high: float, steps: int) -> list[float]:
     return [low * (high / low) ** (k / (steps - 1)) for k in range(steps)]
 
 
-def replay(seq: PacketSeq, rate: float, burst: float) -> float:
-    """Balanced agreement of a bucket (rate bytes/s, burst bytes) replayed over the packets. The
-    replay follows the evidence: a pass means the bucket held the packet's bytes, a loss that it did
-    not, so one mislabelled packet (a spurious retransmission read as a loss) costs one miss instead
-    of shifting the bucket for the rest of the flow."""
+def agreement(seq: PacketSeq, rate: float, burst: float) -> list[bool]:
+    """Whether a bucket (rate bytes/s, burst bytes) replayed over the packets predicts each one.
+    The replay follows the evidence: a pass means the bucket held the packet's bytes, a loss that it
+    did not, so one mislabelled packet (a spurious retransmission read as a loss) costs one miss
+    instead of shifting the bucket for the rest of the flow."""
     deficit = 0.0
-    last = seq.t[0]
-    hits_pass = hits_loss = 0
+    last = seq.t[0] if seq.t else 0.0
+    out: list[bool] = []
     for t, wire, ok in zip(seq.t, seq.wire, seq.passed):
         deficit = max(0.0, deficit - rate * (t - last))
         last = t
         fits = deficit + wire <= burst
+        out.append(fits == ok)
         if ok:
-            hits_pass += fits
             deficit = min(deficit, burst - wire) + wire
         else:
-            hits_loss += not fits
             deficit = max(deficit, burst - wire + 1)
-    n_loss = seq.losses
-    n_pass = len(seq.passed) - n_loss
+    return out
+
+
+def balanced(hits: list[bool], passed: list[bool]) -> float:
+    """The mean of the agreement over passes and over losses."""
+    n_pass = sum(passed)
+    n_loss = len(passed) - n_pass
+    hits_pass = sum(1 for h, ok in zip(hits, passed) if h and ok)
+    hits_loss = sum(1 for h, ok in zip(hits, passed) if h and not ok)
     return (hits_pass / max(n_pass, 1) + hits_loss / max(n_loss, 1)) / 2
+
+
+def replay(seq: PacketSeq, rate: float, burst: float) -> float:
+    """Balanced agreement of the evidence-following replay (`agreement`)."""
+    return balanced(agreement(seq, rate, burst), seq.passed)
 
 
 def fit_police(seq: PacketSeq) -> BucketFit | None:
