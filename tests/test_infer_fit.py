@@ -150,6 +150,14 @@ def test_congestion_is_not_police(case: sim.Case) -> None:
     assert "congestion" in inf.reason
 
 
+@pytest.mark.parametrize("rtt", [0.01, 0.05])
+def test_a_shaper_is_a_queue_of_the_flows_own(rtt: float) -> None:
+    inf = one(sim.Case("shape", "shape", "sender", rtt, 1_000_000, 1e6))
+    assert inf.mechanism == "shape", inf.reason
+    assert inf.rate_bps is not None and off(inf.rate_bps.value, 1e6) < 0.05
+    assert inf.queue_delay is not None and 0.8 < inf.queue_delay.value < 1.1  # the shaper's 1 s bound
+
+
 @pytest.mark.parametrize("vantage", ["sender", "receiver"])
 def test_an_unlimited_transfer_is_none(vantage: str) -> None:
     inf = one(sim.Case("none", "unlimited", vantage, 0.05, 1_000_000))

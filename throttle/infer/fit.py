@@ -8,7 +8,8 @@ earlier ones found nothing:
 4. losses: a token bucket and a window meter are fitted to the passed/lost sequence
    (`fit_bucket`), each scored by how well its replay agrees with every packet, and against the
    same fit of losses scattered without regard to any bucket (random loss). Round trips inflated
-   before the losses mean a queue dropped them (congestion, or a shaper when the rate held);
+   before the losses mean a queue dropped them (a shaper when this flow's packets alone replay
+   its drops, else congestion);
 5. no losses: a queue that grew while the rate held (shape), a delivered rate that holds after an
    initial burst or arrives in periodic bursts (a QUIC trace, whose losses are encrypted), or none.
 Flows that may share one bucket (same direction, same client address or same name, overlapping in
@@ -31,6 +32,7 @@ from throttle.infer.trace import Estimate, FlowTrace, Inference, Reset
 MIN_PACKETS = 8
 POLICE_SCORE = 0.9  # balanced agreement a bucket must reach to explain the losses
 NULL_MARGIN = 0.15  # ... and by how much it must beat the same fit of scattered losses
+OWN_QUEUE_SCORE = 0.98  # a queue whose drops this flow's packets alone replay: a shaper
 
 
 def _clamp(x: float) -> float:
@@ -118,11 +120,16 @@ def _lossy(tr: FlowTrace, seq: PacketSeq) -> Inference:
     if q is not None and q.inflated_before_losses >= 0.3:
         scores["queue"] = q.inflated_before_losses
         delay = Estimate(q.delay, q.delay_error)
-        if q.steady and n_loss <= 0.02 * len(seq.t):
-            return Inference(tr, "shape", _clamp(0.4 + q.inflated_before_losses / 2),
+        if pf is not None and pf.score >= OWN_QUEUE_SCORE:
+            # A drop-tail queue drops like a bucket of its size; one that this flow's packets
+            # alone explain, nearly packet for packet, is this flow's own: a shaper. A queue
+            # shared with other traffic drops at moments this flow's packets cannot account for.
+            return Inference(tr, "shape", _clamp(0.3 + q.inflated_before_losses / 2),
                              f"round trips {q.delay * 1000:.0f} ms over the base before "
-                             f"{q.inflated_before_losses:.0%} of losses while the rate held",
-                             rate_bps=Estimate(q.rate * 8, q.rate * 0.8), queue_delay=delay, scores=scores)
+                             f"{q.inflated_before_losses:.0%} of losses, and a queue draining at "
+                             f"{pf.rate * 8 / 1000:.0f} kbit/s replays {pf.score:.0%} of this flow's "
+                             "passes and losses (its own queue)",
+                             rate_bps=Estimate(pf.rate * 8, pf.rate_error * 8), queue_delay=delay, scores=scores)
         return Inference(tr, "none", _clamp(0.4 + q.inflated_before_losses / 2),
                          f"congestion: round trips inflated by {q.delay * 1000:.0f} ms before "
                          f"{q.inflated_before_losses:.0%} of losses ({n_loss} of {len(seq.t)} packets lost)",
