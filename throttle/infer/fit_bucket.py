@@ -300,19 +300,18 @@ def fit_window(seq: PacketSeq) -> WindowFit | None:
     # each such gap. The last gap, divided by each whole number of periods, lists the candidates.
     gaps_after = _loss_to_pass(seq)
     last_a, last_b = gaps_after[-1]
-    found: list[tuple[int, float, float]] = []
+    # Every divisor of a period also puts a boundary in each gap, so the longest periods come
+    # first; each k's range is sampled at ten points, as the gaps allow only parts of it.
+    candidates: list[float] = []
     k = 1
-    while last_a / k >= MIN_PERIOD and k <= 5000:
+    while last_a / k >= MIN_PERIOD and k <= 5000 and len(candidates) < 60:
         low, high = last_a / k, last_b / k
         k += 1
-        mid = (low + high) / 2
-        inside = sum(1 for a, b in gaps_after if math.floor(b / mid) > math.floor(a / mid))
-        if inside >= 0.75 * len(gaps_after):
-            found.append((inside, low, high))
-            if len(found) == 40:
-                break
-    # every divisor of a period also puts a boundary in each gap: the longest periods come first
-    candidates = [low + (high - low) * f for _, low, high in found[:40] for f in (0.1, 0.5, 0.9)]
+        for f in (0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95):
+            period = low + (high - low) * f
+            inside = sum(1 for a, b in gaps_after if math.floor(b / period) > math.floor(a / period))
+            if inside >= 0.75 * len(gaps_after):
+                candidates.append(period)
     if not candidates:
         return None
     ranked = sorted(candidates, key=lambda p: -at(p).score)[:3]
