@@ -168,6 +168,12 @@ def _lossy(tr: FlowTrace, seq: PacketSeq) -> Inference:
         return Inference(tr, "none", 0.3, f"only {n_loss} loss(es) in {len(seq.t)} packets: too few to "
                          "fit a bucket", scores=scores)
     best = max(scores["police"], scores["window"])
+    if vantage(tr) == "receiver":
+        # holes place losses only roughly (a hole's packets may have been dropped flights earlier)
+        guess = _arrivals_only(tr, seq, f"{n_loss} losses no bucket explains")
+        if guess is not None:
+            guess.scores = scores
+            return guess
     return Inference(tr, "none", _clamp(0.5 + (scores["random"] + 0.1 - best)),
                      f"{n_loss} losses no bucket explains (best fit {best:.0%}, scattered losses "
                      f"{scores['random']:.0%}): random loss or congestion", scores=scores)
@@ -184,25 +190,35 @@ def _lossless(tr: FlowTrace, seq: PacketSeq) -> Inference:
     # a flight leaves no hole (its retransmission arrives in order)
     blind = tr.transport != "tcp" or not tr.acks or vantage(tr) == "receiver"
     if blind:
-        starts = burst_starts(seq, 3 * (tr.base_rtt or 0.0))
-        if starts is not None:
-            period, budget = starts
-            return Inference(tr, "window", 0.45,
-                             f"no losses visible; {budget / 1000:.1f} KB arrives at the start of every "
-                             f"{period:.3f} s, then nothing",
-                             rate_bps=Estimate(budget / period * 8, budget / period * 0.8),
-                             burst_bytes=Estimate(budget, budget * 0.2), period=Estimate(period, period * 0.05))
-        flat = plateau(seq)
-        if flat is not None:
-            rate, burst = flat
-            return Inference(tr, "police", 0.45 if burst >= 4 * tr.mss else 0.3,
-                             f"no losses visible; the rate holds at {rate * 8 / 1000:.0f} kbit/s after a "
-                             f"{burst / 1000:.1f} KB burst (a policer or a shaper: losses would tell)",
-                             rate_bps=Estimate(rate * 8, rate * 0.4), burst_bytes=Estimate(burst, burst * 0.5))
+        guess = _arrivals_only(tr, seq, "no losses visible")
+        if guess is not None:
+            return guess
         if tr.transport == "tcp":
             return Inference(tr, "none", 0.6, "no hole in the sequence, no periodic gaps and no rate plateau")
         return Inference(tr, "none", 0.3, "no losses visible and no rate plateau: cannot decide")
     return Inference(tr, "none", 0.8, "no loss")
+
+
+def _arrivals_only(tr: FlowTrace, seq: PacketSeq, why: str) -> Inference | None:
+    """What the passes alone suggest (a window's bursts, a policer's plateau), at low confidence."""
+    passes = PacketSeq([t for t, ok in zip(seq.t, seq.passed) if ok],
+                       [w for w, ok in zip(seq.wire, seq.passed) if ok], [True] * (len(seq.t) - seq.losses))
+    starts = burst_starts(passes, 3 * (tr.base_rtt or 0.0))
+    if starts is not None:
+        period, passed = starts
+        budget = passed + (tr.mss + tr.header_bytes) / 2  # the budget held these, not one more packet
+        return Inference(tr, "window", 0.45,
+                         f"{why}; {passed / 1000:.1f} KB arrives in each {period:.3f} s interval, then nothing",
+                         rate_bps=Estimate(budget / period * 8, budget / period * 0.8),
+                         burst_bytes=Estimate(budget, budget * 0.2), period=Estimate(period, period * 0.05))
+    flat = plateau(passes)
+    if flat is not None:
+        rate, burst = flat
+        return Inference(tr, "police", 0.45 if burst >= 4 * tr.mss else 0.3,
+                         f"{why}; the rate holds at {rate * 8 / 1000:.0f} kbit/s after a "
+                         f"{burst / 1000:.1f} KB burst (a policer or a shaper: losses would tell)",
+                         rate_bps=Estimate(rate * 8, rate * 0.4), burst_bytes=Estimate(burst, burst * 0.5))
+    return None
 
 
 def _single(tr: FlowTrace) -> tuple[Inference, PacketSeq | None]:
