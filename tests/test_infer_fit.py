@@ -328,3 +328,22 @@ def test_a_flow_beside_a_policed_one_is_not_pulled_into_its_bucket() -> None:
     traces[1].client = "10.0.0.2:40001"
     first, second = infer(traces)
     assert first.mechanism == "police" and second.mechanism == "none", (first.reason, second.reason)
+
+
+def test_a_retransmission_the_receiver_reports_twice_was_no_loss() -> None:
+    """A D-SACK block (RFC 2883) says the first copy arrived: that copy is not a loss."""
+    tr = sim.Case("police", "police", "sender", 0.05, 2_000_000, 1.5e6, 100_000).traces()[0]
+    clean = one_trace(tr)
+    # forty copies that passed, read as losses (as a retransmission after a delayed ACK is),
+    # each reported twice by the receiver a round trip later
+    resent = {lo.start for lo in tr.losses}
+    passed = [s for s in tr.sent if s.start not in resent][200:1400:30]
+    tr.losses = sorted(tr.losses + [sim.Loss(s.t, s.start, s.length, s.wire) for s in passed])
+    # (the D-SACK block inside a second block, RFC 2883's other form; the cumulative ACK left out)
+    tr.acks = sorted(tr.acks + [sim.Ack(s.t + 0.05, 0, ((s.start, s.start + s.length),
+                                                      (s.start - 1448, s.start + 2896)))
+                                for s in passed])
+    inf = one_trace(tr)
+    assert inf.mechanism == "police"
+    assert inf.scores["police"] >= clean.scores["police"] - 0.002
+    assert inf.rate_bps is not None and off(inf.rate_bps.value, 1.5e6) < 0.03

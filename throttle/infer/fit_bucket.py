@@ -300,11 +300,13 @@ def fit_window(seq: PacketSeq) -> WindowFit | None:
     # each such gap. The last gap, divided by each whole number of periods, lists the candidates.
     gaps_after = _loss_to_pass(seq)
     last_a, last_b = gaps_after[-1]
+    if len(gaps_after) > 200:  # bounded work on long traces: an even sample of the gaps
+        gaps_after = [gaps_after[k * len(gaps_after) // 200] for k in range(199)] + [gaps_after[-1]]
     # Every divisor of a period also puts a boundary in each gap, so the longest periods come
     # first; each k's range is sampled at ten points, as the gaps allow only parts of it.
     candidates: list[float] = []
     k = 1
-    while last_a / k >= MIN_PERIOD and k <= 5000 and len(candidates) < 60:
+    while last_a / k >= MIN_PERIOD and k <= 2000 and len(candidates) < 60:
         low, high = last_a / k, last_b / k
         k += 1
         for f in (0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95):

@@ -27,20 +27,40 @@ def vantage(tr: FlowTrace) -> Vantage:
 
 
 def _really_lost(tr: FlowTrace) -> list[Loss]:
-    """The sender side's losses without the spurious ones: a copy is not lost when an ACK covering
-    it came back sooner after its resending than a round trip allows (so the first copy arrived)."""
-    if not tr.acks or not tr.base_rtt:
+    """The sender side's losses without the spurious ones. A copy was not lost when the receiver
+    reported the bytes twice (a D-SACK block, RFC 2883: below the cumulative ACK or inside another
+    block), or when an ACK covering it came back sooner after its resending than a round trip
+    allows (so the first copy arrived)."""
+    if not tr.acks:
         return list(tr.losses)
+    # Each D-SACK clears one loss: of the copies of those bytes sent before it, the last one
+    # read as lost arrived (the copy after it was the duplicate).
+    by_start: dict[int, list[int]] = {}
+    for n, lo in enumerate(tr.losses):
+        by_start.setdefault(lo.start, []).append(n)
+    starts = sorted(by_start)
+    cleared: set[int] = set()
+    for a in tr.acks:
+        if not a.sack:
+            continue
+        low, high = a.sack[0]
+        if high <= a.acked or any(s <= low and high <= e for s, e in a.sack[1:]):
+            for start in starts[bisect.bisect_left(starts, low):bisect.bisect_left(starts, high)]:
+                before = [n for n in by_start[start] if tr.losses[n].t < a.t and n not in cleared]
+                if before:
+                    cleared.add(max(before, key=lambda n: tr.losses[n].t))
     ack_t = [a.t for a in tr.acks]
     resent: dict[int, list[float]] = {}
     for s in tr.sent:
         if s.retransmission:
             resent.setdefault(s.start, []).append(s.t)
     out = []
-    for lo in tr.losses:
+    for n, lo in enumerate(tr.losses):
+        end = lo.start + lo.length
+        if n in cleared:
+            continue
         again = next((t for t in resent.get(lo.start, []) if t > lo.t), None)
-        if again is not None:
-            end = lo.start + lo.length
+        if again is not None and tr.base_rtt:
             first = bisect.bisect_left(ack_t, lo.t)
             last = bisect.bisect_left(ack_t, again + 0.8 * tr.base_rtt)
             if any(a.acked >= end or any(s <= lo.start and end <= e for s, e in a.sack)
