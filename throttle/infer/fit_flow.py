@@ -16,6 +16,11 @@ from throttle.infer.fit_bucket import PacketSeq, deficits
 from throttle.infer.trace import FlowTrace, Loss, Sent, Vantage
 
 
+MAX_HOLE = 1024  # packets one hole may stand for
+MAX_PACKETS = 60_000  # packets fitted per flow: the first ones (a limiter's pattern repeats; the
+# fits replay the sequence a few hundred times, so this bounds a long capture's time)
+
+
 def vantage(tr: FlowTrace) -> Vantage:
     """The trace's vantage, or the one its losses imply: a sender-side loss is a copy it also sent."""
     if tr.vantage != "unknown":
@@ -126,10 +131,12 @@ def packets(tr: FlowTrace) -> PacketSeq:
             if prev is None or prev > lo.t:
                 before = bisect.bisect_left(arrivals, lo.t) - 1
                 prev = arrivals[before] if before >= 0 else lo.t - 1e-3
-            count = max(1, round(lo.wire / per_packet))
+            # (a hole bigger than a window's worth is the capture's gap, not the limiter's drops)
+            count = min(MAX_HOLE, max(1, round(lo.wire / per_packet)))
             for k in range(count):
                 rows.append((min(prev + (k + 1) * spacing, lo.t), 0, max(1, lo.wire // count), False))
     rows.sort(key=lambda r: (r[0], r[1]))
+    del rows[MAX_PACKETS:]
     return PacketSeq([r[0] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
 
 
