@@ -370,6 +370,67 @@ def test_pcapng_snaplen_and_padding(tmp_path: Path) -> None:
     assert list(read_packets(write(tmp_path, "snap.pcapng", data))) == [(0.0, full[:53])]
 
 
+# --- streaming ------------------------------------------------------------------------------
+
+
+def _mixed_capture(order: str, ng: bool, count: int) -> tuple[bytes, list[bytes]]:
+    ips = [ip4(bytes([i % 251]) * (i * 37 % 1400), sport=1000 + i) if i % 3 else ip6(b"z" * (i % 90)) for i in range(count)]
+    if ng:
+        data = shb(order) + idb(1, order) + b"".join(epb(0, T0 * 10**6 + i, eth(p), order) for i, p in enumerate(ips))
+    else:
+        data = pcap_header(1, order) + b"".join(pcap_record(T0, i, eth(p), order) for i, p in enumerate(ips))
+    return data, ips
+
+
+@pytest.mark.parametrize("ng", [False, True])
+@pytest.mark.parametrize("chunk", [7, 64, 1000])
+def test_records_that_straddle_chunks_read_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   ng: bool, chunk: int) -> None:
+    from throttle.wire import pcap
+
+    data, ips = _mixed_capture(">" if ng else "<", ng, 60)
+    path = write(tmp_path, "s.pcapng" if ng else "s.pcap", data)
+    monkeypatch.setattr(pcap, "_CHUNK", chunk)
+    assert [p for _, p in read_packets(path)] == ips
+    # ... and a cut mid-record still yields every whole packet before the error
+    got, err = read_until_error(write(tmp_path, "cut", data[:-5]))
+    assert [p for _, p in got] == ips[:-1] and "truncated" in str(err)
+
+
+def test_a_capture_is_read_as_a_stream_not_at_once(tmp_path: Path) -> None:
+    """Packets come out of a pipe while its writer has not finished (so nothing waits for the
+    whole file), and a record that claims gigabytes is an error, not an allocation."""
+    import os
+    import threading
+
+    data, ips = _mixed_capture("<", False, 3)
+    fifo = tmp_path / "live.pcap"
+    os.mkfifo(fifo)
+    first_seen = threading.Event()
+    waited: list[bool] = []
+
+    def writer() -> None:
+        with open(fifo, "wb", buffering=0) as out:
+            out.write(data)
+            waited.append(first_seen.wait(10))
+            out.write(struct.pack("<IIII", T0, 0, 3_000_000_000, 10))
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    got = []
+    try:
+        stream = read_packets(fifo)
+        for _ in range(3):
+            got.append(next(stream)[1])
+        first_seen.set()
+        with pytest.raises(CaptureError, match="claims 3000000000 bytes"):
+            next(stream)
+    finally:
+        first_seen.set()
+        thread.join()
+    assert got == ips and waited == [True]
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 

@@ -62,7 +62,9 @@ def shared_lab(worker_lab: Lab) -> Iterator[Lab]:
     behind in the client, censor or router namespace fails here, and the process is stopped: a
     client still running (a browser retrying, a probe past its test) would otherwise send its
     traffic through the next module's censor and change that module's counts."""
-    worker_lab.up(list(SHARED_HOSTS))
+    from throttle.lab.topology import Link
+
+    worker_lab.up(list(SHARED_HOSTS), Link())  # no delay: a module that set an RTT does not pass it on
     yield worker_lab
     left = leftovers(worker_lab)
     if left:
@@ -75,7 +77,8 @@ def shared_lab(worker_lab: Lab) -> Iterator[Lab]:
 
 def leftovers(lab: Lab) -> dict[int, str]:
     """Processes in the lab's client, censor and router namespaces (the lab itself runs none
-    there), with their command lines."""
+    there but the delay stage of a link with an RTT, which is the lab's own), with their command
+    lines."""
     from throttle.lab import procs
 
     found = procs.pids_in({role: lab.ns(role) for role in ("client", "censor", "router")})
@@ -83,7 +86,9 @@ def leftovers(lab: Lab) -> dict[int, str]:
     for pid in sorted({p for pids in found.values() for p in pids} - {os.getpid()}):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                out[pid] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:160]
+                line = f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:160]
+            if "throttle.lab.delay" not in line:
+                out[pid] = line
         except OSError:
             continue  # gone already
     return out

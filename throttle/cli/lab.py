@@ -11,9 +11,10 @@ from throttle.children import call
 from throttle.errors import ThrottleError
 from throttle.cli.options import emit_json, json_option, lab_option, output_option, scenario_option
 from throttle.extras import require
-from throttle.lab.topology import ROLES, Lab, LabStatus
-from throttle.scenario import load_scenario
+from throttle.lab.topology import PATH_STAGE, ROLES, Lab, LabStatus, Link
+from throttle.scenario import Scenario, load_scenario
 from throttle.scenario.library import find_scenario
+from throttle.units import format_rate, parse_duration, parse_rate
 
 lab_app = typer.Typer(
     no_args_is_help=True,
@@ -29,9 +30,8 @@ def _lab(name: str) -> Lab:
     return Lab(name)
 
 
-def _scenario_hosts(scenario: str) -> list[str]:
+def _scenario_hosts(scen: Scenario) -> list[str]:
     """The names a scenario's probes will ask for (host, and an SNI that differs from it)."""
-    scen = load_scenario(find_scenario(scenario))
     hosts: list[str] = []
     for probe in scen.probes:
         for host in (probe.host, probe.sni if isinstance(probe.sni, str) else None):
@@ -40,15 +40,40 @@ def _scenario_hosts(scenario: str) -> list[str]:
     return hosts
 
 
+def _link(rtt: Optional[str], jitter: Optional[str], bottleneck: Optional[str], scen: Optional[Scenario]) -> Link:
+    """The link asked for: each option given, else the scenario's value, else none."""
+    values = [0.0 if scen is None else scen.rtt, 0.0 if scen is None else scen.jitter,
+              0.0 if scen is None else scen.bottleneck]
+    for i, (option, text, parse) in enumerate((("--rtt", rtt, parse_duration), ("--jitter", jitter, parse_duration),
+                                               ("--bottleneck", bottleneck, parse_rate))):
+        if text is not None:
+            try:
+                values[i] = parse(text)
+            except ValueError as exc:
+                raise ThrottleError(f"{option}: {exc}") from None
+    try:
+        return Link(*values)
+    except ValueError as exc:
+        raise ThrottleError(f"--rtt/--jitter/--bottleneck: {exc}") from None
+
+
 @lab_app.command()
 def up(
     name: str = lab_option("--name"),
     scenario: Optional[str] = scenario_option(),
+    rtt: Optional[str] = typer.Option(None, "--rtt", help="Round-trip time the router adds, half each way "
+                                      "(e.g. 50ms; default: the scenario's, else none)."),
+    jitter: Optional[str] = typer.Option(None, "--jitter", help="How much a round trip varies, +- (e.g. 2ms); "
+                                         "packets keep their order."),
+    bottleneck: Optional[str] = typer.Option(None, "--bottleneck", help="A link of this rate each way, with 50 ms "
+                                             "of queue (e.g. 5mbit): congestion no censor caused."),
 ) -> None:
     """Create the lab, or repair it; running it again is harmless. With a scenario, its probe hosts
-    get certificates at start."""
-    hosts = _scenario_hosts(scenario) if scenario else []
-    typer.echo(format_status(_lab(name).up(hosts)))
+    get certificates at start, and its rtt, jitter and bottleneck are the link's unless given here.
+    Without either, the link has no delay (the lab's own RTT, about 0.1 ms)."""
+    scen = load_scenario(find_scenario(scenario)) if scenario else None
+    link = _link(rtt, jitter, bottleneck, scen)
+    typer.echo(format_status(_lab(name).up(_scenario_hosts(scen) if scen else [], link)))
 
 
 @lab_app.command()
@@ -107,6 +132,32 @@ def format_status(st: LabStatus) -> str:
     lines.append(f"  ca          {st.ca or '-'}")
     for proc, pid in (("labserver", st.labserver), ("h3server", st.h3server), ("dnsmasq", st.dnsmasq)):
         lines.append(f"  {proc:<11} {'pid ' + str(pid) if pid else 'not running'}")
+    lines.extend(format_link(st))
     if st.up:
         lines.append(f"  try:        sudo ip netns exec {st.roles['client'].namespace} curl https://pbs.twimg.com/")
     return "\n".join(lines)
+
+
+def format_link(st: LabStatus) -> list[str]:
+    """The router's link: delay, jitter, bottleneck, the path that delays, the stage's counts."""
+    ln = st.link
+    link = ln.link
+    if not link.delayed and not link.bottleneck:
+        return ["  link        no delay added (the lab's own RTT, about 0.1 ms), no bottleneck"]
+    parts = []
+    if link.delayed:
+        jitter = f" +- {link.jitter * 1e3:g} ms" if link.jitter else ""
+        parts.append(f"rtt {link.rtt * 1e3:g} ms{jitter} ({link.one_way * 1e3:g} ms each way, by {ln.path or '?'})")
+    if link.bottleneck:
+        parts.append(f"bottleneck {format_rate(link.bottleneck)} each way")
+    lines = [f"  link        {', '.join(parts)}"]
+    if ln.path == PATH_STAGE:
+        c = ln.counts or {}
+        if ln.stage is None:
+            lines.append("  delay       not running: the router forwards nothing (`throttle lab up` starts it)")
+        else:
+            lines.append(f"  delay       pid {ln.stage}{' (not SCHED_FIFO)' if c.get('fifo') is False else ''}: "
+                         f"{c.get('delayed', 0)} packets delayed, {c.get('late', 0)} released over 1 ms late "
+                         f"(latest {c.get('max_late_ms', 0.0):.2f} ms), {c.get('queue_dropped', 0)} dropped "
+                         f"with its queue full, {c.get('holding', 0)} held")
+    return lines

@@ -81,16 +81,29 @@ class FlowTrace:
     hello_at: float | None = None
     handshake: float | None = None
     base_rtt: float | None = None  # the smallest round trip seen (handshake or data/ack)
-    rtt: list[tuple[float, float]] = field(default_factory=list)  # (time, seconds) samples
+    # (time, seconds) samples: the handshake's; at the sender's side data -> the ACK that first
+    # covers it (Karn: none for data sent again or above data sent again); at the receiver's side
+    # an ACK's TCP timestamp -> the first data that echoes it
+    rtt: list[tuple[float, float]] = field(default_factory=list)
     mss: int = 1448  # largest payload seen in this direction
     header_bytes: int = 52  # IP + transport header bytes per data packet
     sent: list[Sent] = field(default_factory=list)
     losses: list[Loss] = field(default_factory=list)
-    acks: list[Ack] = field(default_factory=list)
-    resets: list[Reset] = field(default_factory=list)
+    acks: list[Ack] = field(default_factory=list)  # those that moved the cumulative ACK or changed the SACK
+    resets: list[Reset] = field(default_factory=list)  # every RST of the connection, either way
     fin: bool = False  # the sender closed this direction normally
     delivered: int = 0  # payload bytes known delivered (highest cumulative ack, or bytes received)
     payload: int = 0  # distinct payload bytes seen in this direction
+    # Added by the reader (all with defaults):
+    # False when this trace cannot show losses: QUIC from one capture (its packet numbers and ACKs
+    # are encrypted), so `losses` is empty for want of evidence, not for want of loss.
+    losses_known: bool = True
+    # Two captures of this connection, one on each side of the loss point, were matched packet by
+    # packet: `losses` are exactly the sender's packets that never arrived, `vantage` is the
+    # sender's, and `one_way` holds the delays.
+    matched: bool = False
+    one_way: list[tuple[float, float]] = field(default_factory=list)  # (send time, seconds) per packet matched
+    files: tuple[str, ...] = ()  # the capture file(s) this trace was read from
 
     @property
     def key(self) -> str:

@@ -1,9 +1,10 @@
 """The lab's kernel network state: its four namespaces, the veth pairs between them, the censor's
 bridge (and br_netfilter, which hands the bridge's packets to iptables), addresses, default routes
-(with the pinned congestion control), sysctls, MTU and offloads.
+(with the pinned congestion control), sysctls, MTU and offloads; and the router's link: netem
+(delay, jitter) where the kernel has it, the TBF bottleneck.
 
-Netlink through pyroute2; `ethtool -K` and `modprobe br_netfilter` (when the kernel has it as a
-module) are the only commands, run through `throttle.children`. `build` is idempotent and repairs
+Netlink through pyroute2; `ethtool -K`, `tc` (the link's qdiscs) and `modprobe br_netfilter` (when the
+kernel has it as a module) are the only commands, run through `throttle.children`. `build` is idempotent and repairs
 what is missing; `remove` deletes the namespaces (and with them every link) and succeeds whatever
 is left, including nothing.
 """
@@ -19,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from throttle import children
+from throttle.children import capture
 from throttle.errors import ThrottleError
 from throttle.kernel import netns
 from throttle.kernel.netns import NETNS_DIR
 from throttle.kernel.tools import find_tool
-from throttle.lab.layout import (BRIDGE, BRIDGE_PORTS, CONGESTION_CONTROL, GATEWAYS, INTERFACES, MTU, OFFLOADS, ROLES,
-                                 SYSCTLS_ALL, SYSCTLS_BRIDGE, SYSCTLS_ROLE, VETHS, namespace)
+from throttle.lab.layout import (BOTTLENECK_BUFFER, BRIDGE, BRIDGE_PORTS, CONGESTION_CONTROL, GATEWAYS, INTERFACES,
+                                 MTU, OFFLOADS, PATH_NETEM, PATH_STAGE, ROLES, ROUTER_PORTS, SYSCTLS_ALL,
+                                 SYSCTLS_BRIDGE, SYSCTLS_ROLE, VETHS, Link, namespace)
 
 IFA_F_NODAD = 0x02  # an IPv6 address usable at once, without duplicate address detection
 LINKS_TIMEOUT = 15.0
@@ -68,6 +71,40 @@ class Network:
                     pass
                 except OSError as exc:
                     raise ThrottleError(f"cannot remove namespace {self.ns(role)}: {exc}") from None
+
+    def shape(self, ip: str, tc: str, link: Link) -> str:
+        """Give the router's two ports the link: netem's delay (with the bottleneck as its child)
+        when the kernel has netem, else the bottleneck alone. Returns the path that delays:
+        PATH_NETEM, or PATH_STAGE when the caller must run the delay stage; "" when undelayed."""
+        exec_tc = [ip, "netns", "exec", self.ns("router"), tc, "qdisc"]
+        path = ""
+        if link.delayed:
+            path = PATH_NETEM
+            for port in ROUTER_PORTS:
+                if not self._qdiscs(exec_tc, port, link_qdiscs(link, netem=True)):
+                    path = PATH_STAGE
+                    break
+        if path != PATH_NETEM:
+            for port in ROUTER_PORTS:
+                if not self._qdiscs(exec_tc, port, link_qdiscs(link, netem=False)):
+                    raise ThrottleError("this kernel has no TBF (CONFIG_NET_SCH_TBF), which the bottleneck needs")
+        return path
+
+    @staticmethod
+    def _qdiscs(exec_tc: list[str], port: str, commands: list[list[str]]) -> bool:
+        """One port's root replaced by `commands` (or deleted, for none). False when the kernel
+        lacks a qdisc they name; a ThrottleError for any other failure."""
+        # Deleted first: a root is replaced in place only by one of its own kind.
+        capture(exec_tc + ["del", "dev", port, "root"], "tc")  # none there is no error
+        for command in commands:
+            argv = exec_tc + [w.replace("{dev}", port) for w in command]
+            done = capture(argv, "tc")
+            if done.code != 0:
+                if NO_QDISC in done.err:
+                    capture(exec_tc + ["del", "dev", port, "root"], "tc")  # netem made, its child not
+                    return False
+                raise ThrottleError(f"{' '.join(argv)}: {done.err.strip() or f'exit {done.code}'}")
+        return True
 
     def exists(self, role: str) -> bool:
         return os.path.ismount(NETNS_DIR / self.ns(role))
@@ -171,6 +208,33 @@ class Network:
         finally:
             for ipr in sockets.values():
                 ipr.close()
+
+
+def tbf(rate: float) -> list[str]:
+    """A TBF's arguments for a bottleneck of `rate` bytes/s: a small bucket (two frames, or 2 ms at
+    the rate) so it shapes rather than lets bursts by, and BOTTLENECK_BUFFER of queue behind it."""
+    burst = max(2 * (MTU + 14), int(rate * 0.002))
+    return ["tbf", "rate", f"{int(rate * 8)}bit", "burst", str(burst), "limit", str(burst + int(rate * BOTTLENECK_BUFFER))]
+
+
+def link_qdiscs(link: Link, netem: bool) -> list[list[str]]:
+    """The `tc qdisc` commands (the words after `tc qdisc`, "{dev}" for the port) that give one
+    router port the link, after its root is deleted, with netem doing the delay or not; [] when
+    the port needs no qdisc."""
+    if netem and link.delayed:
+        delay = ["delay", f"{round(link.one_way * 1e6)}us"]
+        if link.jitter:
+            delay.append(f"{round(link.jitter * 5e5)}us")  # netem's jitter is +-: half the RTT's each way
+        root = ["add", "dev", "{dev}", "root", "handle", "1:", "netem", *delay, "limit", "1000000"]
+        if not link.bottleneck:
+            return [root]
+        return [root, ["add", "dev", "{dev}", "parent", "1:1", "handle", "10:", *tbf(link.bottleneck)]]
+    if link.bottleneck:
+        return [["add", "dev", "{dev}", "root", "handle", "1:", *tbf(link.bottleneck)]]
+    return []
+
+
+NO_QDISC = "qdisc kind is unknown"  # what tc says when the kernel lacks one (sch_netem)
 
 
 def _route_metrics() -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""The lab's three services, all in the server namespace: dnsmasq (every name resolves to the
-server), `throttle.lab.server` (HTTPS for any name, HTTP, the raw sink) and `throttle.lab.h3`
-(HTTP/3 on UDP 443). Each is a daemon with a pid file and a log in the lab's state directory, so
+"""The lab's services: in the server namespace dnsmasq (every name resolves to the server),
+`throttle.lab.server` (HTTPS for any name, HTTP, the raw sink) and `throttle.lab.h3` (HTTP/3 on
+UDP 443); in the router namespace, when the link is delayed and the kernel has no netem,
+`throttle.lab.delay` (the delay stage, started and stopped with the link's values). Each is a daemon with a pid file and a log in the lab's state directory, so
 a later process (`throttle lab status`, `lab down`, the next `lab up`) finds it again.
 
 Starting one that runs is a no-op (unless the lab CA changed: the servers sign with it); before a
@@ -35,6 +36,7 @@ class Service:
     key: str  # its pid file is KEY.pid and its log KEY.log in the state directory
     what: str  # for messages
     module: Optional[str] = None  # a Python server: `python -m MODULE`
+    role: str = "server"  # the namespace it runs in
 
 
 LABSERVER = Service("labserver", "the lab server", "throttle.lab.server")
@@ -42,13 +44,15 @@ LABSERVER = Service("labserver", "the lab server", "throttle.lab.server")
 # the TCP servers' threads (a QUIC probe beside a curl control would slow both).
 H3SERVER = Service("h3server", "the HTTP/3 server", "throttle.lab.h3")
 DNSMASQ = Service("dnsmasq", "dnsmasq")
-SERVICES = (LABSERVER, H3SERVER, DNSMASQ)
+DELAY = Service("delay", "the delay stage", "throttle.lab.delay", role="router")
+SERVICES = (LABSERVER, H3SERVER, DNSMASQ, DELAY)
 
 
 class Services:
     """The services of lab `lab`, whose files are in `state_dir`."""
 
     def __init__(self, lab: str, state_dir: Path) -> None:
+        self.lab = lab
         self.namespace = namespace(lab, "server")
         self.state_dir = state_dir
 
@@ -59,8 +63,8 @@ class Services:
         return self.state_dir / f"{service.key}.log"
 
     def running(self, service: Service) -> Optional[int]:
-        """The service's pid if its pid file names a live process in the server namespace."""
-        return procs.running_in(children.read_pid(self.pid_file(service)), self.namespace)
+        """The service's pid if its pid file names a live process in its namespace."""
+        return procs.running_in(children.read_pid(self.pid_file(service)), namespace(self.lab, service.role))
 
     def start(self, ip: str, dnsmasq: str, hostnames: list[str], restart: bool) -> None:
         """Start whichever is not running; `restart`: the servers too (the CA changed).
@@ -68,6 +72,30 @@ class Services:
         self._start_dnsmasq(ip, dnsmasq)
         for service in (LABSERVER, H3SERVER):
             self._start_server(ip, service, hostnames, restart)
+
+    @property
+    def delay_status_file(self) -> Path:
+        return self.state_dir / "delay.json"
+
+    def start_delay(self, ip: str, one_way: float, jitter: float) -> None:
+        """The delay stage with these values: left alone when it runs with them, else (re)started."""
+        argv = [sys.executable, "-m", "throttle.lab.delay", "--delay", repr(one_way), "--jitter", repr(jitter),
+                "--pid-file", str(self.pid_file(DELAY)), "--status-file", str(self.delay_status_file)]
+        pid = self.running(DELAY)
+        if pid is not None and procs.cmdline(pid)[-len(argv) + 1:] == argv[1:]:
+            return
+        self.stop_delay()
+        children.start_daemon([ip, "netns", "exec", namespace(self.lab, DELAY.role), *argv], DELAY.what,
+                              self.log(DELAY), pid_file=self.pid_file(DELAY), start_timeout=START_TIMEOUT)
+
+    def stop_delay(self) -> None:
+        """The delay stage stopped (it removes its rules on the way out), and any stray of it."""
+        pids = {p for p in procs.pids_in({"router": namespace(self.lab, DELAY.role)})["router"]
+                if "throttle.lab.delay" in procs.cmdline(p)}
+        pid = self.running(DELAY)
+        children.stop(pids | ({pid} if pid else set()) - {os.getpid()})
+        self.pid_file(DELAY).unlink(missing_ok=True)
+        self.delay_status_file.unlink(missing_ok=True)
 
     def orphans(self) -> set[int]:
         """Live services this lab started whose namespace is gone (unmounted behind our back):

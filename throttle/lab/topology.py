@@ -25,10 +25,13 @@ on UDP 443, the same names and routes) and dnsmasq (every name resolves to 198.1
 `Lab` is a facade over the parts, each a module of its own: `layout` (the shape above as data),
 `network` (namespaces, links, addresses, routes, sysctls, offloads, br_netfilter), `services`
 (dnsmasq and the two servers: start, readiness, stop, strays), `client_etc` (the client's /etc
-files and CA bundle), `procs` (the /proc scans), and `ca` (the certificates). This module keeps
+files and CA bundle), `procs` (the /proc scans), `ca` (the certificates), and the router's link
+(`layout.Link`: its delay by netem through `network`, or by the delay stage `delay` that
+`services` runs when the kernel has no netem; its bottleneck a TBF through `network`). This module keeps
 the lab's state directory (`/run/throttle/NAME/`) and re-exports the layout's names, which other
 code imports from here. `up()` is idempotent and repairs what is missing; `down()` removes all of
-it and succeeds whatever is left, including nothing.
+it and succeeds whatever is left, including nothing. `up(link=...)` sets the link (no delay
+unless one is asked for); `up()` without one keeps the link lab.json records.
 """
 
 from __future__ import annotations
@@ -54,22 +57,23 @@ from throttle.lab.layout import (BRIDGE, BRIDGE_PORTS, CENSOR_CLIENT_IF, CENSOR_
                                  OFFLOADS, ROLES, ROUTER_CLIENT_IF, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6,
                                  ROUTER_SERVER_IF, ROUTER_SERVER_V4, ROUTER_SERVER_V6, SERVER_ADDRESSES,
                                  SERVER_EXTRA_V4, SERVER_EXTRA_V6, SERVER_IF, SERVER_V4, SERVER_V6, STATE_ROOT,
-                                 SYSCTLS_ALL, SYSCTLS_BRIDGE, SYSCTLS_ROLE, VETHS, Iface, namespace)
+                                 SYSCTLS_ALL, SYSCTLS_BRIDGE, SYSCTLS_ROLE, VETHS, Iface, Link, namespace)
 from throttle.lab.network import IFA_F_NODAD, Network
-from throttle.lab.services import DNSMASQ, H3SERVER, LABSERVER, SERVICES, START_TIMEOUT, Services
+from throttle.lab.layout import PATH_NETEM, PATH_STAGE
+from throttle.lab.services import DELAY, DNSMASQ, H3SERVER, LABSERVER, SERVICES, START_TIMEOUT, Services
 
 __all__ = [
     "BRIDGE", "BRIDGE_PORTS", "CENSOR_CLIENT_IF", "CENSOR_SERVER_IF", "CLIENT_IF", "CLIENT_V4", "CLIENT_V6",
     "CONGESTION_CONTROL", "DNS_V4", "DNS_V6", "ETC_NETNS", "GATEWAYS", "HOSTS_FILE", "IFA_F_NODAD", "INTERFACES",
-    "MTU", "NETNS_DIR", "OFFLOADS", "ROLES", "ROUTER_CLIENT_IF", "ROUTER_CLIENT_V4", "ROUTER_CLIENT_V6",
+    "MTU", "NETNS_DIR", "OFFLOADS", "PATH_NETEM", "PATH_STAGE", "ROLES", "ROUTER_CLIENT_IF", "ROUTER_CLIENT_V4", "ROUTER_CLIENT_V6",
     "ROUTER_SERVER_IF", "ROUTER_SERVER_V4", "ROUTER_SERVER_V6", "SERVER_ADDRESSES", "SERVER_EXTRA_V4",
     "SERVER_EXTRA_V6", "SERVER_IF", "SERVER_V4", "SERVER_V6", "START_TIMEOUT", "STATE_FILES", "STATE_ROOT",
     "STOP_TIMEOUT", "SYSCTLS_ALL", "SYSCTLS_BRIDGE", "SYSCTLS_ROLE", "SYSTEM_CA_BUNDLE", "VETHS", "Iface", "Lab",
-    "LabStatus", "RoleStatus",
+    "LabStatus", "Link", "LinkStatus", "RoleStatus",
 ]
 
 STATE_FILES = (  # what the lab writes in its state directory, besides certs/
-    "ca.pem", "ca-key.pem", "leaf-key.pem", "lab.json",
+    "ca.pem", "ca-key.pem", "leaf-key.pem", "lab.json", "delay.json",
     *(f"{service.key}.{kind}" for service in SERVICES for kind in ("pid", "log")), "*.tmp", ".*.tmp",
 )
 STOP_TIMEOUT = 3.0
@@ -122,8 +126,9 @@ class Lab:
     def __exit__(self, t: Optional[type[BaseException]], e: Optional[BaseException], tb: Optional[TracebackType]) -> None:
         self.down()
 
-    def up(self, hostnames: Iterable[str] = ()) -> LabStatus:
-        """Create or repair the lab; returns `status()`. Hostnames get certificates at start."""
+    def up(self, hostnames: Iterable[str] = (), link: Optional[Link] = None) -> LabStatus:
+        """Create or repair the lab; returns `status()`. Hostnames get certificates at start.
+        `link`: the router's delay and bottleneck (None: keep the link the lab has)."""
         require_root("the lab needs root")
         _require_live_packages()
         from throttle.lab.ca import ensure_ca  # cryptography: only where certificates are made
@@ -141,8 +146,27 @@ class Lab:
         write_client_etc(self.name, self.ca_cert)
         # A new CA (the old one was lost) restarts the servers, which sign with it.
         self._services.start(ip, dnsmasq, hostnames, restart=self._read_ca() != ca_before)
-        atomic_write(self.state_dir / "lab.json", json.dumps({"name": self.name, "hostnames": hostnames}).encode(), 0o600)
+        link = self._read_json().link if link is None else link
+        path = self._network.shape(ip, require_tool("tc", "iproute2"), link)
+        if path == PATH_STAGE:
+            self._services.start_delay(ip, link.one_way, link.jitter)
+        else:
+            self._services.stop_delay()
+        atomic_write(self.state_dir / "lab.json", json.dumps({"name": self.name, "hostnames": hostnames,
+                                                              "link": link.to_json(), "link_path": path}).encode(), 0o600)
         return self.status()
+
+    def _read_json(self) -> LinkStatus:
+        """What lab.json records: the link and the path that delays it (none for a lab without)."""
+        try:
+            data = json.loads((self.state_dir / "lab.json").read_text())
+        except (OSError, ValueError):
+            data = {}
+        if not isinstance(data, dict):
+            data = {}
+        path = data.get("link_path", "")
+        return LinkStatus(Link.from_json(data.get("link")), path if isinstance(path, str) else "",
+                          tuple(str(h) for h in data.get("hostnames", []) if isinstance(h, str)))
 
     def _read_ca(self) -> Optional[bytes]:
         try:
@@ -184,27 +208,35 @@ class Lab:
         labserver = self._services.running(LABSERVER)
         h3server = self._services.running(H3SERVER)
         dnsmasq = self._services.running(DNSMASQ)
-        try:
-            hostnames = json.loads((self.state_dir / "lab.json").read_text()).get("hostnames", [])
-        except (OSError, ValueError):
-            hostnames = []
+        recorded = self._read_json()
+        stage = self._services.running(DELAY)
+        link = LinkStatus(recorded.link, recorded.path, (), stage, self._stage_counts() if stage else {})
         roles = {role: _role_status(self.ns(role), role, self._network.exists(role)) for role in ROLES}
         return LabStatus(
             name=self.name,
             up=(all(r.exists for r in roles.values()) and labserver is not None and h3server is not None
-                and dnsmasq is not None),
+                and dnsmasq is not None and (link.path != PATH_STAGE or stage is not None)),
             roles=roles,
             dns=DNS_V4,
             dns6=DNS_V6,
             ca=str(self.ca_cert) if self.ca_cert.exists() else None,
             state_dir=str(self.state_dir),
             etc=str(client_etc(self.name)),
-            hostnames=tuple(str(h) for h in hostnames),
+            hostnames=recorded.hostnames,
             labserver=labserver,
             dnsmasq=dnsmasq,
             in_namespaces=self._in_namespaces(),
             h3server=h3server,
+            link=link,
         )
+
+    def _stage_counts(self) -> dict[str, Any]:
+        """The delay stage's last status file (its counts: module docstring of lab.delay)."""
+        try:
+            data = json.loads(self._services.delay_status_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +250,21 @@ class RoleStatus:
     ipv6: str
     ipv4_all: tuple[str, ...]
     ipv6_all: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LinkStatus:
+    """The router's link as recorded, the path that delays it ("netem", "throttle delay stage", or
+    "" when undelayed), and the delay stage's pid and counts when it runs."""
+
+    link: Link = Link()
+    path: str = ""
+    hostnames: tuple[str, ...] = ()  # (what lab.json records besides)
+    stage: int | None = None
+    counts: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.link.to_json(), "path": self.path, "stage_pid": self.stage, "stage": self.counts or {}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +282,7 @@ class LabStatus:
     dnsmasq: int | None
     in_namespaces: dict[str, list[int]]  # every process in each namespace, by role
     h3server: int | None = None  # the HTTP/3 server's pid, when running
+    link: LinkStatus = LinkStatus()
 
     def to_json(self) -> dict[str, Any]:
         """The shape `throttle lab status --json` prints."""
@@ -252,7 +300,8 @@ class LabStatus:
             "etc": self.etc,
             "hostnames": list(self.hostnames),
             "processes": {"labserver": self.labserver, "h3server": self.h3server, "dnsmasq": self.dnsmasq,
-                          "in_namespaces": self.in_namespaces},
+                          "delay": self.link.stage, "in_namespaces": self.in_namespaces},
+            "link": self.link.to_json(),
         }
 
 

@@ -46,7 +46,7 @@ from throttle.children import Background
 from throttle.errors import ThrottleError
 from throttle.files import atomic_write
 from throttle.kernel.tools import require_tool
-from throttle.lab.topology import CENSOR_CLIENT_IF, CENSOR_SERVER_IF, Lab
+from throttle.lab.topology import CENSOR_CLIENT_IF, CENSOR_SERVER_IF, Lab, Link
 from throttle.measure.judge import reference_rate
 from throttle.measure.ports import PORTS, ProbePorts
 from throttle.measure.report import RunReport
@@ -438,7 +438,7 @@ def bench(scenario: Scenario, repeat: int, out: Path, lab_name: str = "bench5",
     done = 0
     try:
         tell(0, repeat, "bringing the lab up")
-        lab.up(sorted({p.host for p in scenario.probes}))
+        lab.up(sorted({p.host for p in scenario.probes}), Link.of(scenario))
         for r in range(1, repeat + 1):
             tell(r - 1, repeat, f"repeat {r} of {repeat}: running the probes")
             paths = {i: captures / f"repeat-{r}-{i}.pcap" for i in (CENSOR_CLIENT_IF, CENSOR_SERVER_IF)}

@@ -36,7 +36,7 @@ from pathlib import Path
 from throttle.children import Background, capture, watch
 from throttle.errors import ThrottleError
 from throttle.kernel.tools import require_tool
-from throttle.lab.topology import Lab
+from throttle.lab.topology import Lab, Link
 from throttle.measure.clients import (CAUSE_LAB, SINK_PORT, CurlClient, Exit, Outcome, ProbeClient, QuicClient,
                                       RawTlsClient, Setup, default_timeout)
 from throttle.measure.commands import BrowserClient, CommandClient
@@ -305,7 +305,7 @@ def run_scenario(scenario: Scenario, *, lab_name: str = "throttle", keep: bool =
                  on_update: Callable[[list[ProbeRun]], None] | None = None,
                  on_phase: Callable[[str], None] | None = None, busy_controls: bool = False,
                  baseline: bool = True, metrics_listen: str | None = None) -> RunReport:
-    """Lab up (or reused), the controls alone (their no-censor baseline), censor on, probes,
+    """Lab up (or reused; its link set to the scenario's rtt, jitter and bottleneck), the controls alone (their no-censor baseline), censor on, probes,
     censor off, lab down unless kept or already up. `metrics_listen` goes to the censor's
     --metrics-listen (None: its default)."""
     if not scenario.probes:
@@ -316,7 +316,7 @@ def run_scenario(scenario: Scenario, *, lab_name: str = "throttle", keep: bool =
     was_up = lab.status().up
     phase = on_phase or (lambda text: None)
     phase("reusing the running lab" if was_up else "bringing the lab up")
-    lab.up(sorted({p.host for p in scenario.probes}))
+    lab.up(sorted({p.host for p in scenario.probes}), Link.of(scenario))  # a lab up is re-linked to the scenario's
     try:
         with tempfile.TemporaryDirectory(prefix="throttle-run-") as tmp:
             runner = Runner(scenario, lab, Path(tmp), on_update, busy_controls)

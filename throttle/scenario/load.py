@@ -46,7 +46,7 @@ def parse_scenario(text: str, label: str = "<scenario>") -> Scenario:
         raise ScenarioError(label, "", "is nested too deeply to be a scenario (arrays or tables inside each other "
                             "hundreds of levels down); a scenario is [scenario], [model], [[rule]] and [[probe]] tables") from None
     r = _Reader(label)
-    r.known(doc, "", {"scenario", "model", "rule", "probe"})
+    r.known(doc, "", {"scenario", "model", "rule", "probe", *LINK_KEYS})
     meta = r.table(doc, "scenario")
     r.known(meta, "scenario", {"name", "title", "description", "sources"})
     name = r.get(meta, "scenario.name", str, default=Path(label).stem)
@@ -61,6 +61,7 @@ def parse_scenario(text: str, label: str = "<scenario>") -> Scenario:
             raise ScenarioError(label, f"rule[{i}].name", f'"{rule.name}" is used by an earlier rule; names must be unique')
         seen.add(rule.name)
     probes = tuple(_probe(r, t, i) for i, t in enumerate(r.array(doc, "probe"), 1))
+    rtt, jitter, bottleneck = _link(r, doc)
     return Scenario(
         name=name,
         title=r.get(meta, "scenario.title", str, default=name),
@@ -70,7 +71,27 @@ def parse_scenario(text: str, label: str = "<scenario>") -> Scenario:
         rules=rules,
         probes=probes,
         path=label,
+        rtt=rtt,
+        jitter=jitter,
+        bottleneck=bottleneck,
     )
+
+
+LINK_KEYS = ("rtt", "jitter", "bottleneck")  # top-level: the lab's link (Scenario)
+
+
+def _link(r: _Reader, doc: dict[str, Any]) -> tuple[float, float, float]:
+    """rtt, jitter and bottleneck, at the top of the file (before the first [table])."""
+    rtt = r.conv(doc, "rtt", parse_duration, 0.0)
+    jitter = r.conv(doc, "jitter", parse_duration, 0.0)
+    bottleneck = r.conv(doc, "bottleneck", parse_rate, 0.0)
+    if jitter > rtt:
+        r.fail("jitter", f"{doc['jitter']!r} is more than the rtt ({doc.get('rtt', '0ms')!r}): each packet's delay "
+                         "varies by half the jitter around half the rtt; write e.g. rtt = \"50ms\" and jitter = \"2ms\"")
+    if "bottleneck" in doc and bottleneck < 1000:
+        r.fail("bottleneck", f"{doc['bottleneck']!r} is below 8kbit, the slowest link the lab shapes; write e.g. "
+                             "bottleneck = \"5mbit\" (or remove it: no bottleneck)")
+    return rtt, jitter, bottleneck
 
 
 def _model(r: _Reader, t: dict[str, Any]) -> Model:
@@ -381,6 +402,9 @@ _TYPE_WORDS: dict[type, str] = {str: "a string", bool: "true or false", list: "a
 # Upper bounds of the keys read with units: beyond them a value is a typo or switches the censor
 # off in effect (a queue that never drops, a timeout that never comes).
 _LIMITS: dict[str, tuple[float, str]] = {
+    "rtt": (10.0, "10s"),
+    "jitter": (10.0, "10s"),
+    "bottleneck": (10e9 / 8, "10gbit"),
     "rate": (100e9 / 8, "100gbit"),
     "expect_rate": (100e9 / 8, "100gbit"),
     "handshake_at_least": (3600.0, "1h"),

@@ -159,6 +159,12 @@ class Scenario:
     rules: tuple[Rule, ...]
     probes: tuple[Probe, ...]
     path: str = ""
+    # The lab's link for this scenario (top-level keys): the RTT its sources measured (seconds,
+    # added by the lab's router, half each way), how much it varied (+-), and a bottleneck (bytes/s
+    # each way; 0: none). 0: the lab's own ~0.1 ms.
+    rtt: float = 0.0
+    jitter: float = 0.0
+    bottleneck: float = 0.0
 
 
 def probe_rule(scenario: Scenario, probe: Probe) -> Rule | None:

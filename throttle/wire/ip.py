@@ -4,7 +4,8 @@ Everything in throttle that looks inside an IP packet goes through here: the eng
 per-packet path (`locate`, `ip_end`, `flow_key`, `addresses`, and the header fields: `ports`,
 `tcp_seq`, `tcp_ack`, `tcp_flags`, `tcp_header_length`, `opens_connection`, `ipv4_header_length`),
 the RST injector (`source`), the capture reader (`ip_end`, to cut link-layer padding), and the
-offline tools (`decode`, for bench analysis and benchmarks).
+offline tools (`decode`, for bench analysis and benchmarks; `hop_limit`, `ipv4_id`, `tcp_ack`
+and `tcp_options` for `throttle infer`).
 
 `locate` and the field accessors are on the per-packet path, so they index bytes directly and
 allocate nothing but their result. The accessors take the transport header's offset from `locate`
@@ -24,7 +25,7 @@ from typing import NamedTuple
 
 __all__ = [
     "ACK", "FIN", "NO_PORTS", "RST", "SYN", "TCP", "TCP_HEADER", "UDP", "UDP_HEADER", "Decoded", "addresses", "decode",
-    "flow_key", "ip_end", "ipv4_header_length", "locate", "opens_connection", "ports", "source", "tcp_ack", "tcp_flags",
+    "TCPOptions", "flow_key", "hop_limit", "ip_end", "ipv4_header_length", "ipv4_id", "tcp_options", "locate", "opens_connection", "ports", "source", "tcp_ack", "tcp_flags",
     "tcp_header_length", "tcp_seq",
 ]
 
@@ -200,3 +201,59 @@ def decode(packet: bytes) -> Decoded | None:
         return Decoded(version, proto, src, dst, sport, dport, 0, 0, l4 + 8, max(0, ulen - 8))
     except IndexError:
         return None
+
+
+def hop_limit(packet: bytes) -> int:
+    """An IPv4 packet's TTL or an IPv6 packet's hop limit (the caller checked the fixed header is there)."""
+    return packet[8] if packet[0] >> 4 == 4 else packet[7]
+
+
+def ipv4_id(packet: bytes) -> int | None:
+    """An IPv4 packet's identification field; None for IPv6 (it has none outside fragments)."""
+    return (packet[4] << 8) | packet[5] if packet[0] >> 4 == 4 else None
+
+
+class TCPOptions(NamedTuple):
+    mss: int | None  # the MSS option (SYNs)
+    sack: tuple[tuple[int, int], ...]  # SACK blocks as sent: absolute sequence numbers, [left, right)
+    tsval: int | None  # the timestamps option (RFC 7323)
+    tsecr: int | None
+
+
+NO_OPTIONS = TCPOptions(None, (), None, None)
+
+
+def tcp_options(packet: bytes, l4: int) -> TCPOptions:
+    """The MSS, SACK and timestamps options of the TCP header at `l4`. Never raises: the walk
+    stops at the header's end, the captured bytes' end, or an option whose length is malformed."""
+    if len(packet) < l4 + 14:
+        return NO_OPTIONS
+    end = min(l4 + ((packet[l4 + 12] >> 4) << 2), len(packet))
+    pos = l4 + TCP_HEADER
+    if pos >= end:
+        return NO_OPTIONS
+    mss: int | None = None
+    sack: list[tuple[int, int]] = []
+    tsval: int | None = None
+    tsecr: int | None = None
+    while pos < end:
+        kind = packet[pos]
+        if kind == 0:
+            break
+        if kind == 1:
+            pos += 1
+            continue
+        if pos + 1 >= end:
+            break
+        size = packet[pos + 1]
+        if size < 2 or pos + size > end:
+            break
+        if kind == 2 and size == 4:
+            mss = (packet[pos + 2] << 8) | packet[pos + 3]
+        elif kind == 5 and size >= 10:
+            for at in range(pos + 2, pos + size - 7, 8):
+                sack.append((int(_U32(packet, at)[0]), int(_U32(packet, at + 4)[0])))
+        elif kind == 8 and size == 10:
+            tsval, tsecr = int(_U32(packet, pos + 2)[0]), int(_U32(packet, pos + 6)[0])
+        pos += size
+    return TCPOptions(mss, tuple(sack), tsval, tsecr)

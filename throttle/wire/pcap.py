@@ -8,8 +8,9 @@ Ethernet with VLAN tags, raw IP, Linux cooked v1/v2) and yields the IP packet it
 that do not carry IPv4/IPv6 (ARP, LLDP, ...) are skipped. Link-layer padding and trailing FCS
 beyond the IP header's own length are cut off; a snaplen-truncated packet is yielded as it is.
 
-It reads the whole file with one read and walks it with `struct.unpack_from`; it needs nothing
-outside the standard library. Every problem with the file (unreadable, not a capture, cut
+It reads the file as a stream, a chunk at a time (`_Chunks`: at most one chunk and one record
+held, so a capture of any size is read in bounded memory), and walks each chunk with
+`struct.unpack_from`; it needs nothing outside the standard library. Every problem with the file (unreadable, not a capture, cut
 short, corrupt, an unsupported link type) raises `CaptureError` with a one-line message that
 names the file, and is raised lazily where the problem is, after the good packets before it
 have been yielded, so a caller can report partial results.
@@ -18,8 +19,10 @@ have been yielded, so a caller can report partial results.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from collections.abc import Callable, Iterator
+from typing import BinaryIO
 
 from throttle.errors import CaptureError
 from throttle.wire.ip import ip_end
@@ -139,43 +142,99 @@ def _unsupported(path: str, linktype: int, what: str) -> CaptureError:
     )
 
 
-def _read_file(path: str) -> bytes:
+_CHUNK = 1 << 20  # bytes read at a time: large enough that reads cost little, small enough to hold
+_MAX_UNSIZED = 1 << 26  # the largest record read from a file of unknown size (a pipe)
+
+
+class _Chunks:
+    """The capture file as a stream: `get(offset, n)` holds bytes [offset, offset + n) in one
+    buffer, reading forward as needed and dropping what lies before `offset` (offsets only grow)."""
+
+    __slots__ = ("handle", "size", "buf", "base", "eof")
+
+    def __init__(self, handle: BinaryIO, size: int | None) -> None:
+        self.handle = handle
+        self.size = size  # of a regular file when opened; None for a pipe or device
+        self.buf = b""
+        self.base = 0  # the file offset of buf[0]
+        self.eof = False
+
+    def get(self, offset: int, n: int) -> tuple[bytes, int, int]:
+        """(buffer, where `offset` is in it, how many of the `n` bytes are there: fewer at the end)."""
+        local = offset - self.base
+        if local + n > len(self.buf) and not self.eof:
+            keep = self.buf[local:]
+            need = n - len(keep)
+            want = max(need, _CHUNK)
+            pieces = [keep]
+            got = 0
+            while got < need:  # not `want`: a pipe gives what its writer has written so far
+                more = self.handle.read(want - got)
+                if not more:
+                    self.eof = True
+                    break
+                pieces.append(more)
+                got += len(more)
+            self.buf = b"".join(pieces)
+            self.base = offset
+            local = 0
+        return self.buf, local, min(n, len(self.buf) - local)
+
+    def remaining(self, offset: int) -> int | None:
+        """Bytes of the file from `offset` on, when its size is known."""
+        return None if self.size is None else self.size - offset
+
+
+def _open(path: str) -> tuple[BinaryIO, int | None]:
     try:
-        with open(path, "rb") as handle:
-            return handle.read()
+        handle = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by read_packets)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise CaptureError(f"{path}: cannot read the capture: {reason}") from exc
+    try:
+        info = os.fstat(handle.fileno())
+    except OSError:
+        return handle, None
+    return handle, info.st_size if stat.S_ISREG(info.st_mode) else None
 
 
 def read_packets(path: str | os.PathLike[str]) -> Iterator[tuple[float, bytes]]:
     """Yield (timestamp_seconds, ip_packet_bytes) for every IPv4/IPv6 packet in a pcap or pcapng file.
 
-    The file is read when iteration starts. Non-IP frames are skipped. Any problem with the
-    file raises `CaptureError` at the point where it is found, after every good packet before it.
+    The file is opened when iteration starts and read as a stream. Non-IP frames are skipped. Any
+    problem with the file raises `CaptureError` at the point where it is found, after every good
+    packet before it.
     """
     name = os.fsdecode(path)
-    buf = _read_file(name)
-    if len(buf) < 4:
-        detail = "the file is empty" if not buf else f"it is only {len(buf)} bytes long"
+    handle, size = _open(name)
+    with handle:
+        try:
+            chunks = _Chunks(handle, size)
+            head, _, have = chunks.get(0, 8)
+        except OSError as exc:
+            raise CaptureError(f"{name}: cannot read the capture: {exc.strerror or exc}") from exc
+        if have < 4:
+            detail = "the file is empty" if not have else f"it is only {have} bytes long"
+            raise CaptureError(
+                f"{name}: not a pcap or pcapng capture ({detail}); "
+                "give a file written by tcpdump, tshark or Wireshark"
+            )
+        magic = int.from_bytes(head[:4], "little")
+        try:
+            if magic in _PCAP_MAGICS:
+                yield from _read_pcap(name, chunks, *_PCAP_MAGICS[magic])
+                return
+            if magic == _PCAPNG_SHB:
+                yield from _read_pcapng(name, chunks)
+                return
+        except (struct.error, IndexError, ValueError, OverflowError) as exc:  # defensive: a bug
+            raise CaptureError(f"{name}: malformed capture ({exc}); the file is corrupt") from exc
+        except OSError as exc:
+            raise CaptureError(f"{name}: cannot read the capture: {exc.strerror or exc}") from exc
         raise CaptureError(
-            f"{name}: not a pcap or pcapng capture ({detail}); "
-            "give a file written by tcpdump, tshark or Wireshark"
+            f"{name}: not a pcap or pcapng capture (starts with bytes 0x{head[:8].hex()}); "
+            f"{_not_capture_hint(head)}"
         )
-    magic = int.from_bytes(buf[:4], "little")
-    try:
-        if magic in _PCAP_MAGICS:
-            yield from _read_pcap(name, buf, *_PCAP_MAGICS[magic])
-            return
-        if magic == _PCAPNG_SHB:
-            yield from _read_pcapng(name, buf)
-            return
-    except (struct.error, IndexError, ValueError, OverflowError) as exc:  # defensive: a bug
-        raise CaptureError(f"{name}: malformed capture ({exc}); the file is corrupt") from exc
-    raise CaptureError(
-        f"{name}: not a pcap or pcapng capture (starts with bytes 0x{buf[:8].hex()}); "
-        f"{_not_capture_hint(buf)}"
-    )
 
 
 def _not_capture_hint(buf: bytes) -> str:
@@ -186,40 +245,56 @@ def _not_capture_hint(buf: bytes) -> str:
     return "give a file written by tcpdump, tshark or Wireshark"
 
 
+def _record(chunks: _Chunks, path: str, start: int, n: int, what: str) -> tuple[bytes, int]:
+    """(buffer, where in it) the `n` bytes of a record's data at file offset `start` are held;
+    CaptureError when the file ends first. `what` names the record for the message."""
+    remaining = chunks.remaining(start)
+    if remaining is None and n > _MAX_UNSIZED:
+        raise CaptureError(f"{path}: {what} claims {n} bytes, more than any capture holds; the file is corrupt")
+    if remaining is None or n <= remaining:
+        buf, local, have = chunks.get(start, n)
+        if have == n:
+            return buf, local
+        remaining = have
+    raise CaptureError(
+        f"{path}: truncated at {what}: the record holds {n} bytes but only {remaining} remain; "
+        f"{_TRUNCATED_HINT}"
+    )
+
+
 def _read_pcap(
-    path: str, buf: bytes, order: str, units: int, record_len: int
+    path: str, chunks: _Chunks, order: str, units: int, record_len: int
 ) -> Iterator[tuple[float, bytes]]:
-    size = len(buf)
-    if size < 24:
+    buf, local, have = chunks.get(0, 24)
+    if have < 24:
         raise CaptureError(
-            f"{path}: truncated in the pcap file header ({size} of 24 bytes); {_TRUNCATED_HINT}"
+            f"{path}: truncated in the pcap file header ({have} of 24 bytes); {_TRUNCATED_HINT}"
         )
-    (network,) = struct.unpack_from(order + "I", buf, 20)
+    (network,) = struct.unpack_from(order + "I", buf, local + 20)
     linktype = network & 0x03FFFFFF  # the top bits may carry FCS information
     strip = _STRIPPERS.get(linktype)
     record = struct.Struct(order + "IIII")
     unpack_record = record.unpack_from
     offset = 24
     number = 0
-    while offset < size:
+    while True:
+        buf, local, have = chunks.get(offset, record_len)
+        if not have:
+            return
         number += 1
-        if offset + record_len > size:
+        if have < record_len:
             raise CaptureError(
                 f"{path}: truncated at packet {number} (byte offset {offset}): the record header "
-                f"needs {record_len} bytes but only {size - offset} remain; {_TRUNCATED_HINT}"
+                f"needs {record_len} bytes but only {have} remain; {_TRUNCATED_HINT}"
             )
-        seconds, fraction, caplen, _origlen = unpack_record(buf, offset)
+        seconds, fraction, caplen, _origlen = unpack_record(buf, local)
         start = offset + record_len
-        end = start + caplen
-        if end > size:
-            raise CaptureError(
-                f"{path}: truncated at packet {number} (byte offset {offset}): the record holds "
-                f"{caplen} bytes but only {size - start} remain; {_TRUNCATED_HINT}"
-            )
+        buf, local = _record(chunks, path, start, caplen, f"packet {number} (byte offset {offset})")
         if strip is None:
             raise _unsupported(path, linktype, f"packet {number} (byte offset {offset})")
-        offset = end
-        stripped = strip(buf, start, end)
+        offset = start + caplen
+        end = local + caplen
+        stripped = strip(buf, local, end)
         if stripped is None:
             continue
         ip_start, version = stripped
@@ -257,21 +332,23 @@ def _interface_options(buf: bytes, order: str, pos: int, end: int) -> tuple[int,
     return units, tsoffset
 
 
-def _read_pcapng(path: str, buf: bytes) -> Iterator[tuple[float, bytes]]:
-    size = len(buf)
+def _read_pcapng(path: str, chunks: _Chunks) -> Iterator[tuple[float, bytes]]:
     order = "<"
     interfaces: list[_Interface] = []
     last_ts = 0.0
     offset = 0
     number = 0
-    while offset < size:
+    while True:
+        buf, here, have = chunks.get(offset, 12)
+        if not have:
+            return
         number += 1
         where = f"block {number} (byte offset {offset})"
-        if offset + 12 > size:
+        if have < 12:
             raise CaptureError(f"{path}: truncated at {where}: {_TRUNCATED_HINT}")
-        if int.from_bytes(buf[offset : offset + 4], "little") == _PCAPNG_SHB:
+        if int.from_bytes(buf[here : here + 4], "little") == _PCAPNG_SHB:
             # A new section: its byte-order magic decides how to read everything in it.
-            bom = buf[offset + 8 : offset + 12]
+            bom = buf[here + 8 : here + 12]
             if bom == b"\x4d\x3c\x2b\x1a":
                 order = "<"
             elif bom == b"\x1a\x2b\x3c\x4d":
@@ -282,26 +359,33 @@ def _read_pcapng(path: str, buf: bytes) -> Iterator[tuple[float, bytes]]:
                     f"{where}; the file is corrupt"
                 )
             interfaces = []
-        block_type, length = struct.unpack_from(order + "II", buf, offset)
+        block_type, length = struct.unpack_from(order + "II", buf, here)
         if length < 12 or length % 4:
             raise CaptureError(
                 f"{path}: bad block length {length} at {where}; the file is corrupt "
                 "(a block is at least 12 bytes and a multiple of 4)"
             )
-        block_end = offset + length
-        if block_end > size:
+        remaining = chunks.remaining(offset)
+        if remaining is None and length > _MAX_UNSIZED:
+            raise CaptureError(f"{path}: bad block length {length} at {where}; the file is corrupt")
+        if remaining is None or length <= remaining:
+            buf, here, have = chunks.get(offset, length)
+            remaining = have
+        if length > remaining:
             raise CaptureError(
                 f"{path}: truncated at {where}: the block holds {length} bytes but only "
-                f"{size - offset} remain; {_TRUNCATED_HINT}"
+                f"{remaining} remain; {_TRUNCATED_HINT}"
             )
+        block_end = here + length
         (trailer,) = struct.unpack_from(order + "I", buf, block_end - 4)
         if trailer != length:
             raise CaptureError(
                 f"{path}: bad block length at {where}: the block starts with length {length} "
                 f"but ends with {trailer}; the file is corrupt"
             )
-        body = offset + 8
+        body = here + 8
         body_end = block_end - 4
+        offset += length
 
         if block_type == _PCAPNG_SHB:
             if length < 28:
@@ -358,14 +442,11 @@ def _read_pcapng(path: str, buf: bytes) -> Iterator[tuple[float, bytes]]:
             if block_type != 3:
                 whole, fraction = divmod((ts_high << 32) | ts_low, iface.units)
                 last_ts = whole + iface.offset + fraction / iface.units
-            offset = block_end
             stripped = iface.strip(buf, start, end)
             if stripped is not None:
                 ip_start, version = stripped
                 yield last_ts, buf[ip_start : ip_end(buf, version, ip_start, end)]
-            continue
         # Any other block type (name resolution, statistics, custom, ...) is skipped.
-        offset = block_end
 
 
 def _short_block(path: str, where: str) -> CaptureError:

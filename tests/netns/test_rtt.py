@@ -1,0 +1,145 @@
+"""The lab's link, live: `Lab.up(link=...)` adds the RTT asked for (ping, and a TCP handshake seen
+by tcpdump at the client), jitter spreads round trips without reordering a transfer, the
+bottleneck holds a transfer near its rate and two competing flows overflow its queue, and the link
+is set again (or taken off) by the next `up`. A lab of its own: it changes the router's link."""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.conftest import lab_name
+from tests.netns.conftest import lab_session
+from throttle.children import Background, capture
+from throttle.kernel.tools import require_tool
+from throttle.lab.layout import ROUTER_PORTS
+from throttle.lab.topology import CLIENT_IF, PATH_NETEM, PATH_STAGE, SERVER_IF, SERVER_V4, Lab, Link
+from throttle.measure.bench import Capture, parse_segment
+from throttle.wire.pcap import read_packets
+
+SYN, ACK = 0x02, 0x10
+TRIES = 3  # a busy machine may disturb one round of pings; the link is judged by its best round
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    yield from lab_session(lab_name("rtt"), ["pbs.twimg.com"])
+
+
+def pings(lab: Lab, count: int = 10, interval: float = 0.2) -> list[float]:
+    """Round-trip times in ms from the client to the server."""
+    out = capture(lab.exec_argv("client", [require_tool("ping", "iputils-ping"), "-n", "-c", str(count), "-i",
+                                           str(interval), SERVER_V4]), "ping", timeout=count * interval + 10).out
+    return [float(m) for m in re.findall(r"time=([\d.]+) ms", out)]
+
+
+def median_near(lab: Lab, target_ms: float, within_ms: float) -> list[float]:
+    """A round of pings whose median is within `within_ms` of the target (up to TRIES rounds)."""
+    rounds = []
+    for _ in range(TRIES):
+        times = pings(lab)
+        assert len(times) >= 8, f"pings lost: {times}"
+        rounds.append(times)
+        if abs(statistics.median(times) - target_ms) <= within_ms:
+            return times
+    pytest.fail(f"ping medians {[round(statistics.median(t), 2) for t in rounds]} ms, not {target_ms} +- {within_ms}")
+
+
+def upload(lab: Lab, tmp: Path, size: int) -> Background:
+    """An upload running beside the test (curl, in the client namespace)."""
+    argv = [require_tool("curl", "curl"), "-sS", "-o", "/dev/null", "-T", str(_file(tmp, size)),
+            f"http://{SERVER_V4}/upload"]
+    return Background(lab.exec_argv("client", argv), ready="", what="curl")
+
+
+def run_upload(lab: Lab, tmp: Path, size: int) -> float:
+    """One upload's speed as curl measured it, bytes/s."""
+    done = capture(lab.exec_argv("client", [require_tool("curl", "curl"), "-sS", "-o", "/dev/null", "-w",
+                                            "%{speed_upload}", "-T", str(_file(tmp, size)),
+                                            f"http://{SERVER_V4}/upload"]), "curl", timeout=60)
+    assert done.code == 0, done.err
+    return float(done.out)
+
+
+def _file(tmp: Path, size: int) -> Path:
+    path = tmp / f"up-{size}.bin"
+    if not path.exists():
+        path.write_bytes(bytes(size))
+    return path
+
+
+def test_rtt_100ms_reads_100ms_in_ping_and_in_a_tcp_handshake(lab: Lab, tmp_path: Path) -> None:
+    st = lab.up(["pbs.twimg.com"], Link(0.1))
+    assert st.up and st.link.link == Link(0.1) and st.link.path in (PATH_NETEM, PATH_STAGE)
+    if st.link.path == PATH_STAGE:
+        assert st.link.stage is not None
+    median_near(lab, 100.0, 1.0)
+    cap = tmp_path / "client.pcap"
+    with Capture(lab, "client", CLIENT_IF, cap):
+        time.sleep(0.2)
+        run_upload(lab, tmp_path, 256 * 1024)
+        time.sleep(0.3)
+    segments = [s for s in (parse_segment(ts, ip) for ts, ip in read_packets(str(cap))) if s is not None]
+    syn = next(s for s in segments if s.dport == 80)  # the client's first packet is its SYN
+    answer = next(s for s in segments if s.sport == 80 and s.dport == syn.sport)
+    assert (answer.time - syn.time) * 1e3 == pytest.approx(100.0, abs=2.0)
+
+
+def test_the_path_that_delays_is_in_force_and_the_stage_loses_nothing(lab: Lab, tmp_path: Path) -> None:
+    st = lab.up(["pbs.twimg.com"], Link(0.05))
+    tc = require_tool("tc", "iproute2")
+    qdiscs = capture(lab.exec_argv("router", [tc, "qdisc", "show"]), "tc").out
+    if st.link.path == PATH_NETEM:  # a stock kernel: netem on both ports, no stage
+        assert qdiscs.count("netem") == 2 and st.link.stage is None
+        return
+    assert st.link.path == PATH_STAGE and "netem" not in qdiscs
+    run_upload(lab, tmp_path, 1 << 20)
+    time.sleep(1.2)  # the stage writes its counts once a second
+    counts = lab.status().link.counts or {}
+    assert counts.get("delayed", 0) > 700 and counts.get("queue_dropped") == 0 and counts.get("holding") == 0
+
+
+def test_jitter_spreads_round_trips_and_keeps_order(lab: Lab, tmp_path: Path) -> None:
+    lab.up(["pbs.twimg.com"], Link(0.1))
+    steady = pings(lab, 20, 0.05)
+    st = lab.up(["pbs.twimg.com"], Link(0.1, 0.02))
+    jittery = pings(lab, 20, 0.05)
+    assert max(jittery) - min(jittery) > 3 * (max(steady) - min(steady)) and max(jittery) - min(jittery) > 5
+    assert 80 < min(jittery) and max(jittery) < 121  # each way 50 +- 10 ms: 100 +- 20 ms, +1 for the lab
+    cap = tmp_path / "server.pcap"
+    with Capture(lab, "server", SERVER_IF, cap):
+        time.sleep(0.2)
+        run_upload(lab, tmp_path, 2 << 20)
+        time.sleep(0.3)
+    data = [s for s in (parse_segment(ts, ip) for ts, ip in read_packets(str(cap))) if s is not None
+            and s.dport == 80 and s.length > 0]
+    assert len(data) > 1000
+    if st.link.path == PATH_NETEM:
+        return  # netem draws each packet's jitter on its own and reorders them (the README says so)
+    assert all(b.seq > a.seq for a, b in zip(data, data[1:]))  # in order: no packet overtook another
+
+
+def test_bottleneck_holds_a_transfer_near_its_rate_and_congests(lab: Lab, tmp_path: Path) -> None:
+    st = lab.up(["pbs.twimg.com"], Link(0.02, 0.0, 5e6 / 8))
+    assert st.link.link.bottleneck == 5e6 / 8
+    speed = run_upload(lab, tmp_path, 2 << 20) * 8
+    assert 0.75 * 5e6 < speed < 1.02 * 5e6
+    with upload(lab, tmp_path, 2 << 20) as first, upload(lab, tmp_path, 2 << 20) as second:
+        assert first.wait(60) == 0 and second.wait(60) == 0
+    tc = require_tool("tc", "iproute2")
+    shown = capture(lab.exec_argv("router", [tc, "-s", "qdisc", "show", "dev", ROUTER_PORTS[0]]), "tc").out
+    dropped = int(re.search(r"dropped (\d+)", shown).group(1))  # type: ignore[union-attr]
+    assert dropped > 0, shown  # congestion loss no censor caused
+
+
+def test_up_without_a_link_takes_it_off(lab: Lab) -> None:
+    st = lab.up(["pbs.twimg.com"], Link())
+    assert st.link.link == Link() and st.link.path == "" and st.link.stage is None
+    assert statistics.median(pings(lab, 5, 0.05)) < 5
+    kept = lab.up(["pbs.twimg.com"], Link(0.03))
+    assert lab.up().link.link == kept.link.link == Link(0.03)  # up() keeps the link it has
