@@ -188,7 +188,7 @@ def _lossless(tr: FlowTrace, seq: PacketSeq) -> Inference:
                          queue_delay=Estimate(q.delay, q.delay_error))
     # losses this trace may not show: QUIC's are encrypted, and at the receiver a drop at the end of
     # a flight leaves no hole (its retransmission arrives in order)
-    blind = tr.transport != "tcp" or not tr.acks or vantage(tr) == "receiver"
+    blind = not tr.losses_known or tr.transport != "tcp" or not tr.acks or vantage(tr) == "receiver"
     if blind:
         guess = _arrivals_only(tr, seq, "no losses visible")
         if guess is not None:

@@ -35,8 +35,8 @@ def _really_lost(tr: FlowTrace) -> list[Loss]:
     """The sender side's losses without the spurious ones. A copy was not lost when the receiver
     reported the bytes twice (a D-SACK block, RFC 2883: below the cumulative ACK or inside another
     block), or when an ACK covering it came back sooner after its resending than a round trip
-    allows (so the first copy arrived)."""
-    if not tr.acks:
+    allows (so the first copy arrived). Two matched captures' losses are exact already."""
+    if not tr.acks or tr.matched:
         return list(tr.losses)
     # Each D-SACK clears one loss: of the copies of those bytes sent before it, the last one
     # read as lost arrived (the copy after it was the duplicate).
@@ -201,7 +201,11 @@ def delivery_rate(tr: FlowTrace, above: float) -> tuple[float, float] | None:
 
 
 def queueing(tr: FlowTrace, seq: PacketSeq) -> Queueing | None:
-    """Round-trip inflation (a queue) and whether the rate held; None without round-trip samples."""
+    """Round-trip inflation (a queue) and whether the rate held; None without round-trip samples.
+    A receiver's samples (an ACK to the data that echoes its timestamp) also hold the sender's
+    waits for its retransmission timer, which grow with every loss: no evidence of a queue."""
+    if vantage(tr) == "receiver" and not tr.matched:
+        return None
     samples = sorted(tr.rtt)
     if len(samples) < 5:
         return None
