@@ -118,7 +118,16 @@ class Estimate:
 
 @dataclass(slots=True)
 class Inference:
-    """What limited a flow direction, as far as its trace can tell."""
+    """What limited a flow direction, as far as its trace can tell (`throttle.infer.fit`).
+
+    Which fields each mechanism sets: police: rate_bps, burst_bytes; window: rate_bps (burst per
+    period), burst_bytes, period, duty; shape: rate_bps, and queue_delay where round trips were
+    measured; freeze and reset: after_bytes; crawl: queue_delay (the handshake's excess over a
+    round trip); timeout and none: nothing. A confidence under 0.5 means the trace could not tell
+    (no losses visible, too few packets, a capture started mid-flow): read it as a hint.
+    `scores` holds each model's agreement with the trace ("police", "window", "random": the same
+    fit of losses scattered at random; "queue", "shared" where they were tried).
+    """
 
     trace: FlowTrace
     mechanism: Mechanism
