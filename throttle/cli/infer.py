@@ -95,7 +95,7 @@ def read_captures(captures: Sequence[Path]) -> tuple[list[FlowTrace], list[str]]
 
 
 def fit(traces: list[FlowTrace]) -> list[Inference]:
-    from throttle.infer.fit import infer as fit_traces  # type: ignore[import-not-found]
+    from throttle.infer.fit import infer as fit_traces
 
     result: list[Inference] = fit_traces(traces)
     return result
