@@ -27,6 +27,8 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -236,8 +238,10 @@ def competing(lab: Lab, case: Case, workdir: Path) -> Background:
     return Background(lab.exec_argv("client", argv), ready="", what="the competing transfer", stop_timeout=5)
 
 
-def run_case(lab: Lab, case: Case, workdir: Path, infer: Callable[[Path], list[Any]]) -> list[Sample]:
-    """One run of a case, captured at both ends; a sample per capture."""
+def run_case(lab: Lab, case: Case, workdir: Path, infer: Callable[[Path], list[Any]],
+             keep: Path | None = None) -> list[Sample]:
+    """One run of a case, captured at both ends; a sample per capture (the captures copied to
+    `keep`, named after the case, when given)."""
     scen_path = workdir / "case.toml"
     scen_path.write_text(scenario_toml(case))
     scenario = load_scenario(scen_path)
@@ -256,6 +260,9 @@ def run_case(lab: Lab, case: Case, workdir: Path, infer: Callable[[Path], list[A
         time.sleep(0.3)  # the last packets reach the capture files
     samples = []
     for side, path in caps.items():
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, keep / (re.sub(r"[^A-Za-z0-9]+", "-", case.label) + f"-{side}.pcap"))
         infs = infer(path)
         main = _pick(infs, NAME, case)
         second = _pick(infs, SECOND, case) if case.shared else None
@@ -278,7 +285,7 @@ def _pick(infs: Sequence[Any], name: str, case: Case) -> Any:
 
 
 def run_grid(cases: Sequence[Case], lab: Lab, infer: Callable[[Path], list[Any]],
-             say: Callable[[str], None]) -> Summary:
+             say: Callable[[str], None], keep: Path | None = None) -> Summary:
     summary = Summary()
     have = supported()
     todo = []
@@ -298,7 +305,7 @@ def run_grid(cases: Sequence[Case], lab: Lab, infer: Callable[[Path], list[Any]]
             eta = left if i == 1 else done / (i - 1) * (len(todo) - i + 1)
             say(f"case {i} of {len(todo)}: {case.label} (ETA {eta / 60:.1f} min)")
             try:
-                got = run_case(lab, case, Path(tmp), infer)
+                got = run_case(lab, case, Path(tmp), infer, keep)
             except Exception as exc:  # a case the lab could not run: counted, the grid goes on
                 summary.errors.append(f"{case.label}: {type(exc).__name__}: {exc}")
                 say(f"  error: {exc}")
@@ -395,12 +402,13 @@ def infer_capture(path: Path) -> list[Any]:
     return result
 
 
-def bench(cases: Sequence[Case], lab_name: str, say: Callable[[str], None]) -> dict[str, Any]:
+def bench(cases: Sequence[Case], lab_name: str, say: Callable[[str], None],
+          keep: Path | None = None) -> dict[str, Any]:
     lab = Lab(lab_name)
     lab.down()
     try:
         lab.up([NAME, SECOND, CONTROL, OTHER])
-        summary = run_grid(cases, lab, infer_capture, say)
+        summary = run_grid(cases, lab, infer_capture, say, keep)
     finally:
         lab.down()
     return score(summary)
@@ -412,14 +420,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--lab", default=LAB, help=f"lab name (default {LAB}); taken down first and at the end")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--list", action="store_true", help="list the grid's cases and exit")
+    p.add_argument("--only", metavar="TEXT", help="only the cases whose label contains TEXT")
+    p.add_argument("--keep", metavar="DIR", type=Path, help="keep each case's two captures in DIR")
     a = p.parse_args(argv)
     cases = reduced_grid() if a.reduced else full_grid()
+    if a.only:
+        cases = [c for c in cases if a.only in c.label]
     if a.list:
         for case in cases:
             print(case.label)
         print(f"{len(cases)} cases, about {sum(c.seconds() + 6 for c in cases) / 60:.0f} min", file=sys.stderr)
         return 0
-    result = bench(cases, a.lab, lambda text: print(text, file=sys.stderr, flush=True))
+    result = bench(cases, a.lab, lambda text: print(text, file=sys.stderr, flush=True), a.keep)
     print(json.dumps(result, indent=2) if a.json else report(result))
     return 0 if all(v is not False for v in verdicts(result).values()) else 1
 

@@ -30,9 +30,10 @@ WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1" ... under pyt
 SPREAD = ("tests/netns/test_run.py::test_bundled_scenario_meets_its_expectations",
           "tests/netns/test_verdicts.py::test_mutated_scenario_fails")
 # Namespace test modules by how long they take (longest first); the others follow in file order.
-LONG_FIRST = ("test_soak.py", "test_run.py", "test_censor.py", "test_counting.py", "test_signal.py",
-              "test_fastpath.py", "test_evasions_matrix.py", "test_bench.py", "test_metrics.py", "test_gateway.py",
-              "test_probes.py", "test_evasion.py")
+LONG_FIRST = ("test_soak.py", "test_infer_bench.py", "test_run.py", "test_censor.py", "test_counting.py",
+              "test_signal.py", "test_fastpath.py", "test_evasions_matrix.py", "test_bench.py", "test_metrics.py",
+              "test_gateway.py", "test_probes.py", "test_evasion.py", "test_infer.py", "test_rtt.py", "test_page.py",
+              "test_infer_read.py")
 
 
 def scenario_path(name: str) -> Path:

@@ -202,6 +202,23 @@ def test_an_injected_reset_and_an_endpoints_own() -> None:
     assert infer(traces)[0].mechanism != "reset"
 
 
+@pytest.mark.parametrize("after, injected", [(0.002, True), (0.06, False)])
+def test_a_reset_sooner_than_a_round_trip_is_injected(after: float, injected: bool) -> None:
+    """A client-side capture: the server's RST looks like the server's own (its TTL, its IP ID
+    counting on), but one that comes 2 ms after the hello, inside a 50 ms round trip, cannot be the
+    server's answer; a round trip later it can."""
+    from throttle.infer.trace import Reset
+
+    tr = FlowTrace("198.18.0.2:40000", "198.18.1.2:443", "tcp", "upload", "pbs.twimg.com", "tls", "sender",
+                   first=0.9, last=1.0, hello_at=1.0, handshake=None, base_rtt=0.05)
+    tr.sent.append(Sent(1.0, 0, 517, 569, False))
+    tr.resets = [Reset(1.0 + after, False, 63, 101, 63, 100, 517)]
+    inf = one_trace(tr)
+    assert (inf.mechanism == "reset") == injected, inf.reason
+    if injected:
+        assert "inside the 50 ms round trip" in inf.reason and inf.after_bytes == 517
+
+
 def test_handshakes_that_time_out_or_crawl() -> None:
     assert one_trace(sim.handshake_trace("timeout")).mechanism == "timeout"
     crawl = one_trace(sim.handshake_trace("crawl", crawl=5.6))

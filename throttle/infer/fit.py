@@ -39,16 +39,43 @@ def _clamp(x: float) -> float:
     return max(0.0, min(1.0, x))
 
 
-def _injected(reset: Reset) -> list[str]:
-    """Why a RST looks injected: its TTL or IP ID unlike what that endpoint sent before."""
+def _injected(reset: Reset, tr: FlowTrace) -> list[str]:
+    """Why a RST looks injected: its TTL or IP ID unlike what that endpoint sent before (an
+    endpoint's TCP packets keep one TTL, so a hop more or less is another sender), or an answer
+    sooner than a round trip allows."""
     why = []
-    if reset.usual_ttl is not None and abs(reset.ttl - reset.usual_ttl) > 1:
+    if reset.usual_ttl is not None and reset.ttl != reset.usual_ttl:
         why.append(f"TTL {reset.ttl} where the endpoint's packets had {reset.usual_ttl}")
+    early = _too_soon(reset, tr)
+    if early:
+        why.append(early)
     if reset.ip_id is not None and reset.usual_ip_id is not None and reset.ip_id != 0:
         step = (reset.ip_id - reset.usual_ip_id) % 65536
         if step == 0 or step > 1000:
             why.append(f"IP ID {reset.ip_id} after the endpoint's {reset.usual_ip_id}")
     return why
+
+
+def _too_soon(reset: Reset, tr: FlowTrace) -> str:
+    """A RST from the far end (from where the capture was taken) that came less than half a round
+    trip after the near end's last packet: the far end cannot have seen that packet yet, so
+    something between them answered it (a censor near the capture point)."""
+    side = vantage(tr)
+    if side == "unknown" or not tr.base_rtt or tr.base_rtt < 0.004:
+        return ""  # without a round trip of some milliseconds timing tells nothing
+    near_is_client = (tr.direction == "upload") == (side == "sender")
+    if reset.from_client == near_is_client:
+        return ""
+    near = [s.t for s in tr.sent] if side == "sender" else [a.t for a in tr.acks]
+    before = [t for t in near if t <= reset.t]
+    if not before:
+        return ""
+    gap = reset.t - max(before)
+    if gap >= tr.base_rtt / 2:
+        return ""
+    far = "client" if reset.from_client else "server"
+    return (f"the {far}'s RST came {gap * 1000:.1f} ms after the packet it followed, inside the "
+            f"{tr.base_rtt * 1000:.0f} ms round trip")
 
 
 def _handshake(tr: FlowTrace) -> Inference | None:
@@ -71,10 +98,10 @@ def _handshake(tr: FlowTrace) -> Inference | None:
 
 def _reset(tr: FlowTrace) -> Inference | None:
     for r in tr.resets:
-        why = _injected(r)
+        why = _injected(r, tr)
         if why:
-            return Inference(tr, "reset", 0.9 if len(why) == 2 else 0.75,
-                             f"RST after {r.after_bytes} bytes with " + " and ".join(why),
+            return Inference(tr, "reset", 0.9 if len(why) >= 2 else 0.75,
+                             f"RST after {r.after_bytes} bytes: " + "; ".join(why),
                              after_bytes=r.after_bytes)
     return None
 
@@ -170,7 +197,9 @@ def _lossy(tr: FlowTrace, seq: PacketSeq) -> Inference:
     best = max(scores["police"], scores["window"])
     if vantage(tr) == "receiver":
         # holes place losses only roughly (a hole's packets may have been dropped flights earlier)
-        guess = _arrivals_only(tr, seq, f"{n_loss} losses no bucket explains")
+        # (only a window's bursts: a plateau is what random loss gives too, and the losses here
+        # are visible and follow no bucket)
+        guess = _arrivals_only(tr, seq, f"{n_loss} losses no bucket explains", plateaus=False)
         if guess is not None:
             guess.scores = scores
             return guess
@@ -201,7 +230,7 @@ def _lossless(tr: FlowTrace, seq: PacketSeq) -> Inference:
     return Inference(tr, "none", 0.8, "no loss")
 
 
-def _arrivals_only(tr: FlowTrace, seq: PacketSeq, why: str) -> Inference | None:
+def _arrivals_only(tr: FlowTrace, seq: PacketSeq, why: str, plateaus: bool = True) -> Inference | None:
     """What the passes alone suggest (a window's bursts, a policer's plateau), at low confidence."""
     passes = PacketSeq([t for t, ok in zip(seq.t, seq.passed) if ok],
                        [w for w, ok in zip(seq.wire, seq.passed) if ok], [True] * (len(seq.t) - seq.losses))
@@ -213,7 +242,15 @@ def _arrivals_only(tr: FlowTrace, seq: PacketSeq, why: str) -> Inference | None:
                          f"{why}; {passed / 1000:.1f} KB arrives in each {period:.3f} s interval, then nothing",
                          rate_bps=Estimate(budget / period * 8, budget / period * 0.8),
                          burst_bytes=Estimate(budget, budget * 0.2), period=Estimate(period, period * 0.05))
-    flat = plateau(passes)
+    flat = plateau(passes) if plateaus else None
+    if flat is not None and not tr.losses_known and vantage(tr) == "sender":
+        # what a sender sends includes what the policer then drops, which this trace cannot see
+        # (QUIC's acknowledgements are encrypted): the plateau bounds the rate, it does not give it
+        rate, burst = flat
+        return Inference(tr, "police", 0.3,
+                         f"{why}; the sender holds at {rate * 8 / 1000:.0f} kbit/s after a {burst / 1000:.1f} KB "
+                         "burst: a limit at or below that rate (its losses are out of sight here: a capture at "
+                         "the receiver gives the rate)")
     if flat is not None:
         rate, burst = flat
         return Inference(tr, "police", 0.45 if burst >= 4 * tr.mss else 0.3,
@@ -275,6 +312,8 @@ def infer(traces: list[FlowTrace]) -> list[Inference]:
         seqs = [singles[m][1] for m in members]
         if any(s is None for s in seqs) or any(out[m].mechanism not in ("police", "none") for m in members):
             continue
+        if any(out[m].scores.get("queue", 0.0) >= 0.3 for m in members):
+            continue  # round trips grew before the losses: a queue dropped them, and a policer queues nothing
         merged = PacketSeq([], [], [])
         owner: list[int] = []
         for t, w, ok, m in sorted(x for m, s in zip(members, seqs) if s is not None

@@ -247,9 +247,15 @@ def stalled(tr: FlowTrace, seq: PacketSeq) -> tuple[int, float, str] | None:
         sure = 0.85 if len(tries) >= 3 and waited >= 1.0 else 0.5
         return (tr.delivered, sure, f"nothing delivered after {tr.delivered} bytes: {len(tries)} transmissions "
                 f"over {waited:.1f} s went unacknowledged and the flow never closed")
-    if seq.losses == 0 and tr.transport == "tcp" and 0 < tr.delivered < 1_000_000:
+    if tr.transport != "tcp" or not 0 < tr.delivered < 1_000_000:
+        return None
+    if seq.losses == 0:
         return (tr.delivered, 0.45, f"nothing arrived after {tr.delivered} bytes and the flow never closed "
                 "(receiver side: the sender's retries are out of sight)")
+    cut = seq.passed.index(False)
+    if sum(seq.passed[cut:]) <= 1:  # losses at the end only: the sender went on, nothing came through
+        return (tr.delivered, 0.7, f"nothing arrived after {tr.delivered} bytes though the sender went on "
+                f"({seq.losses} packets missing at the end) and the flow never closed")
     return None
 
 
