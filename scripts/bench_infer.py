@@ -256,7 +256,8 @@ def run_case(lab: Lab, case: Case, workdir: Path, infer: Callable[[Path], list[A
                 stack.enter_context(competing(lab, case, workdir))
                 time.sleep(1.0 + 4 * case.rtt_ms / 1000)
 
-        run_scenario(scenario, lab_name=lab.name, keep=True, baseline=False, on_phase=phase)
+        run_scenario(scenario, lab_name=lab.name, keep=True, baseline=False, on_phase=phase,
+                     metrics_listen="off")  # the machine-wide default port is the demo's
         time.sleep(0.3)  # the last packets reach the capture files
     samples = []
     for side, path in caps.items():
@@ -422,10 +423,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--list", action="store_true", help="list the grid's cases and exit")
     p.add_argument("--only", metavar="TEXT", help="only the cases whose label contains TEXT")
     p.add_argument("--keep", metavar="DIR", type=Path, help="keep each case's two captures in DIR")
+    p.add_argument("--every", metavar="K", type=int, default=1,
+                   help="every K-th case of the grid only (a sample of the full grid in 1/K of its time)")
     a = p.parse_args(argv)
     cases = reduced_grid() if a.reduced else full_grid()
     if a.only:
         cases = [c for c in cases if a.only in c.label]
+    if a.every < 1:
+        p.error("--every takes a whole number of 1 or more")
+    cases = cases[::a.every]
     if a.list:
         for case in cases:
             print(case.label)

@@ -247,8 +247,9 @@ def bridge_port(name: str) -> bool:
 
 
 def start_metrics(listen: str | None, scenario: Scenario | None = None) -> tuple[Metrics | None, str | None]:
-    """The exporter's HTTP server (the metrics, and the live page of `scenario` at its root), bound now, in this (the host's) namespace: it stays reachable
-    from the host after the process enters the lab's namespace. `listen` None means the default,
+    """The exporter's HTTP server (the metrics, and the live page of `scenario` at its root), bound
+    now, in this (the host's) namespace: it stays reachable from the host after the process enters
+    the lab's namespace. `listen` None means the default,
     where a busy port is only a warning; "off" means none. Returns (metrics, a line to print)."""
     if listen == "off":
         return None, None

@@ -61,7 +61,7 @@ def capture(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Path:
     scenario = load_scenario(trimmed(tmp))
     path = tmp / "client.pcap"
     with Capture(lab, "client", CLIENT_IF, path, snaplen=0):
-        run_scenario(scenario, lab_name=lab.name, keep=True, baseline=False)
+        run_scenario(scenario, lab_name=lab.name, keep=True, baseline=False, metrics_listen="off")
         time.sleep(0.3)
     return path
 

@@ -106,10 +106,16 @@ def test_the_path_that_delays_is_in_force_and_the_stage_loses_nothing(lab: Lab, 
 
 def test_jitter_spreads_round_trips_and_keeps_order(lab: Lab, tmp_path: Path) -> None:
     lab.up(["pbs.twimg.com"], Link(0.1))
-    steady = pings(lab, 20, 0.05)
+    # A round's first ping may wait for the neighbour to be resolved after the link changed (a CI
+    # run: 147 ms, then 100.0 ms nineteen times): it is left out, and spreads are the middle 80%.
+    steady = sorted(pings(lab, 21, 0.05)[1:])
     st = lab.up(["pbs.twimg.com"], Link(0.1, 0.02))
-    jittery = pings(lab, 20, 0.05)
-    assert max(jittery) - min(jittery) > 3 * (max(steady) - min(steady)) and max(jittery) - min(jittery) > 5
+    jittery = sorted(pings(lab, 21, 0.05)[1:])
+
+    def spread(times: list[float]) -> float:
+        return times[-3] - times[2]
+
+    assert spread(jittery) > 3 * spread(steady) and spread(jittery) > 5
     assert 80 < min(jittery) and max(jittery) < 121  # each way 50 +- 10 ms: 100 +- 20 ms, +1 for the lab
     cap = tmp_path / "server.pcap"
     with Capture(lab, "server", SERVER_IF, cap):

@@ -131,7 +131,9 @@ def check_scenario(scenario_path: Path, original: Sequence[Inference],
     try:
         phase(f"capturing at the {side} while {scenario.name} runs")
         with Capture(lab, side, CLIENT_IF if side == "client" else SERVER_IF, path, snaplen=0):
-            report = run_scenario(scenario, lab_name=lab_name, keep=True, on_phase=phase, baseline=False)
+            # no metrics: the default port is the one `throttle demo` and a user's censor expect
+            report = run_scenario(scenario, lab_name=lab_name, keep=True, on_phase=phase, baseline=False,
+                                  metrics_listen="off")
             time.sleep(0.3)  # the last packets reach the capture file
     finally:
         if not was_up:

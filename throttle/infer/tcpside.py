@@ -321,7 +321,15 @@ class TcpSide:
         while ph < len(pe) and pe[ph] <= acked:
             newest = ph
             ph += 1
-        if newest >= 0 and pt[newest] >= 0 and t >= pt[newest]:
+        # An ACK that fills a hole jumps over data the receiver had SACKed a while ago: its newest
+        # segment waited for the retransmission, not for a round trip (a policer's losses then read
+        # as a growing queue), so it gives no sample.
+        fills_hole = bool(self._sack_s) and self._sack_s[0] < acked
+        # An ACK of one segment alone may have waited for the receiver's delayed-ACK timer (40 ms
+        # and more on Linux), which a slow policed flow meets at every lone segment and which would
+        # read as a queue; an ACK covering two or more was sent at once.
+        lone = newest == self._pend_head
+        if newest >= 0 and pt[newest] >= 0 and t >= pt[newest] and not fills_hole and not lone:
             self.rtt_sender.append((t, t - pt[newest]))
         if ph > 4096 and ph * 2 > len(pe):
             del pe[:ph], pt[:ph]
