@@ -60,7 +60,7 @@ def _too_soon(reset: Reset, tr: FlowTrace) -> str:
     """A RST from the far end (from where the capture was taken) that came less than half a round
     trip after the near end's last packet: the far end cannot have seen that packet yet, so
     something between them answered it (a censor near the capture point)."""
-    side = vantage(tr)
+    side = tr.vantage  # as read, not guessed: which end is near decides the whole argument
     if side == "unknown" or not tr.base_rtt or tr.base_rtt < 0.004:
         return ""  # without a round trip of some milliseconds timing tells nothing
     near_is_client = (tr.direction == "upload") == (side == "sender")
