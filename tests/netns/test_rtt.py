@@ -117,17 +117,36 @@ def test_jitter_spreads_round_trips_and_keeps_order(lab: Lab, tmp_path: Path) ->
 
     assert spread(jittery) > 3 * spread(steady) and spread(jittery) > 5
     assert 80 < min(jittery) and max(jittery) < 121  # each way 50 +- 10 ms: 100 +- 20 ms, +1 for the lab
-    cap = tmp_path / "server.pcap"
-    with Capture(lab, "server", SERVER_IF, cap):
+    # Order is judged against the client's own capture, not by sequence numbers: on a busy machine
+    # a retransmission (a CI run) or a sequence number that wraps would look like reordering.
+    caps = {role: tmp_path / f"{role}.pcap" for role in ("client", "server")}
+    with Capture(lab, "client", CLIENT_IF, caps["client"]) as sent, Capture(lab, "server", SERVER_IF, caps["server"]):
         time.sleep(0.2)
         run_upload(lab, tmp_path, 2 << 20)
         time.sleep(0.3)
-    data = [s for s in (parse_segment(ts, ip) for ts, ip in read_packets(str(cap))) if s is not None
-            and s.dport == 80 and s.length > 0]
-    assert len(data) > 1000
+    order = {role: data_keys(path) for role, path in caps.items()}
+    assert len(order["server"]) > 1000
     if st.link.path == PATH_NETEM:
         return  # netem draws each packet's jitter on its own and reorders them (the README says so)
-    assert all(b.seq > a.seq for a, b in zip(data, data[1:]))  # in order: no packet overtook another
+    place = {key: i for i, key in enumerate(order["client"])}
+    seen = [place[key] for key in order["server"] if key in place]
+    assert len(seen) > 0.95 * len(order["server"]) or sent.kernel_drops > 0
+    assert all(b > a for a, b in zip(seen, seen[1:]))  # in order: no packet overtook another
+
+
+def data_keys(path: Path) -> list[tuple[int, int, int]]:
+    """The upload's data packets in the order captured, each as (sequence number, length, how many
+    times that segment was seen before): a retransmission is a packet of its own."""
+    times: dict[tuple[int, int], int] = {}
+    keys = []
+    for ts, ip in read_packets(str(path)):
+        s = parse_segment(ts, ip)
+        if s is None or s.dport != 80 or s.length == 0:
+            continue
+        n = times.get((s.seq, s.length), 0)
+        times[(s.seq, s.length)] = n + 1
+        keys.append((s.seq, s.length, n))
+    return keys
 
 
 def test_bottleneck_holds_a_transfer_near_its_rate_and_congests(lab: Lab, tmp_path: Path) -> None:
