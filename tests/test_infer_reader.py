@@ -12,7 +12,7 @@ from scapy.utils import wrpcapng  # type: ignore[import-untyped]
 
 from tests.packets import python_hello, quic_initials
 from throttle.infer.reader import read_traces
-from throttle.infer.trace import FlowTrace
+from throttle.infer.trace import FlowTrace, Inference
 
 CLIENT, SERVER = "198.18.0.2", "198.18.2.2"
 CLIENT6, SERVER6 = "fd00::2", "fd00:2::2"
@@ -385,6 +385,67 @@ def test_quic_from_both_captures_matches_datagrams_for_exact_losses(tmp_path: Pa
     assert down.matched and down.losses_known and down.vantage == "sender"
     assert [(loss.start, loss.length) for loss in down.losses] == [(1107 + 4 * 1200, 1200)]
     assert len(down.one_way) == 30
+
+
+def _quic_spinning(tmp_path: Path, rtts: list[float], spin: str = "wave", rate: float = 125_000) -> Path:
+    """A QUIC download seen at the client: after the handshake, the server's 1-RTT packets at
+    `rate` bytes/s and the client's ACKs every 5 ms, both spin bits following a wave whose k-th
+    half-period is rtts[k] (`spin="random"`: a bit drawn for each packet, as an opted-out endpoint may)."""
+    import random as _random
+
+    initials = quic_initials("video.example.com")
+    c, s = ("198.18.0.2", 51000), ("198.18.2.2", 443)
+    dgram = lambda a, b, data: raw(IP(src=a[0], dst=b[0]) / UDP(sport=a[1], dport=b[1]) / data)  # noqa: E731
+    t = 10.0
+    out = [(t, dgram(c, s, data)) for data in initials]
+    out.append((t + 2 * ONE_WAY, dgram(s, c, bytes([0xC0]) + b"\x00\x00\x00\x01\x00\x00" + bytes(1100))))
+    out.append((t + 2 * ONE_WAY + 0.0001, dgram(c, s, bytes([0xE0]) + b"\x00\x00\x00\x01\x00\x00" + bytes(60))))
+    edges, at = [], t + 0.1
+    for r in rtts:
+        at += r
+        edges.append(at)
+    draw = _random.Random(7)
+    start, end = t + 0.1, edges[-1]
+    n = int((end - start) * rate / 1200)
+    for i in range(n):
+        ts = start + i * 1200 / rate
+        bit = draw.random() < 0.5 if spin == "random" else sum(1 for e in edges if e <= ts) % 2 == 1
+        out.append((ts, dgram(s, c, bytes([0x40 | (0x20 if bit else 0)]) + bytes([i % 256]) * 1199)))
+    for k in range(int((end - start) / 0.005)):
+        ts = start + k * 0.005 + 0.0002
+        bit = draw.random() < 0.5 if spin == "random" else sum(1 for e in edges if e <= ts) % 2 == 0
+        out.append((ts, dgram(c, s, bytes([0x40 | (0x20 if bit else 0)]) + bytes(40))))
+    return write_pcap(tmp_path / "spin.pcap", sorted(out, key=lambda p: p[0]))
+
+
+def test_quic_round_trips_come_from_the_spin_bit(tmp_path: Path) -> None:
+    rtts = [0.05 + 0.01 * k for k in range(20)]  # a queue building: 50 ms to 240 ms
+    down = only(read(_quic_spinning(tmp_path, rtts)), "download")
+    spins = [r for _, r in down.rtt[1:]]  # after the handshake's
+    assert len(spins) >= 15
+    assert all(any(abs(r - x) < 0.0025 for x in rtts) for r in spins)  # each a round trip, to a packet's spacing
+    assert max(spins) > 0.2 and down.base_rtt == pytest.approx(2 * ONE_WAY, abs=2e-3)
+
+
+def test_a_spin_bit_drawn_at_random_gives_no_round_trips(tmp_path: Path) -> None:
+    down = only(read(_quic_spinning(tmp_path, [0.05] * 20, spin="random")), "download")
+    assert len(down.rtt) == 1  # the handshake's alone
+
+
+def test_a_quic_rate_that_holds_while_a_queue_grows_is_no_policer(tmp_path: Path) -> None:
+    from throttle.infer.fit import infer
+
+    def download(rtts: list[float], spin: str = "wave") -> Inference:
+        return [i for i in infer(read(_quic_spinning(tmp_path, rtts, spin))) if i.trace.direction == "download"][0]
+
+    long_queue = download([0.05 + 0.01 * k for k in range(40)])  # to 440 ms: a shaper's queue
+    assert long_queue.mechanism == "shape" and long_queue.queue_delay is not None
+    short_queue = download([0.05 + 0.002 * k for k in range(40)] + [0.13] * 20)  # 80 ms more: congestion's
+    assert short_queue.mechanism == "none" and "queue" in short_queue.reason
+    assert short_queue.queue_delay is not None and 0.05 < short_queue.queue_delay.value < 0.1
+    no_queue, unmeasured = download([0.05] * 60), download([0.05] * 60, "random")
+    assert no_queue.mechanism == unmeasured.mechanism == "police"
+    assert no_queue.confidence > unmeasured.confidence  # round trips that did not grow rule a queue out
 
 
 # --- robustness -------------------------------------------------------------------------------

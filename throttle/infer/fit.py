@@ -25,14 +25,15 @@ from collections import defaultdict
 
 from throttle.infer.fit_bucket import (BucketFit, PacketSeq, WindowFit, agreement, balanced, fit_police,
                                        fit_window)
-from throttle.infer.fit_flow import (burst_starts, packets, peak_rate, plateau, queueing, stalled, steady_rate,
-                                     vantage)
+from throttle.infer.fit_flow import (Queueing, burst_starts, packets, peak_rate, plateau, queueing, stalled,
+                                     steady_rate, vantage)
 from throttle.infer.trace import Estimate, FlowTrace, Inference, Reset
 
 MIN_PACKETS = 8
 POLICE_SCORE = 0.9  # balanced agreement a bucket must reach to explain the losses
 NULL_MARGIN = 0.15  # ... and by how much it must beat the same fit of scattered losses
 OWN_QUEUE_SCORE = 0.98  # a queue whose drops this flow's packets alone replay: a shaper
+QUEUE_SEEN = 0.02  # seconds of round-trip growth that is a queue, not the path's noise
 
 
 def _clamp(x: float) -> float:
@@ -221,7 +222,7 @@ def _lossless(tr: FlowTrace, seq: PacketSeq) -> Inference:
     # a flight leaves no hole (its retransmission arrives in order)
     blind = not tr.losses_known or tr.transport != "tcp" or not tr.acks or vantage(tr) == "receiver"
     if blind:
-        guess = _arrivals_only(tr, seq, "no losses visible")
+        guess = _arrivals_only(tr, seq, "no losses visible", queue=q)
         if guess is not None:
             return guess
         if tr.transport == "tcp":
@@ -230,8 +231,10 @@ def _lossless(tr: FlowTrace, seq: PacketSeq) -> Inference:
     return Inference(tr, "none", 0.8, "no loss")
 
 
-def _arrivals_only(tr: FlowTrace, seq: PacketSeq, why: str, plateaus: bool = True) -> Inference | None:
-    """What the passes alone suggest (a window's bursts, a policer's plateau), at low confidence."""
+def _arrivals_only(tr: FlowTrace, seq: PacketSeq, why: str, plateaus: bool = True,
+                   queue: Queueing | None = None) -> Inference | None:
+    """What the passes alone suggest (a window's bursts, a policer's plateau), at low confidence.
+    Round trips measured along the flow (`queue`: QUIC's spin bit) say which plateau a queue held."""
     passes = PacketSeq([t for t, ok in zip(seq.t, seq.passed) if ok],
                        [w for w, ok in zip(seq.wire, seq.passed) if ok], [True] * (len(seq.t) - seq.losses))
     starts = burst_starts(passes, 3 * (tr.base_rtt or 0.0))
@@ -243,17 +246,25 @@ def _arrivals_only(tr: FlowTrace, seq: PacketSeq, why: str, plateaus: bool = Tru
                          rate_bps=Estimate(budget / period * 8, budget / period * 0.8),
                          burst_bytes=Estimate(budget, budget * 0.2), period=Estimate(period, period * 0.05))
     flat = plateau(passes) if plateaus else None
+    base = tr.base_rtt or 0.0
+    if flat is not None and queue is not None and queue.delay >= max(0.5 * base, QUEUE_SEEN):
+        # a policer holds no queue: a rate that held while round trips grew is a queue's drain rate
+        return Inference(tr, "none", 0.45,
+                         f"{why}; the rate holds at {flat[0] * 8 / 1000:.0f} kbit/s while round trips grew by "
+                         f"{queue.delay * 1000:.0f} ms: a queue (congestion, or a shaper) held it, not a policer",
+                         queue_delay=Estimate(queue.delay, queue.delay_error))
+    unqueued = queue is not None  # round trips measured, and they did not grow
     if flat is not None and not tr.losses_known and vantage(tr) == "sender":
         # what a sender sends includes what the policer then drops, which this trace cannot see
         # (QUIC's acknowledgements are encrypted): the plateau bounds the rate, it does not give it
         rate, burst = flat
-        return Inference(tr, "police", 0.3,
+        return Inference(tr, "police", 0.4 if unqueued else 0.3,
                          f"{why}; the sender holds at {rate * 8 / 1000:.0f} kbit/s after a {burst / 1000:.1f} KB "
                          "burst: a limit at or below that rate (its losses are out of sight here: a capture at "
                          "the receiver gives the rate)")
     if flat is not None:
         rate, burst = flat
-        return Inference(tr, "police", 0.45 if burst >= 4 * tr.mss else 0.3,
+        return Inference(tr, "police", (0.45 if burst >= 4 * tr.mss else 0.3) + (0.1 if unqueued else 0.0),
                          f"{why}; the rate holds at {rate * 8 / 1000:.0f} kbit/s after a "
                          f"{burst / 1000:.1f} KB burst (a policer or a shaper: losses would tell)",
                          rate_bps=Estimate(rate * 8, rate * 0.4), burst_bytes=Estimate(burst, burst * 0.5))

@@ -202,10 +202,10 @@ def delivery_rate(tr: FlowTrace, above: float) -> tuple[float, float] | None:
 
 def queueing(tr: FlowTrace, seq: PacketSeq) -> Queueing | None:
     """Round-trip inflation (a queue) and whether the rate held; None without round-trip samples.
-    A receiver's samples (an ACK to the data that echoes its timestamp) also hold the sender's
+    A TCP receiver's samples (an ACK to the data that echoes its timestamp) also hold the sender's
     waits for its retransmission timer, which grow with every loss: no evidence of a queue."""
-    if vantage(tr) == "receiver" and not tr.matched:
-        return None
+    if vantage(tr) == "receiver" and not tr.matched and tr.transport == "tcp":
+        return None  # (QUIC's samples are its spin bit's, taken alike at either end)
     samples = sorted(tr.rtt)
     if len(samples) < 5:
         return None

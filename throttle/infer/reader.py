@@ -48,7 +48,8 @@ class Reading(NamedTuple):
 
 
 class _UdpSide:
-    __slots__ = ("sent", "total", "hashes", "first_payload_at", "max_payload", "header_bytes")
+    __slots__ = ("sent", "total", "hashes", "first_payload_at", "max_payload", "header_bytes", "spin", "short_at",
+                 "edges")
 
     def __init__(self) -> None:
         self.sent: list[Sent] = []
@@ -57,8 +58,18 @@ class _UdpSide:
         self.first_payload_at: float | None = None
         self.max_payload = 0
         self.header_bytes = 0
+        # QUIC's spin bit (RFC 9000 17.4), the one header bit neither encrypted nor protected: it
+        # changes value once per round trip in each direction
+        self.spin: bool | None = None
+        self.short_at = 0.0  # the last short-header packet
+        self.edges: list[tuple[float, float]] = []  # (time, wait since this side's previous packet)
 
     def datagram(self, t: float, payload: bytes, length: int, wire: int) -> None:
+        if payload and payload[0] & 0xC0 == 0x40:  # a short header (1-RTT), its fixed bit set
+            spin = bool(payload[0] & 0x20)
+            if self.spin is not None and spin != self.spin:
+                self.edges.append((t, t - self.short_at))
+            self.spin, self.short_at = spin, t
         if self.first_payload_at is None:
             self.first_payload_at = t
         if length > self.max_payload:
@@ -465,7 +476,7 @@ def _traces_of(conn: _Conn, dns_names: dict[bytes, str], path: str) -> list[Keye
             out.append(Keyed(trace, conn.tcp[side].ip_ids))
         else:
             assert conn.udp is not None
-            _fill_udp(trace, conn.udp[side], opening)
+            _fill_udp(trace, conn.udp[side], conn.udp[1 - side], opening)
             out.append(Keyed(trace, conn.udp[side].hashes))
     return out
 
@@ -496,15 +507,39 @@ def _fill_tcp(trace: FlowTrace, me: TcpSide, peer: TcpSide, opening: list[tuple[
         trace.delivered = me.contiguous()
 
 
-def _fill_udp(trace: FlowTrace, me: _UdpSide, opening: list[tuple[float, float]]) -> None:
+def _fill_udp(trace: FlowTrace, me: _UdpSide, peer: _UdpSide, opening: list[tuple[float, float]]) -> None:
     trace.mss = me.max_payload
     trace.header_bytes = me.header_bytes
     trace.sent = me.sent
     trace.payload = me.total
     trace.delivered = me.total if trace.vantage == "receiver" else 0
     trace.losses_known = False
-    trace.rtt = list(opening)
-    trace.base_rtt = min((s for _, s in opening), default=None)
+    handshake = min((s for _, s in opening), default=None)
+    # the spin bit's samples, from the side that sent more packets (its edges are timed closer)
+    spins = spin_rtts(me.edges if len(me.sent) >= len(peer.sent) else peer.edges, handshake)
+    trace.rtt = sorted(opening + spins)
+    trace.base_rtt = min((s for _, s in trace.rtt), default=None)
+
+
+SPIN_WAIT = 0.25  # an edge that came this fraction of a round trip after its side's previous packet was held
+
+
+def spin_rtts(edges: list[tuple[float, float]], handshake: float | None) -> list[tuple[float, float]]:
+    """Round trips from one direction's spin-bit edges: the time from one edge to the next, kept
+    only when neither edge waited for its side to have something to send (an idle sender holds the
+    wave back, RFC 9312 section 3.8.1). None at all from an endpoint that spins at random, as one
+    that opts out may (RFC 9000 17.4): most of its intervals are far shorter than the handshake."""
+    out: list[tuple[float, float]] = []
+    short = 0
+    for (t0, wait0), (t1, wait1) in zip(edges, edges[1:]):
+        rtt = t1 - t0
+        if handshake is not None and rtt < 0.5 * handshake:
+            short += 1
+        elif wait0 < SPIN_WAIT * rtt and wait1 < SPIN_WAIT * rtt:
+            out.append((t1, rtt))
+    if short > 0.3 * max(len(edges) - 1, 1):
+        return []
+    return out
 
 
 def _read(path: str | os.PathLike[str]) -> tuple[list[Keyed], str | None]:
