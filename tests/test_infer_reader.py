@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -387,10 +388,12 @@ def test_quic_from_both_captures_matches_datagrams_for_exact_losses(tmp_path: Pa
     assert len(down.one_way) == 30
 
 
-def _quic_spinning(tmp_path: Path, rtts: list[float], spin: str = "wave", rate: float = 125_000) -> Path:
-    """A QUIC download seen at the client: after the handshake, the server's 1-RTT packets at
-    `rate` bytes/s and the client's ACKs every 5 ms, both spin bits following a wave whose k-th
-    half-period is rtts[k] (`spin="random"`: a bit drawn for each packet, as an opted-out endpoint may)."""
+def _quic_spinning(tmp_path: Path, rtts: list[float], spin: str = "wave") -> Path:
+    """A QUIC download seen at the client: after the handshake, the server's 1-RTT packets every
+    ms and the client's ACKs every 5 ms. The spin bits: the client's value changes at its first
+    packet after the server's did, the server's one round trip (rtts[k]: the path and the
+    server's reaction) after the client's change. `spin="random"`: a bit drawn for each packet, as
+    an endpoint that opts out may."""
     import random as _random
 
     initials = quic_initials("video.example.com")
@@ -400,31 +403,38 @@ def _quic_spinning(tmp_path: Path, rtts: list[float], spin: str = "wave", rate: 
     out = [(t, dgram(c, s, data)) for data in initials]
     out.append((t + 2 * ONE_WAY, dgram(s, c, bytes([0xC0]) + b"\x00\x00\x00\x01\x00\x00" + bytes(1100))))
     out.append((t + 2 * ONE_WAY + 0.0001, dgram(c, s, bytes([0xE0]) + b"\x00\x00\x00\x01\x00\x00" + bytes(60))))
-    edges, at = [], t + 0.1
-    for r in rtts:
-        at += r
-        edges.append(at)
     draw = _random.Random(7)
-    start, end = t + 0.1, edges[-1]
-    n = int((end - start) * rate / 1200)
-    for i in range(n):
-        ts = start + i * 1200 / rate
-        bit = draw.random() < 0.5 if spin == "random" else sum(1 for e in edges if e <= ts) % 2 == 1
-        out.append((ts, dgram(s, c, bytes([0x40 | (0x20 if bit else 0)]) + bytes([i % 256]) * 1199)))
-    for k in range(int((end - start) / 0.005)):
-        ts = start + k * 0.005 + 0.0002
-        bit = draw.random() < 0.5 if spin == "random" else sum(1 for e in edges if e <= ts) % 2 == 0
-        out.append((ts, dgram(c, s, bytes([0x40 | (0x20 if bit else 0)]) + bytes(40))))
+    server_bit = client_bit = False
+    server_flip_at = t + 0.1 + rtts[0]  # when the server's next change is due
+    waves = iter(rtts[1:])
+    server_t, client_t, n = t + 0.1, t + 0.1 + 0.0002, 0
+    while True:
+        if server_t <= client_t:
+            if server_t >= server_flip_at:
+                server_bit, server_flip_at = not server_bit, math.inf
+            bit = draw.random() < 0.5 if spin == "random" else server_bit
+            out.append((server_t, dgram(s, c, bytes([0x40 | (0x20 if bit else 0)]) + bytes([n % 256]) * 1199)))
+            server_t, n = server_t + 0.001, n + 1
+        else:
+            if client_bit == server_bit:  # the client inverts what it last saw from the server
+                client_bit = not server_bit
+                nxt = next(waves, None)
+                if nxt is None:
+                    break
+                server_flip_at = client_t + nxt
+            bit = draw.random() < 0.5 if spin == "random" else client_bit
+            out.append((client_t, dgram(c, s, bytes([0x40 | (0x20 if bit else 0)]) + bytes(40))))
+            client_t += 0.005
     return write_pcap(tmp_path / "spin.pcap", sorted(out, key=lambda p: p[0]))
 
 
 def test_quic_round_trips_come_from_the_spin_bit(tmp_path: Path) -> None:
     rtts = [0.05 + 0.01 * k for k in range(20)]  # a queue building: 50 ms to 240 ms
     down = only(read(_quic_spinning(tmp_path, rtts)), "download")
-    spins = [r for _, r in down.rtt[1:]]  # after the handshake's
-    assert len(spins) >= 15
-    assert all(any(abs(r - x) < 0.0025 for x in rtts) for r in spins)  # each a round trip, to a packet's spacing
-    assert max(spins) > 0.2 and down.base_rtt == pytest.approx(2 * ONE_WAY, abs=2e-3)
+    spins = [r for _, r in down.rtt]  # the handshake's is left out (it holds both ends' cryptography)
+    assert len(spins) >= 15 and down.vantage == "receiver"  # the client's reactions are the quick half
+    assert all(any(abs(r - x) < 0.0011 for x in rtts) for r in spins)  # each a round trip, to a packet's spacing
+    assert max(spins) > 0.2 and down.base_rtt == min(spins) < 0.075
 
 
 def test_a_spin_bit_drawn_at_random_gives_no_round_trips(tmp_path: Path) -> None:

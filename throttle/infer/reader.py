@@ -413,7 +413,11 @@ def _vantages(conn: _Conn) -> tuple[Vantage, Vantage]:
     own: list[Vantage | None] = [None, None]
     if conn.tcp is not None:
         own = [_evidence(conn.tcp[0]), _evidence(conn.tcp[1])]
-    near = _near(conn)
+    near = None
+    if conn.udp is not None:  # the spin bit's timing: a QUIC handshake's also holds its cryptography
+        near = spin_rtts(conn.udp[0].edges, conn.udp[1].edges)[1]
+    if near is None:
+        near = _near(conn)
     out: list[Vantage] = []
     for side in (0, 1):
         mine, theirs = own[side], own[1 - side]
@@ -514,32 +518,53 @@ def _fill_udp(trace: FlowTrace, me: _UdpSide, peer: _UdpSide, opening: list[tupl
     trace.payload = me.total
     trace.delivered = me.total if trace.vantage == "receiver" else 0
     trace.losses_known = False
-    handshake = min((s for _, s in opening), default=None)
-    # the spin bit's samples, from the side that sent more packets (its edges are timed closer)
-    spins = spin_rtts(me.edges if len(me.sent) >= len(peer.sent) else peer.edges, handshake)
-    trace.rtt = sorted(opening + spins)
+    spins, _ = spin_rtts(me.edges, peer.edges)
+    # a QUIC handshake's time holds both ends' cryptography (tens of ms in a Python stack): a round
+    # trip only when the spin bit gives none
+    trace.rtt = spins or list(opening)
     trace.base_rtt = min((s for _, s in trace.rtt), default=None)
 
 
-SPIN_WAIT = 0.25  # an edge that came this fraction of a round trip after its side's previous packet was held
+SPIN_WAIT = 0.25  # an edge that came this fraction of a half round after its side's previous packet was held
+SPIN_ALTERNATION = 0.9  # a real spin's edges alternate between the two directions
 
 
-def spin_rtts(edges: list[tuple[float, float]], handshake: float | None) -> list[tuple[float, float]]:
-    """Round trips from one direction's spin-bit edges: the time from one edge to the next, kept
-    only when neither edge waited for its side to have something to send (an idle sender holds the
-    wave back, RFC 9312 section 3.8.1). None at all from an endpoint that spins at random, as one
-    that opts out may (RFC 9000 17.4): most of its intervals are far shorter than the handshake."""
+def spin_rtts(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> tuple[list[tuple[float, float]], int | None]:
+    """Round trips from the spin bits' edges, (time, seconds), taken at the far side's edges, and
+    the side (0 for `a`, 1 for `b`) whose end of the path the capture was taken at, if it shows.
+
+    An endpoint flips (or reflects) its bit when the other's edge reaches it, so at any vantage
+    the two directions' edges alternate, and each gap between them is half of a round trip seen
+    from there: at an endpoint the near half is its own reaction (short) and the far half the
+    whole path; on the path the two halves add up. A far edge that came long after its side's
+    previous packet waited for that side to have something to send (RFC 9312 3.8.1): left out.
+    Nothing at all when the edges do not alternate: an endpoint that opts out may set the bit at
+    random for each packet (RFC 9000 17.4)."""
+    events = sorted([(t, 0, wait) for t, wait in a] + [(t, 1, wait) for t, wait in b])
+    if len(events) < 4:
+        return [], None
+    pairs = list(zip(events, events[1:]))
+    if sum(1 for x, y in pairs if x[1] != y[1]) < SPIN_ALTERNATION * len(pairs):
+        return [], None
+    halves: tuple[list[float], list[float]] = ([], [])  # the half that ends at each side's edge
+    for x, y in pairs:
+        if x[1] != y[1]:
+            halves[y[1]].append(y[0] - x[0])
+    medians = [sorted(h)[len(h) // 2] if h else 0.0 for h in halves]
+    near = 0 if medians[0] < 0.5 * medians[1] else 1 if medians[1] < 0.5 * medians[0] else None
     out: list[tuple[float, float]] = []
-    short = 0
-    for (t0, wait0), (t1, wait1) in zip(edges, edges[1:]):
-        rtt = t1 - t0
-        if handshake is not None and rtt < 0.5 * handshake:
-            short += 1
-        elif wait0 < SPIN_WAIT * rtt and wait1 < SPIN_WAIT * rtt:
-            out.append((t1, rtt))
-    if short > 0.3 * max(len(edges) - 1, 1):
-        return []
-    return out
+    for n, (x, y) in enumerate(pairs):
+        if x[1] == y[1]:
+            continue
+        half = y[0] - x[0]
+        if near is not None:  # at an endpoint: the far half is the round trip
+            if y[1] != near and y[2] < SPIN_WAIT * half:
+                out.append((y[0], half))
+        elif n > 0 and pairs[n - 1][0][1] != x[1]:  # on the path: two halves, neither held back
+            before = x[0] - pairs[n - 1][0][0]
+            if x[2] < SPIN_WAIT * before and y[2] < SPIN_WAIT * half:
+                out.append((y[0], before + half))
+    return out, near
 
 
 def _read(path: str | os.PathLike[str]) -> tuple[list[Keyed], str | None]:
