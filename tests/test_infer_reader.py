@@ -388,12 +388,13 @@ def test_quic_from_both_captures_matches_datagrams_for_exact_losses(tmp_path: Pa
     assert len(down.one_way) == 30
 
 
-def _quic_spinning(tmp_path: Path, rtts: list[float], spin: str = "wave") -> Path:
+def _quic_spinning(tmp_path: Path, rtts: list[float], spin: str = "wave", gaps: float = 0.0) -> Path:
     """A QUIC download seen at the client: after the handshake, the server's 1-RTT packets every
     ms and the client's ACKs every 5 ms. The spin bits: the client's value changes at its first
     packet after the server's did, the server's one round trip (rtts[k]: the path and the
     server's reaction) after the client's change. `spin="random"`: a bit drawn for each packet, as
-    an endpoint that opts out may."""
+    an endpoint that opts out may. `gaps`: the share of the client's ACKs 4 bytes longer (two
+    ranges more: it was missing packets)."""
     import random as _random
 
     initials = quic_initials("video.example.com")
@@ -423,7 +424,8 @@ def _quic_spinning(tmp_path: Path, rtts: list[float], spin: str = "wave") -> Pat
                     break
                 server_flip_at = client_t + nxt
             bit = draw.random() < 0.5 if spin == "random" else client_bit
-            out.append((client_t, dgram(c, s, bytes([0x40 | (0x20 if bit else 0)]) + bytes(40))))
+            longer = 4 if draw.random() < gaps else 0
+            out.append((client_t, dgram(c, s, bytes([0x40 | (0x20 if bit else 0)]) + bytes(40 + longer))))
             client_t += 0.005
     return write_pcap(tmp_path / "spin.pcap", sorted(out, key=lambda p: p[0]))
 
@@ -445,10 +447,11 @@ def test_a_spin_bit_drawn_at_random_gives_no_round_trips(tmp_path: Path) -> None
 def test_a_quic_rate_that_holds_while_a_queue_grows_is_no_policer(tmp_path: Path) -> None:
     from throttle.infer.fit import infer
 
-    def download(rtts: list[float], spin: str = "wave") -> Inference:
-        return [i for i in infer(read(_quic_spinning(tmp_path, rtts, spin))) if i.trace.direction == "download"][0]
+    def download(rtts: list[float], spin: str = "wave", gaps: float = 0.5) -> Inference:
+        capture = _quic_spinning(tmp_path, rtts, spin, gaps)
+        return [i for i in infer(read(capture)) if i.trace.direction == "download"][0]
 
-    long_queue = download([0.05 + 0.01 * k for k in range(40)])  # to 440 ms: a shaper's queue
+    long_queue = download([0.05 + 0.01 * k for k in range(40)], gaps=0.0)  # to 440 ms: a shaper's queue
     assert long_queue.mechanism == "shape" and long_queue.queue_delay is not None
     short_queue = download([0.05 + 0.002 * k for k in range(40)] + [0.13] * 20)  # 80 ms more: congestion's
     assert short_queue.mechanism == "none" and "queue" in short_queue.reason
@@ -456,6 +459,20 @@ def test_a_quic_rate_that_holds_while_a_queue_grows_is_no_policer(tmp_path: Path
     no_queue, unmeasured = download([0.05] * 60), download([0.05] * 60, "random")
     assert no_queue.mechanism == unmeasured.mechanism == "police"
     assert no_queue.confidence > unmeasured.confidence  # round trips that did not grow rule a queue out
+
+
+def test_quic_acknowledgements_that_skip_packets_tell_a_policer_from_a_lossless_plateau(tmp_path: Path) -> None:
+    from throttle.infer.fit import infer
+
+    def download(gaps: float) -> Inference:
+        capture = _quic_spinning(tmp_path, [0.05] * 60, "random", gaps)
+        return [i for i in infer(read(capture)) if i.trace.direction == "download"][0]
+
+    lossless, lossy = download(0.0), download(0.4)
+    assert lossy.trace.acks_seen > 100 and 0.3 < len(lossy.trace.gap_acks) / lossy.trace.acks_seen < 0.5
+    assert lossless.trace.gap_acks == []
+    assert lossless.mechanism == "none" and "skipped" in lossless.reason
+    assert lossy.mechanism == "police" and "skip packets" in lossy.reason
 
 
 # --- robustness -------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ POLICE_SCORE = 0.9  # balanced agreement a bucket must reach to explain the loss
 NULL_MARGIN = 0.15  # ... and by how much it must beat the same fit of scattered losses
 OWN_QUEUE_SCORE = 0.98  # a queue whose drops this flow's packets alone replay: a shaper
 QUEUE_SEEN = 0.02  # seconds of round-trip growth that is a queue, not the path's noise
+QUIC_ACKS = 20  # acknowledgement-only packets a QUIC trace needs before their sizes say anything
+QUIC_LOSSY = 0.05  # ... and the share of them that skip packets below which the receiver lost none
 
 
 def _clamp(x: float) -> float:
@@ -247,6 +249,13 @@ def _arrivals_only(tr: FlowTrace, seq: PacketSeq, why: str, plateaus: bool = Tru
                          burst_bytes=Estimate(budget, budget * 0.2), period=Estimate(period, period * 0.05))
     flat = plateau(passes) if plateaus else None
     base = tr.base_rtt or 0.0
+    lossy = _quic_gaps(tr)  # None: this trace cannot say; else the share of ACKs that skipped packets
+    if flat is not None and lossy is not None and lossy < QUIC_LOSSY:
+        # a policer that holds a rate drops what exceeds it; the receiver missed nothing
+        return Inference(tr, "none", 0.5,
+                         f"{why} in the packets, and none in the receiver's acknowledgements (their sizes show "
+                         f"no skipped ranges); the rate holds at {flat[0] * 8 / 1000:.0f} kbit/s: the sender's "
+                         "own limit or a queue's, not a policer's")
     if flat is not None and queue is not None and queue.delay >= max(0.5 * base, QUEUE_SEEN):
         # a policer holds no queue: a rate that held while round trips grew is a queue's drain rate
         return Inference(tr, "none", 0.45,
@@ -254,21 +263,32 @@ def _arrivals_only(tr: FlowTrace, seq: PacketSeq, why: str, plateaus: bool = Tru
                          f"{queue.delay * 1000:.0f} ms: a queue (congestion, or a shaper) held it, not a policer",
                          queue_delay=Estimate(queue.delay, queue.delay_error))
     unqueued = queue is not None  # round trips measured, and they did not grow
+    sure = 0.15 if lossy is not None else 0.0  # the acknowledgements show the losses a policer makes
+    if lossy is not None:
+        why = f"{why} in the packets, but {lossy:.0%} of the receiver's acknowledgements skip packets"
     if flat is not None and not tr.losses_known and vantage(tr) == "sender":
         # what a sender sends includes what the policer then drops, which this trace cannot see
         # (QUIC's acknowledgements are encrypted): the plateau bounds the rate, it does not give it
         rate, burst = flat
-        return Inference(tr, "police", 0.4 if unqueued else 0.3,
+        return Inference(tr, "police", (0.4 if unqueued else 0.3) + sure,
                          f"{why}; the sender holds at {rate * 8 / 1000:.0f} kbit/s after a {burst / 1000:.1f} KB "
                          "burst: a limit at or below that rate (its losses are out of sight here: a capture at "
                          "the receiver gives the rate)")
     if flat is not None:
         rate, burst = flat
-        return Inference(tr, "police", (0.45 if burst >= 4 * tr.mss else 0.3) + (0.1 if unqueued else 0.0),
+        return Inference(tr, "police", (0.45 if burst >= 4 * tr.mss else 0.3) + (0.1 if unqueued else 0.0) + sure,
                          f"{why}; the rate holds at {rate * 8 / 1000:.0f} kbit/s after a "
                          f"{burst / 1000:.1f} KB burst (a policer or a shaper: losses would tell)",
                          rate_bps=Estimate(rate * 8, rate * 0.4), burst_bytes=Estimate(burst, burst * 0.5))
     return None
+
+
+def _quic_gaps(tr: FlowTrace) -> float | None:
+    """The share of the receiver's acknowledgement-only packets whose size says they skipped
+    packets; None where the trace has too few of them to say."""
+    if tr.losses_known or tr.acks_seen < QUIC_ACKS:
+        return None
+    return len(tr.gap_acks) / tr.acks_seen
 
 
 def _single(tr: FlowTrace) -> tuple[Inference, PacketSeq | None]:

@@ -2,7 +2,7 @@
 
 `read_traces(paths)` reads each capture once, packet by packet (`wire.pcap.read_packets`, headers
 through `wire.ip`), into connections (`_Conn`): TCP (`tcpside.TcpSide` per direction) and UDP/QUIC
-(`_UdpSide`). For each it learns
+(`udpside.UdpSide`). For each it learns
 - who opened it (the SYN; for QUIC the first long-header Initial; else the higher port, and the
   trace says it started mid-flow), and the name a censor could act on: the TLS SNI of the client's
   first bytes (reassembled over segments), the HTTP Host, the SNI of the QUIC client Initials
@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from array import array
 from collections.abc import Iterable
 from typing import NamedTuple
 
 from throttle.errors import CaptureError, ParseError
 from throttle.infer.match import Keyed, join_pairs
-from throttle.infer.tcpside import TcpSide, shared
+from throttle.infer.tcpside import TcpSide
+from throttle.infer.udpside import UdpSide, gap_acks, spin_rtts
 from throttle.infer.trace import FlowTrace, Reset, Sent, Transport, Vantage
 from throttle.wire import dns, http, ip, names, pcap, quic, tls
 
@@ -47,39 +47,6 @@ class Reading(NamedTuple):
     problems: list[str]
 
 
-class _UdpSide:
-    __slots__ = ("sent", "total", "hashes", "first_payload_at", "max_payload", "header_bytes", "spin", "short_at",
-                 "edges")
-
-    def __init__(self) -> None:
-        self.sent: list[Sent] = []
-        self.total = 0
-        self.hashes = array("q")  # per datagram, to find it in another capture
-        self.first_payload_at: float | None = None
-        self.max_payload = 0
-        self.header_bytes = 0
-        # QUIC's spin bit (RFC 9000 17.4), the one header bit neither encrypted nor protected: it
-        # changes value once per round trip in each direction
-        self.spin: bool | None = None
-        self.short_at = 0.0  # the last short-header packet
-        self.edges: list[tuple[float, float]] = []  # (time, wait since this side's previous packet)
-
-    def datagram(self, t: float, payload: bytes, length: int, wire: int) -> None:
-        if payload and payload[0] & 0xC0 == 0x40:  # a short header (1-RTT), its fixed bit set
-            spin = bool(payload[0] & 0x20)
-            if self.spin is not None and spin != self.spin:
-                self.edges.append((t, t - self.short_at))
-            self.spin, self.short_at = spin, t
-        if self.first_payload_at is None:
-            self.first_payload_at = t
-        if length > self.max_payload:
-            self.max_payload = length
-            self.header_bytes = wire - length
-        self.sent.append(Sent(t, self.total, shared(length), shared(wire), False))
-        self.hashes.append(hash(payload))
-        self.total += length
-
-
 class _Conn:
     """One connection in one capture: both directions and what was learned about it."""
 
@@ -92,7 +59,7 @@ class _Conn:
         self.proto = proto
         self.ends = ends  # (address, port) of side 0 and side 1
         self.tcp: tuple[TcpSide, TcpSide] | None = (TcpSide(), TcpSide()) if proto == ip.TCP else None
-        self.udp: tuple[_UdpSide, _UdpSide] | None = None if proto == ip.TCP else (_UdpSide(), _UdpSide())
+        self.udp: tuple[UdpSide, UdpSide] | None = None if proto == ip.TCP else (UdpSide(), UdpSide())
         self.first = t
         self.last = [t, t]  # each side's last packet
         self.client: int | None = None  # the side that opened the connection, once known
@@ -511,60 +478,19 @@ def _fill_tcp(trace: FlowTrace, me: TcpSide, peer: TcpSide, opening: list[tuple[
         trace.delivered = me.contiguous()
 
 
-def _fill_udp(trace: FlowTrace, me: _UdpSide, peer: _UdpSide, opening: list[tuple[float, float]]) -> None:
+def _fill_udp(trace: FlowTrace, me: UdpSide, peer: UdpSide, opening: list[tuple[float, float]]) -> None:
     trace.mss = me.max_payload
     trace.header_bytes = me.header_bytes
     trace.sent = me.sent
     trace.payload = me.total
     trace.delivered = me.total if trace.vantage == "receiver" else 0
     trace.losses_known = False
+    trace.gap_acks, trace.acks_seen = gap_acks(peer.small)
     spins, _ = spin_rtts(me.edges, peer.edges)
     # a QUIC handshake's time holds both ends' cryptography (tens of ms in a Python stack): a round
     # trip only when the spin bit gives none
     trace.rtt = spins or list(opening)
     trace.base_rtt = min((s for _, s in trace.rtt), default=None)
-
-
-SPIN_WAIT = 0.25  # an edge that came this fraction of a half round after its side's previous packet was held
-SPIN_ALTERNATION = 0.9  # a real spin's edges alternate between the two directions
-
-
-def spin_rtts(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> tuple[list[tuple[float, float]], int | None]:
-    """Round trips from the spin bits' edges, (time, seconds), taken at the far side's edges, and
-    the side (0 for `a`, 1 for `b`) whose end of the path the capture was taken at, if it shows.
-
-    An endpoint flips (or reflects) its bit when the other's edge reaches it, so at any vantage
-    the two directions' edges alternate, and each gap between them is half of a round trip seen
-    from there: at an endpoint the near half is its own reaction (short) and the far half the
-    whole path; on the path the two halves add up. A far edge that came long after its side's
-    previous packet waited for that side to have something to send (RFC 9312 3.8.1): left out.
-    Nothing at all when the edges do not alternate: an endpoint that opts out may set the bit at
-    random for each packet (RFC 9000 17.4)."""
-    events = sorted([(t, 0, wait) for t, wait in a] + [(t, 1, wait) for t, wait in b])
-    if len(events) < 4:
-        return [], None
-    pairs = list(zip(events, events[1:]))
-    if sum(1 for x, y in pairs if x[1] != y[1]) < SPIN_ALTERNATION * len(pairs):
-        return [], None
-    halves: tuple[list[float], list[float]] = ([], [])  # the half that ends at each side's edge
-    for x, y in pairs:
-        if x[1] != y[1]:
-            halves[y[1]].append(y[0] - x[0])
-    medians = [sorted(h)[len(h) // 2] if h else 0.0 for h in halves]
-    near = 0 if medians[0] < 0.5 * medians[1] else 1 if medians[1] < 0.5 * medians[0] else None
-    out: list[tuple[float, float]] = []
-    for n, (x, y) in enumerate(pairs):
-        if x[1] == y[1]:
-            continue
-        half = y[0] - x[0]
-        if near is not None:  # at an endpoint: the far half is the round trip
-            if y[1] != near and y[2] < SPIN_WAIT * half:
-                out.append((y[0], half))
-        elif n > 0 and pairs[n - 1][0][1] != x[1]:  # on the path: two halves, neither held back
-            before = x[0] - pairs[n - 1][0][0]
-            if x[2] < SPIN_WAIT * before and y[2] < SPIN_WAIT * half:
-                out.append((y[0], before + half))
-    return out, near
 
 
 def _read(path: str | os.PathLike[str]) -> tuple[list[Keyed], str | None]:

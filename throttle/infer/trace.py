@@ -103,6 +103,11 @@ class FlowTrace:
     # sender's, and `one_way` holds the delays.
     matched: bool = False
     one_way: list[tuple[float, float]] = field(default_factory=list)  # (send time, seconds) per packet matched
+    # QUIC from one capture: the receiver's acknowledgement-only packets (`acks_seen`) and the times
+    # of those whose size says their ACK frame skipped packets (`udpside.gap_acks`): losses happened
+    # around then, though not which packets
+    gap_acks: list[float] = field(default_factory=list)
+    acks_seen: int = 0
     files: tuple[str, ...] = ()  # the capture file(s) this trace was read from
 
     @property
