@@ -310,12 +310,15 @@ def test_bench_scores_against_the_targets() -> None:
         b.Sample(b.Case("loss", probability=0.02), "client", "police", 0.5, 3e5, 4000),
         b.Sample(b.Case("none"), "client", "none"),
         b.Sample(b.Case("police", rate_bps=1e6, burst=16384, shared=True), "client", "police", 0.6, 5e5, 9000),
+        b.Sample(police, "client", "police", 0.9, 2e5, 3000, floor=True),  # a floor: not a rate error
+        b.Sample(police, "server", "police", 0.9, 1.5e6, 3000, floor=True),  # a floor above the truth
     ])
     result = b.score(summary)
-    assert result["confusion"]["police"]["police"] == 2 and result["confusion"]["police"]["none"] == 1
+    assert result["confusion"]["police"]["police"] == 4 and result["confusion"]["police"]["none"] == 1
     assert result["confusion"]["none"]["police"] == 1  # the loss case: its truth is none
-    assert result["police_precision"] == pytest.approx(2 / 3) and result["police_recall"] == pytest.approx(2 / 3)
+    assert result["police_precision"] == pytest.approx(4 / 5) and result["police_recall"] == pytest.approx(4 / 5)
     assert result["rate_error_median"] == pytest.approx(0.015) and result["not_censor_called_police"] == 1.0
+    assert result["rate_floors"] == 2 and result["rate_floors_held"] == 1 and "floor" in b.report(result)
     assert result["shared_police_found"] == 1.0
     met = b.verdicts(result)
     assert met["police_precision"] is False and met["shared_police_found"] is True and met["rate_error_p90"] is True

@@ -117,7 +117,19 @@ def test_a_rate_the_trace_cannot_pin_says_so(vantage: str) -> None:
     inf = one(case)
     assert inf.mechanism == "police"
     assert inf.rate_bps is not None
-    assert abs(inf.rate_bps.value - case.rate_bps) <= 3 * inf.rate_bps.error
+    if inf.rate_floor:  # then what it claims is a lower bound: at or under the rate (TCP runs a little under)
+        assert inf.rate_bps.value <= 1.03 * case.rate_bps and "at least" in inf.reason
+    else:
+        assert abs(inf.rate_bps.value - case.rate_bps) <= 3 * inf.rate_bps.error
+
+
+def test_a_two_kilobyte_bucket_gives_a_floor_and_says_so() -> None:
+    """A 2 KB bucket at 5 Mbit/s holds one packet, refilled in 2.4 ms: a sender's bursts pass
+    their first packet only, whatever the rate beyond that."""
+    case = sim.Case("police", "police", "sender", 0.05, 512_000, 5e6, 2_048)
+    inf = one(case)
+    assert inf.mechanism == "police" and inf.rate_floor and inf.rate_bps is not None
+    assert inf.rate_bps.value < case.rate_bps and "cannot say" in inf.reason
 
 
 @pytest.mark.parametrize("vantage", ["sender", "receiver"])

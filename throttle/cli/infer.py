@@ -41,6 +41,7 @@ def flow_json(inf: Inference) -> dict[str, Any]:
         "transport": t.transport, "direction": t.direction, "vantage": t.vantage,
         "started_mid_flow": t.started_mid_flow, "mechanism": inf.mechanism, "confidence": round(inf.confidence, 3),
         "reason": inf.reason, "rate_bps": _value(inf.rate_bps), "rate_error_bps": _error(inf.rate_bps),
+        "rate_is_floor": inf.rate_floor,
         "burst_bytes": _value(inf.burst_bytes), "burst_error_bytes": _error(inf.burst_bytes),
         "after_bytes": inf.after_bytes, "period_s": _value(inf.period), "period_error_s": _error(inf.period),
         "duty": _value(inf.duty), "duty_error": _error(inf.duty), "queue_delay_s": _value(inf.queue_delay),
@@ -69,7 +70,8 @@ def table_rows(infs: Sequence[Inference]) -> list[list[str]]:
             period += f" / {inf.duty.value:.0%}"
         delay = "" if inf.queue_delay is None else f"{inf.queue_delay.value * 1000:.0f} ms"
         rows.append([t.client, t.server, t.server_name or "", t.transport, t.direction, inf.mechanism,
-                     f"{inf.confidence:.2f}", _kbit(inf.rate_bps), _bytes(inf.burst_bytes),
+                     f"{inf.confidence:.2f}", (">= " if inf.rate_floor else "") + _kbit(inf.rate_bps),
+                     _bytes(inf.burst_bytes),
                      "" if inf.after_bytes is None else f"{inf.after_bytes:,}", period, delay, inf.reason])
     return rows
 

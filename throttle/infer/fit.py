@@ -116,15 +116,22 @@ def _bucket_confidence(fit: BucketFit | WindowFit, n_loss: int, n_pass: int) -> 
                * (1 - math.exp(-n_loss / 4)) * min(1.0, n_pass / 40))
 
 
+FLOOR_RANGE = 1.5  # a police fit whose equally good rates span more than this ratio gives a floor only
+
+
 def _police(tr: FlowTrace, fit: BucketFit, seq: PacketSeq, extra: str = "") -> Inference:
     rate = fit.rate * 8
-    if fit.high > 1.1 * fit.low:
-        extra += (f"; any rate from {fit.low * 8 / 1000:.0f} kbit/s up (to {fit.high * 8 / 1000:.0f} at least) fits as well "
-                  "(the sender only met a full bucket)")
+    floor = fit.high > FLOOR_RANGE * fit.low
+    if floor:
+        rate = fit.low * 8
+        extra += (f"; any rate from {rate / 1000:.0f} kbit/s up (to {fit.high * 8 / 1000:.0f} at least) fits as well: "
+                  "the sender only met a full bucket, so the rate is at least that, and the capture cannot say how much more")
+    elif fit.high > 1.1 * fit.low:
+        extra += f"; rates from {fit.low * 8 / 1000:.0f} to {fit.high * 8 / 1000:.0f} kbit/s fit as well"
     return Inference(tr, "police", _bucket_confidence(fit, seq.losses, len(seq.t) - seq.losses),
                      f"a {rate / 1000:.0f} kbit/s bucket of {fit.burst / 1000:.1f} KB replays "
                      f"{fit.score:.0%} of passes and losses (scattered losses: {fit.null:.0%}){extra}",
-                     rate_bps=Estimate(rate, fit.rate_error * 8),
+                     rate_bps=Estimate(rate, fit.rate_error * 8), rate_floor=floor,
                      burst_bytes=Estimate(fit.burst, fit.burst_error))
 
 

@@ -139,6 +139,10 @@ class Inference:
     confidence: float  # 0..1
     reason: str  # one line: the evidence that decided
     rate_bps: Estimate | None = None  # IP-layer bits per second
+    # police: rate_bps is only the lowest rate that fits. A sender that met nothing but a full
+    # bucket (it idled longer than a refill between its bursts) shows where the rate starts, not
+    # where it ends: every faster bucket replays its packets as well.
+    rate_floor: bool = False
     burst_bytes: Estimate | None = None
     after_bytes: int | None = None  # payload bytes carried before the limit began
     period: Estimate | None = None  # window: seconds from one budget to the next
