@@ -77,6 +77,7 @@ class Flow:
     line_bps: float = 100e6  # the sender's access link
     toward: float = 0.5  # where the limiter sits: fraction of the forward one-way delay before it
     rst_after: int | None = None  # a RST injected once this many payload bytes passed the limiter
+    max_window: int = 1 << 30  # segments in flight at most (the receiver's window)
     # --- state
     nsegs: int = 0
     cwnd: float = 10.0
@@ -161,7 +162,7 @@ class Sim:
 
     def pump(self, f: Flow, i: int, t: float) -> None:
         idle = not f.outstanding
-        while len(f.outstanding) < int(f.cwnd):
+        while len(f.outstanding) < min(int(f.cwnd), f.max_window):
             if f.queue:
                 k = f.queue.pop(0)
                 if k < f.una or k in f.sacked or k in f.outstanding:

@@ -170,6 +170,18 @@ def test_a_shaper_is_a_queue_of_the_flows_own(rtt: float) -> None:
     assert inf.queue_delay is not None and 0.8 < inf.queue_delay.value < 1.1  # the shaper's 1 s bound
 
 
+@pytest.mark.parametrize("vantage", ["sender"])  # (the simulator gives a receiver no round trips)
+def test_a_shaper_whose_short_queue_stands_is_found_without_losses(vantage: str) -> None:
+    """A receiver's window of 8 segments keeps a 1 Mbit/s shaper's queue at about 85 ms, full all
+    along and never overflowing (the lab's shaper at 10 ms showed 60 ms so): shape, not none."""
+    flows = [sim.Flow(1_000_000, rtt=0.01, max_window=8)]
+    inf = infer(sim.run(sim.shape(1e6), flows, vantage)[:1])[0]
+    assert not inf.trace.losses and inf.mechanism == "shape", inf.reason
+    assert inf.queue_delay is not None and 0.05 < inf.queue_delay.value < 0.12
+    unshaped = infer(sim.run(sim.unlimited, [sim.Flow(1_000_000, rtt=0.01, max_window=8)], vantage)[:1])[0]
+    assert unshaped.mechanism == "none", unshaped.reason
+
+
 @pytest.mark.parametrize("vantage", ["sender", "receiver"])
 def test_an_unlimited_transfer_is_none(vantage: str) -> None:
     inf = one(sim.Case("none", "unlimited", vantage, 0.05, 1_000_000))

@@ -388,13 +388,15 @@ def test_quic_from_both_captures_matches_datagrams_for_exact_losses(tmp_path: Pa
     assert len(down.one_way) == 30
 
 
-def _quic_spinning(tmp_path: Path, rtts: list[float], spin: str = "wave", gaps: float = 0.0) -> Path:
+def _quic_spinning(tmp_path: Path, rtts: list[float], spin: str = "wave", gaps: float = 0.0,
+                   sawtooth: bool = False) -> Path:
     """A QUIC download seen at the client: after the handshake, the server's 1-RTT packets every
     ms and the client's ACKs every 5 ms. The spin bits: the client's value changes at its first
     packet after the server's did, the server's one round trip (rtts[k]: the path and the
     server's reaction) after the client's change. `spin="random"`: a bit drawn for each packet, as
     an endpoint that opts out may. `gaps`: the share of the client's ACKs 4 bytes longer (two
-    ranges more: it was missing packets)."""
+    ranges more: it was missing packets). `sawtooth`: the server's rate climbs from half to one and
+    a half times its mean over each 1.6 s, as a congestion controller's after random losses."""
     import random as _random
 
     initials = quic_initials("video.example.com")
@@ -415,7 +417,8 @@ def _quic_spinning(tmp_path: Path, rtts: list[float], spin: str = "wave", gaps: 
                 server_bit, server_flip_at = not server_bit, math.inf
             bit = draw.random() < 0.5 if spin == "random" else server_bit
             out.append((server_t, dgram(s, c, bytes([0x40 | (0x20 if bit else 0)]) + bytes([n % 256]) * 1199)))
-            server_t, n = server_t + 0.001, n + 1
+            phase = ((server_t - t) % 1.6) / 1.6
+            server_t, n = server_t + (0.001 / (0.5 + phase) if sawtooth else 0.001), n + 1
         else:
             if client_bit == server_bit:  # the client inverts what it last saw from the server
                 client_bit = not server_bit
@@ -464,15 +467,18 @@ def test_a_quic_rate_that_holds_while_a_queue_grows_is_no_policer(tmp_path: Path
 def test_quic_acknowledgements_that_skip_packets_tell_a_policer_from_a_lossless_plateau(tmp_path: Path) -> None:
     from throttle.infer.fit import infer
 
-    def download(gaps: float) -> Inference:
-        capture = _quic_spinning(tmp_path, [0.05] * 60, "random", gaps)
+    def download(gaps: float, sawtooth: bool = False) -> Inference:
+        capture = _quic_spinning(tmp_path, [0.05] * 60, "random", gaps, sawtooth)
         return [i for i in infer(read(capture)) if i.trace.direction == "download"][0]
 
-    lossless, lossy = download(0.0), download(0.4)
-    assert lossy.trace.acks_seen > 100 and 0.3 < len(lossy.trace.gap_acks) / lossy.trace.acks_seen < 0.5
+    lossless, lossy, swinging = download(0.0), download(0.4), download(0.4, sawtooth=True)
+    # 40% longer, drawn one by one: those beside another longer one count (0.4 x (1 - 0.6^2) = 26%)
+    assert lossy.trace.acks_seen > 100 and 0.2 < len(lossy.trace.gap_acks) / lossy.trace.acks_seen < 0.35
     assert lossless.trace.gap_acks == []
     assert lossless.mechanism == "none" and "skipped" in lossless.reason
     assert lossy.mechanism == "police" and "skip packets" in lossy.reason
+    # the same losses under a rate that swings: random loss and a congestion controller's answer
+    assert swinging.mechanism == "none" and "swings" in swinging.reason
 
 
 # --- robustness -------------------------------------------------------------------------------

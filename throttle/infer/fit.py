@@ -26,7 +26,7 @@ from collections import defaultdict
 from throttle.infer.fit_bucket import (BucketFit, PacketSeq, WindowFit, agreement, balanced, fit_police,
                                        fit_window)
 from throttle.infer.fit_flow import (Queueing, burst_starts, packets, peak_rate, plateau, queueing, stalled,
-                                     steady_rate, vantage)
+                                     steady_rate, swing, vantage)
 from throttle.infer.trace import Estimate, FlowTrace, Inference, Reset
 
 MIN_PACKETS = 8
@@ -36,6 +36,7 @@ OWN_QUEUE_SCORE = 0.98  # a queue whose drops this flow's packets alone replay: 
 QUEUE_SEEN = 0.02  # seconds of round-trip growth that is a queue, not the path's noise
 QUIC_ACKS = 20  # acknowledgement-only packets a QUIC trace needs before their sizes say anything
 QUIC_LOSSY = 0.05  # ... and the share of them that skip packets below which the receiver lost none
+CEILING_SWING = 1.25  # a policed rate's 90th percentile over its median, at most (`fit_flow.swing`)
 
 
 def _clamp(x: float) -> float:
@@ -222,7 +223,11 @@ def _lossless(tr: FlowTrace, seq: PacketSeq) -> Inference:
     q = queueing(tr, seq)
     # Without losses only a long queue says shaper (a lab control download showed 89 ms of
     # round-trip growth with nothing limiting it), and only as a hint.
-    if q is not None and q.delay >= max(0.2, 2 * (tr.base_rtt or 0.0)) and q.steady:
+    # A shaper's queue also stands: TCP keeps it full, so even the shortest round trips after the
+    # handshake carry it (a shaper at 1 Mbit/s, 10 ms path: 70.3 ms at the 10th percentile).
+    base = tr.base_rtt or 0.0
+    standing = q is not None and q.standing >= max(QUEUE_SEEN, 0.3 * base) and q.standing >= 0.5 * q.delay
+    if q is not None and (q.delay >= max(0.2, 2 * base) or standing) and q.steady:
         return Inference(tr, "shape", 0.5,
                          f"no loss; round trips grew by {q.delay * 1000:.0f} ms while the rate held at "
                          f"{q.rate * 8 / 1000:.0f} kbit/s", rate_bps=Estimate(q.rate * 8, q.rate * 0.8),
@@ -257,6 +262,12 @@ def _arrivals_only(tr: FlowTrace, seq: PacketSeq, why: str, plateaus: bool = Tru
     flat = plateau(passes) if plateaus else None
     base = tr.base_rtt or 0.0
     lossy = _quic_gaps(tr)  # None: this trace cannot say; else the share of ACKs that skipped packets
+    if flat is not None and queue is not None and queue.delay >= max(0.2, 2 * base) and lossy is not None \
+            and lossy < QUIC_LOSSY:
+        return Inference(tr, "shape", 0.45,
+                         f"{why}, none in the receiver's acknowledgements either, and round trips grew by "
+                         f"{queue.delay * 1000:.0f} ms while the rate held at {flat[0] * 8 / 1000:.0f} kbit/s",
+                         rate_bps=Estimate(flat[0] * 8, flat[0] * 0.8), queue_delay=Estimate(queue.delay, queue.delay_error))
     if flat is not None and lossy is not None and lossy < QUIC_LOSSY:
         # a policer that holds a rate drops what exceeds it; the receiver missed nothing
         return Inference(tr, "none", 0.5,
@@ -269,6 +280,14 @@ def _arrivals_only(tr: FlowTrace, seq: PacketSeq, why: str, plateaus: bool = Tru
                          f"{why}; the rate holds at {flat[0] * 8 / 1000:.0f} kbit/s while round trips grew by "
                          f"{queue.delay * 1000:.0f} ms: a queue (congestion, or a shaper) held it, not a policer",
                          queue_delay=Estimate(queue.delay, queue.delay_error))
+    # windows of 4 round trips, and of 20 packets at the least (fewer swing by their count alone)
+    window = max(4 * base, 0.1, 20 * (tr.mss + tr.header_bytes) / flat[0]) if flat is not None else 0.0
+    swings = swing(passes, window) if flat is not None and lossy is not None else None
+    if flat is not None and swings is not None and swings > CEILING_SWING:
+        return Inference(tr, "none", 0.45,
+                         f"{why} in the packets, but {lossy:.0%} of the receiver's acknowledgements skip packets, and "
+                         f"the rate swings ({swings:.2f} times its median over {window * 1000:.0f} ms): "
+                         "a congestion controller's answer to losses at random, not a policer's ceiling")
     unqueued = queue is not None  # round trips measured, and they did not grow
     sure = 0.15 if lossy is not None else 0.0  # the acknowledgements show the losses a policer makes
     if lossy is not None:

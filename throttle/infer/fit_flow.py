@@ -147,6 +147,7 @@ class Queueing:
     delay_error: float
     steady: bool  # the delivered rate held while the queue was there
     rate: float  # bytes/s delivered over the flow's later part
+    standing: float = 0.0  # seconds: the 10th percentile round trip over the base (a queue that never drained)
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -203,15 +204,21 @@ def delivery_rate(tr: FlowTrace, above: float) -> tuple[float, float] | None:
 def queueing(tr: FlowTrace, seq: PacketSeq) -> Queueing | None:
     """Round-trip inflation (a queue) and whether the rate held; None without round-trip samples.
     A TCP receiver's samples (an ACK to the data that echoes its timestamp) also hold the sender's
-    waits for its retransmission timer, which grow with every loss: no evidence of a queue."""
-    if vantage(tr) == "receiver" and not tr.matched and tr.transport == "tcp":
+    waits for its retransmission timer, which grow with every loss: no evidence of a queue where
+    there were losses."""
+    if vantage(tr) == "receiver" and not tr.matched and tr.transport == "tcp" and tr.losses:
         return None  # (QUIC's samples are its spin bit's, taken alike at either end)
     samples = sorted(tr.rtt)
     if len(samples) < 5:
         return None
     values = [r for _, r in samples]
     base = min(_quantile(values, 0.1), tr.base_rtt or math.inf)
-    limit = base + max(0.3 * base, 0.005)
+    # inflated: by 20 ms, or 4 times the path's own spread (its shortest round trips'), but by 30%
+    # of the base at most and 5 ms at least (a queue of 45 ms at 150 ms is congestion, and the 30%
+    # alone would hide it; a queue that stands makes the spread no measure of the path's)
+    noise = _quantile(values, 0.1) - min(values)
+    limit = base + max(0.005, min(0.3 * base, max(0.02, 4 * noise)))
+    queued = base + max(0.3 * base, 0.005)  # a sample that waited in a queue, for the rate it drained at
     episodes: list[float] = []
     for t, ok in zip(seq.t, seq.passed):
         if not ok and (not episodes or t - episodes[-1] > max(base, 0.01)):
@@ -226,11 +233,12 @@ def queueing(tr: FlowTrace, seq: PacketSeq) -> Queueing | None:
         if latest is not None and latest > limit:
             inflated += 1
     delay = max(0.0, _quantile(values, 0.9) - base)
-    held = (delivery_rate(tr, limit) if vantage(tr) == "sender" and tr.acks
+    held = (delivery_rate(tr, queued) if vantage(tr) == "sender" and tr.acks
             else steady_rate(seq, max(0.5, 4 * base)))
     rate, cv = held if held is not None else (0.0, 1.0)
     return Queueing(inflated / len(episodes) if episodes else 0.0, delay,
-                    max(0.001, _quantile(values, 0.97) - _quantile(values, 0.75)), cv < 0.15, rate)
+                    max(0.001, _quantile(values, 0.97) - _quantile(values, 0.75)), cv < 0.15, rate,
+                    max(0.0, _quantile(values, 0.1) - (tr.base_rtt or base)))
 
 
 def stalled(tr: FlowTrace, seq: PacketSeq) -> tuple[int, float, str] | None:
@@ -269,6 +277,27 @@ def plateau(seq: PacketSeq) -> tuple[float, float] | None:
         return None
     rate = held[0]
     return rate, max(deficits(seq, rate))
+
+
+def swing(seq: PacketSeq, window: float) -> float | None:
+    """How far the passed rate rises above its median over the later 60% of the flow: the 90th
+    percentile of the bytes in windows of `window` seconds over their median. A policer's ceiling
+    keeps it near 1; a congestion controller's sawtooth after random losses does not (QUIC in the
+    lab at 4 round trips: policers 1.07-1.21, random loss of 2% 1.35)."""
+    times = [t for t, ok in zip(seq.t, seq.passed) if ok]
+    if len(times) < 20:
+        return None
+    start = times[0] + 0.4 * (times[-1] - times[0])
+    count = int((times[-1] - start) / window)
+    if count < 5:
+        return None
+    bins = [0.0] * count
+    for t, w, ok in zip(seq.t, seq.wire, seq.passed):
+        k = math.floor((t - start) / window)
+        if ok and 0 <= k < count:
+            bins[k] += w
+    median = _quantile(bins, 0.5)
+    return _quantile(bins, 0.9) / median if median > 0 else None
 
 
 def burst_starts(seq: PacketSeq, min_period: float = 0.0) -> tuple[float, float] | None:

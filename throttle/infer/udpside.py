@@ -20,8 +20,7 @@ from throttle.infer.trace import Sent
 SPIN_WAIT = 0.25  # an edge that came this fraction of a half round after its side's previous packet was held
 SPIN_ALTERNATION = 0.9  # a real spin's edges alternate between the two directions
 SMALL = 80  # payload bytes: a packet this small carries acknowledgements and little else
-GAP_BYTES = 3  # bytes above the receiver's recent smallest: an ACK frame with another range (2+ bytes, plus noise)
-RECENT = 32  # small packets over which "the recent smallest" is taken
+RECENT = 16  # small packets over which "the recent smallest" is taken
 
 
 class UdpSide:
@@ -59,15 +58,27 @@ class UdpSide:
 
 
 def gap_acks(small: list[tuple[float, int]]) -> tuple[list[float], int]:
-    """The times of the receiver's small packets that are longer than its recent smallest by an
-    ACK range or more (it was missing packets then), and how many small packets there were."""
+    """The times of the receiver's small packets that are longer than its usual by an ACK range
+    or more (it was missing packets then), and how many small packets there were.
+
+    "Usual" is the lower quartile of the last RECENT: an ACK frame's numbers grow a byte as the
+    connection goes on (varints), which that follows. A longer packet counts only beside another
+    longer one: a missing range stays in the ACK frames until the sender has seen it reported,
+    while a lone long packet is one that carried something else too (a flow-control update)."""
     out: list[float] = []
     recent: list[int] = []
-    for t, length in small:
+    longer: list[bool] = []
+    for _, length in small:
+        if len(recent) >= 4:
+            usual = sorted(recent)[len(recent) // 4]
+            longer.append(length >= usual + 2)
+        else:
+            longer.append(False)
         recent.append(length)
         if len(recent) > RECENT:
             recent.pop(0)
-        if len(recent) >= 4 and length >= min(recent) + GAP_BYTES:
+    for n, (t, length) in enumerate(small):
+        if longer[n] and ((n > 0 and longer[n - 1]) or (n + 1 < len(small) and longer[n + 1])):
             out.append(t)
     return out, len(small)
 
