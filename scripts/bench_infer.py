@@ -15,9 +15,11 @@ police, and police found in the shared cases, each beside the issue's target wit
 Progress (case i of N, ETA) goes to stderr. `--reduced` runs the small grid CI runs (a few
 minutes); the default is the full grid (hours). Cases that need a lab feature this checkout lacks
 (the `rtt` and `bottleneck` scenario keys, the `loss` action) are skipped and counted. Needs root;
-builds its own lab (`binfer`) and always takes it down.
+builds its own lab (`binfer`) and always takes it down. `--rescore DIR` needs neither: it infers
+again the captures an earlier `--keep DIR` kept, to see a change to the fitter on the same packets.
 
-    scripts/bench-infer [--reduced] [--json] [--lab NAME] [--keep-captures DIR]
+    scripts/bench-infer [--reduced] [--every K] [--only TEXT] [--json] [--lab NAME] [--keep DIR]
+    scripts/bench-infer [--reduced] [--every K] [--only TEXT] [--json] --rescore DIR
 """
 
 from __future__ import annotations
@@ -261,11 +263,22 @@ def run_case(lab: Lab, case: Case, workdir: Path, infer: Callable[[Path], list[A
         run_scenario(scenario, lab_name=lab.name, keep=True, baseline=False, on_phase=phase,
                      metrics_listen="off")  # the machine-wide default port is the demo's
         time.sleep(0.3)  # the last packets reach the capture files
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        for side, path in caps.items():
+            shutil.copyfile(path, kept(keep, case, side))
+    return samples_of(case, caps, infer)
+
+
+def kept(folder: Path, case: Case, side: str) -> Path:
+    """Where --keep puts a case's capture at `side` (and where --rescore looks for it)."""
+    return folder / (re.sub(r"[^A-Za-z0-9]+", "-", case.label) + f"-{side}.pcap")
+
+
+def samples_of(case: Case, caps: dict[str, Path], infer: Callable[[Path], list[Any]]) -> list[Sample]:
+    """A sample per capture of one run of `case`."""
     samples = []
     for side, path in caps.items():
-        if keep is not None:
-            keep.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, keep / (re.sub(r"[^A-Za-z0-9]+", "-", case.label) + f"-{side}.pcap"))
         infs = infer(path)
         main = _pick(infs, NAME, case)
         second = _pick(infs, SECOND, case) if case.shared else None
@@ -425,6 +438,19 @@ def bench(cases: Sequence[Case], lab_name: str, say: Callable[[str], None],
     return score(summary)
 
 
+def rescore(cases: Sequence[Case], folder: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    """The captures an earlier run kept (--keep) inferred again, with no lab: the fitter's
+    accuracy on the same packets after a change to it."""
+    summary = Summary()
+    found = [c for c in cases if all(kept(folder, c, side).exists() for side in ("client", "server"))]
+    summary.skipped["no kept captures"] = len(cases) - len(found)
+    for i, case in enumerate(found, 1):
+        say(f"case {i} of {len(found)}: {case.label}")
+        summary.samples += samples_of(case, {side: kept(folder, case, side) for side in ("client", "server")},
+                                      infer_capture)
+    return score(summary)
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="scripts/bench-infer", description=__doc__.split("\n\n")[0])
     p.add_argument("--reduced", action="store_true", help="the small grid CI runs (a few minutes)")
@@ -433,6 +459,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--list", action="store_true", help="list the grid's cases and exit")
     p.add_argument("--only", metavar="TEXT", help="only the cases whose label contains TEXT")
     p.add_argument("--keep", metavar="DIR", type=Path, help="keep each case's two captures in DIR")
+    p.add_argument("--rescore", metavar="DIR", type=Path,
+                   help="no lab: infer again the captures an earlier --keep DIR kept (after a change to the fitter)")
     p.add_argument("--every", metavar="K", type=int, default=1,
                    help="every K-th case of the grid only (a sample of the full grid in 1/K of its time)")
     a = p.parse_args(argv)
@@ -447,7 +475,13 @@ def main(argv: list[str]) -> int:
             print(case.label)
         print(f"{len(cases)} cases, about {sum(c.seconds() + 6 for c in cases) / 60:.0f} min", file=sys.stderr)
         return 0
-    result = bench(cases, a.lab, lambda text: print(text, file=sys.stderr, flush=True), a.keep)
+    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    if a.rescore is not None:
+        if not a.rescore.is_dir():
+            p.error(f"--rescore {a.rescore}: no such folder (make one with --keep)")
+        result = rescore(cases, a.rescore, say)
+    else:
+        result = bench(cases, a.lab, say, a.keep)
     print(json.dumps(result, indent=2) if a.json else report(result))
     return 0 if all(v is not False for v in verdicts(result).values()) else 1
 
