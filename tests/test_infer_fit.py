@@ -162,6 +162,21 @@ def test_congestion_is_not_police(case: sim.Case) -> None:
     assert "congestion" in inf.reason
 
 
+def test_a_receivers_round_trips_before_its_first_loss_show_the_queue() -> None:
+    """At the receiver, round trips after a loss hold the sender's retransmission waits; those
+    before it are clean, and a queue that grew to the first loss is congestion's (the lab's
+    congestion at 150 ms: 50 ms of queue, which a police fit also replays)."""
+    case = sim.Case("none", "congestion", "receiver", 0.15, 1_000_000, 10e6, 100_000)
+    tr = case.traces()[0]
+    first = min(loss.t for loss in tr.losses)
+    sender = sim.Case("none", "congestion", "sender", 0.15, 1_000_000, 10e6, 100_000).traces()[0]
+    tr.rtt = [x for x in sender.rtt if x[0] < first]  # the same run's round trips, up to the first loss
+    assert len(tr.rtt) >= 5 and max(r for _, r in tr.rtt) > 0.17
+    inf = infer([tr])[0]
+    assert inf.mechanism == "none" and "congestion" in inf.reason, inf.reason
+    assert inf.scores.get("queue") == 1.0  # the first episode, judged by the clean samples
+
+
 @pytest.mark.parametrize("rtt", [0.01, 0.05])
 def test_a_shaper_is_a_queue_of_the_flows_own(rtt: float) -> None:
     inf = one(sim.Case("shape", "shape", "sender", rtt, 1_000_000, 1e6))

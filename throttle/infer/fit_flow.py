@@ -206,9 +206,13 @@ def queueing(tr: FlowTrace, seq: PacketSeq) -> Queueing | None:
     A TCP receiver's samples (an ACK to the data that echoes its timestamp) also hold the sender's
     waits for its retransmission timer, which grow with every loss: no evidence of a queue where
     there were losses."""
-    if vantage(tr) == "receiver" and not tr.matched and tr.transport == "tcp" and tr.losses:
-        return None  # (QUIC's samples are its spin bit's, taken alike at either end)
     samples = sorted(tr.rtt)
+    before: float | None = None  # judge only what came before this (the first loss)
+    if vantage(tr) == "receiver" and not tr.matched and tr.transport == "tcp" and tr.losses:
+        # (QUIC's samples are its spin bit's, taken alike at either end): a TCP receiver's
+        # samples are clean until the first loss, and only the first episode is judged by them
+        before = min(t for t, ok in zip(seq.t, seq.passed) if not ok)
+        samples = [x for x in samples if x[0] <= before]
     if len(samples) < 5:
         return None
     values = [r for _, r in samples]
@@ -223,6 +227,8 @@ def queueing(tr: FlowTrace, seq: PacketSeq) -> Queueing | None:
     for t, ok in zip(seq.t, seq.passed):
         if not ok and (not episodes or t - episodes[-1] > max(base, 0.01)):
             episodes.append(t)
+    if before is not None:
+        episodes = episodes[:1]
     inflated = 0
     k = 0
     latest: float | None = None
