@@ -18,8 +18,8 @@ minutes); the default is the full grid (hours). Cases that need a lab feature th
 builds its own lab (`binfer`) and always takes it down. `--rescore DIR` needs neither: it infers
 again the captures an earlier `--keep DIR` kept, to see a change to the fitter on the same packets.
 
-    scripts/bench-infer [--reduced] [--every K] [--only TEXT] [--json] [--lab NAME] [--keep DIR]
-    scripts/bench-infer [--reduced] [--every K] [--only TEXT] [--json] --rescore DIR
+    scripts/bench-infer [--reduced] [--every K [--offset N]] [--only TEXT] [--json] [--lab NAME] [--keep DIR]
+    scripts/bench-infer [--reduced] [--every K [--offset N]] [--only TEXT] [--json] --rescore DIR
 """
 
 from __future__ import annotations
@@ -463,13 +463,15 @@ def main(argv: list[str]) -> int:
                    help="no lab: infer again the captures an earlier --keep DIR kept (after a change to the fitter)")
     p.add_argument("--every", metavar="K", type=int, default=1,
                    help="every K-th case of the grid only (a sample of the full grid in 1/K of its time)")
+    p.add_argument("--offset", metavar="N", type=int, default=0,
+                   help="with --every: start at the N-th case (0-based), for a sample the first one did not take")
     a = p.parse_args(argv)
     cases = reduced_grid() if a.reduced else full_grid()
     if a.only:
         cases = [c for c in cases if a.only in c.label]
-    if a.every < 1:
-        p.error("--every takes a whole number of 1 or more")
-    cases = cases[::a.every]
+    if a.every < 1 or not 0 <= a.offset < a.every:
+        p.error("--every takes a whole number of 1 or more, and --offset one from 0 to K-1")
+    cases = cases[a.offset::a.every]
     if a.list:
         for case in cases:
             print(case.label)
