@@ -27,7 +27,7 @@ from throttle.units import parse_rate
 
 DEMO = ROOT / "throttle" / "data" / "demo.pcap"
 REQUIRED = ("client", "server", "server_name", "transport", "direction", "mechanism", "rate_bps", "burst_bytes",
-            "after_bytes", "confidence")
+            "after_bytes", "confidence", "rate_is_floor")
 
 
 def trace(name: str | None = "pbs.twimg.com", direction: str = "upload", transport: str = "tcp",
