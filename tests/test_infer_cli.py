@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import ROOT
 from throttle.cli.app import main
+from throttle.cli.infer import flow_json, table_rows
 from throttle.infer.check import Row, capture_side, compare
 from throttle.infer.scenario_out import scenario_text, write_scenario
 from throttle.infer.trace import MECHANISMS, Estimate, FlowTrace, Inference, Loss, Mechanism, Sent
@@ -230,6 +231,17 @@ def test_rates_are_written_in_the_loaders_units() -> None:
                          ["x.pcap"])
     rate_line = next(line for line in text.splitlines() if line.startswith("rate = "))
     assert parse_rate(rate_line.split('"')[1]) * 8 == pytest.approx(64_123.0)
+
+
+def test_a_floor_rate_is_written_with_a_note_and_shown_as_one(capsys: pytest.CaptureFixture[str]) -> None:
+    floor = inference(trace(), "police", rate_bps=150_000.0)
+    floor.rate_floor = True
+    text = scenario_text([floor], ["x.pcap"])
+    rate_line = next(line for line in text.splitlines() if line.startswith("rate = "))
+    assert "a floor" in rate_line and parse_rate(rate_line.split('"')[1]) * 8 == pytest.approx(150_000.0)
+    plain = scenario_text([inference(trace(), "police", rate_bps=150_000.0)], ["x.pcap"])
+    assert "floor" not in plain
+    assert table_rows([floor])[0][7].startswith(">= ") and flow_json(floor)["rate_is_floor"] is True
 
 
 def test_plot_draws_the_limited_flows(tmp_path: Path) -> None:

@@ -52,6 +52,7 @@ class _Limit:
     after_bytes: int | None
     queue_delay: float | None
     names: list[str] = field(default_factory=list)
+    rate_floor: bool = False  # every rate averaged was a floor (the captures bound it from below only)
 
     def joins(self, other: _Limit) -> bool:
         return (self.mechanism, self.transport, self.direction) == (other.mechanism, other.transport, other.direction) \
@@ -86,7 +87,9 @@ def _limit(infs: Sequence[Inference], direction: str) -> _Limit:
     return _Limit(mechanism=best.mechanism, transport=_rule_transport(best), direction=direction, rate_bps=rate,
                   burst=mean([i.burst_bytes.value for i in same if i.burst_bytes is not None]),
                   after_bytes=min(after) if after else None,
-                  queue_delay=mean([i.queue_delay.value for i in same if i.queue_delay is not None]))
+                  queue_delay=mean([i.queue_delay.value for i in same if i.queue_delay is not None]),
+                  rate_floor=any(i.rate_bps is not None for i in same)
+                  and all(i.rate_floor for i in same if i.rate_bps is not None))
 
 
 def _limits(inferences: Sequence[Inference]) -> list[_Limit]:
@@ -126,7 +129,10 @@ def _rule_lines(i: int, limit: _Limit) -> list[str]:
            f"transport = {_q(limit.transport)}"]
     if mech in ("police", "window"):
         rate = limit.rate_bps if limit.rate_bps is not None else 130_000.0
-        out += ['action = "police"', f"rate = {_rate(rate)}" + ("" if limit.rate_bps else "  # no rate inferred: assumed"),
+        note = ("  # no rate inferred: assumed" if not limit.rate_bps else
+                "  # a floor: the capture fits this rate and any faster one (it reproduces the capture as well)"
+                if limit.rate_floor else "")
+        out += ['action = "police"', f"rate = {_rate(rate)}" + note,
                 f"burst = {_q(str(max(int(limit.burst or 1500), 1)))}"]
         if mech == "window":
             out.append('meter = "window"  # losses in periodic blackouts: burst bytes per burst / rate seconds')
