@@ -155,22 +155,31 @@ def _quantile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def steady_rate(seq: PacketSeq, window: float) -> tuple[float, float] | None:
-    """Passed bytes/s over the later 60% of the flow, and its coefficient of variation across
-    windows of `window` seconds (None when the span is too short for three windows)."""
+def _later_bins(seq: PacketSeq, window: float, least_packets: int, least_bins: int) -> list[float] | None:
+    """The passed bytes in each window of `window` seconds over the later 60% of the flow (None
+    with fewer passes or windows than asked)."""
     times = [t for t, ok in zip(seq.t, seq.passed) if ok]
-    if len(times) < 10:
+    if len(times) < least_packets:
         return None
     start = times[0] + 0.4 * (times[-1] - times[0])
-    span = times[-1] - start
-    count = int(span / window)
-    if count < 3:
+    count = int((times[-1] - start) / window)
+    if count < least_bins:
         return None
     bins = [0.0] * count
     for t, w, ok in zip(seq.t, seq.wire, seq.passed):
         k = math.floor((t - start) / window)
         if ok and 0 <= k < count:
             bins[k] += w
+    return bins
+
+
+def steady_rate(seq: PacketSeq, window: float) -> tuple[float, float] | None:
+    """Passed bytes/s over the later 60% of the flow, and its coefficient of variation across
+    windows of `window` seconds (None when the span is too short for three windows)."""
+    bins = _later_bins(seq, window, 10, 3)
+    if bins is None:
+        return None
+    count = len(bins)
     mean = sum(bins) / count
     if mean <= 0:
         return None
@@ -290,18 +299,9 @@ def swing(seq: PacketSeq, window: float) -> float | None:
     percentile of the bytes in windows of `window` seconds over their median. A policer's ceiling
     keeps it near 1; a congestion controller's sawtooth after random losses does not (QUIC in the
     lab at 4 round trips: policers 1.07-1.21, random loss of 2% 1.35)."""
-    times = [t for t, ok in zip(seq.t, seq.passed) if ok]
-    if len(times) < 20:
+    bins = _later_bins(seq, window, 20, 5)
+    if bins is None:
         return None
-    start = times[0] + 0.4 * (times[-1] - times[0])
-    count = int((times[-1] - start) / window)
-    if count < 5:
-        return None
-    bins = [0.0] * count
-    for t, w, ok in zip(seq.t, seq.wire, seq.passed):
-        k = math.floor((t - start) / window)
-        if ok and 0 <= k < count:
-            bins[k] += w
     median = _quantile(bins, 0.5)
     return _quantile(bins, 0.9) / median if median > 0 else None
 
