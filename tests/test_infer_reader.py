@@ -471,14 +471,18 @@ def test_quic_acknowledgements_that_skip_packets_tell_a_policer_from_a_lossless_
         capture = _quic_spinning(tmp_path, [0.05] * 60, "random", gaps, sawtooth)
         return [i for i in infer(read(capture)) if i.trace.direction == "download"][0]
 
-    lossless, lossy, swinging = download(0.0), download(0.4), download(0.4, sawtooth=True)
+    lossless, lossy, swinging = download(0.0), download(0.4), download(0.3, sawtooth=True)
     # 40% longer, drawn one by one: those beside another longer one count (0.4 x (1 - 0.6^2) = 26%)
     assert lossy.trace.acks_seen > 100 and 0.2 < len(lossy.trace.gap_acks) / lossy.trace.acks_seen < 0.35
     assert lossless.trace.gap_acks == []
     assert lossless.mechanism == "none" and "skipped" in lossless.reason
     assert lossy.mechanism == "police" and "skip packets" in lossy.reason
-    # the same losses under a rate that swings: random loss and a congestion controller's answer
+    # fewer losses (15% of ACKs) under a rate that swings: random loss and a congestion
+    # controller's answer; as many losses as a small bucket's (over 30%) stay a policer's
+    assert 0.05 < len(swinging.trace.gap_acks) / swinging.trace.acks_seen < 0.3
     assert swinging.mechanism == "none" and "swings" in swinging.reason
+    heavy = download(0.6, sawtooth=True)
+    assert heavy.mechanism == "police" and heavy.rate_floor  # a policer passes no more than its rate
 
 
 # --- robustness -------------------------------------------------------------------------------
