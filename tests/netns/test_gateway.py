@@ -77,8 +77,8 @@ def test_gateway_mode_slows_only_between_the_named_interfaces(lab, tmp_path: Pat
     print(f"gateway: pbs.twimg.com {slow * 8 / 1000:.0f} kbit/s, example.org {fast * 8e-6:.1f} Mbit/s")
     # Behaviour, not this machine's speed: the engine limited one flow and passed the other (its last
     # line), and the passed one was not throttled by the judge's own bound.
-    counts = re.search(r"flows limited (\d+), passed (\d+)", tail)
-    assert counts and int(counts.group(1)) >= 1 and int(counts.group(2)) >= 1, tail
+    counts = re.findall(r"flows limited (\d+), passed (\d+)", tail)  # the last line: a slow machine prints more
+    assert counts and int(counts[-1][0]) >= 1 and int(counts[-1][1]) >= 1, tail
     assert abs(slow - RATE) / RATE < 0.2 and fast > SPEED_FACTOR * RATE
     assert proc.returncode == 0
     assert "THROTTLE" not in forward_rules(lab), "SIGTERM left rules behind"
