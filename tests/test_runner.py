@@ -578,6 +578,17 @@ def test_a_slow_handshake_with_a_floor() -> None:
         "handshake: expected slow (at least 4 s), observed incomplete (none; controls 0.030 s)"]
 
 
+def test_a_floor_is_judged_against_the_controls_time_not_a_multiple_of_it() -> None:
+    """Under emulation (scripts/vm without KVM) every handshake takes 0.5-0.8 s: kazakhstan-2023's
+    policed one took 4.6 s, only 6 x the controls', yet the 4 s its rule adds were all there."""
+    probe = Probe(name="s", host="h", expect_handshake="slow", handshake_at_least=4.0)
+    run = ProbeRun(probe)
+    run.handshake = 4.6
+    assert handshake_verdict(run, 0.8, 4.0) == "slow" and check_expectations(run, probe, 0.8) == []
+    run.handshake = 4.2  # everything crawls: the controls took 3.9 s, so this one was not slowed
+    assert handshake_verdict(run, 3.9, 4.0) == "normal"
+
+
 def test_expected_speed_and_floor_keys_load(tmp_path: Path) -> None:
     s = load_scenario(one_probe_scenario(tmp_path, 'expect_rate = "130kbit"\ntolerance = "10%"'))
     assert s.probes[0].expect_rate == 16250.0 and s.probes[0].tolerance == pytest.approx(0.1)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, lab_name
+from throttle.measure.judge import SPEED_FACTOR
 
 from .conftest import lab_session, require_lab_prerequisites, running_censor
 
@@ -24,6 +25,9 @@ pytestmark = pytest.mark.netns
 
 LAB = lab_name("nscensor")
 RATE = 16250.0  # bytes/s: the 130 kbit/s of the Twitter scenarios
+# Unlimited flows are told from limited ones by the judge's own bound (below SPEED_FACTOR x the rate
+# is throttled), never by a machine's speed: under emulation (scripts/vm without KVM) they ran at
+# only 8 to 13 x the 130 kbit/s, where this machine gives hundreds of Mbit/s.
 
 
 def require_hook_prerequisites() -> None:
@@ -125,8 +129,8 @@ def test_media_upload_slows_photos_only(lab, files) -> None:
     # 64 KB pass free, the other 192 KB at 130 kbit/s: about 12 s in all.
     assert photo["time"] > 0.75 * (256 - 64) * 1024 / RATE
     assert photo["speed_upload"] < 2 * RATE
-    assert text["time"] < 2.0
-    assert download["download"] == 1024 * 1024 and download["speed_download"] > 20 * RATE
+    assert text["time"] < photo["time"] / 3  # not held up: under the 64 KB that pass free
+    assert download["download"] == 1024 * 1024 and download["speed_download"] > SPEED_FACTOR * RATE
 
 
 def test_sigkill_fails_open_and_lab_down_leaves_nothing(files) -> None:
@@ -150,7 +154,7 @@ def test_sigkill_fails_open_and_lab_down_leaves_nothing(files) -> None:
             fresh = curl("-T", str(files["photo"]), "https://pbs.twimg.com/upload", lab_name=name, timeout=30)
             out, err = transfer.communicate(timeout=60)
         assert out.split() == ["200", str(64 * 1024 * 1024)], (out, err)
-        assert fresh["speed_upload"] > 20 * RATE
+        assert fresh["speed_upload"] > SPEED_FACTOR * RATE
     finally:
         lab.down()
     assert not [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split() if n.startswith(name)]

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import ROOT, lab_name
+from throttle.measure.judge import SPEED_FACTOR
 
 from .conftest import require_lab_prerequisites, running_censor
 
@@ -95,10 +96,10 @@ def test_evasions_through_the_2021_censor(lab) -> None:
         print(f"{evasion:>8} (pbs.twimg.com): {done['goodput'] * 8e-3:9.1f} kbit/s = {done['goodput'] / RATE:6.1f} x the "
               f"scenario rate; hello {done['hello_bytes']} bytes in {done['segments_planned']} segments; "
               f"{done['seconds']:.2f} s; {done['progress']} progress lines")
-    assert control["goodput"] > 20 * RATE
+    assert control["goodput"] > SPEED_FACTOR * RATE  # the judge's bound, not this machine's speed
     for evasion, done in slow_results.items():
         assert done["goodput"] < 2 * RATE, f"{evasion} was not slowed: {done['goodput'] * 8e-3:.0f} kbit/s"
         assert done["progress"] >= 4  # a slow transfer reports as it goes
     for evasion, done in fast.items():
-        assert done["goodput"] > 20 * RATE, f"{evasion} was slowed: {done['goodput'] * 8e-3:.0f} kbit/s"
+        assert done["goodput"] > SPEED_FACTOR * RATE, f"{evasion} was slowed: {done['goodput'] * 8e-3:.0f} kbit/s"
     assert fast["pad"]["segments_planned"] == 2  # the kernel really cut the padded hello at the MSS

@@ -6,6 +6,7 @@ censor is a bridge."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, lab_name
+from throttle.measure.judge import SPEED_FACTOR
 
 from .conftest import lab_session
 
@@ -71,8 +73,13 @@ def test_gateway_mode_slows_only_between_the_named_interfaces(lab, tmp_path: Pat
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
+    tail = proc.stderr.read()  # type: ignore[union-attr]
     print(f"gateway: pbs.twimg.com {slow * 8 / 1000:.0f} kbit/s, example.org {fast * 8e-6:.1f} Mbit/s")
-    assert abs(slow - RATE) / RATE < 0.2 and fast > 50 * RATE
+    # Behaviour, not this machine's speed: the engine limited one flow and passed the other (its last
+    # line), and the passed one was not throttled by the judge's own bound.
+    counts = re.findall(r"flows limited (\d+), passed (\d+)", tail)  # the last line: a slow machine prints more
+    assert counts and int(counts[-1][0]) >= 1 and int(counts[-1][1]) >= 1, tail
+    assert abs(slow - RATE) / RATE < 0.2 and fast > SPEED_FACTOR * RATE
     assert proc.returncode == 0
     assert "THROTTLE" not in forward_rules(lab), "SIGTERM left rules behind"
 

@@ -22,6 +22,7 @@ import pytest
 
 from tests.conftest import ROOT
 from throttle.lab.topology import Lab
+from throttle.measure.judge import SPEED_FACTOR
 
 from .conftest import SHARED_LAB
 
@@ -100,7 +101,7 @@ def test_prometheus_scrapes_the_speeds_of_a_throttled_and_a_control_upload(lab, 
     print(f"Prometheus saw: twitter upload {twitter_speed * 8 / 1000:.0f} kbit/s, control "
           f"{control_speed * 8e-6:.0f} Mbit/s, {float(drops[0]['value'][1]):.0f} packets dropped")
     assert abs(twitter_speed - RATE) / RATE < 0.35
-    assert control_speed > 100 * RATE
+    assert control_speed > SPEED_FACTOR * RATE  # unlimited by the judge's bound, on any machine
     assert float(drops[0]["value"][1]) > 0
     # The eBPF program says why packets reached the censor: every new connection's SYN, and the
     # packets of flows not yet decided, at the least.

@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import ROOT
 from throttle.lab.topology import Lab
+from throttle.measure.judge import SPEED_FACTOR
 
 from .conftest import SHARED_LAB, require_lab_prerequisites
 
@@ -77,7 +78,7 @@ def test_demo_finishes_and_shows_the_slowdown() -> None:
             gauges[m.group(2)] = float(m.group(3))
     print("exporter mid-demo (bytes/s):", gauges)
     assert 0.7 * 16250 <= gauges["pbs.twimg.com"] <= 1.3 * 16250
-    assert gauges["other"] > 20 * 16250  # the control, repeated while the others crawl
+    assert gauges["other"] > SPEED_FACTOR * 16250  # the control, repeated while the others crawl, unlimited
     elapsed = time.monotonic() - start
     print(result.stdout)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -93,5 +94,5 @@ def test_demo_finishes_and_shows_the_slowdown() -> None:
     assert set(speeds) == {"twitter-photo", "reddit-upload", "control"}, result.stdout
     for name in ("twitter-photo", "reddit-upload"):
         assert 100e3 <= speeds[name] <= 160e3, f"{name}: {speeds[name] / 1e3:.0f} kbit/s"
-    assert speeds["control"] > 10e6
+    assert speeds["control"] > SPEED_FACTOR * 130e3  # the judge's bound: under emulation it ran at 14 Mbit/s
     assert not Lab("throttle").status().up, "the demo left its lab up"

@@ -120,8 +120,11 @@ def speed_verdict(measured: Measured, probe: Probe, figures: Figures) -> str:
 
 
 def handshake_verdict(measured: Measured, control_handshake: float | None, floor: float = 0.0) -> str:
-    """slow or normal: slow when at least HANDSHAKE_FACTOR x the controls' and `floor` seconds (a
-    published time; default HANDSHAKE_FLOOR). A handshake that never completed on a probe that
+    """slow or normal: slow when at least HANDSHAKE_FACTOR x the controls' and HANDSHAKE_FLOOR; with
+    a `floor` (a published time), when at least `floor` and HANDSHAKE_FLOOR over the controls'. A
+    published time is what the censor adds, whatever the machine: a multiple of the controls' would
+    judge the machine instead (under emulation, 0.5-0.8 s controls put 10 x past kazakhstan-2023's
+    4.6 s and twitter-2022-03's 6 s). A handshake that never completed on a probe that
     stalled is slow (a crawl past the timeout), unless it has a floor: published times are of
     handshakes that completed (§2.17: 5.6 s before a 10 s timeout), so it is "incomplete". With no
     control handshake, the floor alone decides."""
@@ -129,7 +132,10 @@ def handshake_verdict(measured: Measured, control_handshake: float | None, floor
         if measured.cause != CAUSE_TIMEOUT:
             return "normal"
         return INCOMPLETE if floor > 0 else "slow"
-    bound = max(floor or HANDSHAKE_FLOOR, HANDSHAKE_FACTOR * (control_handshake or 0.0))
+    if floor > 0:
+        bound = max(floor, (control_handshake or 0.0) + HANDSHAKE_FLOOR)
+    else:
+        bound = max(HANDSHAKE_FLOOR, HANDSHAKE_FACTOR * (control_handshake or 0.0))
     return "slow" if measured.handshake >= bound else "normal"
 
 
