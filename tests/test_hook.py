@@ -190,3 +190,40 @@ def test_connmark_counters_are_read_per_direction_from_both_families(monkeypatch
     monkeypatch.setattr(firewall, "find_tool", lambda name: name)
     monkeypatch.setattr(firewall, "capture", lambda argv, what: Captured(0, outputs[argv[0]], ""))
     assert firewall.connmark_counters(fw) == {"upload": (11, 16500), "download": (6, 400)}
+
+
+def test_packets_handed_over_during_bind_get_verdicts_and_do_not_stop_the_censor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rules go in before the queue is bound, so on a busy link bind() itself may deliver
+    queued packets; a CI run's censor died of the per-wakeup budget's exception raised out of it."""
+    import socket
+
+    import throttle.kernel.nfqueue as nfqueue
+
+    conv = Conversation()
+    early = [FakePacket(p) for p in conv.handshake()]
+    spare = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    class FakeQueue:
+        def bind(self, queue: int, callback: Any, **options: Any) -> None:
+            for p in early:
+                callback(p)
+
+        def get_fd(self) -> int:
+            return spare.fileno()
+
+        def unbind(self) -> None:
+            pass
+
+    monkeypatch.setattr(nfqueue, "check_requirements", lambda: type("M", (), {"NetfilterQueue": FakeQueue}))
+
+    async def main() -> None:
+        hook = make_hook(load_scenario(ROOT / "scenarios/twitter-2021-03-10.toml"))
+        await _with_loop(hook)
+        with hook.bound(7):
+            pass
+
+    try:
+        asyncio.run(main())
+    finally:
+        spare.close()
+    assert all(p.verdict == "accept" for p in early)

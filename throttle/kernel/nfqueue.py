@@ -241,21 +241,27 @@ class Hook:
         loop = self.loop
         nfq = nfq_module.NetfilterQueue()
         budget = 0
+        reading = False  # inside readable()'s nfq.run: the one place _Enough is caught
 
         def on_packet(pkt: QueuedPacket) -> None:
             nonlocal budget
             self.on_packet(pkt)
             budget -= 1
-            if budget <= 0:
+            # bind() itself may hand over packets already queued (the rules go in first, and a
+            # busy link fills the queue): a CI run's censor died of an _Enough raised out of bind
+            if reading and budget <= 0:
                 raise _Enough
 
         def readable() -> None:
-            nonlocal budget
+            nonlocal budget, reading
             budget = PER_WAKEUP
+            reading = True
             try:
                 nfq.run(block=False)  # recv in C: a Python-level socket read cost 15-25% of the packet rate
             except _Enough:
                 pass
+            finally:
+                reading = False
             self.after_batch()
 
         try:
