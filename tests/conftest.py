@@ -11,6 +11,9 @@ module fixtures, its order: some unit modules check at their end what their earl
 except the tests named in SPREAD, each of which may run on any worker, in that worker's own lab
 (`throttle run` of one bundled scenario, or of one with its rates doubled or halved). The longest
 modules are handed out first, so that they do not start last and finish alone.
+
+Time bounds that guard against hangs stretch on a slow machine (`tests/pace.py`, measured here
+once, before the workers start, and printed in the header).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests import pace
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "scenarios"
@@ -46,6 +51,10 @@ def lab_name(base: str) -> str:
     name = LAB_PREFIX + base + WORKER.removeprefix("gw")
     assert len(name) <= 24, f"lab name {name!r} is over 24 characters: shorten THROTTLE_TEST_LAB_PREFIX"
     return name
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"time bounds x{pace.SCALE:.1f} ({pace.ENV}; measured unless set)"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import pace
 from throttle import children
 from throttle.errors import ThrottleError
 
@@ -82,7 +83,7 @@ def test_a_daemon_that_never_gets_ready_is_killed(tmp_path: Path) -> None:
             import os, time
             print("waiting", os.getpid(), flush=True)
             time.sleep(60)
-        """), "the daemon", tmp_path / "d.log", pid_file=pid_file, start_timeout=0.5)
+        """), "the daemon", tmp_path / "d.log", pid_file=pid_file, start_timeout=pace.seconds(0.5))
     pid = int((tmp_path / "d.log").read_text().split()[1])
     assert gone(pid)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import pace
 from throttle.errors import ScenarioError
 from throttle.lab import lines
 from throttle.lab.ca import CAFiles, ensure_ca, leaf_spki, spki_sha256
@@ -267,9 +268,9 @@ def test_a_client_in_a_session_is_killed_with_its_children_at_its_deadline(tmp_p
     # The child keeps the pipes open: only killing the whole group ends the read.
     code = "import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n" \
            "print('started', flush=True)\ntime.sleep(60)"
-    exit = r._execute(run, Script(code, 0.5, session=True))
+    exit = r._execute(run, Script(code, pace.seconds(0.5), session=True))
     # killed at its deadline, not after its 60 s (the bound is loose: a busy machine is slow to start it)
-    assert exit.killed and exit.code < 0 and exit.out == "started\n" and exit.elapsed < 30
+    assert exit.killed and exit.code < 0 and exit.out == "started\n" and exit.elapsed < pace.seconds(30)
 
 
 def test_a_command_probe_runs_end_to_end(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests import pace
 from tests.test_h3 import CLIENT, SERVER, Wire
 
 pytest.importorskip("aioquic")
@@ -45,7 +46,7 @@ async def transfer(tmp_path: Path, direction: str, size: int, checks: list[tuple
                                           Wire(lambda d: server.datagram_received(d, CLIENT), SERVER),
                                           argparse.Namespace(size=size, direction=direction), "pbs.twimg.com")
         client.start()
-        await asyncio.wait_for(client.result, 60)
+        await asyncio.wait_for(client.result, pace.seconds(60))
         return client, server
     finally:
         quic_io.Endpoint.unsent = original  # type: ignore[method-assign]

@@ -87,8 +87,11 @@ def call(argv: Sequence[str]) -> int:
 
 
 class Background:
+    # The start timeout guards against a child that hangs before its ready line (one that fails
+    # exits, and is reported at once): generous, since in an emulated VM (no KVM) the censor's
+    # start alone took over 30 s with the test suite beside it.
     def __init__(self, argv: Sequence[str], ready: str, what: str, fix: str = "", stop_timeout: float = 20,
-                 start_timeout: float = 30) -> None:
+                 start_timeout: float = 120) -> None:
         self.argv = list(argv)
         self.ready = ready  # text of the first stderr line when the process is ready ("" : at once)
         self.what = what

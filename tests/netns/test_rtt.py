@@ -13,6 +13,7 @@ from typing import Iterator
 
 import pytest
 
+from tests import pace
 from tests.conftest import lab_name
 from tests.netns.conftest import lab_session
 from throttle.children import Background, capture
@@ -61,9 +62,15 @@ def run_upload(lab: Lab, tmp: Path, size: int) -> float:
     """One upload's speed as curl measured it, bytes/s."""
     done = capture(lab.exec_argv("client", [require_tool("curl", "curl"), "-sS", "-o", "/dev/null", "-w",
                                             "%{speed_upload}", "-T", str(_file(tmp, size)),
-                                            f"http://{SERVER_V4}/upload"]), "curl", timeout=60)
+                                            f"http://{SERVER_V4}/upload"]), "curl", timeout=pace.seconds(60))
     assert done.code == 0, done.err
     return float(done.out)
+
+
+def unlimited_speed(lab: Lab, tmp: Path) -> float:
+    """bit/s of the bottleneck test's upload on the same link without the bottleneck."""
+    lab.up(["pbs.twimg.com"], Link(0.02))
+    return max(run_upload(lab, tmp, 2 << 20) for _ in range(2)) * 8
 
 
 def _file(tmp: Path, size: int) -> Path:
@@ -83,11 +90,18 @@ def test_rtt_100ms_reads_100ms_in_ping_and_in_a_tcp_handshake(lab: Lab, tmp_path
     with Capture(lab, "client", CLIENT_IF, cap):
         time.sleep(0.2)
         run_upload(lab, tmp_path, 256 * 1024)
+        for _ in range(TRIES - 1):
+            run_upload(lab, tmp_path, 16 * 1024)
         time.sleep(0.3)
     segments = [s for s in (parse_segment(ts, ip) for ts, ip in read_packets(str(cap))) if s is not None]
-    syn = next(s for s in segments if s.dport == 80)  # the client's first packet is its SYN
-    answer = next(s for s in segments if s.sport == 80 and s.dport == syn.sport)
-    assert (answer.time - syn.time) * 1e3 == pytest.approx(100.0, abs=2.0)
+    # A busy machine only ever adds to a handshake (in an emulated VM one read 102.5 ms): the best of
+    # the connections' handshakes is judged. Each connection's first packet is its SYN.
+    handshakes = []
+    for port in sorted({s.sport for s in segments if s.dport == 80}):
+        syn = next(s for s in segments if s.dport == 80 and s.sport == port)
+        answer = next(s for s in segments if s.sport == 80 and s.dport == port)
+        handshakes.append((answer.time - syn.time) * 1e3)
+    assert len(handshakes) == TRIES and min(handshakes) == pytest.approx(100.0, abs=2.0), handshakes
 
 
 def test_the_path_that_delays_is_in_force_and_the_stage_loses_nothing(lab: Lab, tmp_path: Path) -> None:
@@ -153,9 +167,13 @@ def test_bottleneck_holds_a_transfer_near_its_rate_and_congests(lab: Lab, tmp_pa
     st = lab.up(["pbs.twimg.com"], Link(0.02, 0.0, 5e6 / 8))
     assert st.link.link.bottleneck == 5e6 / 8
     speed = run_upload(lab, tmp_path, 2 << 20) * 8
-    assert 0.75 * 5e6 < speed < 1.02 * 5e6
+    # Near its rate, unless this machine cannot carry the rate at all (an emulated VM's lab ran the
+    # same upload at 3.7 Mbit/s): then near what the lab carries without the bottleneck.
+    capacity = 5e6 if speed > 0.75 * 5e6 else unlimited_speed(lab, tmp_path)
+    assert 0.75 * min(5e6, capacity) < speed < 1.02 * 5e6, (speed, capacity)
+    lab.up(["pbs.twimg.com"], Link(0.02, 0.0, 5e6 / 8))
     with upload(lab, tmp_path, 2 << 20) as first, upload(lab, tmp_path, 2 << 20) as second:
-        assert first.wait(60) == 0 and second.wait(60) == 0
+        assert first.wait(pace.seconds(60)) == 0 and second.wait(pace.seconds(60)) == 0
     tc = require_tool("tc", "iproute2")
     shown = capture(lab.exec_argv("router", [tc, "-s", "qdisc", "show", "dev", ROUTER_PORTS[0]]), "tc").out
     dropped = int(re.search(r"dropped (\d+)", shown).group(1))  # type: ignore[union-attr]

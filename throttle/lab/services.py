@@ -28,7 +28,7 @@ from throttle.errors import ThrottleError
 from throttle.lab import procs
 from throttle.lab.layout import SERVER_ADDRESSES, SERVER_V4, SERVER_V6, namespace
 
-START_TIMEOUT = 15.0
+START_TIMEOUT = 60.0  # a hang guard: a server that fails exits at once; an emulated VM is slow to start one
 
 
 @dataclass(frozen=True, slots=True)
