@@ -284,4 +284,4 @@ def test_a_command_probe_runs_end_to_end(tmp_path: Path) -> None:
     r.run_probe(ok)
     assert (ok.cause, ok.bytes, ok.seconds, ok.completed) == ("completed", 1000, 0.5, True)
     r.run_probe(slow)
-    assert slow.cause == "timeout" and "killed" in slow.error and slow.seconds < 30  # not its 60 s sleep
+    assert slow.cause == "timeout" and "killed" in slow.error and slow.seconds < pace.seconds(30)  # not its 60 s sleep

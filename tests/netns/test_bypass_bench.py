@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import pace
 from tests.conftest import lab_name
 from tests.netns.conftest import require_lab_prerequisites
 from throttle.kernel import netns
@@ -43,7 +44,7 @@ def forward_count(lab: Lab) -> int:
 
 def ping(lab: Lab) -> None:
     argv = [require_tool("ping", "iputils-ping"), "-c", "3", "-i", "0.2", "-W", "2", SERVER_V4]
-    subprocess.run(lab.exec_argv("client", argv), capture_output=True, check=True, timeout=30)
+    subprocess.run(lab.exec_argv("client", argv), capture_output=True, check=True, timeout=pace.seconds(30))
 
 
 def test_the_reference_bridge_skips_netfilter_and_gets_it_back(shared_lab: Lab) -> None:

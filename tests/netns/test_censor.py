@@ -163,7 +163,7 @@ def test_sigkill_fails_open_and_lab_down_leaves_nothing(files) -> None:
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             time.sleep(3)
             os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+            proc.wait(timeout=pace.seconds(5))
             # A new connection after the kill is not queued to a dead process: fail-open.
             fresh = curl("-T", str(files["photo"]), "https://pbs.twimg.com/upload", lab_name=name, timeout=30)
             out, err = transfer.communicate(timeout=pace.seconds(60))

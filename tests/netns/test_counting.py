@@ -26,6 +26,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests import pace
 from tests.conftest import ROOT, lab_name
 from throttle.lab.topology import SERVER_V4, Lab
 
@@ -115,7 +116,7 @@ def arrived(lab: Lab, proto: str = "udp") -> int:
 
 def counted(direction: str) -> tuple[int, dict[str, int]]:
     """The censor's throttle_packets_total for `direction`, over every stage, and by stage."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5) as response:
+    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=pace.seconds(5)) as response:
         page = response.read().decode()
     stages: dict[str, int] = {}
     for m in re.finditer(r'^throttle_packets_total\{([^}]*)\} (\S+)$', page, re.M):
@@ -167,7 +168,7 @@ def test_a_tcp_upload_is_counted_packet_for_packet(lab: Lab) -> None:
         for attempt in range(attempts):
             server_before, handover_before = arrived(lab, "tcp"), stages.get("handover", 0)
             subprocess.run(lab.exec_argv("client", [sys.executable, "-c", TCP_SENDER, SERVER_V4, str(TCP_PORT),
-                                                    str(4 << 20)]), check=True, timeout=60)
+                                                    str(4 << 20)]), check=True, timeout=pace.seconds(60))
             time.sleep(0.5)  # the last ACK of the close
             server = arrived(lab, "tcp") - server_before
             after, stages = settled("upload", before + server)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests import pace
 from tests.conftest import ROOT, lab_name
 from throttle.measure.judge import SPEED_FACTOR
 
@@ -66,7 +67,7 @@ def client(lab, evasion: str, sni: str = "pbs.twimg.com", address: str = SERVER,
 
 
 def result(proc: subprocess.Popen[str]) -> dict:
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=pace.seconds(60))
     assert proc.returncode == 0, err
     lines = [json.loads(x) for x in out.splitlines()]
     assert lines and all(x["event"] == "progress" for x in lines[:-1]), out

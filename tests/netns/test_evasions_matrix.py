@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import pace
 from tests.conftest import ROOT
 from throttle.lab.topology import Lab
 
@@ -34,7 +35,7 @@ def test_the_matrix_of_the_2021_device_and_a_reassembling_model(lab: object, tmp
     result = subprocess.run(
         [sys.executable, "-m", "throttle", "evasions", OLD, NEW, "--lab", LAB, "--metrics-listen", "off", "-o", str(out),
          "--plot", str(png)],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        capture_output=True, text=True, cwd=ROOT, timeout=pace.seconds(600),
     )
     print(result.stdout)
     assert out.exists(), result.stderr[-2000:]
@@ -73,7 +74,7 @@ def test_chromium_over_http3_is_a_row_evaded_by_a_first_datagram_model_and_caugh
     result = subprocess.run(
         [sys.executable, "-m", "throttle", "evasions", first, str(variant), "--lab", LAB, "--metrics-listen", "off",
          "-o", str(out)],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        capture_output=True, text=True, cwd=ROOT, timeout=pace.seconds(600),
     )
     print(result.stdout)
     assert out.exists(), result.stderr[-2000:]

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from tests import pace
 from tests.conftest import ROOT as REPO
 from tests.conftest import lab_name
 from tests.netns.conftest import SBIN_PATH, require_lab_prerequisites
@@ -126,7 +127,7 @@ class Helper:
     def close(self) -> None:
         if self.proc.poll() is None:
             self.call("close")
-            assert self.proc.wait(timeout=10) == 0
+            assert self.proc.wait(timeout=pace.seconds(10)) == 0
 
     def stop(self) -> None:
         """End the helper whatever its state: EOF on stdin makes it close the fast path; a
@@ -135,15 +136,15 @@ class Helper:
             try:
                 if self.proc.stdin is not None:
                     self.proc.stdin.close()
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=pace.seconds(10))
             except (OSError, subprocess.TimeoutExpired):
                 self.kill()
-        self.proc.wait(timeout=10)
+        self.proc.wait(timeout=pace.seconds(10))
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.wait(timeout=10)
+        self.proc.wait(timeout=pace.seconds(10))
 
 
 # -- fixtures and tools --------------------------------------------------------------------------
@@ -172,7 +173,7 @@ def fplab() -> Iterator[Lab]:
         if iperf is not None:
             iperf.terminate()
             try:
-                iperf.wait(timeout=5)
+                iperf.wait(timeout=pace.seconds(5))
             except subprocess.TimeoutExpired:
                 iperf.kill()
                 iperf.wait()
@@ -378,8 +379,8 @@ def test_kernel_and_python_policers_pass_the_same_packets(fplab: Lab, helper: He
                                 stdout=subprocess.PIPE, text=True)
     time.sleep(0.5)
     sent = run(fplab, "client", [sys.executable, "-c", UDP_SENDER, str(n), str(size), str(gap), str(cport),
-                                 SERVER_V4], timeout=60)
-    received = int(receiver.communicate(timeout=30)[0])
+                                 SERVER_V4], timeout=pace.seconds(60))
+    received = int(receiver.communicate(timeout=pace.seconds(30))[0])
     times = json.loads(sent.stdout)
     policer = Policer(rate, burst, times[0])
     python_passed = sum(policer.allow(size + 28, t) for t in times)
@@ -412,7 +413,7 @@ def test_remove_sends_packets_through_netfilter_again(fplab: Lab, helper: Helper
         time.sleep(0.5)
         hits2 = helper.hits
         slow = counter(fplab, False, "fptest-rm")
-        out, err = client.communicate(timeout=30)
+        out, err = client.communicate(timeout=pace.seconds(30))
     finally:
         if client.poll() is None:
             client.kill()

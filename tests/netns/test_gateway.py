@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import pace
 from tests.conftest import ROOT, lab_name
 from throttle.measure.judge import SPEED_FACTOR
 
@@ -42,7 +43,7 @@ def forward_rules(lab) -> str:  # type: ignore[no-untyped-def]
 def upload_speed(lab, host: str, body: Path) -> float:  # type: ignore[no-untyped-def]
     result = subprocess.run(lab.exec_argv("client", ["curl", "-4", "-sS", "-o", "/dev/null", "-w", "%{speed_upload}",
                                                      "-T", str(body), f"https://{host}/upload"]),
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=pace.seconds(120))
     assert result.returncode == 0, result.stderr
     return float(result.stdout)
 
@@ -72,7 +73,7 @@ def test_gateway_mode_slows_only_between_the_named_interfaces(lab, tmp_path: Pat
         fast = upload_speed(lab, "example.org", photo)
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
+        proc.wait(timeout=pace.seconds(20))
     tail = proc.stderr.read()  # type: ignore[union-attr]
     print(f"gateway: pbs.twimg.com {slow * 8 / 1000:.0f} kbit/s, example.org {fast * 8e-6:.1f} Mbit/s")
     # Behaviour, not this machine's speed: the engine limited one flow and passed the other (its last
@@ -87,7 +88,7 @@ def test_gateway_mode_slows_only_between_the_named_interfaces(lab, tmp_path: Pat
 def test_cleanup_removes_what_a_killed_gateway_left(lab) -> None:
     proc = start_gateway(lab)
     proc.kill()
-    proc.wait(timeout=10)
+    proc.wait(timeout=pace.seconds(10))
     assert "THROTTLE_Q0" in forward_rules(lab)  # kill -9: no chance to clean up (fail-open meanwhile)
     result = on_router(lab, [sys.executable, "-m", "throttle", "cleanup"], cwd=ROOT)
     assert result.returncode == 0 and "THROTTLE_Q0" in result.stdout, result.stdout + result.stderr

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import pace
 from tests.conftest import ROOT, lab_name
 
 from .conftest import lab_session
@@ -168,7 +169,7 @@ control = true
         time.sleep(0.05)
     pid = lab.status().h3server  # type: ignore[attr-defined]
     os.kill(pid, signal.SIGKILL)
-    worker.join(timeout=260)  # the probe's own timeout and the runner's watchdog are far shorter
+    worker.join(timeout=pace.seconds(260))  # the probe's own timeout and the runner's watchdog are far shorter
     assert not worker.is_alive(), "the probe hung after its server was killed"
     # A dead server is the lab's failure, not the censor's: judged "error" (the run fails), never "blocked".
     assert not run.completed and run.observed == "error" and run.cause == "lab", (run.observed, run.cause)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import pace
 from tests.conftest import ROOT, lab_name, scenario_path
 from tests.netns.conftest import lab_session
 from throttle.lab.topology import CLIENT_IF, Lab
@@ -89,7 +90,8 @@ def test_twitter_at_50ms_is_policed_at_its_rate_and_the_control_is_not(capture: 
 
 def test_written_scenario_is_checked_in_the_lab(lab: Lab, capture: Path) -> None:
     written = capture.with_name("inferred.toml")
-    check = throttle("infer", str(capture), "--write", str(written), "--check", "--lab", lab.name, timeout=600)
+    check = throttle("infer", str(capture), "--write", str(written), "--check", "--lab", lab.name,
+                     timeout=pace.seconds(600))
     print(check.stdout, check.stderr)
     assert written.is_file() and "pbs.twimg.com" in written.read_text()
     assert check.returncode == 0, check.stdout + check.stderr

@@ -16,6 +16,7 @@ import urllib.request
 
 import pytest
 
+from tests import pace
 from tests.conftest import ROOT
 from throttle.lab.topology import (
     BRIDGE,
@@ -44,14 +45,15 @@ def lab(shared_lab: Lab) -> Lab:
 
 
 def run_in(lab: Lab, role: str, argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(lab.exec_argv(role, argv), capture_output=True, text=True, timeout=60, **kw)  # type: ignore[call-overload, no-any-return]
+    return subprocess.run(lab.exec_argv(role, argv), capture_output=True, text=True,  # type: ignore[call-overload, no-any-return]
+                          timeout=pace.seconds(60), **kw)
 
 
 def packets_seen() -> float:
     """Every packet the censor has counted, by every stage (inspection, rules, kernel)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5) as response:
+    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=pace.seconds(5)) as response:
         page = response.read().decode()
     return sum(sample.value for family in text_string_to_metric_families(page) if family.name == "throttle_packets"
                for sample in family.samples if sample.name == "throttle_packets_total")
@@ -113,7 +115,7 @@ def test_ttl_1_datagrams_reach_the_censor_and_not_the_server(lab: Lab) -> None:
             assert receiver.stdout is not None and receiver.stdout.readline().strip() == "listening"
             sent = run_in(lab, "client", [sys.executable, "-c", SENDER, str(DATAGRAMS), SERVER_V4, str(UDP_PORT)])
             assert sent.returncode == 0, sent.stderr
-            received = receiver.communicate(timeout=30)[0].split("\n")
+            received = receiver.communicate(timeout=pace.seconds(30))[0].split("\n")
         finally:
             if receiver.poll() is None:
                 receiver.kill()
@@ -132,7 +134,7 @@ def test_ttl_1_datagrams_reach_the_censor_and_not_the_server(lab: Lab) -> None:
 HELLO_TTL_1 = """
 import socket, sys, time
 from throttle.lab.evasion.plans import client_hello
-s = socket.create_connection((sys.argv[1], 443), timeout=5)
+s = socket.create_connection((sys.argv[1], 443), timeout=pace.seconds(5))
 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
 s.sendall(client_hello("pbs.twimg.com"))

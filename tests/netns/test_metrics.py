@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import pace
 from tests.conftest import ROOT
 from throttle.lab.topology import Lab
 from throttle.measure.judge import SPEED_FACTOR
@@ -46,7 +47,7 @@ def lab(shared_lab: Lab) -> Lab:
 
 
 def get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as response:
+    with urllib.request.urlopen(url, timeout=pace.seconds(5)) as response:
         return response.read().decode()
 
 
@@ -93,9 +94,9 @@ def test_prometheus_scrapes_the_speeds_of_a_throttled_and_a_control_upload(lab, 
         for proc in (upload, prometheus):
             if proc is not None and proc.poll() is None:
                 proc.terminate()
-                proc.wait(timeout=10)
+                proc.wait(timeout=pace.seconds(10))
         censor.send_signal(signal.SIGINT)
-        censor.wait(timeout=20)
+        censor.wait(timeout=pace.seconds(20))
     twitter_speed = float(twitter[0]["value"][1])
     control_speed = float(control[0]["value"][1])
     print(f"Prometheus saw: twitter upload {twitter_speed * 8 / 1000:.0f} kbit/s, control "

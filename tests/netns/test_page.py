@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import pace
 from tests.conftest import ROOT, lab_name
 from throttle.lab.topology import Lab
 from throttle.measure.judge import SPEED_FACTOR
@@ -51,7 +52,7 @@ class Rows(html.parser.HTMLParser):
 
 
 def chromium(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=pace.seconds(120))
 
 
 def test_chromium_shows_the_policed_flow_at_its_rate_and_the_control_at_full_speed(lab: Lab, tmp_path: Path) -> None:
@@ -84,7 +85,7 @@ def test_chromium_shows_the_policed_flow_at_its_rate_and_the_control_at_full_spe
             upload.kill()
             upload.wait()
         censor.terminate()
-        censor.wait(timeout=30)
+        censor.wait(timeout=pace.seconds(30))
         shutil.rmtree(profile, ignore_errors=True)
     assert dumped.returncode == 0, dumped.stderr[-2000:]
     rows = Rows()
@@ -121,14 +122,14 @@ def test_demo_web_serves_the_page_and_the_photo_page_until_ctrl_c(tmp_path: Path
             if line.startswith("Ctrl-C"):
                 break
         assert any(f"http://127.0.0.1:{WEB_PORT}/" in line for line in said), said
-        with urllib.request.urlopen(f"http://127.0.0.1:{WEB_PORT}/", timeout=5) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{WEB_PORT}/", timeout=pace.seconds(5)) as response:
             assert b'id="pause"' in response.read()
         page = chromium(lab.exec_argv("client", [*browser_argv("https://pbs.twimg.com/photo", profile)[:-1],
                                                  "--ignore-certificate-errors", "https://pbs.twimg.com/photo"]))
         assert page.returncode == 0 and 'id="go"' in page.stdout and "<progress" in page.stdout, page.stderr[-2000:]
     finally:
         demo.send_signal(signal.SIGINT)
-        rest, _ = demo.communicate(timeout=60)
+        rest, _ = demo.communicate(timeout=pace.seconds(60))
         shutil.rmtree(profile, ignore_errors=True)
     assert demo.returncode == 0, "".join(said) + rest
     assert not lab.status().up, "demo --web left its lab up"

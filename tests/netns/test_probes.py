@@ -80,10 +80,11 @@ def test_a_refused_connection_fails_the_run_naming_it(lab: object, tmp_path: Pat
 
 
 def test_lab_exec_runs_with_the_labs_dns_and_ca(lab: object) -> None:
-    info = throttle("lab", "exec", "--lab", LAB, "--", "curl", "-sS", "https://pbs.twimg.com/info", timeout=60)
+    info = throttle("lab", "exec", "--lab", LAB, "--", "curl", "-sS", "https://pbs.twimg.com/info",
+                    timeout=pace.seconds(60))
     assert info.returncode == 0, info.stderr  # resolved by the lab's DNS, verified against its CA
     assert json.loads(info.stdout)["sni"] == "pbs.twimg.com"
-    assert throttle("lab", "exec", "--lab", LAB, "--", "sh", "-c", "exit 7", timeout=60).returncode == 7
+    assert throttle("lab", "exec", "--lab", LAB, "--", "sh", "-c", "exit 7", timeout=pace.seconds(60)).returncode == 7
 
 
 COMMANDS = '[scenario]\nname = "probe-commands"' + RULE + """

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from tests import pace
 from tests.conftest import ROOT
 from throttle.lab.topology import SERVER_V4, Lab
 
@@ -25,7 +26,7 @@ LAB = SHARED_LAB
 CLIENT = """
 import socket, sys, time
 from throttle.lab.evasion.plans import client_hello
-s = socket.create_connection((sys.argv[1], 443), timeout=5)
+s = socket.create_connection((sys.argv[1], 443), timeout=pace.seconds(5))
 print(s.getsockname()[1], flush=True)
 s.sendall(client_hello(sys.argv[2]))
 try:
@@ -45,7 +46,8 @@ def lab(shared_lab: Lab) -> Lab:
 
 def hello(lab: Lab, host: str) -> tuple[int, str]:
     result = subprocess.run(lab.exec_argv("client", [sys.executable, "-c", CLIENT, SERVER_V4, host]),
-                            capture_output=True, text=True, timeout=60, cwd=ROOT, env={"PYTHONPATH": str(ROOT)})
+                            capture_output=True, text=True, timeout=pace.seconds(60), cwd=ROOT,
+                            env={"PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr
     port, outcome = result.stdout.split()
     return int(port), outcome
@@ -54,7 +56,7 @@ def hello(lab: Lab, host: str) -> tuple[int, str]:
 def server_has(lab: Lab, client_port: int) -> bool:
     """Whether the server still holds the connection from that client port (a RST ends it)."""
     out = subprocess.run(lab.exec_argv("server", ["ss", "-Htn", "state", "established", f"( dport = :{client_port} )"]),
-                         capture_output=True, text=True, timeout=30).stdout
+                         capture_output=True, text=True, timeout=pace.seconds(30)).stdout
     return bool(out.strip())
 
 
@@ -95,5 +97,5 @@ def test_a_gateway_resets_both_ends(lab: Lab) -> None:
         check_resets(lab)
     finally:
         proc.send_signal(signal.SIGINT)
-        tail = proc.communicate(timeout=20)[1]
+        tail = proc.communicate(timeout=pace.seconds(20))[1]
     check_counts(tail)

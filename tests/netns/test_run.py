@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import pace
 from tests.conftest import ROOT
 from throttle.lab.topology import Lab
 from throttle.measure.judge import SPEED_FACTOR
@@ -37,7 +38,7 @@ def test_bundled_scenario_meets_its_expectations(lab: object, scenario: str, tmp
     result = subprocess.run(
         [sys.executable, "-m", "throttle", "run", scenario, "--lab", LAB, "--keep", "--metrics-listen", "off", "--json",
          str(out)],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        capture_output=True, text=True, cwd=ROOT, timeout=pace.seconds(600),
     )
     print(result.stdout)
     assert out.exists(), result.stderr[-2000:]
@@ -65,10 +66,10 @@ def test_demo_finishes_and_shows_the_slowdown() -> None:
     try:
         import urllib.request
 
-        with urllib.request.urlopen("http://127.0.0.1:18130/metrics", timeout=5) as response:
+        with urllib.request.urlopen("http://127.0.0.1:18130/metrics", timeout=pace.seconds(5)) as response:
             page = response.read().decode()
     finally:
-        out, err = demo.communicate(timeout=240)
+        out, err = demo.communicate(timeout=pace.seconds(240))
     result = subprocess.CompletedProcess(demo.args, demo.returncode, out, err)
     gauges = {}
     for line in page.splitlines():
@@ -85,7 +86,7 @@ def test_demo_finishes_and_shows_the_slowdown() -> None:
     # About a minute on an idle machine (62 s measured); the bound only catches a hang, so a busy
     # CI machine does not fail the demo for being slow.
     print(f"the demo took {elapsed:.0f} s")
-    assert elapsed < 300, f"the demo took {elapsed:.0f} s: hung?"
+    assert elapsed < pace.seconds(300), f"the demo took {elapsed:.0f} s: hung?"
     speeds = {}
     for line in result.stdout.splitlines():
         m = re.search(r"│ (twitter-photo|reddit-upload|control)\s.*?([\d.]+) (kbit|Mbit|Gbit)/s", line)

@@ -129,10 +129,10 @@ class Sink:
                 assert self.proc.stdin is not None
                 self.proc.stdin.write("quit\n")
                 self.proc.stdin.flush()
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=pace.seconds(10))
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
-        self.proc.wait(timeout=10)
+        self.proc.wait(timeout=pace.seconds(10))
 
 
 def generator(lab: Lab, flows: int, seconds: float, sni: str = "pbs.twimg.com",
@@ -161,7 +161,7 @@ def kill(proc: subprocess.Popen[Any] | None) -> None:
     if proc is not None and proc.poll() is None:
         proc.kill()
     if proc is not None:
-        proc.wait(timeout=10)
+        proc.wait(timeout=pace.seconds(10))
 
 
 def speeds(first: dict[str, Any], second: dict[str, Any]) -> dict[str, float]:
@@ -180,7 +180,7 @@ def rss_kb(pid: int) -> int:
 
 def scrape(port: int) -> dict[str, float]:
     """The censor's metrics: {'name{labels}': value}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=pace.seconds(10)) as response:
         text = response.read().decode()
     out = {}
     for line in text.splitlines():
@@ -221,7 +221,7 @@ def stop(proc: subprocess.Popen[str]) -> str:
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
     try:
-        _, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=pace.seconds(30))
     except subprocess.TimeoutExpired:
         kill(proc)
         pytest.fail("the censor did not stop within 30 s of SIGINT")
@@ -447,7 +447,7 @@ def test_a_killed_censor_fails_open_and_lab_down_leaves_nothing(tmp_path: Path) 
         assert progs, "no eBPF program attached in the censor namespace"
         proc.kill()  # SIGKILL: no cleanup at all
         killed = time.monotonic()
-        proc.wait(timeout=10)
+        proc.wait(timeout=pace.seconds(10))
         time.sleep(2)
         c = sink.snap()
         time.sleep(8)
@@ -460,7 +460,7 @@ def test_a_killed_censor_fails_open_and_lab_down_leaves_nothing(tmp_path: Path) 
         fresh = generator(lab, 1, 8, "pbs.twimg.com")
         procs.append(fresh)
         e = sink.snap()
-        finish(fresh, timeout=30)
+        finish(fresh, timeout=pace.seconds(30))
         f = sink.snap()
         # Past the fast path's lease (10 s without the censor renewing it): the dead censor's
         # decisions no longer hold, and the flows it had limited run free.
@@ -489,11 +489,11 @@ def test_a_killed_censor_fails_open_and_lab_down_leaves_nothing(tmp_path: Path) 
         assert curl.returncode == 0, curl.stderr
         # `throttle lab down` as a user runs it.
         down = subprocess.run([sys.executable, "-m", "throttle", "lab", "down", "--lab", FAULT], capture_output=True,
-                              text=True, timeout=120, cwd=REPO)
+                              text=True, timeout=pace.seconds(120), cwd=REPO)
         assert down.returncode == 0, down.stderr
         for p in procs:
             try:
-                p.wait(timeout=10)
+                p.wait(timeout=pace.seconds(10))
             except subprocess.TimeoutExpired:
                 pytest.fail(f"process {p.pid} ({p.args}) outlived `throttle lab down`")
         namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

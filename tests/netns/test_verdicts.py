@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import pace
 from tests.conftest import ROOT, scenario_path
 from throttle.lab.topology import Lab
 from throttle.measure.predict import expected
@@ -87,7 +88,7 @@ def test_mutated_scenario_fails(lab: object, scenario: str, how: str, tmp_path: 
     result = subprocess.run(
         [sys.executable, "-m", "throttle", "run", str(path), "--lab", SHARED_LAB, "--keep", "--metrics-listen", "off",
          "-o", str(out)],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        capture_output=True, text=True, cwd=ROOT, timeout=pace.seconds(600),
     )
     print(result.stdout)
     assert out.exists(), result.stderr[-2000:]
