@@ -1,18 +1,23 @@
-"""`throttle run` and `throttle bench`: a scenario end to end in the lab, once or N times."""
+"""`throttle run` and `throttle bench`: a scenario end to end in the lab, once or N times; `throttle run
+--external`: its probes from here through a lab that runs elsewhere (`throttle.measure.external`)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from throttle.cli.options import emit_json, json_option, lab_option, output_option, pick_scenario, scenario_argument
+from throttle.cli.options import DEFAULT_LAB, emit_json, json_option, lab_option, output_option, pick_scenario
+from throttle.cli.options import scenario_argument
 from throttle.cli.options import metrics_option, scenario_option
 from throttle.errors import ThrottleError
 from throttle.extras import require
 from throttle.scenario import Scenario
+
+if TYPE_CHECKING:
+    from throttle.measure.report import RunReport
 
 
 def run(
@@ -26,22 +31,36 @@ def run(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also capture the run and write the figures of "
                                         "`throttle bench` (one repeat) to this folder."),
     metrics_listen: Optional[str] = metrics_option(),
+    external: bool = typer.Option(False, "--external", help="This machine is the client of a lab that runs "
+                                  "elsewhere (the three-VM lab, docs/vm.md): run the probes from here, through a "
+                                  "censor and to the lab server 198.18.1.2 that are already up; no namespaces, no "
+                                  "censor started, no lab up or down, and no no-censor baseline for the controls."),
+    ca: Optional[Path] = typer.Option(None, "--ca", help="With --external: the lab CA, a PEM file or a folder "
+                                      "holding ca.pem (default: this machine's trust store)."),
 ) -> None:
     """Run a scenario in the lab: censor on, every probe with real clients, judged by measured speed.
 
     `--json` prints the results on stdout (the table then goes to stderr); `-o FILE` writes them to
-    FILE. `--json FILE`, the older spelling, is the same as `-o FILE`."""
+    FILE. `--json FILE`, the older spelling, is the same as `-o FILE`. `--external` runs the probes
+    from this machine through a lab that runs elsewhere (the three-VM lab: scripts/vm-lab)."""
     if json_file is not None:  # `--json FILE`: a flag followed by what used to be its value
         if not as_json or output is not None:
             raise ThrottleError(f"unexpected argument {json_file}: one scenario per run (`-o FILE` writes JSON)")
         as_json, output = False, Path(json_file)
     scen = pick_scenario(scenario, scenario_opt)
     require("live", "throttle run")
+    if external or ca is not None:
+        if not external:
+            raise ThrottleError("--ca goes with --external (the namespace lab has its own CA)")
+        if keep or plot is not None or metrics_listen is not None or lab_name != DEFAULT_LAB:
+            raise ThrottleError("--external starts no lab and no censor: --keep, --plot, --lab and "
+                                "--metrics-listen do not apply")
+        raise typer.Exit(run_external_cli(scen, ca, as_json, output))
     if plot is not None:
         require("plots", "throttle run --plot", ("matplotlib",))
         raise typer.Exit(run_bench(scen, 1, plot, lab_name, seed=None, keep=keep, as_json=as_json, output=output,
                                    metrics_listen=metrics_listen))
-    from throttle.cli.views import Progress, check_failures, footnote, result_table, stderr_console, stdout_console
+    from throttle.cli.views import Progress
     from throttle.measure.runner import run_scenario
 
     progress = Progress(f"{scen.name}: {scen.title}")
@@ -49,16 +68,38 @@ def run(
     with progress.shown():
         report = run_scenario(scen, lab_name=lab_name, keep=keep, on_update=progress.update, on_phase=progress.phase,
                               metrics_listen=metrics_listen)
+    raise typer.Exit(show_report(report, report.to_json(), as_json, output, f"lab {lab_name}"))
+
+
+def run_external_cli(scen: Scenario, ca: Optional[Path], as_json: bool, output: Optional[Path]) -> int:
+    """`throttle run --external`: the probes from here through a lab that runs elsewhere."""
+    from throttle.cli.views import Progress
+    from throttle.measure.external import NO_BASELINE, run_external
+
+    progress = Progress(f"{scen.name}: {scen.title}")
+    progress.phase(f"{scen.name}: {len(scen.probes)} probes, from this machine through a lab that runs elsewhere")
+    with progress.shown():
+        report, status = run_external(scen, ca=ca, on_update=progress.update, on_phase=progress.phase)
+    data = report.to_json()
+    data["external"] = status.to_json()
+    return show_report(report, data, as_json, output, "the external lab", NO_BASELINE)
+
+
+def show_report(report: RunReport, data: dict[str, Any], as_json: bool, output: Optional[Path], lab: str,
+                note: str = "") -> int:
+    """The table, the failed checks and the footnote (stderr with --json), the JSON; the exit code."""
+    from throttle.cli.views import check_failures, footnote, result_table, stderr_console, stdout_console
+
     out = stderr_console() if as_json else stdout_console()
     out.print(result_table(report))
     for line in check_failures(report):
         out.print(line, style="bold red", highlight=False, markup=False)
-    out.print(footnote(report), style="dim", highlight=False)
-    emit_json(report.to_json(), as_json, output)
+    out.print(footnote(report) + (f" {note}" if note else ""), style="dim", highlight=False)
+    emit_json(data, as_json, output)
     if report.lab_failures:  # the lab broke: these probes say nothing about the censor
-        raise ThrottleError(f"lab {lab_name} failed, so {scen.name}'s probes below say nothing about the censor:\n  "
+        raise ThrottleError(f"{lab} failed, so {report.scenario}'s probes below say nothing about the censor:\n  "
                             + "\n  ".join(report.lab_failures))
-    raise typer.Exit(0 if report.passed else 1)
+    return 0 if report.passed else 1
 
 
 def bench(

@@ -322,7 +322,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="take the client's UDP port from this range (as curl's --local-port)")
     p.add_argument("--ech", action="store_true", help="add an encrypted_client_hello extension to the ClientHello")
     p.add_argument("--max-time", type=float, default=60.0, help="seconds for the whole transfer")
-    p.add_argument("--cafile", default=SYSTEM_BUNDLE, help=f"CA bundle to trust (default {SYSTEM_BUNDLE})")
+    # SSL_CERT_FILE, as OpenSSL and curl read it: `throttle run --external --ca` sets it for both clients
+    cafile = os.environ.get("SSL_CERT_FILE") or SYSTEM_BUNDLE
+    p.add_argument("--cafile", default=cafile, help=f"CA bundle to trust (default $SSL_CERT_FILE, else {SYSTEM_BUNDLE})")
     p.add_argument("--interval", type=float, default=0.25, help="seconds between progress lines")
     args = p.parse_args(argv)
     args.direction = "upload" if args.upload is not None else "download"

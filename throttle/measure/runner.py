@@ -2,7 +2,9 @@
 
 The runner brings the lab up (or reuses it), starts `throttle censor` with the scenario in the
 lab's censor namespace, runs every probe with its client (`throttle.measure.clients`) in the
-client namespace, and has each judged by what it measured (`throttle.measure.judge`).
+client namespace, and has each judged by what it measured (`throttle.measure.judge`). With a lab
+that runs elsewhere (`throttle run --external`), `throttle.measure.external` gives the `Runner` its
+lab object instead and starts nothing.
 
 Controls run first so their speed is known; the other probes then run together when the scenario's
 buckets are per flow and nothing is sticky (and no client would crowd the others), else one after
@@ -32,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from throttle.children import Background, capture, watch
 from throttle.errors import ThrottleError
@@ -46,8 +49,8 @@ from throttle.measure.ports import PORTS, ProbePorts
 from throttle.measure.report import ProbeRun, RunReport
 from throttle.scenario import Probe, Scenario
 
-__all__ = ["CLIENTS", "SINK_PORT", "CensorProcess", "ProbeRun", "RunReport", "Runner", "client_class", "run_scenario",
-           "ss_counts"]
+__all__ = ["CLIENTS", "SINK_PORT", "CensorProcess", "ProbeLab", "ProbeRun", "RunReport", "Runner", "client_class",
+           "run_scenario", "ss_counts"]
 
 SPEED_WINDOW = 4.0  # seconds the live speed is averaged over
 
@@ -77,10 +80,18 @@ def ss_counts(out: str) -> dict[int, tuple[int | None, int | None]]:
     return counts
 
 
+class ProbeLab(Protocol):
+    """What the runner needs of a lab: a `Lab`, or `throttle.measure.external.ExternalLab`."""
+
+    state_dir: Path  # the lab CA's files (a browser probe's leaf key)
+
+    def exec_argv(self, role: str, argv: list[str]) -> list[str]: ...
+
+
 class Runner:
     """Runs one scenario's probes in a lab whose censor already runs (see `run_scenario`)."""
 
-    def __init__(self, scenario: Scenario, lab: Lab, workdir: Path,
+    def __init__(self, scenario: Scenario, lab: ProbeLab, workdir: Path,
                  on_update: Callable[[list[ProbeRun]], None] | None = None, busy_controls: bool = False,
                  ports: ProbePorts = PORTS) -> None:
         self.scenario = scenario
