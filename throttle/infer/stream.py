@@ -38,7 +38,9 @@ class _Fitting(Capture):
         kept = []
         for item in found:
             trace = item.trace
-            self.singles[id(trace)] = single(trace)
+            inf, seq = single(trace)
+            # a joint fit reads only flows with losses (`fit._groups`)
+            self.singles[id(trace)] = (inf, seq if trace.losses else None)
             trace.release()
             kept.append(Keyed(trace, array("q")))  # the keys match two captures: not done for one
         return kept
