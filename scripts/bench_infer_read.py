@@ -5,7 +5,7 @@ what `--plot` and two captures together need) and fitted as each connection ends
 (`stream.infer_capture`, what one capture gets).
 
 The captures: "many", a ~100 MB and a ~1 GB one of short TLS connections (handshake, a ClientHello
-with SNI, 40 KB down, FIN), the usual case; and "one", a ~100 MB single TCP download (every 200th
+with SNI, 40 KB down, FIN each way), the usual case; and "one", a ~100 MB single TCP download (every 200th
 segment lost and sent again, ACKs every second segment), whose per-packet cost shows. Written with
 struct to a temporary directory and deleted afterwards. A benchmark, not a test: it prints the
 numbers and what they mean.
@@ -60,6 +60,8 @@ def _short_flow(n: int, t: float) -> Iterator[tuple[float, bytes]]:
         if i % 2:
             yield t + 0.04 + i * 1e-4, _tcp(client, server, port, 443, c, s + 1 + (i + 1) * MSS, 0x10, b"", 4 + i)
     yield t + 0.05, _tcp(server, client, 443, port, s + 1 + 28 * MSS, c, 0x11, b"", 40)
+    yield t + 0.051, _tcp(client, server, port, 443, c, s + 2 + 28 * MSS, 0x11, b"", 50)  # closed both ways
+    yield t + 0.052, _tcp(server, client, 443, port, s + 2 + 28 * MSS, c + 1, 0x10, b"", 41)
 
 
 def packets(size: int, long: bool) -> Iterator[tuple[float, bytes]]:
