@@ -363,7 +363,7 @@ def _groups(traces: list[FlowTrace]) -> list[list[int]]:
     address (scope client) or the same name (scope rule), overlapping in time."""
     by_key: dict[tuple[str, ...], list[int]] = defaultdict(list)
     for n, tr in enumerate(traces):
-        if not tr.losses:
+        if not tr.lost:
             continue
         host = tr.client.rsplit(":", 1)[0]
         by_key[("client", host, tr.direction, tr.vantage, tr.transport)].append(n)
@@ -384,7 +384,22 @@ def _groups(traces: list[FlowTrace]) -> list[list[int]]:
 
 def infer(traces: list[FlowTrace]) -> list[Inference]:
     """What limited each trace's flow direction; flows sharing one bucket are found together."""
-    singles = [_single(tr) for tr in traces]
+    return join_shared(traces, [single(tr) for tr in traces])
+
+
+def single(tr: FlowTrace) -> tuple[Inference, PacketSeq | None]:
+    """One trace fitted alone, and the packets (passed or lost) a joint fit with others would
+    use; None where no joint fit can change the answer (`join_shared` skips such a flow's group)."""
+    inf, seq = _single(tr)
+    if inf.mechanism not in ("police", "none") or inf.scores.get("queue", 0.0) >= 0.3:
+        return inf, None
+    return inf, seq
+
+
+def join_shared(traces: list[FlowTrace], singles: list[tuple[Inference, PacketSeq | None]]) -> list[Inference]:
+    """The single fits, each replaced by a joint fit with the flows that may share its bucket
+    (`_groups`, traces with losses only) where that explains it better. Only counts and times
+    are read of the traces, so released ones (`FlowTrace.release`) do."""
     out = [inf for inf, _ in singles]
     for members in _groups(traces):
         seqs = [singles[m][1] for m in members]
@@ -417,4 +432,4 @@ def infer(traces: list[FlowTrace]) -> list[Inference]:
     return out
 
 
-__all__ = ["infer"]
+__all__ = ["infer", "join_shared", "single"]
