@@ -1,11 +1,14 @@
-"""`scripts/bench-infer-read`: reading a capture into flow traces, its time and peak memory, for a
-~100 MB and a ~1 GB synthetic capture side by side in one run (each read in a fresh process, so
-each peak RSS is its own).
+"""`scripts/bench-infer-read`: `throttle infer`'s reading and fitting of a capture, its time and peak
+memory, for synthetic captures side by side in one run (each read in a fresh process, so each peak
+RSS is its own), both ways: every trace read first and then fitted (`read_traces` + `fit.infer`,
+what `--plot` and two captures together need) and fitted as each connection ends
+(`stream.infer_capture`, what one capture gets).
 
-The capture: one long TCP download (half the bytes; every 200th segment lost and sent again, ACKs
-every second segment) interleaved with many short TLS connections (handshake, a ClientHello with
-SNI, 40 KB down, FIN). Written with struct to a temporary directory and deleted afterwards. A
-benchmark, not a test: it prints the numbers and what they mean.
+The captures: "many", a ~100 MB and a ~1 GB one of short TLS connections (handshake, a ClientHello
+with SNI, 40 KB down, FIN each way), the usual case; and "one", a ~100 MB single TCP download (every 200th
+segment lost and sent again, ACKs every second segment), whose per-packet cost shows. Written with
+struct to a temporary directory and deleted afterwards. A benchmark, not a test: it prints the
+numbers and what they mean.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import resource
 import struct
 import sys
 import tempfile
@@ -58,22 +60,32 @@ def _short_flow(n: int, t: float) -> Iterator[tuple[float, bytes]]:
         if i % 2:
             yield t + 0.04 + i * 1e-4, _tcp(client, server, port, 443, c, s + 1 + (i + 1) * MSS, 0x10, b"", 4 + i)
     yield t + 0.05, _tcp(server, client, 443, port, s + 1 + 28 * MSS, c, 0x11, b"", 40)
+    yield t + 0.051, _tcp(client, server, port, 443, c, s + 2 + 28 * MSS, 0x11, b"", 50)  # closed both ways
+    yield t + 0.052, _tcp(server, client, 443, port, s + 2 + 28 * MSS, c + 1, 0x10, b"", 41)
 
 
-def packets(size: int) -> Iterator[tuple[float, bytes]]:
-    """About `size` bytes of packets, in time order (see the module docstring)."""
+def packets(size: int, long: bool) -> Iterator[tuple[float, bytes]]:
+    """About `size` bytes of packets, in time order: one long download, or short connections."""
     client, server = b"\xc6\x12\x00\x02", b"\xc6\x12\x02\x02"
     written = 0
     t = 1_700_000_000.0
     c, s = 5000, 900_000
-    yield t, _tcp(client, server, 45000, 443, c, 0, 0x02, b"", 1)
-    yield t + 0.05, _tcp(server, client, 443, 45000, s, c + 1, 0x12, b"", 1)
-    yield t + 0.05, _tcp(client, server, 45000, 443, c + 1, s + 1, 0x10, b"", 2)
+    if long:
+        yield t, _tcp(client, server, 45000, 443, c, 0, 0x02, b"", 1)
+        yield t + 0.05, _tcp(server, client, 443, 45000, s, c + 1, 0x12, b"", 1)
+        yield t + 0.05, _tcp(client, server, 45000, 443, c + 1, s + 1, 0x10, b"", 2)
     segment = 0
     flows = 0
     lost: list[int] = []
     while written < size:
         t += 0.0001
+        if not long:
+            for when, packet in _short_flow(flows, t):
+                yield when, packet
+                written += len(packet) + 16
+            flows += 1
+            t += 0.003
+            continue
         if segment % 200 == 100:
             lost.append(segment)
         if segment % 200 == 150 and lost:
@@ -86,19 +98,14 @@ def packets(size: int) -> Iterator[tuple[float, bytes]]:
             yield t + 0.00005, _tcp(client, server, 45000, 443, c + 1, s + 1 + (segment + 1) * MSS, 0x10, b"", segment)
             written += 60
         segment += 1
-        if segment % 30 == 0:  # the long flow is about half the bytes
-            for when, packet in _short_flow(flows, t):
-                yield when, packet
-                written += len(packet) + 16
-            flows += 1
 
 
-def write_capture(path: Path, size: int) -> int:
+def write_capture(path: Path, size: int, long: bool) -> int:
     count = 0
     with open(path, "wb") as out:
         out.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 101))
         batch = []
-        for t, packet in packets(size):
+        for t, packet in packets(size, long):
             sec = int(t)
             batch.append(struct.pack("<IIII", sec, int((t - sec) * 1e6), len(packet), len(packet)))
             batch.append(packet)
@@ -110,24 +117,43 @@ def write_capture(path: Path, size: int) -> int:
     return count
 
 
-def _measure(path: str, queue: multiprocessing.Queue[tuple[float, int, int, int, int]]) -> None:
+Result = tuple[float, int, int, int, int]  # seconds, KB resident at start, peak KB, flow directions, packets of the longest
+
+
+def _kb(field: str) -> int:
+    """This process's VmRSS or VmHWM (its peak), in KB: kept per address space, so unlike
+    ru_maxrss not inherited from the parent that spawned it."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _measure(path: str, streamed: bool, queue: multiprocessing.Queue[Result]) -> None:
+    from throttle.infer.fit import infer
     from throttle.infer.reader import read_traces
+    from throttle.infer.stream import infer_capture
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _kb("VmRSS")
     start = time.perf_counter()
-    traces, problems = read_traces([path])
+    if streamed:
+        infs, problem = infer_capture(path)
+        assert problem is None, problem
+    else:
+        traces, problems = read_traces([path])
+        assert not problems, problems
+        infs = infer(traces)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    longest = max((len(trace.sent) for trace in traces), default=0)
-    assert not problems, problems
-    queue.put((seconds, before, peak, len(traces), longest))
+    peak = _kb("VmHWM")
+    queue.put((seconds, before, peak, len(infs), max((inf.trace.packets for inf in infs), default=0)))
 
 
-def measure(path: Path) -> tuple[float, int, int, int, int]:
-    """(seconds, KB resident after importing, peak KB, traces, packets of the longest) in a new process."""
+def measure(path: Path, streamed: bool) -> Result:
+    """Reading and fitting the capture in a new process, one way or the other."""
     context = multiprocessing.get_context("spawn")
-    queue: multiprocessing.Queue[tuple[float, int, int, int, int]] = context.Queue()
-    child = context.Process(target=_measure, args=(str(path), queue))
+    queue: multiprocessing.Queue[Result] = context.Queue()
+    child = context.Process(target=_measure, args=(str(path), streamed, queue))
     child.start()
     result = queue.get()
     child.join()
@@ -136,29 +162,39 @@ def measure(path: Path) -> tuple[float, int, int, int, int]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="100,1000", help="capture sizes in MB, comma-separated")
+    parser.add_argument("--sizes", default="100,1000", help="sizes of the many-connection captures in MB, comma-separated")
+    parser.add_argument("--long", type=int, default=100, help="size of the one-connection capture in MB (0: none)")
     args = parser.parse_args()
-    sizes = [int(x) for x in args.sizes.split(",")]
-    rows = []
+    cases = [("many", int(x)) for x in args.sizes.split(",")] + ([("one", args.long)] if args.long else [])
+    rows: list[tuple[str, int, int, Result, Result]] = []
     with tempfile.TemporaryDirectory(prefix="bench-infer-read-") as tmp:
-        for mb in sizes:
-            path = Path(tmp) / f"{mb}mb.pcap"
-            start = time.perf_counter()
-            count = write_capture(path, mb * 1_000_000)
-            written = time.perf_counter() - start
+        for kind, mb in cases:
+            path = Path(tmp) / f"{kind}-{mb}mb.pcap"
+            count = write_capture(path, mb * 1_000_000, kind == "one")
             size = path.stat().st_size
-            seconds, base, peak, traces, longest = measure(path)
-            rows.append((mb, size, count, written, seconds, base, peak, traces, longest))
+            rows.append((kind, size, count, measure(path, False), measure(path, True)))
             path.unlink()
-    print(f"{'capture':>9} {'packets':>9} {'traces':>7} {'longest':>8} {'read s':>7} {'MB/s':>6} "
-          f"{'RSS at start':>12} {'peak RSS':>9} {'peak - start':>12}")
-    for mb, size, count, written, seconds, base, peak, traces, longest in rows:
-        print(f"{size / 1e6:>7.0f}MB {count:>9} {traces:>7} {longest:>8} {seconds:>7.1f} {size / 1e6 / seconds:>6.1f} "
-              f"{base / 1024:>10.0f}MB {peak / 1024:>7.0f}MB {(peak - base) / 1024:>10.0f}MB")
-    if len(rows) >= 2:
-        a, b = rows[0], rows[-1]
-        print(f"capture x{b[1] / a[1]:.1f}: time x{b[4] / a[4]:.1f}, memory above start x{(b[6] - b[5]) / max(1, a[6] - a[5]):.1f} "
-              f"(the traces themselves grow with the packets of each flow; the bytes of packets are never held)")
+    print(f"{'capture':>14} {'packets':>9} {'flows':>6} {'longest':>8} | {'read, then fit':^28} | "
+          f"{'fitted as read':^28} | {'time':>5} {'memory':>6}")
+    print(f"{'':>14} {'':>9} {'':>6} {'':>8} | {'s':>6} {'MB/s':>6} {'start':>6} {'peak-start':>9} | "
+          f"{'s':>6} {'MB/s':>6} {'start':>6} {'peak-start':>9} | {'new/old':>12}")
+    for kind, size, count, old, new in rows:
+        cells = []
+        for seconds, base, peak, _, _ in (old, new):
+            cells.append(f"{seconds:>6.1f} {size / 1e6 / seconds:>6.1f} {base / 1024:>4.0f}MB {(peak - base) / 1024:>7.0f}MB")
+        print(f"{kind:>5} {size / 1e6:>6.0f} MB {count:>9} {new[3]:>6} {new[4]:>8} | {cells[0]} | {cells[1]} | "
+              f"{new[0] / old[0]:>5.2f} {(new[2] - new[1]) / max(1, old[2] - old[1]):>6.2f}")
+    many = [row for row in rows if row[0] == "many"]
+    if len(many) >= 2:
+        a, b = many[0], many[-1]
+        for label, x, y in (("read, then fit", a[3], b[3]), ("fitted as read", a[4], b[4])):
+            print(f"many x{b[1] / a[1]:.1f} ({label}): time x{y[0] / x[0]:.1f}, "
+                  f"memory above start x{(y[2] - y[1]) / max(1, x[2] - x[1]):.1f}")
+    for kind, size, count, old, new in rows:
+        if kind == "one":
+            print(f"one connection: {1024 * (new[2] - new[1]) / count:.0f} B per packet fitted as read, "
+                  f"{1024 * (old[2] - old[1]) / count:.0f} B read then fitted (a lossy flow is held to the end: "
+                  "it may share a bucket with any other)")
     return 0
 
 

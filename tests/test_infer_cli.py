@@ -65,11 +65,12 @@ def inference(t: FlowTrace, mechanism: Mechanism, rate_bps: float | None = 130_0
 
 @pytest.fixture
 def fake_parts(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, object]]:
-    """A stand-in reader and fitter (throttle.infer.reader/.fit): what they return is set per test
+    """A stand-in reader and fitter (throttle.infer.reader/.fit/.stream): what they return is set per test
     in the dict this yields ("traces", "problems", "inferences")."""
     state: dict[str, object] = {"traces": [], "problems": [], "inferences": []}
     reader = types.ModuleType("throttle.infer.reader")
     fit = types.ModuleType("throttle.infer.fit")
+    stream = types.ModuleType("throttle.infer.stream")  # one capture: read and fitted together
 
     def read_traces(paths: list[str]) -> tuple[list[FlowTrace], list[str]]:
         state["paths"] = paths
@@ -78,10 +79,16 @@ def fake_parts(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, object]]:
     def infer(traces: list[FlowTrace]) -> list[Inference]:
         return state["inferences"]  # type: ignore[return-value]
 
+    def infer_capture(path: str) -> tuple[list[Inference], str | None]:
+        traces, problems = read_traces([path])
+        return infer(traces), (problems[0] if problems else None)
+
     reader.read_traces = read_traces  # type: ignore[attr-defined]
     fit.infer = infer  # type: ignore[attr-defined]
+    stream.infer_capture = infer_capture  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "throttle.infer.reader", reader)
     monkeypatch.setitem(sys.modules, "throttle.infer.fit", fit)
+    monkeypatch.setitem(sys.modules, "throttle.infer.stream", stream)
     yield state
 
 

@@ -11,6 +11,7 @@ import random
 import pytest
 
 from tests import infer_sim as sim
+from tests.conftest import VECTORS
 from throttle.engine.buckets import Policer, WindowMeter
 from throttle.infer.fit import infer
 from throttle.infer.fit_bucket import PacketSeq, deficits, fit_police, fit_window, split
@@ -403,3 +404,22 @@ def test_a_retransmission_the_receiver_reports_twice_was_no_loss() -> None:
     assert inf.mechanism == "police"
     assert inf.scores["police"] >= clean.scores["police"] - 0.002
     assert inf.rate_bps is not None and off(inf.rate_bps.value, 1.5e6) < 0.03
+
+
+def test_a_receiver_whose_round_trips_stayed_at_the_base_through_its_losses_saw_no_queue() -> None:
+    """A lab capture (tests/vectors/infer/README.md): a 2 KB bucket at 256 kbit/s, 50 ms, seen at
+    the receiver. Packets arrive evenly spaced, a packet or two a round trip, as from a queue's
+    drain, but the round trips stay at the base through the losses: no queue's end dropped them.
+    A policer, whose rate the capture bounds only from below (and the bound holds)."""
+    from throttle.infer.reader import read_traces
+
+    traces, problems = read_traces([str(VECTORS / "infer" / "infer-police-2kb-256kbit-50ms-client.pcap")])
+    assert not problems
+    (tr,) = [t for t in traces if t.server_name == "pbs.twimg.com" and t.direction == "download"]
+    assert tr.vantage == "receiver" and len(tr.losses) > 50
+    inf = infer([tr])[0]
+    assert inf.mechanism == "police" and inf.rate_floor and inf.rate_bps is not None, inf.reason
+    assert inf.rate_bps.value <= 256e3 and "a packet or two to a round trip" in inf.reason
+    # the same arrivals with round trips a full queue would have made: still a queue's
+    tr.rtt = [(t, r + 0.2) for t, r in tr.rtt]
+    assert infer([tr])[0].mechanism != "police"

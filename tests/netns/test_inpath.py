@@ -134,7 +134,7 @@ def test_ttl_1_datagrams_reach_the_censor_and_not_the_server(lab: Lab) -> None:
 HELLO_TTL_1 = """
 import socket, sys, time
 from throttle.lab.evasion.plans import client_hello
-s = socket.create_connection((sys.argv[1], 443), timeout=pace.seconds(5))
+s = socket.create_connection((sys.argv[1], 443), timeout=5)
 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
 s.sendall(client_hello("pbs.twimg.com"))

@@ -26,7 +26,7 @@ LAB = SHARED_LAB
 CLIENT = """
 import socket, sys, time
 from throttle.lab.evasion.plans import client_hello
-s = socket.create_connection((sys.argv[1], 443), timeout=pace.seconds(5))
+s = socket.create_connection((sys.argv[1], 443), timeout=5)
 print(s.getsockname()[1], flush=True)
 s.sendall(client_hello(sys.argv[2]))
 try:

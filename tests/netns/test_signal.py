@@ -27,13 +27,14 @@ from pathlib import Path
 
 import pytest
 
+from tests import pace
 from throttle.lab.topology import CENSOR_CLIENT_IF, CENSOR_SERVER_IF, Lab
 from throttle.measure.runner import CensorProcess
 
 pytestmark = pytest.mark.netns
 
 TRIES = int(os.environ.get("THROTTLE_SIGNAL_TRIES", "20"))
-HANG = 15.0  # seconds: only a hang takes this long
+HANG = pace.seconds(15.0)  # seconds: only a hang takes this long (more on a slow machine)
 LOAD = Path(__file__).with_name("censor_load.py")
 LOAD_PORT = 9170
 LOAD_SCENARIO = """

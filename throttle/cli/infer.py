@@ -46,7 +46,7 @@ def flow_json(inf: Inference) -> dict[str, Any]:
         "after_bytes": inf.after_bytes, "period_s": _value(inf.period), "period_error_s": _error(inf.period),
         "duty": _value(inf.duty), "duty_error": _error(inf.duty), "queue_delay_s": _value(inf.queue_delay),
         "queue_delay_error_s": _error(inf.queue_delay), "base_rtt_s": t.base_rtt, "payload_bytes": t.payload,
-        "delivered_bytes": t.delivered, "packets": len(t.sent), "losses": len(t.losses),
+        "delivered_bytes": t.delivered, "packets": t.packets, "losses": t.lost,
         "scores": {k: round(v, 4) for k, v in sorted(inf.scores.items())},
     }
 
@@ -80,9 +80,9 @@ HEADER = ("client", "server", "name", "transport", "direction", "mechanism", ">c
           ">burst B", ">after B", "period/duty", ">queue delay", "reason")
 
 
-def read_captures(captures: Sequence[Path]) -> tuple[list[FlowTrace], list[str]]:
-    """Every capture's traces, and a warning per capture cut short. A file that gives nothing
-    (missing, not a capture, broken before its first packet) is an error naming it and the fix."""
+def _readable(captures: Sequence[Path]) -> None:
+    """A file that gives nothing (missing, not a capture, broken before its first packet) is an
+    error naming it and the fix."""
     from throttle.wire.pcap import read_packets
 
     for path in captures:
@@ -90,10 +90,19 @@ def read_captures(captures: Sequence[Path]) -> tuple[list[FlowTrace], list[str]]
             raise ThrottleError(f"{path}: {'is a folder' if path.is_dir() else 'no such file'}; {CAPTURE_FIX}")
         # its header and first packet say whether it is a capture at all (CaptureError names the fix)
         next(iter(read_packets(str(path))), None)
+
+
+def _warnings(problems: Sequence[str]) -> list[str]:
+    return [f"{problem}; the flows before that point are reported" for problem in problems]
+
+
+def read_captures(captures: Sequence[Path]) -> tuple[list[FlowTrace], list[str]]:
+    """Every capture's traces, and a warning per capture cut short."""
+    _readable(captures)
     from throttle.infer.reader import read_traces
 
     traces, problems = read_traces([str(p) for p in captures])
-    return traces, [f"{problem}; the flows before that point are reported" for problem in problems]
+    return traces, _warnings(problems)
 
 
 def fit(traces: list[FlowTrace]) -> list[Inference]:
@@ -103,10 +112,23 @@ def fit(traces: list[FlowTrace]) -> list[Inference]:
     return result
 
 
+def read_and_fit(captures: Sequence[Path], keep_packets: bool) -> tuple[list[Inference], list[str]]:
+    """The captures' inferences and a warning per capture cut short. One capture is fitted as it is
+    read, in memory that does not grow with its length (`throttle.infer.stream`), unless the
+    inferences must keep their packets (`keep_packets`: a plot); two are matched packet by packet."""
+    if keep_packets or len(captures) != 1:
+        traces, warnings = read_captures(captures)
+        return fit(traces), warnings
+    _readable(captures)
+    from throttle.infer.stream import infer_capture as fit_as_read
+
+    infs, problem = fit_as_read(str(captures[0]))
+    return infs, _warnings([] if problem is None else [problem])
+
+
 def infer_capture(path: Path) -> list[Inference]:
     """A capture the lab wrote (`--check`, the benchmark): its inferences, warnings dropped."""
-    traces, _ = read_captures([path])
-    return fit(traces)
+    return read_and_fit([path], False)[0]
 
 
 def infer(
@@ -136,10 +158,9 @@ def infer(
         from throttle.extras import require
 
         require("plots", "throttle infer --plot", ("matplotlib",))
-    traces, warnings = read_captures(captures)
+    infs, warnings = read_and_fit(captures, keep_packets=plot is not None)
     for warning in warnings:
         typer.echo(f"throttle: warning: {warning}", err=True)
-    infs = fit(traces)
     if as_json or output is not None:
         emit_json({"flows": [flow_json(i) for i in infs]}, as_json, output)
     if not as_json:

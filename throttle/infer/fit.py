@@ -26,7 +26,7 @@ from collections import defaultdict
 from throttle.infer.fit_bucket import (BucketFit, PacketSeq, WindowFit, agreement, balanced, fit_police,
                                        fit_window)
 from throttle.infer.fit_flow import (Queueing, burst_starts, packets, peak_rate, plateau, queueing, stalled,
-                                     steady_rate, swing, vantage)
+                                     steady_rate, swing, unqueued_through_losses, vantage)
 from throttle.infer.trace import Estimate, FlowTrace, Inference, Reset
 
 MIN_PACKETS = 8
@@ -127,10 +127,21 @@ FLOOR_RANGE = 1.5  # a police fit whose equally good rates span more than this r
 def _police(tr: FlowTrace, fit: BucketFit, seq: PacketSeq, extra: str = "") -> Inference:
     rate = fit.rate * 8
     floor = fit.high > FLOOR_RANGE * fit.low
+    packet = tr.mss + tr.header_bytes
+    # A bucket of a packet or two, refilled by as much each round trip: the sender's packets came
+    # one or two to a round trip (its window collapsed under the losses), each into a bucket that
+    # had refilled, and any faster refill replays them alike (a 5 Mbit/s policer with a 2 KB bucket
+    # read at a 50 ms receiver as 197 kbit/s, "from 177 to 210").
+    clocked = tr.base_rtt is not None and fit.burst <= 2 * packet and fit.rate * tr.base_rtt <= 2 * packet
     if floor:
         rate = fit.low * 8
         extra += (f"; any rate from {rate / 1000:.0f} kbit/s up (to {fit.high * 8 / 1000:.0f} at least) fits as well: "
                   "the sender only met a full bucket, so the rate is at least that, and the capture cannot say how much more")
+    elif clocked:
+        floor = True
+        rate = fit.low * 8
+        extra += (f"; the sender's packets came a packet or two to a round trip, each into a refilled bucket: any rate "
+                  f"from {rate / 1000:.0f} kbit/s up fits as well")
     elif fit.high > 1.1 * fit.low:
         extra += f"; rates from {fit.low * 8 / 1000:.0f} to {fit.high * 8 / 1000:.0f} kbit/s fit as well"
     return Inference(tr, "police", _bucket_confidence(fit, seq.losses, len(seq.t) - seq.losses),
@@ -176,7 +187,8 @@ def _lossy(tr: FlowTrace, seq: PacketSeq) -> Inference:
                          f"congestion: round trips inflated by {q.delay * 1000:.0f} ms before "
                          f"{q.inflated_before_losses:.0%} of losses ({n_loss} of {len(seq.t)} packets lost)",
                          queue_delay=delay, scores=scores)
-    if pf is not None and q is None and vantage(tr) == "receiver" and pf.rate >= 0.7 * peak_rate(tr):
+    if pf is not None and q is None and vantage(tr) == "receiver" and pf.rate >= 0.7 * peak_rate(tr) \
+            and not unqueued_through_losses(tr, seq):
         # The "bucket" drains no faster than packets ever arrived back to back: a queue at the
         # path's narrowest point, not a policer (which passes line-rate bursts).
         held = steady_rate(seq, max(0.5, 4 * (tr.base_rtt or 0.0)))
@@ -363,7 +375,7 @@ def _groups(traces: list[FlowTrace]) -> list[list[int]]:
     address (scope client) or the same name (scope rule), overlapping in time."""
     by_key: dict[tuple[str, ...], list[int]] = defaultdict(list)
     for n, tr in enumerate(traces):
-        if not tr.losses:
+        if not tr.lost:
             continue
         host = tr.client.rsplit(":", 1)[0]
         by_key[("client", host, tr.direction, tr.vantage, tr.transport)].append(n)
@@ -384,7 +396,22 @@ def _groups(traces: list[FlowTrace]) -> list[list[int]]:
 
 def infer(traces: list[FlowTrace]) -> list[Inference]:
     """What limited each trace's flow direction; flows sharing one bucket are found together."""
-    singles = [_single(tr) for tr in traces]
+    return join_shared(traces, [single(tr) for tr in traces])
+
+
+def single(tr: FlowTrace) -> tuple[Inference, PacketSeq | None]:
+    """One trace fitted alone, and the packets (passed or lost) a joint fit with others would
+    use; None where no joint fit can change the answer (`join_shared` skips such a flow's group)."""
+    inf, seq = _single(tr)
+    if inf.mechanism not in ("police", "none") or inf.scores.get("queue", 0.0) >= 0.3:
+        return inf, None
+    return inf, seq
+
+
+def join_shared(traces: list[FlowTrace], singles: list[tuple[Inference, PacketSeq | None]]) -> list[Inference]:
+    """The single fits, each replaced by a joint fit with the flows that may share its bucket
+    (`_groups`, traces with losses only) where that explains it better. Only counts and times
+    are read of the traces, so released ones (`FlowTrace.release`) do."""
     out = [inf for inf, _ in singles]
     for members in _groups(traces):
         seqs = [singles[m][1] for m in members]
@@ -417,4 +444,4 @@ def infer(traces: list[FlowTrace]) -> list[Inference]:
     return out
 
 
-__all__ = ["infer"]
+__all__ = ["infer", "join_shared", "single"]

@@ -17,6 +17,7 @@ from throttle.infer.trace import FlowTrace, Loss, Sent, Vantage
 
 
 MAX_HOLE = 1024  # packets one hole may stand for
+UNQUEUED_SAMPLES = 20  # round trips after the first loss that can show no queue stood
 MAX_PACKETS = 60_000  # packets fitted per flow: the first ones (a limiter's pattern repeats; the
 # fits replay the sequence a few hundred times, so this bounds a long capture's time)
 
@@ -254,6 +255,21 @@ def queueing(tr: FlowTrace, seq: PacketSeq) -> Queueing | None:
     return Queueing(inflated / len(episodes) if episodes else 0.0, delay,
                     max(0.001, _quantile(values, 0.97) - _quantile(values, 0.75)), cv < 0.15, rate,
                     max(0.0, _quantile(values, 0.1) - (tr.base_rtt or base)))
+
+
+def unqueued_through_losses(tr: FlowTrace, seq: PacketSeq) -> bool:
+    """Round trips measured after the first loss that stayed, for the most part, at the base: no
+    queue stood while packets were lost, so no queue's end dropped them (a queue drops only when
+    full, and a full queue delays every packet by its length). A TCP receiver's samples also hold
+    the sender's waits for its retransmission timer (`queueing`), but those only ever lengthen
+    them: a median at the base is evidence all the same."""
+    lost = [t for t, ok in zip(seq.t, seq.passed) if not ok]
+    if not lost or tr.base_rtt is None:
+        return False
+    after = [r for t, r in tr.rtt if t > lost[0]]
+    if len(after) < UNQUEUED_SAMPLES:
+        return False
+    return _quantile(after, 0.5) <= tr.base_rtt + max(0.005, 0.1 * tr.base_rtt)
 
 
 def stalled(tr: FlowTrace, seq: PacketSeq) -> tuple[int, float, str] | None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from throttle.errors import CaptureError, ParseError
@@ -33,7 +33,7 @@ from throttle.infer.udpside import UdpSide, gap_acks, spin_rtts
 from throttle.infer.trace import FlowTrace, Reset, Sent, Transport, Vantage
 from throttle.wire import dns, http, ip, names, pcap, quic, tls
 
-__all__ = ["Reading", "read_traces"]
+__all__ = ["Capture", "Reading", "read_capture", "read_traces"]
 
 _HEAD_LIMIT = 16384  # bytes of a stream's start kept to read its name (a ClientHello fits)
 _HEAD_PIECES = 32  # out-of-order segments held while the head waits for a hole to fill
@@ -94,8 +94,9 @@ class _Conn:
         return self.sent_bytes(0) > 0 or self.sent_bytes(1) > 0
 
 
-class _Capture:
-    """The connections of one capture file, fed packet by packet."""
+class Capture:
+    """The connections of one capture file, fed packet by packet; `settle` sees each closed
+    connection's traces as they are made (`throttle.infer.stream` fits them there)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -300,7 +301,11 @@ class _Capture:
         if closed:
             self.closed.add(canonical)
         if conn.has_data():
-            self.keyed.extend(_traces_of(conn, self.dns, self.path))
+            self.keyed.extend(self.settle(_traces_of(conn, self.dns, self.path)))
+
+    def settle(self, found: list[Keyed]) -> list[Keyed]:
+        """What is kept of a connection's traces until `finish`: here all of them."""
+        return found
 
     def finish(self) -> list[Keyed]:
         """Every trace, in the order the connections were closed or (the rest) began."""
@@ -493,9 +498,10 @@ def _fill_udp(trace: FlowTrace, me: UdpSide, peer: UdpSide, opening: list[tuple[
     trace.base_rtt = min((s for _, s in trace.rtt), default=None)
 
 
-def _read(path: str | os.PathLike[str]) -> tuple[list[Keyed], str | None]:
+def read_capture(path: str | os.PathLike[str], make: Callable[[str], Capture] = Capture) -> tuple[list[Keyed], str | None]:
+    """One capture's traces (`Capture.finish`) and the problem that stopped it early, if any."""
     name = os.fsdecode(path)
-    capture = _Capture(name)
+    capture = make(name)
     problem: str | None = None
     try:
         for t, packet in pcap.read_packets(name):
@@ -512,7 +518,7 @@ def read_traces(paths: Iterable[str | os.PathLike[str]]) -> Reading:
     keyed: list[Keyed] = []
     problems: list[str] = []
     for path in paths:
-        found, problem = _read(path)
+        found, problem = read_capture(path)
         keyed.extend(found)
         if problem is not None:
             problems.append(problem)

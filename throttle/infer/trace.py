@@ -109,10 +109,29 @@ class FlowTrace:
     gap_acks: list[float] = field(default_factory=list)
     acks_seen: int = 0
     files: tuple[str, ...] = ()  # the capture file(s) this trace was read from
+    # (packets, losses) once `release` gave the per-packet lists back; None while they are held
+    released: tuple[int, int] | None = None
 
     @property
     def key(self) -> str:
         return f"{self.client} {self.server} {self.transport} {self.direction}"
+
+    @property
+    def packets(self) -> int:
+        """Data packets seen in this direction, also after `release`."""
+        return len(self.sent) if self.released is None else self.released[0]
+
+    @property
+    def lost(self) -> int:
+        """Losses found in this direction, also after `release`."""
+        return len(self.losses) if self.released is None else self.released[1]
+
+    def release(self) -> None:
+        """Give back the per-packet lists once the trace is fitted (`throttle.infer.stream`): a
+        report needs only their counts, and a long capture holds millions of packets."""
+        if self.released is None:
+            self.released = (len(self.sent), len(self.losses))
+        self.sent, self.losses, self.acks, self.rtt, self.one_way, self.gap_acks = [], [], [], [], [], []
 
 
 @dataclass(frozen=True, slots=True)
